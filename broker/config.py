@@ -1,0 +1,167 @@
+"""Configuration values, validated at the edge (defaults → environment → flags).
+
+Library code never reads ``os.environ``: the CLI builds these with
+:func:`broker_config_from` / :func:`sidecar_config_from` and passes them down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.core.scopemap import ScopeMap, parse_scope_map
+from broker.errors import ConfigError
+
+DEFAULT_AUDIENCE = "credbroker"
+DEFAULT_BROKER_DNS = "broker.credbroker.internal"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerConfig:
+    listen: str  # host:port; port 0 picks a free one
+    workload_api_socket: str  # unix:/path
+    scope_map_path: Path
+    vault_addr: str
+    vault_token: str  # secret: never log it (repr hides it)
+    jwt_audience: str = DEFAULT_AUDIENCE
+    require_jwt_svid: bool = False
+    ready_file: Path | None = None
+
+    def __repr__(self) -> str:
+        return (f"BrokerConfig(listen={self.listen!r}, scope_map_path={self.scope_map_path!r}, "
+                f"vault_addr={self.vault_addr!r}, vault_token=<redacted>)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SidecarConfig:
+    listen_socket: Path  # the agent-facing unix socket
+    workload_api_socket: str
+    broker_addr: str  # host:port
+    broker_dns_name: str = DEFAULT_BROKER_DNS
+    jwt_audience: str = DEFAULT_AUDIENCE
+    send_jwt_svid: bool = True
+    broker_timeout: float = 10.0
+
+
+def _socket(value: str, what: str) -> str:
+    if not value:
+        raise ConfigError(
+            f"{what} is not set: pass --workload-api unix:/path or set SPIFFE_ENDPOINT_SOCKET"
+        )
+    path = value.removeprefix("unix:")
+    if not path.startswith("/"):
+        raise ConfigError(f"{what} {value!r} must be an absolute unix socket path (unix:/path)")
+    return "unix:" + path
+
+
+def _hostport(value: str, what: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} {value!r} must be host:port, e.g. 127.0.0.1:8443")
+    return value
+
+
+def broker_config_from(
+    *,
+    env: Mapping[str, str],
+    listen: str | None = None,
+    workload_api: str | None = None,
+    scope_map: str | None = None,
+    vault_addr: str | None = None,
+    vault_token_file: str | None = None,
+    jwt_audience: str | None = None,
+    require_jwt_svid: bool = False,
+    ready_file: str | None = None,
+) -> BrokerConfig:
+    """Build and validate broker configuration.
+
+    The Vault token comes from ``--vault-token-file`` or ``VAULT_TOKEN`` (never
+    a command-line value, which other users could read from the process list).
+
+    Raises:
+        ConfigError: something is missing or malformed; the message says what to set.
+    """
+    token = ""
+    if vault_token_file:
+        try:
+            token = Path(vault_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --vault-token-file {vault_token_file}: "
+                              f"{exc.strerror}") from None
+    token = token or env.get("VAULT_TOKEN", "")
+    if not token:
+        raise ConfigError("no Vault token: set VAULT_TOKEN or pass --vault-token-file PATH")
+    addr = vault_addr or env.get("VAULT_ADDR", "")
+    if not addr.startswith(("http://", "https://")):
+        raise ConfigError("Vault address is not set or not a URL: set VAULT_ADDR or pass "
+                          "--vault-addr https://vault.example:8200")
+    sm = scope_map or env.get("CREDBROKER_SCOPE_MAP", "")
+    if not sm:
+        raise ConfigError("no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP")
+    return BrokerConfig(
+        listen=_hostport(listen or env.get("CREDBROKER_LISTEN", "127.0.0.1:8443"), "--listen"),
+        workload_api_socket=_socket(workload_api or env.get("SPIFFE_ENDPOINT_SOCKET", ""),
+                                    "Workload API socket"),
+        scope_map_path=Path(sm),
+        vault_addr=addr.rstrip("/"),
+        vault_token=token,
+        jwt_audience=jwt_audience or env.get("CREDBROKER_AUDIENCE", DEFAULT_AUDIENCE),
+        require_jwt_svid=require_jwt_svid,
+        ready_file=Path(ready_file) if ready_file else None,
+    )
+
+
+def sidecar_config_from(
+    *,
+    env: Mapping[str, str],
+    listen: str | None = None,
+    workload_api: str | None = None,
+    broker: str | None = None,
+    broker_dns_name: str | None = None,
+    jwt_audience: str | None = None,
+    no_jwt_svid: bool = False,
+) -> SidecarConfig:
+    """Build and validate sidecar configuration.
+
+    Raises:
+        ConfigError: something is missing or malformed.
+    """
+    sock = listen or env.get("CREDBROKER_SIDECAR_SOCKET", "")
+    if not sock:
+        raise ConfigError("no agent socket: pass --listen /run/credbroker/sidecar.sock")
+    return SidecarConfig(
+        listen_socket=Path(sock.removeprefix("unix:")),
+        workload_api_socket=_socket(workload_api or env.get("SPIFFE_ENDPOINT_SOCKET", ""),
+                                    "Workload API socket"),
+        broker_addr=_hostport(broker or env.get("CREDBROKER_BROKER_ADDR", ""), "--broker"),
+        broker_dns_name=broker_dns_name or env.get("CREDBROKER_BROKER_DNS", DEFAULT_BROKER_DNS),
+        jwt_audience=jwt_audience or env.get("CREDBROKER_AUDIENCE", DEFAULT_AUDIENCE),
+        send_jwt_svid=not no_jwt_svid,
+    )
+
+
+def load_scope_map(path: Path) -> ScopeMap:
+    """Read a scope-map file, or every ``*.yaml``/``*.yml`` file of a directory.
+
+    Raises:
+        ConfigError: the path cannot be read.
+        ScopeMapError: the documents are not a valid scope map.
+    """
+    try:
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+            if not files:
+                raise ConfigError(f"scope-map directory {path} holds no *.yaml files")
+        else:
+            files = [path]
+        docs = [(str(p), p.read_text()) for p in files]
+    except OSError as exc:
+        raise ConfigError(f"cannot read scope map {path}: {exc.strerror}") from None
+    return parse_scope_map(docs)
+
+
+def process_env() -> Mapping[str, str]:
+    """The process environment; called only by the CLI edge."""
+    return os.environ

@@ -1,0 +1,111 @@
+"""Who is calling: the SPIFFE ID in the mTLS peer certificate, optionally a JWT-SVID too.
+
+The TLS layer already required a client certificate chained to the trust
+bundle (``require_client_authentication``), so a certificate from another CA,
+an expired one, or none at all never reaches this code: the handshake is
+refused. What reaches it is checked again here, per the X509-SVID spec
+(``standards/X509-SVID.md``): a leaf (not a CA), exactly one URI SAN, a valid
+SPIFFE ID, in our trust domain, within its validity at ``now``.
+
+A JWT-SVID (``standards/JWT-SVID.md``) in ``authorization: Bearer`` metadata is
+validated with py-spiffe against the JWT bundle for the exact audience, and its
+subject must equal the mTLS peer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID
+from spiffe.spiffe_id.spiffe_id import TrustDomain
+from spiffe.svid.jwt_svid import JwtSvid
+
+from broker.core.spiffeid import SpiffeId
+from broker.errors import IdentityError, InvalidSpiffeIdError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Caller:
+    spiffe_id: SpiffeId
+    x509_serial: str  # hex; how the identity was proven (audit)
+    jwt_id: str = ""  # the JWT-SVID's jti when one was presented
+
+
+def spiffe_id_from_certificate(pem: bytes, *, trust_domain: str, now: datetime) -> tuple[SpiffeId, str]:
+    """The SPIFFE ID of a peer's X.509-SVID (PEM) and the certificate's serial (hex).
+
+    Raises:
+        IdentityError: the certificate is not an acceptable X.509-SVID of ``trust_domain``.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise IdentityError("the client certificate could not be parsed") from None
+    try:
+        bc = cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value
+        if isinstance(bc, x509.BasicConstraints) and bc.ca:
+            raise IdentityError("the client certificate is a CA certificate, not an X.509-SVID")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)  # type: ignore[attr-defined]
+    except x509.ExtensionNotFound:
+        uris = []
+    if len(uris) != 1:
+        raise IdentityError(
+            f"the client certificate has {len(uris)} URI SANs; an X.509-SVID has exactly one "
+            "(its SPIFFE ID)"
+        )
+    try:
+        sid = SpiffeId.parse(uris[0])
+    except InvalidSpiffeIdError as exc:
+        raise IdentityError(f"the client certificate's URI SAN is not a SPIFFE ID: {exc}") from None
+    if sid.trust_domain != trust_domain:
+        raise IdentityError(
+            f"{sid} belongs to trust domain {sid.trust_domain!r}; this broker serves only "
+            f"{trust_domain!r}"
+        )
+    if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
+        raise IdentityError(f"the X.509-SVID of {sid} is not valid at {now.isoformat()}")
+    return sid, format(cert.serial_number, "x")
+
+
+def verify_jwt_svid(
+    token: str,
+    *,
+    peer: SpiffeId,
+    audience: str,
+    bundle_for: Callable[[TrustDomain], object | None],
+) -> str:
+    """Validate a JWT-SVID presented alongside mTLS; returns its ``jti`` (or "").
+
+    Raises:
+        IdentityError: the token is invalid, expired, for another audience than
+            exactly ``audience``, or its subject is not ``peer``.
+    """
+    bundle = bundle_for(TrustDomain(peer.trust_domain))
+    if bundle is None:
+        raise IdentityError(f"no JWT bundle for trust domain {peer.trust_domain!r}")
+    try:
+        svid = JwtSvid.parse_and_validate(token, bundle, {audience})  # type: ignore[arg-type]
+    except Exception as exc:  # py-spiffe raises several unrelated error types
+        raise IdentityError(f"the JWT-SVID was refused: {_first_line(exc)}") from None
+    if set(svid.audience) != {audience}:
+        raise IdentityError(
+            f"the JWT-SVID's audience must be exactly [{audience!r}], "
+            f"not {sorted(svid.audience)!r}"
+        )
+    if str(svid.spiffe_id) != str(peer):
+        raise IdentityError(
+            f"the JWT-SVID's subject {svid.spiffe_id} is not the mTLS peer {peer}; "
+            "present a JWT-SVID of the same workload"
+        )
+    return str(svid.claims.get("jti", ""))
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__

@@ -1,0 +1,105 @@
+"""Wiring of ``credbroker serve``: Workload API sources, Vault, scope map, gRPC mTLS server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from datetime import UTC, datetime
+
+import grpc
+from spiffe import JwtSource, X509Source
+
+from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.config import BrokerConfig, load_scope_map
+from broker.errors import WorkloadApiError
+from broker.service import Authenticator, BrokerService, ScopeMapHolder
+from broker.tls import pem_material, server_credentials
+from broker.vault import VaultAdapter
+
+_log = logging.getLogger("credbroker.broker")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class BrokerServer:
+    """A running broker. ``start()`` returns once it serves; ``stop()`` drains and closes."""
+
+    def __init__(self, config: BrokerConfig, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self.config = config
+        self._clock = clock
+        self._server: grpc.Server | None = None
+        self._x509: X509Source | None = None
+        self._jwt: JwtSource | None = None
+        self.port = 0
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        """Load the scope map, bring Vault in line, and serve.
+
+        Raises:
+            ConfigError, ScopeMapError: the scope map cannot be loaded.
+            WorkloadApiError: no SVID from the Workload API within 10 s.
+            VaultUnavailableError, VaultError: Vault could not be set up.
+        """
+        cfg = self.config
+        scope_map = load_scope_map(cfg.scope_map_path)
+        vault = VaultAdapter(addr=cfg.vault_addr, token=cfg.vault_token)
+        report = vault.sync_scope_map(scope_map)
+        _log.info("scope map %s loaded: %d classes; Vault policies written: %s; roles written: %s",
+                  scope_map.version[:19], len(scope_map.classes),
+                  ",".join(report.policies_written) or "none",
+                  ",".join(report.roles_written) or "none")
+        try:
+            self._x509 = X509Source(socket_path=cfg.workload_api_socket, timeout_in_seconds=10)
+            self._jwt = JwtSource(socket_path=cfg.workload_api_socket, timeout_in_seconds=10)
+        except Exception as exc:
+            self._close_sources()
+            raise WorkloadApiError(
+                f"no SVID from the Workload API at {cfg.workload_api_socket} within 10 s "
+                f"({type(exc).__name__}); is the SPIRE agent (or `credbroker dev`) running?"
+            ) from None
+        me = pem_material(self._x509)
+        jwt_source = self._jwt
+        service = BrokerService(
+            scope_maps=ScopeMapHolder(scope_map),
+            vault=vault,
+            authenticator=Authenticator(
+                trust_domain=me.trust_domain, audience=cfg.jwt_audience,
+                jwt_bundle_for=jwt_source.get_bundle_for_trust_domain,
+                require_jwt=cfg.require_jwt_svid, clock=self._clock),
+            clock=self._clock,
+        )
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16,
+                                                        thread_name_prefix="broker"))
+        pb_grpc.add_CredentialBrokerServicer_to_server(service, server)
+        self.port = server.add_secure_port(cfg.listen, server_credentials(self._x509))
+        if self.port == 0:
+            raise WorkloadApiError(f"cannot listen on {cfg.listen}")
+        server.start()
+        self._server = server
+        host = cfg.listen.rpartition(":")[0]
+        _log.info("broker %s serving on %s:%d (mTLS, trust domain %s)", me.spiffe_id, host,
+                  self.port, me.trust_domain)
+        if cfg.ready_file is not None:
+            tmp = cfg.ready_file.with_suffix(".tmp")
+            tmp.write_text(f"{host}:{self.port}\n")
+            tmp.replace(cfg.ready_file)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting calls, let in-flight ones finish within ``grace`` seconds."""
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        self._close_sources()
+        self.stopped.set()
+
+    def _close_sources(self) -> None:
+        for src in (self._x509, self._jwt):
+            if src is not None:
+                try:
+                    src.close()
+                except Exception as exc:  # closing must not mask the real error
+                    _log.debug("closing Workload API source: %s", exc)

@@ -1,0 +1,276 @@
+"""The CredentialBroker gRPC servicer: authenticate, decide, mint — and translate errors once.
+
+Every error raised below is one of ``broker.errors``; :func:`_boundary` maps it
+to a gRPC status exactly once. Denials also carry the Decision in the trailing
+metadata key ``credbroker-decision-bin`` and our stable error code in
+``credbroker-error-code``, so the sidecar can answer the agent precisely.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.core.models import (
+    CredentialRequest,
+    Decision,
+    DenyCode,
+    InitiatingEvent,
+    Outcome,
+)
+from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ScopeMap, evaluate
+from broker.errors import (
+    CredbrokerError,
+    IdentityError,
+    InvalidRequestError,
+    NotFoundError,
+    PolicyError,
+    UnknownActionClassError,
+    VaultError,
+    VaultUnavailableError,
+)
+from broker.identity import Caller, spiffe_id_from_certificate, verify_jwt_svid
+from broker.vault import VaultAdapter
+
+_log = logging.getLogger("credbroker.broker")
+
+DECISION_MD_KEY = "credbroker-decision-bin"
+ERROR_CODE_MD_KEY = "credbroker-error-code"
+
+_STATUS: list[tuple[type[CredbrokerError], grpc.StatusCode]] = [
+    (IdentityError, grpc.StatusCode.UNAUTHENTICATED),
+    (UnknownActionClassError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (PolicyError, grpc.StatusCode.PERMISSION_DENIED),
+    (VaultUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (VaultError, grpc.StatusCode.INTERNAL),
+]
+#: A denial the agent can fix by changing its request is INVALID_ARGUMENT; a denial
+#: of who it is, PERMISSION_DENIED.
+_DENY_STATUS: dict[DenyCode, grpc.StatusCode] = {
+    DenyCode.UNKNOWN_ACTION_CLASS: grpc.StatusCode.INVALID_ARGUMENT,
+    DenyCode.WORKLOAD_NOT_ALLOWED: grpc.StatusCode.PERMISSION_DENIED,
+    DenyCode.MISSING_FIELD: grpc.StatusCode.INVALID_ARGUMENT,
+    DenyCode.TTL_TOO_LONG: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+_MAX_FIELD = {"action_class": 128, "target": 256, "justification": 2048, "request_id": 128,
+              "source": 128, "id": 256, "summary": 1024}
+
+
+class DeniedByPolicy(Exception):
+    """Internal carrier of a deny Decision to the boundary (never leaves this module)."""
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+
+
+class ScopeMapHolder:
+    """The scope map in force. Swapped atomically as a whole, read without locks."""
+
+    def __init__(self, scope_map: ScopeMap) -> None:
+        self._map = scope_map
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> ScopeMap:
+        return self._map
+
+    def replace(self, scope_map: ScopeMap) -> None:
+        with self._lock:
+            self._map = scope_map
+
+
+def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
+    """Validate the wire request's shape (not its policy) and build the core value.
+
+    Raises:
+        InvalidRequestError: a field is missing, too long or out of range.
+    """
+    if not msg.action_class.strip():
+        raise InvalidRequestError("action_class is required, e.g. \"enrichment\"")
+    for name in ("action_class", "target", "justification", "request_id"):
+        if len(getattr(msg, name)) > _MAX_FIELD[name]:
+            raise InvalidRequestError(f"{name} is longer than {_MAX_FIELD[name]} characters")
+    event = None
+    if msg.HasField("initiating_event"):
+        ev = msg.initiating_event
+        if not ev.source.strip() or not ev.id.strip():
+            raise InvalidRequestError(
+                "initiating_event needs both source and id, e.g. {\"source\": \"splunk\", "
+                "\"id\": \"NOTABLE-1234\"}")
+        for name in ("source", "id", "summary"):
+            if len(getattr(ev, name)) > _MAX_FIELD[name]:
+                raise InvalidRequestError(
+                    f"initiating_event.{name} is longer than {_MAX_FIELD[name]} characters")
+        event = InitiatingEvent(source=ev.source, id=ev.id, summary=ev.summary)
+    if msg.ttl_seconds > HARD_MAX_TTL_SECONDS:
+        raise InvalidRequestError(
+            f"ttl_seconds {msg.ttl_seconds} is above the broker's hard limit of "
+            f"{HARD_MAX_TTL_SECONDS}s; credentials are minutes-long")
+    return CredentialRequest(
+        action_class=msg.action_class.strip(), target=msg.target,
+        initiating_event=event, justification=msg.justification,
+        ttl_seconds=int(msg.ttl_seconds),
+    )
+
+
+def decision_to_proto(d: Decision) -> pb.Decision:
+    out = pb.Decision(
+        outcome={Outcome.ALLOW: pb.OUTCOME_ALLOW, Outcome.DENY: pb.OUTCOME_DENY,
+                 Outcome.NEEDS_APPROVAL: pb.OUTCOME_NEEDS_APPROVAL}[d.outcome],
+        action_class=d.action_class, rule=d.rule, reasons=list(d.reasons),
+        escalation=list(d.escalation), scope_map_version=d.scope_map_version,
+        source=d.source, risk=d.risk, spiffe_id=str(d.spiffe_id),
+    )
+    if d.owner is not None:
+        out.owner.team, out.owner.contact = d.owner.team, d.owner.contact
+    return out
+
+
+class Authenticator:
+    """Turns a gRPC call's peer certificate (and optional JWT-SVID) into a Caller."""
+
+    def __init__(
+        self,
+        *,
+        trust_domain: str,
+        audience: str,
+        jwt_bundle_for: Callable[[object], object | None],
+        require_jwt: bool,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._td = trust_domain
+        self._aud = audience
+        self._bundle_for = jwt_bundle_for
+        self._require_jwt = require_jwt
+        self._clock = clock
+
+    def authenticate(self, context: grpc.ServicerContext) -> Caller:
+        """Raises: IdentityError when the caller is not an acceptable workload of our trust domain."""
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            raise IdentityError("no client certificate: call the broker over mTLS with an "
+                                "X.509-SVID from the SPIFFE Workload API")
+        sid, serial = spiffe_id_from_certificate(pems[0], trust_domain=self._td,
+                                                 now=self._clock())
+        token = ""
+        for key, value in context.invocation_metadata():
+            if key == "authorization":
+                scheme, _, token = str(value).partition(" ")
+                if scheme.lower() != "bearer" or not token:
+                    raise IdentityError("authorization metadata must be 'Bearer <JWT-SVID>'")
+        if not token:
+            if self._require_jwt:
+                raise IdentityError("this broker requires a JWT-SVID in 'authorization: Bearer' "
+                                    f"for audience {self._aud!r} alongside mTLS")
+            return Caller(spiffe_id=sid, x509_serial=serial)
+        jti = verify_jwt_svid(token, peer=sid, audience=self._aud,
+                              bundle_for=self._bundle_for)  # type: ignore[arg-type]
+        return Caller(spiffe_id=sid, x509_serial=serial, jwt_id=jti)
+
+
+class BrokerService(pb_grpc.CredentialBrokerServicer):
+    def __init__(
+        self,
+        *,
+        scope_maps: ScopeMapHolder,
+        vault: VaultAdapter,
+        authenticator: Authenticator,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._maps = scope_maps
+        self._vault = vault
+        self._auth = authenticator
+        self._clock = clock
+
+    def IssueCredential(  # noqa: N802 (gRPC method name)
+        self, request: pb.IssueCredentialRequest, context: grpc.ServicerContext
+    ) -> pb.IssueCredentialResponse:
+        request_id = request.request_id or uuid.uuid4().hex
+        with _boundary(context, request_id, "IssueCredential"):
+            caller = self._auth.authenticate(context)
+            req = request_from_proto(request)
+            scope_map = self._maps.current
+            now = self._clock()
+            decision = evaluate(scope_map, caller.spiffe_id, req, now)
+            _log.info("request_id=%s spiffe_id=%s action_class=%s outcome=%s rule=%s "
+                      "scope_map=%s", request_id, caller.spiffe_id, req.action_class,
+                      decision.outcome.value, decision.rule, scope_map.version[:19])
+            if decision.outcome is not Outcome.ALLOW:
+                raise DeniedByPolicy(decision)
+            cls = scope_map.classes[decision.action_class]
+            minted = self._vault.mint(
+                cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=decision.ttl_seconds,
+                metadata={"request_id": request_id, "target": req.target[:256],
+                          "scope_map_version": scope_map.version},
+                now=now,
+            )
+            _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s", request_id,
+                      minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
+            expires = Timestamp()
+            expires.FromDatetime(minted.expires_at)
+            return pb.IssueCredentialResponse(
+                request_id=request_id,
+                credential=pb.Credential(
+                    credential_id=minted.accessor, token=minted.token, expires_at=expires,
+                    policies=list(minted.policies), ttl_seconds=minted.ttl_seconds),
+                decision=decision_to_proto(decision),
+            )
+        raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+
+    def RevokeCredential(  # noqa: N802
+        self, request: pb.RevokeCredentialRequest, context: grpc.ServicerContext
+    ) -> pb.RevokeCredentialResponse:
+        with _boundary(context, uuid.uuid4().hex, "RevokeCredential"):
+            caller = self._auth.authenticate(context)
+            if not request.credential_id:
+                raise InvalidRequestError("credential_id is required")
+            info = self._vault.lookup_accessor(request.credential_id)
+            if info is None:
+                return pb.RevokeCredentialResponse(credential_id=request.credential_id,
+                                                   already_dead=True)
+            if info.metadata.get("spiffe_id") != str(caller.spiffe_id):
+                # Same answer whether it exists or belongs to another workload.
+                raise NotFoundError(f"{caller.spiffe_id} holds no credential "
+                                    f"{request.credential_id}; an agent may only hand back its own")
+            revoked = self._vault.revoke_accessor(request.credential_id)
+            _log.info("credential_id=%s handed back by %s reason=%r", request.credential_id,
+                      caller.spiffe_id, request.reason[:200])
+            return pb.RevokeCredentialResponse(credential_id=request.credential_id,
+                                               already_dead=not revoked)
+        raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+
+
+@contextmanager
+def _boundary(context: grpc.ServicerContext, request_id: str, method: str) -> Iterator[None]:
+    """Translate our errors into gRPC statuses, once. Unexpected errors become INTERNAL."""
+    try:
+        yield
+    except DeniedByPolicy as denied:
+        d = denied.decision
+        assert d.deny_code is not None
+        status = _DENY_STATUS[d.deny_code]
+        context.set_trailing_metadata((
+            (DECISION_MD_KEY, decision_to_proto(d).SerializeToString()),
+            (ERROR_CODE_MD_KEY, d.deny_code.value),
+            ("credbroker-request-id", request_id),
+        ))
+        context.abort(status, "; ".join(d.reasons))
+    except CredbrokerError as exc:
+        status = next((s for cls, s in _STATUS if isinstance(exc, cls)),
+                      grpc.StatusCode.INTERNAL)
+        _log.warning("request_id=%s %s failed: %s: %s", request_id, method, exc.code, exc)
+        context.set_trailing_metadata(((ERROR_CODE_MD_KEY, exc.code),
+                                       ("credbroker-request-id", request_id)))
+        context.abort(status, str(exc))

@@ -1,0 +1,110 @@
+"""gRPC TLS material from py-spiffe's X509Source, following SVID rotation.
+
+gRPC Python cannot use pyOpenSSL contexts, so we build credentials from PEM
+bytes. The server uses ``grpc.dynamic_ssl_server_credentials``, whose fetcher
+gRPC calls on every new handshake, so a rotated SVID or bundle is used without
+a restart. Clients verify the broker by the DNS SAN of its SVID (gRPC Python
+cannot verify a server certificate that has only a URI SAN) through
+``grpc.ssl_target_name_override``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from spiffe import X509Source
+
+
+@dataclass(frozen=True, slots=True)
+class PemMaterial:
+    key: bytes  # secret
+    chain: bytes
+    bundle: bytes
+    serial: int
+    spiffe_id: str
+    trust_domain: str
+
+
+def pem_material(source: X509Source) -> PemMaterial:
+    """The current SVID and trust bundle of ``source`` as PEM."""
+    ctx = source.get_x509_context()
+    svid = ctx.default_svid
+    td = svid.spiffe_id.trust_domain
+    bundle = ctx.x509_bundle_set.get_bundle_for_trust_domain(td)
+    if bundle is None:
+        raise RuntimeError(f"the Workload API gave no X.509 bundle for {td}")
+    return PemMaterial(
+        key=svid.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()),
+        chain=b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.cert_chain),
+        bundle=b"".join(a.public_bytes(serialization.Encoding.PEM)
+                        for a in bundle.x509_authorities),
+        serial=svid.leaf.serial_number,
+        spiffe_id=str(svid.spiffe_id),
+        trust_domain=str(td.name),
+    )
+
+
+def server_credentials(source: X509Source) -> grpc.ServerCredentials:
+    """mTLS server credentials that require a client certificate chained to the bundle."""
+    lock = threading.Lock()
+    seen = [source.get_x509_context()]
+    current = pem_material(source)
+
+    def config(m: PemMaterial) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(m.key, m.chain)],
+                                                         root_certificates=m.bundle)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        nonlocal current
+        ctx = source.get_x509_context()  # a new object after every SVID or bundle update
+        with lock:
+            if ctx is seen[0]:
+                return None  # unchanged: gRPC keeps the one it has
+            seen[0] = ctx
+            current = pem_material(source)
+            return config(current)
+
+    return grpc.dynamic_ssl_server_credentials(config(current), fetch,
+                                               require_client_authentication=True)
+
+
+class RotatingChannel:
+    """A client channel to the broker that is rebuilt when our SVID rotates."""
+
+    def __init__(self, source: X509Source, target: str, server_dns_name: str) -> None:
+        self._source = source
+        self._target = target
+        self._dns = server_dns_name
+        self._lock = threading.Lock()
+        self._ctx: object | None = None
+        self._channel: grpc.Channel | None = None
+
+    def get(self) -> grpc.Channel:
+        ctx = self._source.get_x509_context()  # a new object after every SVID or bundle update
+        with self._lock:
+            if self._channel is None or ctx is not self._ctx:
+                m = pem_material(self._source)
+                old = self._channel
+                creds = grpc.ssl_channel_credentials(root_certificates=m.bundle,
+                                                     private_key=m.key, certificate_chain=m.chain)
+                self._channel = grpc.secure_channel(
+                    self._target, creds,
+                    options=[("grpc.ssl_target_name_override", self._dns)])
+                self._ctx = ctx
+                if old is not None:
+                    # in-flight calls on the old channel finish; it is closed when idle
+                    closer = threading.Timer(30.0, old.close)
+                    closer.daemon = True
+                    closer.start()
+            return self._channel
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None

@@ -1,0 +1,248 @@
+"""The one typed adapter around hvac (which is untyped). Maps Vault errors to ours.
+
+Credentials are minted as Vault token-role tokens bound to the workload's own
+Vault identity entity: ``auth/token/create/credbroker-<class>`` with
+``entity_alias=<SPIFFE ID>``. Vault creates (once) an entity alias named by the
+SPIFFE ID on the token auth mount, so every credential of one workload belongs
+to one entity; disabling that entity makes all of them refused at once and
+blocks new ones (measured: DESIGN.md "O(1) kill switch"). Token roles also give
+what the JWT-login alternative cannot: truly non-renewable tokens
+(``renewable=false``) and metadata set directly at creation, with no second
+signing key for Vault to trust.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import hvac
+import hvac.exceptions
+import requests
+
+from broker.core.scopemap import ActionClass, ScopeMap
+from broker.core.spiffeid import SpiffeId
+from broker.errors import VaultError, VaultUnavailableError
+
+_log = logging.getLogger(__name__)
+
+#: Metadata key set on every token the broker mints (used to find them again).
+MANAGED_META_KEY = "credbroker"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MintedToken:
+    token: str  # secret: never log it
+    accessor: str
+    policies: tuple[str, ...]
+    ttl_seconds: int
+    expires_at: datetime
+    entity_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenInfo:
+    accessor: str
+    policies: tuple[str, ...]
+    metadata: Mapping[str, str]
+    ttl_seconds: int
+    renewable: bool
+    entity_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncReport:
+    policies_written: tuple[str, ...]
+    roles_written: tuple[str, ...]
+    unchanged: tuple[str, ...]
+
+
+class VaultAdapter:
+    """Everything the broker asks of Vault/OpenBao."""
+
+    def __init__(self, *, addr: str, token: str, timeout: float = 5.0) -> None:
+        self.addr = addr
+        self._client = hvac.Client(url=addr, token=token, timeout=timeout)
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Translate hvac/requests failures into our errors, naming Vault and the operation."""
+        try:
+            yield
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise VaultUnavailableError(
+                f"Vault at {self.addr} is unreachable while trying to {what} "
+                f"({type(exc).__name__}); check that Vault/OpenBao is running and reachable"
+            ) from None
+        except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError,
+                hvac.exceptions.BadGateway) as exc:
+            raise VaultUnavailableError(
+                f"Vault at {self.addr} is not serving ({_first_line(exc)}) while trying to {what}; "
+                "it may be sealed or restarting"
+            ) from None
+        except hvac.exceptions.Forbidden:
+            raise VaultError(
+                f"Vault at {self.addr} refused the broker permission to {what}; "
+                "the broker's Vault token lacks a capability it needs (see README, Security model)"
+            ) from None
+        except hvac.exceptions.VaultError as exc:
+            raise VaultError(f"Vault at {self.addr} failed to {what}: {_first_line(exc)}") from None
+
+    def health(self) -> None:
+        """Raises: VaultUnavailableError if Vault is unreachable, sealed or uninitialised."""
+        with self._errors("check its health"):
+            status = self._client.sys.read_health_status(method="GET")
+            if isinstance(status, dict) and status.get("sealed"):
+                raise VaultUnavailableError(f"Vault at {self.addr} is sealed")
+
+    # -- scope map → Vault
+
+    def sync_scope_map(self, scope_map: ScopeMap) -> SyncReport:
+        """Write each class's policy and token role, idempotently.
+
+        Only what differs is written, so live tokens of unchanged classes are
+        untouched.
+
+        Raises:
+            VaultUnavailableError, VaultError.
+        """
+        written_p: list[str] = []
+        written_r: list[str] = []
+        unchanged: list[str] = []
+        for cls in scope_map.classes.values():
+            name = cls.vault_policy_name
+            hcl = cls.vault_policy_hcl()
+            with self._errors(f"read policy {name}"):
+                try:
+                    current = self._client.sys.read_policy(name)["data"]["rules"]
+                except hvac.exceptions.InvalidPath:
+                    current = None
+            if current != hcl:
+                with self._errors(f"write policy {name}"):
+                    self._client.sys.create_or_update_policy(name, hcl)
+                written_p.append(name)
+            role = self._role_body(cls)
+            with self._errors(f"read token role {name}"):
+                resp = self._client.read(f"auth/token/roles/{name}")
+            if resp is None or not _role_matches(resp["data"], role):
+                with self._errors(f"write token role {name}"):
+                    self._client.write(f"auth/token/roles/{name}", **role)
+                written_r.append(name)
+            if current == hcl and resp is not None and name not in written_r:
+                unchanged.append(name)
+        return SyncReport(policies_written=tuple(written_p), roles_written=tuple(written_r),
+                          unchanged=tuple(unchanged))
+
+    @staticmethod
+    def _role_body(cls: ActionClass) -> dict[str, Any]:
+        domains = sorted({p.trust_domain for p in cls.workloads})
+        return {
+            "allowed_policies": [cls.vault_policy_name],
+            "disallowed_policies": ["root"],
+            "orphan": True,
+            "renewable": False,
+            "token_explicit_max_ttl": cls.max_ttl_seconds,
+            "token_no_default_policy": True,
+            "token_type": "service",
+            "allowed_entity_aliases": [f"spiffe://{td}/*" for td in domains],
+        }
+
+    # -- credentials
+
+    def mint(
+        self,
+        *,
+        cls: ActionClass,
+        spiffe_id: SpiffeId,
+        ttl_seconds: int,
+        metadata: Mapping[str, str],
+        now: datetime,
+    ) -> MintedToken:
+        """Mint a non-renewable token for ``cls``, bound to ``spiffe_id``'s Vault entity.
+
+        Raises:
+            VaultUnavailableError: Vault could not be reached.
+            VaultError: Vault refused (e.g. the role is missing: run ``credbroker vault sync``).
+        """
+        meta = {MANAGED_META_KEY: "1", "spiffe_id": str(spiffe_id), "action_class": cls.name,
+                **metadata}
+        with self._errors(f"mint a {cls.name} credential"):
+            resp = self._client.write(
+                f"auth/token/create/{cls.vault_policy_name}",
+                policies=[cls.vault_policy_name],
+                ttl=f"{ttl_seconds}s",
+                explicit_max_ttl=f"{ttl_seconds}s",
+                renewable=False,
+                no_default_policy=True,
+                entity_alias=str(spiffe_id),
+                display_name=cls.name,
+                meta=meta,
+            )
+        auth = resp["auth"]
+        return MintedToken(
+            token=auth["client_token"],
+            accessor=auth["accessor"],
+            policies=tuple(auth["token_policies"]),
+            ttl_seconds=int(auth["lease_duration"]),
+            expires_at=now + timedelta(seconds=int(auth["lease_duration"])),
+            entity_id=auth.get("entity_id") or "",
+        )
+
+    def lookup_accessor(self, accessor: str) -> TokenInfo | None:
+        """The live token behind ``accessor``, or None when it is expired, revoked or unknown.
+
+        Raises:
+            VaultUnavailableError, VaultError.
+        """
+        with self._errors("look up a credential"):
+            try:
+                data = self._client.auth.token.lookup_accessor(accessor)["data"]
+            except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
+                return None  # Vault answers 400 "invalid accessor" for dead tokens
+        return TokenInfo(
+            accessor=data["accessor"],
+            policies=tuple(data.get("policies") or ()),
+            metadata=dict(data.get("meta") or {}),
+            ttl_seconds=int(data.get("ttl") or 0),
+            renewable=bool(data.get("renewable")),
+            entity_id=data.get("entity_id") or "",
+        )
+
+    def revoke_accessor(self, accessor: str) -> bool:
+        """Revoke the token behind ``accessor``. False when it was already dead.
+
+        Raises:
+            VaultUnavailableError, VaultError.
+        """
+        # Vault answers 204 to revoke-accessor whether or not the token was alive,
+        # so ask first: callers report "already dead" separately from "revoked".
+        if self.lookup_accessor(accessor) is None:
+            return False
+        with self._errors("revoke a credential"):
+            try:
+                self._client.auth.token.revoke_accessor(accessor)
+            except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
+                return False
+        return True
+
+
+def _role_matches(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    for key, value in wanted.items():
+        have = current.get(key)
+        if isinstance(value, list):
+            if sorted(have or []) != sorted(value):
+                return False
+        elif have != value:
+            return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__
+
+

@@ -1,0 +1,150 @@
+"""The sidecar's gRPC client to the broker: mTLS with our X.509-SVID, plus a JWT-SVID.
+
+Translates gRPC failures into :class:`BrokerCallError`, which carries the HTTP
+status and stable code the agent sees (DESIGN.md, Sidecar HTTP API).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from spiffe import JwtSource, X509Source
+
+from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.config import SidecarConfig
+from broker.errors import WorkloadApiError
+from broker.service import DECISION_MD_KEY, ERROR_CODE_MD_KEY
+from broker.tls import RotatingChannel, pem_material
+
+_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "bad_request"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthenticated"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "denied"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found"),
+    grpc.StatusCode.FAILED_PRECONDITION: (409, "frozen"),
+    grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (503, "broker_timeout"),
+}
+#: TLS alerts with which the broker refuses our certificate in the handshake.
+_CERT_REFUSED = ("CERTIFICATE", "UNKNOWN_CA", "BAD_CERT", "certificate")
+
+
+@dataclass
+class BrokerCallError(Exception):
+    http_status: int
+    code: str
+    message: str
+    decision: dict[str, Any] | None = field(default=None)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def decision_to_json(d: pb.Decision) -> dict[str, Any]:
+    return {
+        "outcome": pb.Outcome.Name(d.outcome).removeprefix("OUTCOME_").lower(),
+        "action_class": d.action_class,
+        "rule": d.rule,
+        "reasons": list(d.reasons),
+        "owner": {"team": d.owner.team, "contact": d.owner.contact},
+        "escalation": list(d.escalation),
+        "scope_map_version": d.scope_map_version,
+        "source": d.source,
+        "risk": d.risk,
+        "spiffe_id": d.spiffe_id,
+    }
+
+
+class BrokerClient:
+    def __init__(self, config: SidecarConfig) -> None:
+        self._cfg = config
+        try:
+            self._x509 = X509Source(socket_path=config.workload_api_socket, timeout_in_seconds=10)
+            self._jwt = JwtSource(socket_path=config.workload_api_socket, timeout_in_seconds=10) \
+                if config.send_jwt_svid else None
+        except Exception as exc:
+            raise WorkloadApiError(
+                f"no SVID from the Workload API at {config.workload_api_socket} within 10 s "
+                f"({type(exc).__name__}); is the SPIRE agent (or `credbroker dev`) running?"
+            ) from None
+        self._channel = RotatingChannel(self._x509, config.broker_addr, config.broker_dns_name)
+        self._jwt_lock = threading.Lock()
+        self._jwt_token = ""
+        self._jwt_refresh_at = 0.0
+
+    @property
+    def spiffe_id(self) -> str:
+        return pem_material(self._x509).spiffe_id
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        if self._jwt is None:
+            return []
+        with self._jwt_lock:
+            if time.monotonic() >= self._jwt_refresh_at:
+                svid = self._jwt.fetch_svid(audience={self._cfg.jwt_audience})
+                self._jwt_token = svid.token
+                life = max(0.0, svid.expiry - time.time())
+                self._jwt_refresh_at = time.monotonic() + life / 2
+            return [("authorization", f"Bearer {self._jwt_token}")]
+
+    def issue(self, request: pb.IssueCredentialRequest) -> pb.IssueCredentialResponse:
+        """Raises: BrokerCallError."""
+        stub = pb_grpc.CredentialBrokerStub(self._channel.get())
+        try:
+            resp: pb.IssueCredentialResponse = stub.IssueCredential(
+                request, metadata=self._metadata(), timeout=self._cfg.broker_timeout)
+            return resp
+        except grpc.RpcError as err:
+            raise self._translate(err) from None
+
+    def revoke(self, credential_id: str, reason: str) -> pb.RevokeCredentialResponse:
+        """Raises: BrokerCallError."""
+        stub = pb_grpc.CredentialBrokerStub(self._channel.get())
+        try:
+            resp: pb.RevokeCredentialResponse = stub.RevokeCredential(
+                pb.RevokeCredentialRequest(credential_id=credential_id, reason=reason),
+                metadata=self._metadata(), timeout=self._cfg.broker_timeout)
+            return resp
+        except grpc.RpcError as err:
+            raise self._translate(err) from None
+
+    def _translate(self, err: grpc.RpcError) -> BrokerCallError:
+        code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
+        details: str = err.details() or ""  # type: ignore[attr-defined]
+        trailing = dict(err.trailing_metadata() or ())  # type: ignore[attr-defined]
+        status, default_code = _HTTP.get(code, (500, "internal"))
+        error_code = str(trailing.get(ERROR_CODE_MD_KEY, default_code))
+        decision = None
+        raw = trailing.get(DECISION_MD_KEY)
+        if isinstance(raw, bytes):
+            decision = decision_to_json(pb.Decision.FromString(raw))
+        if code is grpc.StatusCode.UNAVAILABLE and ERROR_CODE_MD_KEY not in trailing:
+            if any(s in details for s in _CERT_REFUSED):
+                return BrokerCallError(
+                    401, "unauthenticated",
+                    "the broker refused this workload's X.509-SVID in the TLS handshake "
+                    f"({_short(details)}); check that the sidecar's Workload API socket serves "
+                    "an SVID of the broker's trust domain")
+            return BrokerCallError(
+                503, "broker_unavailable",
+                f"the broker at {self._cfg.broker_addr} is unreachable ({_short(details)}); "
+                "retry, and if it persists tell the platform on-call")
+        return BrokerCallError(status, error_code, details, decision)
+
+    def close(self) -> None:
+        self._channel.close()
+        for src in (self._x509, self._jwt):
+            if src is not None:
+                try:
+                    src.close()
+                except Exception:  # noqa: S110 - closing must not mask anything
+                    pass
+
+
+def _short(details: str) -> str:
+    return " ".join(details.split())[:240]
