@@ -17,6 +17,7 @@ from datetime import datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from spiffe import JwtBundle, TrustDomain
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -146,7 +147,7 @@ class Authenticator:
         *,
         trust_domain: str,
         audience: str,
-        jwt_bundle_for: Callable[[object], object | None],
+        jwt_bundle_for: Callable[[TrustDomain], JwtBundle | None],
         require_jwt: bool,
         clock: Callable[[], datetime],
     ) -> None:
@@ -157,7 +158,7 @@ class Authenticator:
         self._clock = clock
 
     def authenticate(self, context: grpc.ServicerContext) -> Caller:
-        """Raises: IdentityError when the caller is not an acceptable workload of our trust domain."""
+        """Raises: IdentityError when the caller is not an acceptable workload of our domain."""
         pems = context.auth_context().get("x509_pem_cert")
         if not pems:
             raise IdentityError("no client certificate: call the broker over mTLS with an "
@@ -175,12 +176,11 @@ class Authenticator:
                 raise IdentityError("this broker requires a JWT-SVID in 'authorization: Bearer' "
                                     f"for audience {self._aud!r} alongside mTLS")
             return Caller(spiffe_id=sid, x509_serial=serial)
-        jti = verify_jwt_svid(token, peer=sid, audience=self._aud,
-                              bundle_for=self._bundle_for)  # type: ignore[arg-type]
+        jti = verify_jwt_svid(token, peer=sid, audience=self._aud, bundle_for=self._bundle_for)
         return Caller(spiffe_id=sid, x509_serial=serial, jwt_id=jti)
 
 
-class BrokerService(pb_grpc.CredentialBrokerServicer):
+class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
     def __init__(
         self,
         *,
@@ -194,7 +194,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):
         self._auth = authenticator
         self._clock = clock
 
-    def IssueCredential(  # noqa: N802 (gRPC method name)
+    def IssueCredential(
         self, request: pb.IssueCredentialRequest, context: grpc.ServicerContext
     ) -> pb.IssueCredentialResponse:
         request_id = request.request_id or uuid.uuid4().hex
@@ -229,7 +229,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):
             )
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
 
-    def RevokeCredential(  # noqa: N802
+    def RevokeCredential(
         self, request: pb.RevokeCredentialRequest, context: grpc.ServicerContext
     ) -> pb.RevokeCredentialResponse:
         with _boundary(context, uuid.uuid4().hex, "RevokeCredential"):
@@ -274,3 +274,9 @@ def _boundary(context: grpc.ServicerContext, request_id: str, method: str) -> It
         context.set_trailing_metadata(((ERROR_CODE_MD_KEY, exc.code),
                                        ("credbroker-request-id", request_id)))
         context.abort(status, str(exc))
+    except Exception:
+        _log.exception("request_id=%s %s failed unexpectedly", request_id, method)
+        context.set_trailing_metadata(((ERROR_CODE_MD_KEY, "internal"),
+                                       ("credbroker-request-id", request_id)))
+        context.abort(grpc.StatusCode.INTERNAL,
+                      f"the broker failed unexpectedly; request id {request_id} is in its log")

@@ -15,7 +15,6 @@ import socketserver
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -142,7 +141,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: SidecarHttpServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         _log.debug("http %s", format % args)
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
@@ -167,14 +166,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, _error("internal", "the sidecar failed unexpectedly; its log has "
                                                "the details"))
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path == "/healthz":
             self._guard(self.server.service.health)
         else:
             self._send(404, _error("not_found", f"no such endpoint GET {self.path}; "
                                                 "try POST /v1/credentials or GET /healthz"))
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if self.path != _PREFIX:
             self._send(404, _error("not_found", f"no such endpoint POST {self.path}; "
                                                 f"use POST {_PREFIX}"))
@@ -186,7 +185,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         self._guard(lambda: self.server.service.issue(parse_issue_body(raw)))
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         prefix = _PREFIX + "/"
         cid = self.path[len(prefix):] if self.path.startswith(prefix) else ""
         if not cid or "/" in cid:

@@ -114,9 +114,9 @@ class BrokerClient:
             raise self._translate(err) from None
 
     def _translate(self, err: grpc.RpcError) -> BrokerCallError:
-        code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
-        details: str = err.details() or ""  # type: ignore[attr-defined]
-        trailing = dict(err.trailing_metadata() or ())  # type: ignore[attr-defined]
+        code: grpc.StatusCode = err.code()
+        details: str = err.details() or ""
+        trailing = dict(err.trailing_metadata() or ())
         status, default_code = _HTTP.get(code, (500, "internal"))
         error_code = str(trailing.get(ERROR_CODE_MD_KEY, default_code))
         decision = None

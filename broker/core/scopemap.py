@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+
 import yaml
 
 from broker.core.models import (
@@ -109,7 +110,8 @@ def _loc(source: str, node: yaml.Node) -> str:
 def _get(node: yaml.MappingNode, key: str) -> yaml.Node | None:
     for k, v in node.value:
         if isinstance(k, yaml.ScalarNode) and k.value == key:
-            return v
+            found: yaml.Node = v
+            return found
     return None
 
 
@@ -262,7 +264,8 @@ def _parse_class(
         for r in req:
             if r not in REQUIRABLE_FIELDS:
                 problems.add(_loc(source, req_node), f"{path}.requires",
-                             f"{r!r} is not a request field; expected {', '.join(REQUIRABLE_FIELDS)}")
+                             f"{r!r} is not a request field; expected "
+                             f"{', '.join(REQUIRABLE_FIELDS)}")
         requires = tuple(dict.fromkeys((*requires_default, *req)))
 
     approval = _get(node, "approval")

