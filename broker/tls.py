@@ -108,3 +108,54 @@ class RotatingChannel:
             if self._channel is not None:
                 self._channel.close()
                 self._channel = None
+
+
+def diagnose_handshake(target: str, server_dns_name: str, material: PemMaterial | None,
+                       *, timeout: float = 3.0) -> str | None:
+    """Why the broker refuses our TLS handshake, or None if it does not (or is unreachable).
+
+    gRPC Python can only make a server require *and* verify client certificates
+    in the handshake, and a refused handshake reaches the client as a bare
+    UNAVAILABLE "Socket closed", which looks like an outage. After such a
+    failure, clients call this to repeat the handshake with Python's ``ssl``
+    module and tell the two apart: a broker that completes TLS 1.3 and then
+    closes without sending a byte (gRPC servers send SETTINGS at once) has
+    refused our certificate. The private key reaches OpenSSL through an
+    anonymous in-memory file, never the disk.
+    """
+    import os
+    import socket
+    import ssl
+
+    host, _, port = target.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_alpn_protocols(["h2"])
+    fd = -1
+    try:
+        if material is not None:
+            ctx.load_verify_locations(cadata=material.bundle.decode())
+            fd = os.memfd_create("svid", os.MFD_CLOEXEC)
+            os.write(fd, material.chain + material.key)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        try:
+            raw = socket.create_connection((host, int(port)), timeout=timeout)
+        except OSError:
+            return None  # unreachable: not an identity problem
+        with raw, ctx.wrap_socket(raw, server_hostname=server_dns_name) as tls:
+            # HTTP/2 preface and an empty SETTINGS frame, as a gRPC client sends.
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            tls.settimeout(timeout)
+            if tls.recv(1):
+                return None  # the broker talks to us: the handshake was accepted
+        return ("the broker closed the connection right after the TLS handshake: it refused "
+                "this workload's X.509-SVID (not issued by a CA the broker trusts, expired, "
+                "or missing)")
+    except ssl.SSLCertVerificationError as exc:
+        return f"this workload could not verify the broker's certificate: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return f"the broker refused the TLS handshake: {exc.reason or exc}"
+    except OSError:
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)

@@ -19,7 +19,7 @@ from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import SidecarConfig
 from broker.errors import WorkloadApiError
 from broker.service import DECISION_MD_KEY, ERROR_CODE_MD_KEY
-from broker.tls import RotatingChannel, pem_material
+from broker.tls import RotatingChannel, diagnose_handshake, pem_material
 
 _HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "bad_request"),
@@ -30,8 +30,6 @@ _HTTP = {
     grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (503, "broker_timeout"),
 }
-#: TLS alerts with which the broker refuses our certificate in the handshake.
-_CERT_REFUSED = ("CERTIFICATE", "UNKNOWN_CA", "BAD_CERT", "certificate")
 
 
 @dataclass
@@ -124,12 +122,15 @@ class BrokerClient:
         if isinstance(raw, bytes):
             decision = decision_to_json(pb.Decision.FromString(raw))
         if code is grpc.StatusCode.UNAVAILABLE and ERROR_CODE_MD_KEY not in trailing:
-            if any(s in details for s in _CERT_REFUSED):
+            # A refused mTLS handshake looks like an outage to gRPC; find out which it was.
+            refused = diagnose_handshake(self._cfg.broker_addr, self._cfg.broker_dns_name,
+                                         pem_material(self._x509))
+            if refused is not None:
                 return BrokerCallError(
                     401, "unauthenticated",
-                    "the broker refused this workload's X.509-SVID in the TLS handshake "
-                    f"({_short(details)}); check that the sidecar's Workload API socket serves "
-                    "an SVID of the broker's trust domain")
+                    f"{refused}; check that this sidecar's Workload API socket "
+                    f"({self._cfg.workload_api_socket}) serves an SVID of the broker's trust "
+                    "domain")
             return BrokerCallError(
                 503, "broker_unavailable",
                 f"the broker at {self._cfg.broker_addr} is unreachable ({_short(details)}); "
