@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -80,6 +81,7 @@ class Child:
     proc: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes] = field(repr=False)
+    copier: threading.Thread | None = None
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -96,14 +98,35 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.copier is not None:
+            self.copier.join(timeout=5)
         self.log_file.close()
 
 
-def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> Child:
+def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str],
+          *, secrets_to_redact: tuple[str, ...] = ()) -> Child:
+    """Start a child writing to ``log_path``; lines carrying a secret are redacted first."""
     log_file = log_path.open("ab")
-    proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-    return Child(name=name, proc=proc, log_path=log_path, log_file=log_file)
+    if not secrets_to_redact:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        return Child(name=name, proc=proc, log_path=log_path, log_file=log_file)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509
+
+    def copy() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            for secret in secrets_to_redact:
+                line = line.replace(secret.encode(), b"<redacted>")
+            if line.lstrip().startswith(b"Unseal Key:"):
+                line = b"Unseal Key: <redacted>\n"
+            log_file.write(line)
+            log_file.flush()
+
+    copier = threading.Thread(target=copy, name=f"log-{name}", daemon=True)
+    copier.start()
+    return Child(name=name, proc=proc, log_path=log_path, log_file=log_file, copier=copier)
 
 
 class OpenBaoDev:
@@ -124,7 +147,8 @@ class OpenBaoDev:
         env.pop("VAULT_ADDR", None)
         self.child = spawn("openbao", [find_bao(), "server", "-dev",
                                        f"-dev-listen-address=127.0.0.1:{self.port}"],
-                           self.run_dir / "openbao.log", env)
+                           self.run_dir / "openbao.log", env,
+                           secrets_to_redact=(self.root_token,))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.child.proc.poll() is not None:

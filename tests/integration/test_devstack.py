@@ -1,0 +1,100 @@
+"""`credbroker dev` and `credbroker demo` as a user runs them: real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from sidecar.client import SidecarClient
+
+CLI = [sys.executable, "-m", "broker.cli"]
+
+
+def _children_of(pid: int) -> set[int]:
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                out.add(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_dev_stack_serves_writes_dev_json_and_stops_every_child() -> None:
+    run_dir = Path(tempfile.mkdtemp(prefix="cbd-"))
+    proc = subprocess.Popen([*CLI, "dev", "--run-dir", str(run_dir),
+                             "--workload", "triage=spiffe://example.org/agent/triage",
+                             "--workload", "responder=spiffe://example.org/agent/containment"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "dev.json").exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "dev.json did not appear within 60 s"
+            time.sleep(0.2)
+        info = json.loads((run_dir / "dev.json").read_text())
+        assert {"vault_addr", "vault_token", "broker_addr", "audit_path", "sidecars"} <= set(info)
+        assert set(info["sidecars"]) == {"triage", "responder"}
+        assert oct((run_dir / "dev.json").stat().st_mode & 0o777) == "0o600"
+        resp = SidecarClient(info["sidecars"]["responder"]["socket"]).request_credential(
+            "containment.isolate_host", target="ws-1",
+            initiating_event={"source": "test", "id": "1"})
+        assert resp["policies"] == ["credbroker-containment.isolate_host"]
+        children = _children_of(proc.pid)
+        assert len(children) == 4  # OpenBao, broker, two sidecars
+        log_text = "".join(p.read_text() for p in run_dir.glob("*.log"))
+        assert resp["token"] not in log_text
+        assert info["vault_token"] not in log_text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        stdout = proc.stdout.read() if proc.stdout else ""
+        assert info["vault_token"] not in stdout
+        assert "sidecar responder" in stdout
+        time.sleep(0.5)
+        assert not [c for c in children if _alive(c)], "children outlived the dev stack"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_dev_refuses_bad_workload_flags() -> None:
+    out = subprocess.run([*CLI, "dev", "--workload", "triage"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert "must be NAME=SPIFFE_ID" in out.stderr
+    out = subprocess.run([*CLI, "dev", "--workload", "x=spiffe://Example.org/a"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "lower-case" in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_tells_the_story_and_exits_zero() -> None:
+    env = {**os.environ}
+    out = subprocess.run([*CLI, "demo"], capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for words in ("granted", "Vault refused: permission denied", "denied (403",
+                  "revoked in Vault", "all 7 steps behaved"):
+        assert words in out.stdout
