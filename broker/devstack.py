@@ -109,10 +109,10 @@ def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str],
     log_file = log_path.open("ab")
     if not secrets_to_redact:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509
+                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         return Child(name=name, proc=proc, log_path=log_path, log_file=log_file)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509
+                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     def copy() -> None:
         assert proc.stdout is not None

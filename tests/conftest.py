@@ -11,7 +11,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "integration: needs real servers (OpenBao, gRPC, Workload API)")
+    config.addinivalue_line("markers",
+                            "integration: needs real servers (OpenBao, gRPC, Workload API)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 

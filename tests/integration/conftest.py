@@ -118,7 +118,9 @@ def start_sidecar(identity: Identity, name: str, broker_addr: str, sock: Path,
 
 
 @pytest.fixture(scope="session")
-def sidecars(identity: Identity, broker: BrokerServer, short_tmp: Path) -> Iterator[dict[str, Sidecar]]:
+def sidecars(
+    identity: Identity, broker: BrokerServer, short_tmp: Path
+) -> Iterator[dict[str, Sidecar]]:
     out = {name: start_sidecar(identity, name, f"127.0.0.1:{broker.port}",
                                short_tmp / f"sc-{name}.sock")
            for name in ("triage", "containment")}

@@ -84,7 +84,7 @@ def test_jwt_svids_validate_with_the_bundle_and_exact_audience(identity: Identit
         assert bundle is not None
         assert str(JwtSvid.parse_and_validate(token.token, bundle, {"credbroker"}).spiffe_id) \
             == TRIAGE
-        with pytest.raises(Exception, match="(?i)audience"):
+        with pytest.raises(Exception, match=r"(?i)audience"):
             JwtSvid.parse_and_validate(token.token, bundle, {"someone-else"})
     finally:
         agent.close()

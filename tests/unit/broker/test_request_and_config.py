@@ -1,0 +1,104 @@
+"""Wire-request validation and configuration building: pure, every bad input named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker.config import broker_config_from, load_scope_map, sidecar_config_from
+from broker.errors import ConfigError, InvalidRequestError, ScopeMapError
+from broker.service import request_from_proto
+
+EXAMPLE = Path(__file__).parents[3] / "broker" / "examples" / "soc-scope-map.yaml"
+
+
+def test_request_is_built_from_the_wire() -> None:
+    req = request_from_proto(pb.IssueCredentialRequest(
+        action_class=" enrichment ", target="h", justification="j", ttl_seconds=60,
+        initiating_event=pb.InitiatingEvent(source="s", id="1", summary="x")))
+    assert req.action_class == "enrichment" and req.ttl_seconds == 60
+    assert req.initiating_event is not None and req.initiating_event.summary == "x"
+    assert request_from_proto(pb.IssueCredentialRequest(action_class="a")).initiating_event \
+        is None
+
+
+@pytest.mark.parametrize(("msg", "words"), [
+    (pb.IssueCredentialRequest(), "action_class is required"),
+    (pb.IssueCredentialRequest(action_class="a" * 129), "longer than 128"),
+    (pb.IssueCredentialRequest(action_class="a", target="t" * 257), "target is longer"),
+    (pb.IssueCredentialRequest(action_class="a", ttl_seconds=3601), "hard limit"),
+    (pb.IssueCredentialRequest(action_class="a",
+                               initiating_event=pb.InitiatingEvent(id="1")), "source and id"),
+    (pb.IssueCredentialRequest(action_class="a", initiating_event=pb.InitiatingEvent(
+        source="s", id="1", summary="x" * 1025)), "initiating_event.summary"),
+])
+def test_bad_requests(msg: pb.IssueCredentialRequest, words: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        request_from_proto(msg)
+    assert words in str(err.value)
+
+
+ENV = {"VAULT_TOKEN": "s.secret", "VAULT_ADDR": "http://127.0.0.1:8200",
+       "SPIFFE_ENDPOINT_SOCKET": "unix:/run/spire/agent.sock"}
+
+
+def test_broker_config_from_env_and_flags() -> None:
+    cfg = broker_config_from(env=ENV, scope_map="m.yaml", listen="0.0.0.0:9443")
+    assert cfg.listen == "0.0.0.0:9443"
+    assert cfg.workload_api_socket == "unix:/run/spire/agent.sock"
+    assert "s.secret" not in repr(cfg)
+    flagged = broker_config_from(env=ENV, scope_map="m.yaml", vault_addr="https://v:8200/",
+                                 workload_api="/tmp/x.sock")
+    assert flagged.vault_addr == "https://v:8200"
+    assert flagged.workload_api_socket == "unix:/tmp/x.sock"
+
+
+def test_vault_token_file(tmp_path: Path) -> None:
+    f = tmp_path / "token"
+    f.write_text("s.fromfile\n")
+    assert broker_config_from(env={**ENV, "VAULT_TOKEN": ""}, scope_map="m",
+                              vault_token_file=str(f)).vault_token == "s.fromfile"
+    with pytest.raises(ConfigError, match="cannot read --vault-token-file"):
+        broker_config_from(env=ENV, scope_map="m", vault_token_file=str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize(("env", "kw", "words"), [
+    ({**ENV, "VAULT_TOKEN": ""}, {"scope_map": "m"}, "no Vault token"),
+    ({**ENV, "VAULT_ADDR": ""}, {"scope_map": "m"}, "Vault address"),
+    (ENV, {}, "no scope map"),
+    ({**ENV, "SPIFFE_ENDPOINT_SOCKET": ""}, {"scope_map": "m"}, "Workload API socket"),
+    ({**ENV, "SPIFFE_ENDPOINT_SOCKET": "tcp://x"}, {"scope_map": "m"}, "absolute unix socket"),
+    (ENV, {"scope_map": "m", "listen": "8443"}, "must be host:port"),
+])
+def test_broker_config_errors(env: dict[str, str], kw: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        broker_config_from(env=env, **kw)
+    assert words in str(err.value)
+    assert "s.secret" not in str(err.value)
+
+
+def test_sidecar_config() -> None:
+    cfg = sidecar_config_from(env=ENV, listen="/run/cb/s.sock", broker="broker:8443")
+    assert cfg.send_jwt_svid and cfg.broker_dns_name == "broker.credbroker.internal"
+    with pytest.raises(ConfigError, match="no agent socket"):
+        sidecar_config_from(env=ENV, broker="b:1")
+    with pytest.raises(ConfigError, match="--broker"):
+        sidecar_config_from(env=ENV, listen="/s.sock")
+
+
+def test_load_scope_map_file_and_directory(tmp_path: Path) -> None:
+    assert "enrichment" in load_scope_map(EXAMPLE).classes
+    (tmp_path / "a.yaml").write_text(EXAMPLE.read_text())
+    (tmp_path / "notes.txt").write_text("ignored")
+    assert load_scope_map(tmp_path).classes.keys() == load_scope_map(EXAMPLE).classes.keys()
+    with pytest.raises(ConfigError, match="cannot read scope map"):
+        load_scope_map(tmp_path / "missing.yaml")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="holds no"):
+        load_scope_map(empty)
+    (tmp_path / "b.yaml").write_text(EXAMPLE.read_text())
+    with pytest.raises(ScopeMapError, match="defined twice"):
+        load_scope_map(tmp_path)

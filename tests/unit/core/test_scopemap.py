@@ -1,0 +1,221 @@
+"""Scope-map parsing (every problem, with file, line and field) and evaluation rules."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import yaml
+
+from broker.core.models import CredentialRequest, DenyCode, InitiatingEvent, Outcome
+from broker.core.scopemap import parse_duration, parse_scope_map
+from broker.core.spiffeid import SpiffeId
+from broker.errors import ScopeMapError
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+TRIAGE = SpiffeId.parse("spiffe://example.org/agent/triage")
+CONTAIN = SpiffeId.parse("spiffe://example.org/agent/containment")
+EVENT = InitiatingEvent(source="splunk", id="N-1")
+
+
+def _class(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "risk": "low",
+        "owner": {"team": "soc", "contact": "soc@example.org"},
+        "escalation": ["oncall", "manager"],
+        "workloads": ["spiffe://example.org/agent/triage"],
+        "credential": {"ttl": "2m", "max_ttl": "5m",
+                       "vault_policy": [{"path": "secret/data/x/*", "capabilities": ["read"]}]},
+    }
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def _doc(classes: dict[str, Any], **top: Any) -> str:
+    return yaml.safe_dump({"apiVersion": "credbroker/v1", "kind": "ScopeMap",
+                           "action_classes": classes, **top}, sort_keys=False)
+
+
+def _problems(text: str) -> list[str]:
+    with pytest.raises(ScopeMapError) as err:
+        parse_scope_map([("map.yaml", text)])
+    return err.value.problems
+
+
+def test_a_valid_map_parses_with_source_lines_and_a_content_version() -> None:
+    text = _doc({"enrichment": _class()})
+    m = parse_scope_map([("map.yaml", text)])
+    cls = m.classes["enrichment"]
+    assert cls.source == "map.yaml:4"
+    assert cls.ttl_seconds == 120 and cls.max_ttl_seconds == 300
+    assert cls.vault_policy_name == "credbroker-enrichment"
+    assert 'path "secret/data/x/*"' in cls.vault_policy_hcl()
+    assert m.version.startswith("sha256:")
+    assert parse_scope_map([("map.yaml", text)]).version == m.version
+    assert parse_scope_map([("map.yaml", text + "\n# edit\n")]).version != m.version
+
+
+@pytest.mark.parametrize(("cls", "field", "words"), [
+    (_class(owner=None), "owner", "a class without a named owner does not load"),
+    (_class(owner={"team": "soc"}), "owner.contact", "required"),
+    (_class(owner={"team": "", "contact": "x"}), "owner.team", "required"),
+    (_class(escalation=None), "escalation", "required"),
+    (_class(escalation=[]), "escalation", "non-empty list"),
+    (_class(workloads=[]), "workloads", "non-empty list"),
+    (_class(workloads=["spiffe://example.org/a/../b"]), "workloads", "'..' segment"),
+    (_class(workloads=["spiffe://Example.org/a"]), "workloads", "lower-case"),
+    (_class(workloads=["spiffe://*.org/a"]), "workloads", "trust domain"),
+    (_class(risk="medium"), "risk", "expected one of low, high, destructive"),
+    (_class(credential={"ttl": "10m", "max_ttl": "5m",
+                        "vault_policy": [{"path": "a/*", "capabilities": ["read"]}]}),
+     "credential.ttl", "above max_ttl"),
+    (_class(credential={"ttl": "2h", "max_ttl": "2h",
+                        "vault_policy": [{"path": "a/*", "capabilities": ["read"]}]}),
+     "credential.max_ttl", "minutes-long"),
+    (_class(credential={"ttl": "soon", "max_ttl": "5m",
+                        "vault_policy": [{"path": "a/*", "capabilities": ["read"]}]}),
+     "credential.ttl", "not a duration"),
+    (_class(credential={"ttl": "1m", "max_ttl": "5m", "vault_policy": []}),
+     "credential.vault_policy", "non-empty list"),
+    (_class(credential={"ttl": "1m", "max_ttl": "5m",
+                        "vault_policy": [{"path": "a/*", "capabilities": ["sudo"]}]}),
+     "credential.vault_policy[0].capabilities", "sudo not allowed"),
+    (_class(credential={"ttl": "1m", "max_ttl": "5m",
+                        "vault_policy": [{"path": 'a"}', "capabilities": ["read"]}]}),
+     "credential.vault_policy[0].path", "not a Vault path"),
+    (_class(credential={"ttl": "1m", "max_ttl": "5m", "colour": "red",
+                        "vault_policy": [{"path": "a/*", "capabilities": ["read"]}]}),
+     "credential.colour", "unknown field"),
+    (_class(colour="red"), "colour", "unknown field"),
+    (_class(requires=["weather"]), "requires", "not a request field"),
+    (_class(approval={"mode": "jit"}), "approval", "only 'none' is supported"),
+])
+def test_each_class_rule_is_enforced_with_a_located_message(cls: dict[str, Any], field: str,
+                                                            words: str) -> None:
+    problems = _problems(_doc({"enrichment": cls}))
+    hit = [p for p in problems if f"action_classes.enrichment.{field}" in p]
+    assert hit, problems
+    assert any(words in p for p in hit), hit
+    assert all(p.startswith("map.yaml:") for p in problems)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    problems = _problems(_doc({"a": _class(risk="x"), "b": _class(owner=None),
+                               "c": _class(workloads=[])}))
+    assert len(problems) == 3
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("", "must be a mapping"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("action_classes: {a: [\n", "not valid YAML"),
+    (_doc({}), "defines no action classes"),
+    (_doc({"Bad Name": _class()}), "lower-case words"),
+    (_doc({"a": _class()}, extra=1), "$.extra: unknown field"),
+    (_doc({"a": _class()}).replace("credbroker/v1", "credbroker/v9"), "apiVersion"),
+    (_doc({"a": _class()}).replace("ScopeMap", "Policy"), "kind"),
+    ("apiVersion: credbroker/v1\nkind: ScopeMap\n", "action_classes: is missing"),
+    ("apiVersion: credbroker/v1\nkind: ScopeMap\naction_classes: [a]\n", "must be a mapping"),
+])
+def test_document_level_problems(text: str, words: str) -> None:
+    assert any(words in p for p in _problems(text)), _problems(text)
+
+
+def test_duplicate_classes_across_files_and_duplicate_keys() -> None:
+    a = _doc({"enrichment": _class()})
+    with pytest.raises(ScopeMapError) as err:
+        parse_scope_map([("a.yaml", a), ("b.yaml", a)])
+    assert any("defined twice (first at a.yaml:4)" in p for p in err.value.problems)
+    dup = "apiVersion: credbroker/v1\nkind: ScopeMap\nkind: ScopeMap\naction_classes: {}\n"
+    assert any("appears twice" in p for p in _problems(dup))
+
+
+def test_no_documents_is_an_error() -> None:
+    with pytest.raises(ScopeMapError):
+        parse_scope_map([])
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("5m", 300), ("1h", 3600),
+                                               ("45", 45)])
+def test_durations(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_bad_duration() -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("5 minutes")
+
+
+# --- evaluation ---------------------------------------------------------------
+
+MAP = parse_scope_map([("map.yaml", _doc({
+    "enrichment": _class(workloads=["spiffe://example.org/agent/*"]),
+    "containment.isolate_host": _class(
+        risk="destructive", workloads=["spiffe://example.org/agent/containment"],
+        owner={"team": "ir", "contact": "ir@example.org"}),
+    "identity.disable_account": _class(
+        risk="high", workloads=["spiffe://example.org/agent/containment"],
+        requires=["target", "justification"]),
+}))])
+
+
+def _eval(sid: SpiffeId, **req: Any) -> Any:
+    from broker.core.scopemap import evaluate
+    return evaluate(MAP, sid, CredentialRequest(**req), NOW)
+
+
+def test_allow_names_rule_owner_escalation_version_and_ttl() -> None:
+    d = _eval(TRIAGE, action_class="enrichment")
+    assert d.outcome is Outcome.ALLOW and d.allowed
+    assert d.rule == "enrichment.workloads[0]"
+    assert d.owner is not None and d.owner.team == "soc"
+    assert d.escalation == ("oncall", "manager")
+    assert d.scope_map_version == MAP.version
+    assert d.ttl_seconds == 120
+    assert d.policies == ("credbroker-enrichment",)
+    assert d.source == "map.yaml:4"
+    assert "no approval required" in d.reasons[0]
+
+
+def test_unknown_class_is_denied_by_default_and_names_the_class() -> None:
+    d = _eval(TRIAGE, action_class="delete.everything")
+    assert d.outcome is Outcome.DENY and d.deny_code is DenyCode.UNKNOWN_ACTION_CLASS
+    assert "'delete.everything' is not defined" in d.reasons[0]
+    assert d.rule == "default-deny"
+
+
+def test_identity_not_listed_is_denied_naming_the_rule() -> None:
+    d = _eval(TRIAGE, action_class="containment.isolate_host", initiating_event=EVENT)
+    assert d.deny_code is DenyCode.WORKLOAD_NOT_ALLOWED
+    assert "rule containment.isolate_host.workloads at map.yaml:" in d.reasons[0]
+    assert d.owner is not None and d.owner.team == "ir"
+
+
+def test_other_trust_domain_never_matches() -> None:
+    d = _eval(SpiffeId.parse("spiffe://evil.org/agent/triage"), action_class="enrichment")
+    assert d.deny_code is DenyCode.WORKLOAD_NOT_ALLOWED
+
+
+def test_destructive_and_high_classes_require_an_initiating_event() -> None:
+    d = _eval(CONTAIN, action_class="containment.isolate_host")
+    assert d.deny_code is DenyCode.MISSING_FIELD and "initiating_event" in d.reasons[0]
+    assert _eval(CONTAIN, action_class="containment.isolate_host",
+                 initiating_event=EVENT).allowed
+
+
+def test_explicit_requires_add_to_the_risk_default() -> None:
+    d = _eval(CONTAIN, action_class="identity.disable_account", initiating_event=EVENT)
+    assert d.deny_code is DenyCode.MISSING_FIELD
+    assert "target, justification" in d.reasons[0]
+    d = _eval(CONTAIN, action_class="identity.disable_account", target="u",
+              justification="  ")
+    assert d.deny_code is DenyCode.MISSING_FIELD and "initiating_event" in d.reasons[0]
+    assert _eval(CONTAIN, action_class="identity.disable_account", target="u",
+                 justification="why", initiating_event=EVENT).allowed
+
+
+def test_ttl_within_max_is_granted_and_above_is_denied() -> None:
+    assert _eval(TRIAGE, action_class="enrichment", ttl_seconds=300).ttl_seconds == 300
+    d = _eval(TRIAGE, action_class="enrichment", ttl_seconds=301)
+    assert d.deny_code is DenyCode.TTL_TOO_LONG and "max_ttl of 300s" in d.reasons[0]
