@@ -14,6 +14,8 @@ subject must equal the mTLS peer.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -111,6 +113,55 @@ def verify_jwt_svid(
     # (already verified) token's payload.
     claims = jwt.decode(token, options={"verify_signature": False})
     return str(claims.get("jti", ""))
+
+
+class JwtSvidCache:
+    """Remembers JWT-SVIDs already verified, so a sidecar reusing its token costs a lookup.
+
+    An entry is keyed by the token's SHA-256 and by the JWT bundle object it was
+    verified against (a bundle update invalidates it), and lives until the
+    token's ``exp`` or ``max_age`` seconds, whichever is first. Audience and
+    subject are part of what was verified, so a hit is only returned for the
+    same peer and audience.
+    """
+
+    def __init__(self, *, max_entries: int = 4096, max_age: float = 60.0) -> None:
+        self._entries: dict[bytes, tuple[object, str, str, float]] = {}
+        self._max_entries = max_entries
+        self._max_age = max_age
+        self._lock = threading.Lock()
+
+    def verify(
+        self,
+        token: str,
+        *,
+        peer: SpiffeId,
+        audience: str,
+        bundle_for: Callable[[TrustDomain], JwtBundle | None],
+        now: float,
+    ) -> str:
+        """Like :func:`verify_jwt_svid`, answered from the cache when possible.
+
+        Raises:
+            IdentityError: as :func:`verify_jwt_svid`.
+        """
+        bundle = bundle_for(TrustDomain(peer.trust_domain))
+        key = hashlib.sha256(token.encode()).digest()
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None:
+            cached_bundle, cached_peer, jti, until = hit
+            if cached_bundle is bundle and cached_peer == str(peer) and now < until:
+                return jti
+        jti = verify_jwt_svid(token, peer=peer, audience=audience, bundle_for=lambda _td: bundle)
+        exp = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+        with self._lock:
+            if len(self._entries) >= self._max_entries:
+                self._entries = {k: v for k, v in self._entries.items() if v[3] > now}
+                if len(self._entries) >= self._max_entries:
+                    self._entries.clear()
+            self._entries[key] = (bundle, str(peer), jti, min(exp, now + self._max_age))
+        return jti
 
 
 def _first_line(exc: BaseException) -> str:

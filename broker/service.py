@@ -39,7 +39,7 @@ from broker.errors import (
     VaultError,
     VaultUnavailableError,
 )
-from broker.identity import Caller, spiffe_id_from_certificate, verify_jwt_svid
+from broker.identity import Caller, JwtSvidCache, spiffe_id_from_certificate
 from broker.vault import VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
@@ -156,6 +156,7 @@ class Authenticator:
         self._bundle_for = jwt_bundle_for
         self._require_jwt = require_jwt
         self._clock = clock
+        self._jwt_cache = JwtSvidCache()
 
     def authenticate(self, context: grpc.ServicerContext) -> Caller:
         """Raises: IdentityError when the caller is not an acceptable workload of our domain."""
@@ -176,7 +177,9 @@ class Authenticator:
                 raise IdentityError("this broker requires a JWT-SVID in 'authorization: Bearer' "
                                     f"for audience {self._aud!r} alongside mTLS")
             return Caller(spiffe_id=sid, x509_serial=serial)
-        jti = verify_jwt_svid(token, peer=sid, audience=self._aud, bundle_for=self._bundle_for)
+        jti = self._jwt_cache.verify(token, peer=sid, audience=self._aud,
+                                     bundle_for=self._bundle_for,
+                                     now=self._clock().timestamp())
         return Caller(spiffe_id=sid, x509_serial=serial, jwt_id=jti)
 
 

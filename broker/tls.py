@@ -49,10 +49,23 @@ def pem_material(source: X509Source) -> PemMaterial:
     )
 
 
+def _generation(source: X509Source) -> tuple[object, ...]:
+    """The live SVID and bundle objects: the same objects until the next Workload API update.
+
+    (``get_x509_context()`` builds a new wrapper on every call, so compare what it wraps.)
+    """
+    ctx = source.get_x509_context()
+    return (ctx.default_svid, *ctx.x509_bundle_set.bundles)
+
+
+def _same(a: tuple[object, ...] | None, b: tuple[object, ...]) -> bool:
+    return a is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
 def server_credentials(source: X509Source) -> grpc.ServerCredentials:
     """mTLS server credentials that require a client certificate chained to the bundle."""
     lock = threading.Lock()
-    seen = [source.get_x509_context()]
+    seen = [_generation(source)]
     current = pem_material(source)
 
     def config(m: PemMaterial) -> grpc.ServerCertificateConfiguration:
@@ -61,11 +74,11 @@ def server_credentials(source: X509Source) -> grpc.ServerCredentials:
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         nonlocal current
-        ctx = source.get_x509_context()  # a new object after every SVID or bundle update
+        generation = _generation(source)
         with lock:
-            if ctx is seen[0]:
+            if _same(seen[0], generation):
                 return None  # unchanged: gRPC keeps the one it has
-            seen[0] = ctx
+            seen[0] = generation
             current = pem_material(source)
             return config(current)
 
@@ -81,13 +94,13 @@ class RotatingChannel:
         self._target = target
         self._dns = server_dns_name
         self._lock = threading.Lock()
-        self._ctx: object | None = None
+        self._generation: tuple[object, ...] | None = None
         self._channel: grpc.Channel | None = None
 
     def get(self) -> grpc.Channel:
-        ctx = self._source.get_x509_context()  # a new object after every SVID or bundle update
+        generation = _generation(self._source)
         with self._lock:
-            if self._channel is None or ctx is not self._ctx:
+            if self._channel is None or not _same(self._generation, generation):
                 m = pem_material(self._source)
                 old = self._channel
                 creds = grpc.ssl_channel_credentials(root_certificates=m.bundle,
@@ -95,7 +108,7 @@ class RotatingChannel:
                 self._channel = grpc.secure_channel(
                     self._target, creds,
                     options=[("grpc.ssl_target_name_override", self._dns)])
-                self._ctx = ctx
+                self._generation = generation
                 if old is not None:
                     # in-flight calls on the old channel finish; it is closed when idle
                     closer = threading.Timer(30.0, old.close)

@@ -116,3 +116,21 @@ def test_calls_without_the_security_header_are_refused(identity: Identity) -> No
     ok = call(wl.X509SVIDRequest(), metadata=[("workload.spiffe.io", "true")], timeout=5)
     assert next(iter(ok)).svids[0].spiffe_id == TRIAGE
     channel.close()
+
+
+def test_client_channel_is_reused_until_the_svid_rotates(identity: Identity) -> None:
+    from broker.tls import RotatingChannel
+
+    src = X509Source(socket_path=identity.socket("triage"), timeout_in_seconds=5)
+    channel = RotatingChannel(src, "127.0.0.1:1", DEFAULT_BROKER_DNS)
+    try:
+        first = channel.get()
+        assert channel.get() is first  # no rebuild (and no new TLS session) per call
+        identity.api.rotate_now(SpiffeId.parse(TRIAGE))
+        deadline = time.monotonic() + 5
+        while channel.get() is first:
+            assert time.monotonic() < deadline, "rotated SVID did not produce a new channel"
+            time.sleep(0.05)
+    finally:
+        channel.close()
+        src.close()
