@@ -26,10 +26,10 @@ from pathlib import Path
 
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-import hvac  # noqa: E402
+import hvac
 
-from broker.devstack import DevStack  # noqa: E402
-from sidecar.client import SidecarClient  # noqa: E402
+from broker.devstack import DevStack
+from sidecar.client import SidecarClient
 
 
 def pct(samples: list[float], q: float) -> float:
