@@ -24,7 +24,10 @@ class DenyCode(enum.Enum):
     UNKNOWN_ACTION_CLASS = "unknown_action_class"
     WORKLOAD_NOT_ALLOWED = "workload_not_allowed"
     MISSING_FIELD = "missing_required_field"
+    TARGET_NOT_ALLOWED = "target_not_allowed"
     TTL_TOO_LONG = "ttl_above_max"
+    CONDITION_FALSE = "condition_false"
+    BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

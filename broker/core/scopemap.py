@@ -12,14 +12,16 @@ request and the current time.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import yaml
 
+from broker.core.conditions import Condition, ConditionError
 from broker.core.models import (
     CredentialRequest,
     Decision,
@@ -27,6 +29,7 @@ from broker.core.models import (
     Outcome,
     Owner,
 )
+from broker.core.schema import schema_problems
 from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
 from broker.errors import InvalidSpiffeIdError, ScopeMapError
 
@@ -44,8 +47,10 @@ _DURATION = re.compile(r"(\d+)(s|m|h)?")
 
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "action_classes"}
 _CLASS_KEYS = {
-    "description", "risk", "owner", "escalation", "workloads", "credential", "approval", "requires"
+    "description", "risk", "owner", "escalation", "workloads", "credential", "approval",
+    "requires", "targets", "limits", "when",
 }
+_WINDOWS = {"m": 60, "h": 3600, "d": 86400}
 _CRED_KEYS = {"ttl", "max_ttl", "vault_policy"}
 _RULE_KEYS = {"path", "capabilities"}
 _OWNER_KEYS = {"team", "contact"}
@@ -55,6 +60,33 @@ _OWNER_KEYS = {"team", "contact"}
 class PolicyRule:
     path: str
     capabilities: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakGlass:
+    allowed: bool
+    max_ttl_seconds: int
+    reviewers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApprovalRule:
+    """``approval: {mode: jit, ...}``: a person must approve each request."""
+
+    approvers: tuple[str, ...]  # approver groups
+    approvals_required: int
+    escalate_after_seconds: int
+    expires_seconds: int
+    break_glass: BreakGlass | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Budget:
+    """``limits.per_workload``: at most ``count`` credentials per ``window_seconds``."""
+
+    count: int
+    window_seconds: int
+    text: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +102,10 @@ class ActionClass:
     vault_policy: tuple[PolicyRule, ...]
     requires: tuple[str, ...]
     source: str  # "file:line"
+    approval: ApprovalRule | None = None  # None: approval: none
+    targets: tuple[str, ...] = ()
+    budget: Budget | None = None
+    when: Condition | None = None
 
     @property
     def vault_policy_name(self) -> str:
@@ -96,11 +132,30 @@ class ScopeMap:
 
 
 class _Problems:
+    """Problems found so far, as (location, field path, what is wrong and what would be right)."""
+
     def __init__(self) -> None:
-        self.items: list[str] = []
+        self.found: list[tuple[str, str, str]] = []
 
     def add(self, where: str, field: str, what: str) -> None:
-        self.items.append(f"{where}: {field}: {what}")
+        self.found.append((where, field, what))
+
+    def note(self, text: str) -> None:
+        self.found.append((text, "", ""))
+
+    def merge_schema(self, schema: list[tuple[str, str, str]], start: int) -> None:
+        """Put the schema's findings first; drop our own about a field it already reported."""
+        ours = self.found[start:]
+        fields = [f for _, f, _ in schema]
+
+        def covered(field: str) -> bool:
+            return any(field == f or field.startswith((f + ".", f + "[")) for f in fields if f)
+
+        self.found[start:] = schema + [p for p in ours if not p[1] or not covered(p[1])]
+
+    @property
+    def items(self) -> list[str]:
+        return [w if not f else f"{w}: {f}: {x}" for w, f, x in self.found]
 
 
 def _loc(source: str, node: yaml.Node) -> str:
@@ -121,13 +176,14 @@ def _check_keys(
     seen: set[str] = set()
     for k, _v in node.value:
         key = k.value if isinstance(k, yaml.ScalarNode) else "?"
+        field = f"{path}.{key}" if path else key
         if key in seen:
-            problems.add(_loc(source, k), f"{path}.{key}", "appears twice; keep one")
+            problems.add(_loc(source, k), field, "appears twice; keep one")
         seen.add(key)
         if key not in allowed:
             problems.add(
                 _loc(source, k),
-                f"{path}.{key}",
+                field,
                 f"unknown field; expected one of: {', '.join(sorted(allowed))}",
             )
 
@@ -172,15 +228,17 @@ def parse_scope_map(documents: Sequence[tuple[str, str]]) -> ScopeMap:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
-            problems.items.append(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}")
+            problems.note(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}")
             continue
         if not isinstance(root, yaml.MappingNode):
-            problems.items.append(f"{source}:1: the document must be a mapping with apiVersion, "
-                                  "kind and action_classes")
+            problems.note(f"{source}:1: the document must be a mapping with apiVersion, "
+                          "kind and action_classes")
             continue
+        start = len(problems.found)
         _parse_document(source, root, classes, problems)
-    if not classes and not problems.items:
-        problems.items.append("the scope map defines no action classes; everything would be denied")
+        problems.merge_schema(schema_problems(source, root), start)
+    if not classes and not problems.found:
+        problems.note("the scope map defines no action classes; everything would be denied")
     if problems.items:
         raise ScopeMapError(problems.items)
     return ScopeMap(
@@ -193,7 +251,7 @@ def parse_scope_map(documents: Sequence[tuple[str, str]]) -> ScopeMap:
 def _parse_document(
     source: str, root: yaml.MappingNode, classes: dict[str, ActionClass], problems: _Problems
 ) -> None:
-    _check_keys(root, _TOP_KEYS, source, "$", problems)
+    _check_keys(root, _TOP_KEYS, source, "", problems)
     api = _scalar(_get(root, "apiVersion"))
     if api != API_VERSION:
         problems.add(_loc(source, _get(root, "apiVersion") or root), "apiVersion",
@@ -229,7 +287,7 @@ def _parse_document(
 def _parse_class(
     source: str, name: str, path: str, key: yaml.Node, node: yaml.Node, problems: _Problems
 ) -> ActionClass | None:
-    before = len(problems.items)
+    before = len(problems.found)
     if not isinstance(node, yaml.MappingNode):
         problems.add(_loc(source, node), path, "must be a mapping")
         return None
@@ -268,21 +326,86 @@ def _parse_class(
                              f"{', '.join(REQUIRABLE_FIELDS)}")
         requires = tuple(dict.fromkeys((*requires_default, *req)))
 
-    approval = _get(node, "approval")
-    if approval is not None and _scalar(approval) != "none":
-        problems.add(_loc(source, approval), f"{path}.approval",
-                     "only 'none' is supported by this broker version; remove the class or "
-                     "set approval: none until JIT approval is available")
+    approval = _parse_approval(source, path, _get(node, "approval"), problems)
+    targets = _string_list(source, f"{path}.targets", _get(node, "targets"), node, problems,
+                           required=False, what="target patterns")
+    budget = None
+    limits = _get(node, "limits")
+    per = _scalar(_get(limits, "per_workload")) if isinstance(limits, yaml.MappingNode) else None
+    if per is not None:
+        m = re.fullmatch(r"([1-9][0-9]*)/([mhd])", per.strip())
+        if m is None:
+            problems.add(_loc(source, limits or node), f"{path}.limits.per_workload",
+                         f"{per!r} is not a budget; write N/m, N/h or N/d, e.g. 5/h")
+        else:
+            budget = Budget(count=int(m.group(1)), window_seconds=_WINDOWS[m.group(2)], text=per)
+    when = None
+    when_node = _get(node, "when")
+    if when_node is not None:
+        try:
+            when = Condition.compile(_scalar(when_node) or "")
+        except ConditionError as exc:
+            problems.add(_loc(source, when_node), f"{path}.when", str(exc))
 
     description = _scalar(_get(node, "description")) or ""
-    if len(problems.items) != before or owner is None:
+    if len(problems.found) != before or owner is None:
         return None
     return ActionClass(
         name=name, description=description, risk=str(risk), owner=owner,
         escalation=tuple(escalation), workloads=tuple(workloads), ttl_seconds=ttl,
         max_ttl_seconds=max_ttl, vault_policy=tuple(rules), requires=requires,
-        source=_loc(source, key),
+        source=_loc(source, key), approval=approval, targets=tuple(targets), budget=budget,
+        when=when,
     )
+
+
+def _parse_approval(
+    source: str, path: str, node: yaml.Node | None, problems: _Problems
+) -> ApprovalRule | None:
+    if node is None or _scalar(node) == "none":
+        return None
+    apath = f"{path}.approval"
+    if not isinstance(node, yaml.MappingNode) or _scalar(_get(node, "mode")) != "jit":
+        problems.add(_loc(source, node), apath, "must be none or {mode: jit, approvers: [...]}")
+        return None
+
+    def seconds(key: str, default: int) -> int:
+        n = _get(node, key)
+        if n is None:
+            return default
+        try:
+            return parse_duration(_scalar(n) or "")
+        except ValueError as exc:
+            problems.add(_loc(source, n), f"{apath}.{key}", str(exc))
+            return default
+
+    approvers = _string_list(source, f"{apath}.approvers", _get(node, "approvers"), node,
+                             problems, required=True, what="approver groups")
+    required_n = _scalar(_get(node, "approvals_required")) or "1"
+    count = int(required_n) if required_n.isdigit() and int(required_n) > 0 else 1
+    escalate = seconds("escalate_after", 15 * 60)
+    expires = seconds("expires", 60 * 60)
+    if escalate >= expires:
+        problems.add(_loc(source, node), f"{apath}.escalate_after",
+                     f"({escalate}s) must be shorter than expires ({expires}s), or nobody is "
+                     "escalated to before the request is auto-denied")
+    bg = None
+    bg_node = _get(node, "break_glass")
+    if isinstance(bg_node, yaml.MappingNode):
+        allowed = _scalar(_get(bg_node, "allowed")) in ("true", "True", "yes")
+        bg_ttl = _get(bg_node, "max_ttl")
+        try:
+            bg_seconds = parse_duration(_scalar(bg_ttl) or "") if bg_ttl is not None else 120
+        except ValueError as exc:
+            problems.add(_loc(source, bg_ttl or bg_node), f"{apath}.break_glass.max_ttl",
+                         str(exc))
+            bg_seconds = 120
+        reviewers = _string_list(source, f"{apath}.break_glass.reviewers",
+                                 _get(bg_node, "reviewers"), bg_node, problems,
+                                 required=allowed, what="reviewer groups")
+        bg = BreakGlass(allowed=allowed, max_ttl_seconds=bg_seconds, reviewers=tuple(reviewers))
+    return ApprovalRule(approvers=tuple(approvers), approvals_required=count,
+                        escalate_after_seconds=escalate, expires_seconds=expires, break_glass=bg)
 
 
 def _parse_owner(
@@ -410,15 +533,18 @@ def evaluate(
     spiffe_id: SpiffeId,
     request: CredentialRequest,
     now: datetime,
+    recent_issuances: Sequence[datetime] = (),
 ) -> Decision:
     """Decide ``request`` from ``spiffe_id`` under ``scope_map`` at time ``now``.
 
-    Default deny: the result allows only when the class exists, a workload rule
-    of that class matches the identity, every required field is present and the
-    requested TTL is within the class's ``max_ttl``. ``now`` is accepted so that
-    time-dependent rules (budgets, ``when``) evaluate against the caller's clock.
+    ``recent_issuances`` are the times this identity was issued this class
+    (for ``limits``). Default deny: the result allows only when the class
+    exists, a workload rule matches the identity, every required field is
+    present, the target matches ``targets``, the TTL is within ``max_ttl``, the
+    ``when`` condition holds and the budget is not spent; a class with a JIT
+    approval rule then needs approval instead of being allowed outright.
+    The checks run in that order and the first that fails decides.
     """
-    del now  # no rule of this version depends on time yet
     cls = scope_map.classes.get(request.action_class)
     if cls is None:
         known = ", ".join(scope_map.classes) or "none"
@@ -449,12 +575,19 @@ def evaluate(
         "target": bool(request.target),
         "justification": bool(request.justification.strip()),
     }
-    missing = [f for f in cls.requires if not present[f]]
+    needed = (*cls.requires, "target") if cls.targets else cls.requires
+    missing = [f for f in dict.fromkeys(needed) if not present[f]]
     if missing:
         return deny(
             DenyCode.MISSING_FIELD, f"{cls.name}.requires",
             f"{cls.name} requires {', '.join(missing)} in the request "
             f"(rule {cls.name}.requires at {cls.source})",
+        )
+    if cls.targets and not any(fnmatch.fnmatchcase(request.target, t) for t in cls.targets):
+        return deny(
+            DenyCode.TARGET_NOT_ALLOWED, f"{cls.name}.targets",
+            f"target {request.target!r} matches none of {cls.name}'s targets "
+            f"({', '.join(cls.targets)}; rule {cls.name}.targets at {cls.source})",
         )
     ttl = request.ttl_seconds or cls.ttl_seconds
     if ttl > cls.max_ttl_seconds:
@@ -463,7 +596,36 @@ def evaluate(
             f"requested TTL {ttl}s is above {cls.name}'s max_ttl of {cls.max_ttl_seconds}s; "
             "ask for less",
         )
+    if cls.when is not None:
+        try:
+            holds = cls.when.evaluate(spiffe_id, request, now)
+        except ConditionError as exc:
+            return deny(DenyCode.CONDITION_FALSE, f"{cls.name}.when",
+                        f"{cls.name}'s condition `{cls.when.text}` {exc}; denied (fail closed)")
+        if not holds:
+            return deny(DenyCode.CONDITION_FALSE, f"{cls.name}.when",
+                        f"{cls.name}'s condition `{cls.when.text}` is false for this request "
+                        f"(rule {cls.name}.when at {cls.source})")
+    if cls.budget is not None:
+        since = now - timedelta(seconds=cls.budget.window_seconds)
+        used = sum(1 for t in recent_issuances if since < t <= now)
+        if used >= cls.budget.count:
+            return deny(DenyCode.BUDGET_EXHAUSTED, f"{cls.name}.limits.per_workload",
+                        f"{spiffe_id} has used its budget of {cls.budget.text} for {cls.name} "
+                        f"({used} issued in the window; rule {cls.name}.limits at {cls.source})")
     rule = f"{cls.name}.workloads[{matched}]"
+    if cls.approval is not None:
+        a = cls.approval
+        return Decision(
+            outcome=Outcome.NEEDS_APPROVAL, spiffe_id=spiffe_id, action_class=cls.name,
+            rule=f"{cls.name}.approval",
+            reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule}); {cls.name} "
+                     f"requires {a.approvals_required} approval(s) from "
+                     f"{', '.join(a.approvers)} (rule {cls.name}.approval at {cls.source})",),
+            scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
+            source=cls.source, risk=cls.risk, ttl_seconds=ttl,
+            policies=(cls.vault_policy_name,),
+        )
     return Decision(
         outcome=Outcome.ALLOW, spiffe_id=spiffe_id, action_class=cls.name, rule=rule,
         reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule} at {cls.source}); "
@@ -471,4 +633,3 @@ def evaluate(
         scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
         source=cls.source, risk=cls.risk, ttl_seconds=ttl, policies=(cls.vault_policy_name,),
     )
-
