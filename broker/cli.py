@@ -70,6 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         require_jwt_svid=args.require_jwt_svid, ready_file=args.ready_file)
     server = BrokerServer(cfg)
     server.start()
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=server.reload,
+                                                             daemon=True).start())
     _wait_for_signal()
     logging.getLogger("credbroker.broker").info("stopping: draining in-flight calls")
     server.stop()

@@ -28,6 +28,7 @@ class BrokerConfig:
     jwt_audience: str = DEFAULT_AUDIENCE
     require_jwt_svid: bool = False
     ready_file: Path | None = None
+    reload_interval: float = 1.0  # seconds between scope-map change checks; 0 disables
 
     def __repr__(self) -> str:
         return (f"BrokerConfig(listen={self.listen!r}, scope_map_path={self.scope_map_path!r}, "

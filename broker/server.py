@@ -7,13 +7,14 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 from spiffe import JwtSource, X509Source
 
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import BrokerConfig, load_scope_map
-from broker.errors import WorkloadApiError
+from broker.errors import CredbrokerError, WorkloadApiError
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
 from broker.tls import pem_material, server_credentials
 from broker.vault import VaultAdapter
@@ -23,6 +24,17 @@ _log = logging.getLogger("credbroker.broker")
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _signature(path: Path) -> tuple[object, ...]:
+    """What changes when the scope map's files change (follows ConfigMap symlink swaps)."""
+    try:
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")) \
+            if path.is_dir() else [path]
+        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size, f.stat().st_ino)
+                     for f in files)
+    except OSError as exc:
+        return (f"unreadable: {exc.strerror}",)
 
 
 class BrokerServer:
@@ -36,6 +48,10 @@ class BrokerServer:
         self._jwt: JwtSource | None = None
         self.port = 0
         self.stopped = threading.Event()
+        self.scope_maps: ScopeMapHolder | None = None
+        self._vault: VaultAdapter | None = None
+        self._reload_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
         """Load the scope map, bring Vault in line, and serve.
@@ -64,8 +80,10 @@ class BrokerServer:
             ) from None
         me = pem_material(self._x509)
         jwt_source = self._jwt
+        self.scope_maps = ScopeMapHolder(scope_map)
+        self._vault = vault
         service = BrokerService(
-            scope_maps=ScopeMapHolder(scope_map),
+            scope_maps=self.scope_maps,
             vault=vault,
             authenticator=Authenticator(
                 trust_domain=me.trust_domain, audience=cfg.jwt_audience,
@@ -84,10 +102,48 @@ class BrokerServer:
         host = cfg.listen.rpartition(":")[0]
         _log.info("broker %s serving on %s:%d (mTLS, trust domain %s)", me.spiffe_id, host,
                   self.port, me.trust_domain)
+        if cfg.reload_interval > 0:
+            self._watcher = threading.Thread(target=self._watch_scope_map, daemon=True,
+                                             name="scope-map-watch")
+            self._watcher.start()
         if cfg.ready_file is not None:
             tmp = cfg.ready_file.with_suffix(".tmp")
             tmp.write_text(f"{host}:{self.port}\n")
             tmp.replace(cfg.ready_file)
+
+    def reload(self) -> bool:
+        """Load the scope map again; put it in force only if it is valid and Vault accepted it.
+
+        A map that fails validation, or that Vault cannot be brought in line
+        with, is rejected and logged loudly; the map in force stays. Returns
+        True when a new version is now in force. Never raises.
+        """
+        assert self.scope_maps is not None and self._vault is not None
+        with self._reload_lock:
+            old = self.scope_maps.current
+            try:
+                new = load_scope_map(self.config.scope_map_path)
+                if new.version == old.version:
+                    return False
+                report = self._vault.sync_scope_map(new)
+            except CredbrokerError as exc:
+                _log.error("REJECTED scope map reload from %s; scope map %s stays in force: %s",
+                           self.config.scope_map_path, old.version[:19], exc)
+                return False
+            self.scope_maps.replace(new)
+            _log.warning("scope map %s is now in force (was %s); classes %d; Vault policies "
+                         "written: %s; roles written: %s", new.version[:19], old.version[:19],
+                         len(new.classes), ",".join(report.policies_written) or "none",
+                         ",".join(report.roles_written) or "none")
+            return True
+
+    def _watch_scope_map(self) -> None:
+        seen = _signature(self.config.scope_map_path)
+        while not self.stopped.wait(self.config.reload_interval):
+            current = _signature(self.config.scope_map_path)
+            if current != seen:
+                seen = current
+                self.reload()
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace`` seconds."""

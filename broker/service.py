@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -62,7 +63,10 @@ _DENY_STATUS: dict[DenyCode, grpc.StatusCode] = {
     DenyCode.UNKNOWN_ACTION_CLASS: grpc.StatusCode.INVALID_ARGUMENT,
     DenyCode.WORKLOAD_NOT_ALLOWED: grpc.StatusCode.PERMISSION_DENIED,
     DenyCode.MISSING_FIELD: grpc.StatusCode.INVALID_ARGUMENT,
+    DenyCode.TARGET_NOT_ALLOWED: grpc.StatusCode.PERMISSION_DENIED,
     DenyCode.TTL_TOO_LONG: grpc.StatusCode.INVALID_ARGUMENT,
+    DenyCode.CONDITION_FALSE: grpc.StatusCode.PERMISSION_DENIED,
+    DenyCode.BUDGET_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 _MAX_FIELD = {"action_class": 128, "target": 256, "justification": 2048, "request_id": 128,
@@ -90,6 +94,38 @@ class ScopeMapHolder:
     def replace(self, scope_map: ScopeMap) -> None:
         with self._lock:
             self._map = scope_map
+
+
+class UsageTracker:
+    """Recent issuance times per (identity, class), for ``limits`` budgets.
+
+    In memory: a broker restart forgets them (the credential registry will
+    hold them durably).
+    """
+
+    def __init__(self, *, horizon: timedelta = timedelta(days=1)) -> None:
+        self._lock = threading.Lock()
+        self._times: dict[tuple[str, str], deque[datetime]] = {}
+        self._horizon = horizon
+
+    @contextmanager
+    def reserve(self, key: tuple[str, str], now: datetime) -> Iterator[tuple[datetime, ...]]:
+        """Hold the key's lock: yield its recent times; the caller calls :meth:`record`."""
+        with self._lock:
+            times = self._times.setdefault(key, deque())
+            while times and times[0] <= now - self._horizon:
+                times.popleft()
+            yield tuple(times)
+
+    def record(self, key: tuple[str, str], when: datetime) -> None:
+        """Count an issuance (call while holding :meth:`reserve`)."""
+        self._times.setdefault(key, deque()).append(when)
+
+    def forget(self, key: tuple[str, str], when: datetime) -> None:
+        with self._lock:
+            times = self._times.get(key)
+            if times is not None and when in times:
+                times.remove(when)
 
 
 def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
@@ -196,6 +232,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self._vault = vault
         self._auth = authenticator
         self._clock = clock
+        self._usage = UsageTracker()
 
     def IssueCredential(
         self, request: pb.IssueCredentialRequest, context: grpc.ServicerContext
@@ -206,19 +243,27 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             req = request_from_proto(request)
             scope_map = self._maps.current
             now = self._clock()
-            decision = evaluate(scope_map, caller.spiffe_id, req, now)
+            key = (str(caller.spiffe_id), req.action_class)
+            with self._usage.reserve(key, now) as recent:
+                decision = evaluate(scope_map, caller.spiffe_id, req, now, recent)
+                if decision.outcome is Outcome.ALLOW:
+                    self._usage.record(key, now)  # counted before minting: no race past a budget
             _log.info("request_id=%s spiffe_id=%s action_class=%s outcome=%s rule=%s "
                       "scope_map=%s", request_id, caller.spiffe_id, req.action_class,
                       decision.outcome.value, decision.rule, scope_map.version[:19])
             if decision.outcome is not Outcome.ALLOW:
                 raise DeniedByPolicy(decision)
             cls = scope_map.classes[decision.action_class]
-            minted = self._vault.mint(
-                cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=decision.ttl_seconds,
-                metadata={"request_id": request_id, "target": req.target[:256],
-                          "scope_map_version": scope_map.version},
-                now=now,
-            )
+            try:
+                minted = self._vault.mint(
+                    cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=decision.ttl_seconds,
+                    metadata={"request_id": request_id, "target": req.target[:256],
+                              "scope_map_version": scope_map.version},
+                    now=now,
+                )
+            except CredbrokerError:
+                self._usage.forget(key, now)  # nothing was issued: give the budget back
+                raise
             _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s", request_id,
                       minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
             expires = Timestamp()
@@ -262,14 +307,20 @@ def _boundary(context: grpc.ServicerContext, request_id: str, method: str) -> It
         yield
     except DeniedByPolicy as denied:
         d = denied.decision
-        assert d.deny_code is not None
-        status = _DENY_STATUS[d.deny_code]
+        if d.deny_code is None:  # NEEDS_APPROVAL: approvals are not served by this version
+            status, code = grpc.StatusCode.PERMISSION_DENIED, "approval_required"
+            message = ("; ".join(d.reasons) + "; this broker version cannot take approvals, so "
+                       "nothing was issued: ask the class owner to set approval: none or wait "
+                       "for JIT approvals")
+        else:
+            status, code, message = _DENY_STATUS[d.deny_code], d.deny_code.value, \
+                "; ".join(d.reasons)
         context.set_trailing_metadata((
             (DECISION_MD_KEY, decision_to_proto(d).SerializeToString()),
-            (ERROR_CODE_MD_KEY, d.deny_code.value),
+            (ERROR_CODE_MD_KEY, code),
             ("credbroker-request-id", request_id),
         ))
-        context.abort(status, "; ".join(d.reasons))
+        context.abort(status, message)
     except CredbrokerError as exc:
         status = next((s for cls, s in _STATUS if isinstance(exc, cls)),
                       grpc.StatusCode.INTERNAL)

@@ -27,6 +27,7 @@ _HTTP = {
     grpc.StatusCode.PERMISSION_DENIED: (403, "denied"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found"),
     grpc.StatusCode.FAILED_PRECONDITION: (409, "frozen"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "budget_exhausted"),
     grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (503, "broker_timeout"),
 }

@@ -223,3 +223,85 @@ def test_ttl_within_max_is_granted_and_above_is_denied() -> None:
     assert _eval(TRIAGE, action_class="enrichment", ttl_seconds=300).ttl_seconds == 300
     d = _eval(TRIAGE, action_class="enrichment", ttl_seconds=301)
     assert d.deny_code is DenyCode.TTL_TOO_LONG and "max_ttl of 300s" in d.reasons[0]
+
+
+# --- targets, limits, conditions, approval -----------------------------------
+
+RICH = parse_scope_map([("rich.yaml", _doc({
+    "edr.isolate": _class(
+        workloads=["spiffe://example.org/agent/*"], targets=["ws-*", "srv-??"],
+        limits={"per_workload": "2/h"},
+        when='request.has_initiating_event && identity.segments[0] == "agent"'),
+    "night.only": _class(when='now.getHours("UTC") >= 22'),
+    "broken.cond": _class(when="request.target.size() > request.nonexistent"),
+    "jit.class": _class(approval={"mode": "jit", "approvers": ["ir-leads"],
+                                  "approvals_required": 2, "escalate_after": "5m",
+                                  "expires": "30m",
+                                  "break_glass": {"allowed": True, "max_ttl": "1m",
+                                                  "reviewers": ["ciso-office"]}}),
+}))])
+
+
+def _rich(sid: SpiffeId = TRIAGE, recent: tuple[datetime, ...] = (), now: datetime = NOW,
+          **req: Any) -> Any:
+    from broker.core.scopemap import evaluate
+    return evaluate(RICH, sid, CredentialRequest(**req), now, recent)
+
+
+def test_targets_require_and_match_a_target() -> None:
+    assert _rich(action_class="edr.isolate", initiating_event=EVENT).deny_code \
+        is DenyCode.MISSING_FIELD
+    d = _rich(action_class="edr.isolate", target="dc-01", initiating_event=EVENT)
+    assert d.deny_code is DenyCode.TARGET_NOT_ALLOWED and "'dc-01'" in d.reasons[0]
+    assert _rich(action_class="edr.isolate", target="srv-0", initiating_event=EVENT).deny_code \
+        is DenyCode.TARGET_NOT_ALLOWED  # ? is exactly one character
+    assert _rich(action_class="edr.isolate", target="srv-01", initiating_event=EVENT).allowed
+    assert _rich(action_class="edr.isolate", target="ws-0231", initiating_event=EVENT).allowed
+
+
+def test_cel_condition_sees_request_and_identity() -> None:
+    d = _rich(action_class="edr.isolate", target="ws-1")
+    assert d.deny_code is DenyCode.CONDITION_FALSE and "is false" in d.reasons[0]
+    assert _rich(action_class="night.only", now=NOW.replace(hour=23)).allowed
+    assert _rich(action_class="night.only", now=NOW.replace(hour=9)).deny_code \
+        is DenyCode.CONDITION_FALSE
+
+
+def test_condition_that_fails_to_evaluate_denies() -> None:
+    d = _rich(action_class="broken.cond", target="x")
+    assert d.deny_code is DenyCode.CONDITION_FALSE and "fail closed" in d.reasons[0]
+
+
+def test_budget_counts_only_issuances_inside_the_window() -> None:
+    from datetime import timedelta
+
+    ok = {"action_class": "edr.isolate", "target": "ws-1", "initiating_event": EVENT}
+    inside = (NOW - timedelta(minutes=10), NOW - timedelta(minutes=50))
+    outside = (NOW - timedelta(minutes=61),)
+    assert _rich(recent=(inside[0],), **ok).allowed
+    assert _rich(recent=inside[:1] + outside, **ok).allowed
+    d = _rich(recent=inside, **ok)
+    assert d.deny_code is DenyCode.BUDGET_EXHAUSTED and "2/h" in d.reasons[0]
+
+
+def test_jit_class_needs_approval_and_keeps_the_rule() -> None:
+    cls = RICH.classes["jit.class"]
+    assert cls.approval is not None and cls.approval.approvals_required == 2
+    assert cls.approval.escalate_after_seconds == 300 and cls.approval.expires_seconds == 1800
+    assert cls.approval.break_glass is not None and cls.approval.break_glass.max_ttl_seconds == 60
+    d = _rich(action_class="jit.class")
+    assert d.outcome is Outcome.NEEDS_APPROVAL and d.rule == "jit.class.approval"
+    assert "2 approval(s) from ir-leads" in d.reasons[0]
+
+
+@pytest.mark.parametrize(("cls", "field", "words"), [
+    (_class(when="request.target =="), "when", "not a valid CEL expression"),
+    (_class(approval={"mode": "jit", "approvers": ["a"], "escalate_after": "1h",
+                      "expires": "30m"}), "approval.escalate_after", "must be shorter"),
+    (_class(approval={"mode": "jit", "approvers": ["a"],
+                      "break_glass": {"allowed": True}}),
+     "approval.break_glass.reviewers", "required"),
+])
+def test_rich_rule_errors(cls: dict[str, Any], field: str, words: str) -> None:
+    problems = _problems(_doc({"c": cls}))
+    assert any(f"action_classes.c.{field}" in p and words in p for p in problems), problems
