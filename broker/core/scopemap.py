@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import PurePath
 
 import yaml
 
@@ -222,7 +223,9 @@ def parse_scope_map(documents: Sequence[tuple[str, str]]) -> ScopeMap:
         raise ScopeMapError(["no scope-map documents were given (a file or a directory of *.yaml)"])
     digest = hashlib.sha256()
     for source, text in sorted(documents):
-        digest.update(source.encode() + b"\0" + text.encode() + b"\0")
+        # The version is a content hash: file *names* count (a class may move between
+        # files), but not where the files happen to live on disk.
+        digest.update(PurePath(source).name.encode() + b"\0" + text.encode() + b"\0")
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as exc:

@@ -1,0 +1,223 @@
+"""``credbroker scope lint | explain | test | diff | replay``: tools for the people who write maps.
+
+None of them needs a broker: they read files and run the same pure evaluation
+the broker runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from broker.config import load_scope_map
+from broker.core.models import CredentialRequest, InitiatingEvent
+from broker.core.records import decision_to_json, parse_decision_record, parse_time
+from broker.core.scopemap import ScopeMap, evaluate
+from broker.core.scopetools import (
+    CasesError,
+    blast_radius,
+    diff_maps,
+    explain_lines,
+    replay,
+    run_cases,
+)
+from broker.core.spiffeid import SpiffeId
+from broker.errors import ConfigError, ScopeMapError
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    try:
+        m = load_scope_map(Path(args.path))
+    except ScopeMapError as exc:
+        if args.json:
+            _print_json({"ok": False, "problems": exc.problems})
+        else:
+            for p in exc.problems:
+                print(p)
+            print(f"\n{len(exc.problems)} problem(s); the map would be rejected.")
+        return 1
+    if args.json:
+        _print_json({"ok": True, "version": m.version, "classes": list(m.classes),
+                     "problems": []})
+    else:
+        print(f"OK: {len(m.classes)} action classes, version {m.version}")
+    return 0
+
+
+def _event(text: str | None) -> InitiatingEvent | None:
+    if not text:
+        return None
+    source, sep, ident = text.partition(":")
+    if not sep or not source or not ident:
+        raise ConfigError(f"--event {text!r} must be SOURCE:ID, e.g. splunk:NOTABLE-4242")
+    return InitiatingEvent(source=source, id=ident)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    m = load_scope_map(Path(args.path))
+    sid = SpiffeId.parse(args.spiffe_id)
+    now = parse_time(args.at) if args.at else datetime.now(UTC)
+    req = CredentialRequest(action_class=args.action_class, target=args.target or "",
+                            initiating_event=_event(args.event),
+                            justification=args.justification or "", ttl_seconds=args.ttl or 0)
+    d = evaluate(m, sid, req, now)
+    if args.json:
+        _print_json({"spiffe_id": str(sid), **decision_to_json(d)})
+    else:
+        print("\n".join(explain_lines(d, m)))
+        if m.classes.get(req.action_class) and m.classes[req.action_class].budget:
+            print("note:       budgets (limits) are not counted by explain; "
+                  "`scope replay` counts them")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    m = load_scope_map(Path(args.path))
+    try:
+        text = Path(args.cases).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read test cases {args.cases}: {exc.strerror}") from None
+    try:
+        results = run_cases(m, text, args.cases, default_now=datetime.now(UTC))
+    except CasesError as exc:
+        raise ConfigError(str(exc)) from None
+    failed = [r for r in results if not r.passed]
+    if args.json:
+        _print_json({"passed": len(results) - len(failed), "failed": len(failed),
+                     "cases": [{"name": r.name, "passed": r.passed,
+                                "mismatches": list(r.mismatches),
+                                "decision": decision_to_json(r.decision)} for r in results]})
+    else:
+        for r in results:
+            print(f"{'PASS' if r.passed else 'FAIL'}  {r.name}")
+            for mm in r.mismatches:
+                print(f"        {mm}")
+            if not r.passed:
+                print(f"        (decided by {r.decision.rule}: {r.decision.reasons[0]})")
+        print(f"\nscope test: {len(results) - len(failed)} of {len(results)} cases pass "
+              f"under {m.version[:19]}")
+    return 1 if failed else 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    old, new = load_scope_map(Path(args.old)), load_scope_map(Path(args.new))
+    changes = diff_maps(old, new)
+    radius = blast_radius(changes, new, old)
+    if args.json:
+        _print_json({"old_version": old.version, "new_version": new.version,
+                     "changes": [{"action_class": c.action_class, "kind": c.kind,
+                                  "before": c.before, "after": c.after, "widens": c.widens}
+                                 for c in changes],
+                     "blast_radius": radius})
+        return 0
+    if not changes:
+        print("no changes in what anyone may do")
+        return 0
+    print(f"{len(changes)} change(s) from {old.version[:19]} to {new.version[:19]} "
+          "(+ widens power or loosens oversight, - narrows):")
+    for c in changes:
+        print(f"  {c.text()}")
+    print("\nblast radius by workload:")
+    for who, what in radius.items():
+        print(f"  {who}")
+        for w in what:
+            print(f"    {w}")
+    return 0
+
+
+def _records(path: str) -> list[Any]:
+    out = []
+    try:
+        handle = sys.stdin if path == "-" else open(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read --audit {path}: {exc.strerror}") from None
+    with handle:
+        for n, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{n}: not JSON ({exc.msg})") from None
+            try:
+                rec = parse_decision_record(obj, f"{path}:{n}")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if rec is not None:
+                out.append(rec)
+    return out
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    m: ScopeMap = load_scope_map(Path(args.path))
+    result = replay(m, _records(args.audit))
+    if args.json:
+        _print_json({"version": m.version, "replayed": result.total,
+                     "changed": [{"time": c.record.time.isoformat(),
+                                  "request_id": c.record.request_id,
+                                  "spiffe_id": str(c.record.spiffe_id),
+                                  "action_class": c.record.request.action_class,
+                                  "target": c.record.request.target,
+                                  "was": c.record.outcome.value,
+                                  "would_be": c.new.outcome.value,
+                                  "rule": c.new.rule, "reasons": list(c.new.reasons)}
+                                 for c in result.changed]})
+        return 0
+    for c in result.changed:
+        r = c.record
+        print(f"{r.time.isoformat()}  {r.request_id or '-'}  {r.spiffe_id}  "
+              f"{r.request.action_class}{' on ' + r.request.target if r.request.target else ''}"
+              f": {r.outcome.value} → {c.new.outcome.value}")
+        print(f"    {c.new.reasons[0]}")
+    print(f"\n{result.total} recorded request(s) replayed under {m.version[:19]}: "
+          f"{len(result.changed)} would be decided differently")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    scope = sub.add_parser("scope", help="lint, explain, test, diff and replay scope maps")
+    ssub = scope.add_subparsers(dest="scope_command", required=True, metavar="SUBCOMMAND")
+
+    s = ssub.add_parser("lint", help="validate a map; every problem at once; exit 1 on any")
+    s.add_argument("path", help="scope-map file or directory")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_lint)
+
+    s = ssub.add_parser("explain", help="the decision for one request, and why")
+    s.add_argument("path")
+    s.add_argument("--spiffe-id", required=True)
+    s.add_argument("--action-class", required=True)
+    s.add_argument("--target")
+    s.add_argument("--event", metavar="SOURCE:ID", help="the initiating event")
+    s.add_argument("--justification")
+    s.add_argument("--ttl", type=int, help="requested TTL in seconds")
+    s.add_argument("--at", help="evaluate at this RFC 3339 time (default now)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_explain)
+
+    s = ssub.add_parser("test", help="run policy unit tests (cases YAML); exit 1 on a failure")
+    s.add_argument("path")
+    s.add_argument("cases", help="YAML with `cases:` (see README)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_test)
+
+    s = ssub.add_parser("diff", help="blast radius of a change between two maps")
+    s.add_argument("old")
+    s.add_argument("new")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_diff)
+
+    s = ssub.add_parser("replay", help="re-decide recorded requests under a candidate map")
+    s.add_argument("path")
+    s.add_argument("--audit", required=True,
+                   help="JSONL of recorded decisions (audit export format; - for stdin)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_replay)

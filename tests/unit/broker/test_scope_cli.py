@@ -1,0 +1,140 @@
+"""`credbroker scope ...` end to end on files (no servers needed)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from broker.cli import main
+from broker.config import load_scope_map
+from broker.core.models import CredentialRequest, InitiatingEvent
+from broker.core.records import decision_record
+from broker.core.scopemap import evaluate
+from broker.core.spiffeid import SpiffeId
+
+EXAMPLES = Path(__file__).parents[3] / "broker" / "examples"
+SOC = EXAMPLES / "soc-scope-map.yaml"
+FULL = EXAMPLES / "soc-full"
+TRIAGE = "spiffe://example.org/agent/triage"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_lint_ok_and_every_problem_at_once(capsys: pytest.CaptureFixture[str],
+                                           tmp_path: Path) -> None:
+    rc, out, _ = run(capsys, "scope", "lint", str(FULL))
+    assert rc == 0 and "OK: 4 action classes" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SOC.read_text().replace("risk: low", "risk: tiny")
+                   .replace("    owner: {team: incident-response, contact: ir-lead@example.org}\n",
+                            ""))
+    rc, out, _ = run(capsys, "scope", "lint", str(bad))
+    assert rc == 1
+    assert f"{bad}:12: action_classes.enrichment.risk: is 'tiny'" in out
+    assert "action_classes.containment.isolate_host.owner: is required" in out
+    assert "2 problem(s)" in out
+    rc, out, _ = run(capsys, "scope", "lint", str(bad), "--json")
+    assert rc == 1 and len(json.loads(out)["problems"]) == 2
+
+
+def test_explain(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "scope", "explain", str(SOC), "--spiffe-id", TRIAGE,
+                     "--action-class", "enrichment", "--json")
+    assert rc == 0
+    d = json.loads(out)
+    assert d["outcome"] == "allow" and d["rule"] == "enrichment.workloads[0]"
+    assert d["owner"]["team"] == "soc-platform"
+    rc, out, _ = run(capsys, "scope", "explain", str(SOC), "--spiffe-id",
+                     "spiffe://example.org/agent/containment", "--action-class",
+                     "containment.isolate_host", "--event", "splunk:N-1", "--target", "ws-1")
+    assert rc == 0 and "decision:   ALLOW" in out and "escalation: ir-oncall → " in out
+    rc, _, err = run(capsys, "scope", "explain", str(SOC), "--spiffe-id", "spiffe://Bad/x",
+                     "--action-class", "enrichment")
+    assert rc == 2 and "lower-case" in err
+    rc, _, err = run(capsys, "scope", "explain", str(SOC), "--spiffe-id", TRIAGE,
+                     "--action-class", "enrichment", "--event", "nocolon")
+    assert rc == 2 and "SOURCE:ID" in err
+
+
+def test_test_passes_and_fails_with_a_readable_diff(capsys: pytest.CaptureFixture[str],
+                                                    tmp_path: Path) -> None:
+    rc, out, _ = run(capsys, "scope", "test", str(FULL), str(EXAMPLES / "soc-full.tests.yaml"))
+    assert rc == 0 and "9 of 9 cases pass" in out
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(
+        "cases:\n"
+        "  - name: wrong on purpose\n"
+        f"    spiffe_id: {TRIAGE}\n"
+        "    request: {action_class: containment.isolate_host}\n"
+        "    expect: {outcome: allow, rule: 'containment.isolate_host.workloads[0]'}\n")
+    rc, out, _ = run(capsys, "scope", "test", str(SOC), str(cases))
+    assert rc == 1
+    assert "FAIL  wrong on purpose" in out
+    assert "outcome: expected 'allow', got 'deny'" in out
+    assert "0 of 1 cases pass" in out
+    cases.write_text("cases:\n  - name: x\n    spiffe_id: spiffe://example.org/a\n"
+                     "    request: {action_class: enrichment}\n    expect: {result: allow}\n")
+    rc, _, err = run(capsys, "scope", "test", str(SOC), str(cases))
+    assert rc == 2 and "case 'x'" in err and "outcome" in err
+
+
+def test_diff_shows_the_blast_radius(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    new = tmp_path / "new.yaml"
+    new.write_text(SOC.read_text()
+                   .replace("      - spiffe://example.org/agent/containment\n    credential:\n"
+                            "      ttl: 5m\n      max_ttl: 10m",
+                            "      - spiffe://example.org/agent/containment\n"
+                            "      - spiffe://example.org/agent/*\n    credential:\n"
+                            "      ttl: 5m\n      max_ttl: 30m", 1)
+                   .replace("team: identity-security", "team: iam"))
+    rc, out, _ = run(capsys, "scope", "diff", str(SOC), str(new))
+    assert rc == 0
+    assert "+ containment.isolate_host: workloads gained: spiffe://example.org/agent/*" in out
+    assert "+ containment.isolate_host: max ttl: 600s → 1800s" in out
+    assert "- identity.disable_account: owner: identity-security" in out
+    assert "spiffe://example.org/agent/*\n    + containment.isolate_host (destructive)" in out
+    rc, out, _ = run(capsys, "scope", "diff", str(SOC), str(new), "--json")
+    kinds = {c["kind"] for c in json.loads(out)["changes"]}
+    assert kinds == {"workloads_gained", "max_ttl", "owner"}
+    rc, out, _ = run(capsys, "scope", "diff", str(SOC), str(SOC))
+    assert "no changes" in out
+
+
+def test_replay_lists_requests_whose_outcome_would_change(capsys: pytest.CaptureFixture[str],
+                                                          tmp_path: Path) -> None:
+    old = load_scope_map(SOC)
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    lines = []
+    for i, (who, cls) in enumerate([(TRIAGE, "enrichment"),
+                                    ("spiffe://example.org/agent/containment",
+                                     "containment.isolate_host"),
+                                    (TRIAGE, "containment.isolate_host")]):
+        sid = SpiffeId.parse(who)
+        req = CredentialRequest(action_class=cls, target="ws-1",
+                                initiating_event=InitiatingEvent(source="splunk", id="N"))
+        lines.append(json.dumps(decision_record(time=now, request_id=f"r{i}", spiffe_id=sid,
+                                                request=req,
+                                                decision=evaluate(old, sid, req, now))))
+    lines.append(json.dumps({"type": "credential.minted", "credential_id": "x"}))
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text("\n".join(lines) + "\n")
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text(SOC.read_text().replace(
+        "      - spiffe://example.org/agent/triage\n      - spiffe://example.org/agent/containment",
+        "      - spiffe://example.org/agent/containment", 1))
+    rc, out, _ = run(capsys, "scope", "replay", str(candidate), "--audit", str(audit))
+    assert rc == 0
+    assert "r0  spiffe://example.org/agent/triage  enrichment on ws-1: allow → deny" in out
+    assert "3 recorded request(s) replayed" in out and "1 would be decided differently" in out
+    rc, out, _ = run(capsys, "scope", "replay", str(candidate), "--audit", str(audit), "--json")
+    assert [c["request_id"] for c in json.loads(out)["changed"]] == ["r0"]
+    audit.write_text('{"type": "decision", "time": "yesterday"}\n')
+    rc, _, err = run(capsys, "scope", "replay", str(SOC), "--audit", str(audit))
+    assert rc == 2 and f"{audit}:1" in err
