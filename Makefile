@@ -48,9 +48,10 @@ proto: $(STAMP)
 	touch broker/_proto/__init__.py broker/_proto/credbroker/__init__.py broker/_proto/credbroker/v1/__init__.py \
 		broker/_proto/spiffe/__init__.py broker/_proto/spiffe/workload/__init__.py
 
-## bench: issuance latency through the sidecar vs raw hvac mint, against one real OpenBao
+## bench: issuance latency (sidecar vs raw hvac mint, one real OpenBao) and decision latency
 bench: $(STAMP)
 	$(PY) bench/bench_issue.py
+	$(PY) bench/bench_decide.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

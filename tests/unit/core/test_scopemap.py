@@ -305,3 +305,17 @@ def test_jit_class_needs_approval_and_keeps_the_rule() -> None:
 def test_rich_rule_errors(cls: dict[str, Any], field: str, words: str) -> None:
     problems = _problems(_doc({"c": cls}))
     assert any(f"action_classes.c.{field}" in p and words in p for p in problems), problems
+
+
+def test_published_schema_is_valid_and_examples_pass_it() -> None:
+    from pathlib import Path
+
+    from jsonschema import Draft202012Validator
+
+    from broker.config import load_scope_map
+    from broker.core.schema import schema
+
+    Draft202012Validator.check_schema(schema())
+    examples = Path(__file__).parents[3] / "broker" / "examples"
+    assert load_scope_map(examples / "soc-scope-map.yaml").classes
+    assert len(load_scope_map(examples / "soc-full").classes) == 4
