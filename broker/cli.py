@@ -24,6 +24,7 @@ from broker.config import (
     sidecar_config_from,
 )
 from broker.errors import (
+    AuditError,
     BrokerUnavailableError,
     ConfigError,
     CredbrokerError,
@@ -41,6 +42,7 @@ _EXIT = [
     (IdentityError, 3),
     (PolicyError, 4),
     (VaultUnavailableError, 5),
+    (AuditError, 5),
     (BrokerUnavailableError, 5),
 ]
 
@@ -68,9 +70,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         env=process_env(), listen=args.listen, workload_api=args.workload_api,
         scope_map=args.scope_map, vault_addr=args.vault_addr,
         vault_token_file=args.vault_token_file, jwt_audience=args.audience,
-        require_jwt_svid=args.require_jwt_svid, ready_file=args.ready_file)
+        require_jwt_svid=args.require_jwt_svid, ready_file=args.ready_file,
+        audit_log=args.audit_log, audit_key=args.audit_key,
+        checkpoint_mirror=args.checkpoint_mirror, checkpoint_interval=args.checkpoint_interval)
+    # A full disk or file-size limit must fail the write (and so the request), not kill us.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     server = BrokerServer(cfg)
     server.start()
+    signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=server.checkpoint,
+                                                              daemon=True).start())
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=server.reload,
                                                              daemon=True).start())
     _wait_for_signal()
@@ -154,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--require-jwt-svid", action="store_true",
                    help="refuse callers that do not also present a JWT-SVID")
     s.add_argument("--ready-file", help="write host:port here once serving")
+    s.add_argument("--audit-log", help="the audit log file ($CREDBROKER_AUDIT_LOG)")
+    s.add_argument("--audit-key", help="Ed25519 PEM key that signs checkpoints; created if "
+                                       "missing ($CREDBROKER_AUDIT_KEY)")
+    s.add_argument("--checkpoint-mirror", help="also append signed checkpoints to this file")
+    s.add_argument("--checkpoint-interval", type=float,
+                   help="seconds between signed checkpoints (default 60; SIGUSR1: now)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("sidecar", help="run the agent-pod sidecar (HTTP/JSON on a unix socket)")

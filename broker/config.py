@@ -29,6 +29,10 @@ class BrokerConfig:
     require_jwt_svid: bool = False
     ready_file: Path | None = None
     reload_interval: float = 1.0  # seconds between scope-map change checks; 0 disables
+    audit_path: Path
+    audit_key_path: Path | None = None  # Ed25519 PEM; created (0600) when missing
+    checkpoint_mirror: Path | None = None
+    checkpoint_interval: float = 60.0
 
     def __repr__(self) -> str:
         return (f"BrokerConfig(listen={self.listen!r}, scope_map_path={self.scope_map_path!r}, "
@@ -75,6 +79,10 @@ def broker_config_from(
     jwt_audience: str | None = None,
     require_jwt_svid: bool = False,
     ready_file: str | None = None,
+    audit_log: str | None = None,
+    audit_key: str | None = None,
+    checkpoint_mirror: str | None = None,
+    checkpoint_interval: float | None = None,
 ) -> BrokerConfig:
     """Build and validate broker configuration.
 
@@ -101,6 +109,17 @@ def broker_config_from(
     sm = scope_map or env.get("CREDBROKER_SCOPE_MAP", "")
     if not sm:
         raise ConfigError("no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP")
+    audit = audit_log or env.get("CREDBROKER_AUDIT_LOG", "")
+    if not audit:
+        raise ConfigError("no audit log: pass --audit-log PATH or set CREDBROKER_AUDIT_LOG "
+                          "(the broker does not run without one)")
+    key = audit_key or env.get("CREDBROKER_AUDIT_KEY", "")
+    if not key:
+        raise ConfigError("no checkpoint signing key: pass --audit-key PATH or set "
+                          "CREDBROKER_AUDIT_KEY (an Ed25519 PEM key; created if missing)")
+    interval = checkpoint_interval if checkpoint_interval is not None else 60.0
+    if interval <= 0:
+        raise ConfigError("--checkpoint-interval must be a positive number of seconds")
     return BrokerConfig(
         listen=_hostport(listen or env.get("CREDBROKER_LISTEN", "127.0.0.1:8443"), "--listen"),
         workload_api_socket=_socket(workload_api or env.get("SPIFFE_ENDPOINT_SOCKET", ""),
@@ -111,6 +130,10 @@ def broker_config_from(
         jwt_audience=jwt_audience or env.get("CREDBROKER_AUDIENCE", DEFAULT_AUDIENCE),
         require_jwt_svid=require_jwt_svid,
         ready_file=Path(ready_file) if ready_file else None,
+        audit_path=Path(audit),
+        audit_key_path=Path(key),
+        checkpoint_mirror=Path(checkpoint_mirror) if checkpoint_mirror else None,
+        checkpoint_interval=interval,
     )
 
 

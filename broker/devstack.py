@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
+from broker.audit import load_or_create_signing_key
 from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
 from broker.devspiffe import DevCA, DevWorkloadApi
@@ -224,6 +225,14 @@ class DevStack:
                               f"(limit ~{_MAX_SOCKET_PATH} bytes); choose a shorter directory")
 
     @property
+    def audit_path(self) -> Path:
+        return self.run_dir / "audit.log"
+
+    @property
+    def audit_key(self) -> Path:
+        return self.run_dir / "audit-signing.key"
+
+    @property
     def broker_id(self) -> str:
         return f"spiffe://{self.trust_domain}/credbroker/broker"
 
@@ -259,13 +268,17 @@ class DevStack:
         self.wlapi.start()
 
         cli = [sys.executable, "-m", "broker.cli"]
+        load_or_create_signing_key(self.audit_key, create=True)
         ready = self.run_dir / "broker.addr"
         ready.unlink(missing_ok=True)
         env = {**os.environ, "VAULT_TOKEN": self.bao.root_token}
         broker = spawn("broker", [*cli, "serve", "--listen", "127.0.0.1:0",
                                   "--workload-api", "unix:" + self.socket_of("broker"),
                                   "--scope-map", str(self.scope_map),
-                                  "--vault-addr", self.bao.addr, "--ready-file", str(ready)],
+                                  "--vault-addr", self.bao.addr, "--ready-file", str(ready),
+                                  "--audit-log", str(self.audit_path),
+                                  "--audit-key", str(self.audit_key),
+                                  "--checkpoint-interval", "10"],
                        self.run_dir / "broker.log", env)
         self.children.append(broker)
         wait_for("the broker", broker, ready.exists)
@@ -293,7 +306,9 @@ class DevStack:
             "broker_dns_name": DEFAULT_BROKER_DNS,
             "trust_domain": self.trust_domain,
             "scope_map": str(self.scope_map),
-            "audit_path": None,  # the audit log arrives with issue #5
+            "audit_path": str(self.audit_path),
+            "audit_checkpoints": str(self.audit_path) + ".checkpoints",
+            "audit_public_key": str(self.audit_key.with_suffix(".pub")),
             "sidecars": self.sidecars,
             "workload_api_sockets": {n: self.socket_of(n) for n in ["broker", *self.workloads]},
             "logs": {c.name: str(c.log_path) for c in self.children},

@@ -114,3 +114,12 @@ class ConfigError(CredbrokerError):
     """Configuration given at start-up is missing or invalid."""
 
     code = "invalid_config"
+
+
+# --- audit --------------------------------------------------------------------
+
+
+class AuditError(CredbrokerError):
+    """The audit log cannot be written, or failed verification."""
+
+    code = "audit_unavailable"

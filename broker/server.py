@@ -13,8 +13,9 @@ import grpc
 from spiffe import JwtSource, X509Source
 
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.audit import AuditLog, load_or_create_signing_key
 from broker.config import BrokerConfig, load_scope_map
-from broker.errors import CredbrokerError, WorkloadApiError
+from broker.errors import AuditError, CredbrokerError, WorkloadApiError
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
 from broker.tls import pem_material, server_credentials
 from broker.vault import VaultAdapter
@@ -51,6 +52,7 @@ class BrokerServer:
         self.scope_maps: ScopeMapHolder | None = None
         self._vault: VaultAdapter | None = None
         self._reload_lock = threading.Lock()
+        self.audit: AuditLog | None = None
         self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
@@ -62,6 +64,18 @@ class BrokerServer:
             VaultUnavailableError, VaultError: Vault could not be set up.
         """
         cfg = self.config
+        key = load_or_create_signing_key(cfg.audit_key_path, create=True) \
+            if cfg.audit_key_path else None
+        self.audit = AuditLog(cfg.audit_path, signing_key=key, mirror_path=cfg.checkpoint_mirror,
+                              clock=self._clock)
+        try:
+            self._start(cfg)
+        except BaseException:
+            self.audit.close()
+            raise
+
+    def _start(self, cfg: BrokerConfig) -> None:
+        assert self.audit is not None
         scope_map = load_scope_map(cfg.scope_map_path)
         vault = VaultAdapter(addr=cfg.vault_addr, token=cfg.vault_token)
         report = vault.sync_scope_map(scope_map)
@@ -82,8 +96,15 @@ class BrokerServer:
         jwt_source = self._jwt
         self.scope_maps = ScopeMapHolder(scope_map)
         self._vault = vault
+        self.audit.append("broker.started", spiffe_id=me.spiffe_id, listen=cfg.listen,
+                          vault_addr=cfg.vault_addr, scope_map_version=scope_map.version)
+        self.audit.append("scope_map.loaded", scope_map_version=scope_map.version,
+                          sources=list(scope_map.sources), classes=list(scope_map.classes),
+                          vault_policies_written=list(report.policies_written),
+                          vault_roles_written=list(report.roles_written))
         service = BrokerService(
             scope_maps=self.scope_maps,
+            audit=self.audit,
             vault=vault,
             authenticator=Authenticator(
                 trust_domain=me.trust_domain, audience=cfg.jwt_audience,
@@ -102,6 +123,9 @@ class BrokerServer:
         host = cfg.listen.rpartition(":")[0]
         _log.info("broker %s serving on %s:%d (mTLS, trust domain %s)", me.spiffe_id, host,
                   self.port, me.trust_domain)
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
+                                              name="audit-checkpoint")
+        self._checkpointer.start()
         if cfg.reload_interval > 0:
             self._watcher = threading.Thread(target=self._watch_scope_map, daemon=True,
                                              name="scope-map-watch")
@@ -129,7 +153,22 @@ class BrokerServer:
             except CredbrokerError as exc:
                 _log.error("REJECTED scope map reload from %s; scope map %s stays in force: %s",
                            self.config.scope_map_path, old.version[:19], exc)
+                if self.audit is not None:
+                    self.audit.append_or_queue("scope_map.rejected",
+                                               source=str(self.config.scope_map_path),
+                                               in_force=old.version, problem=str(exc)[:4000])
                 return False
+            if self.audit is not None:
+                try:
+                    self.audit.append("scope_map.loaded", scope_map_version=new.version,
+                                      previous_version=old.version, sources=list(new.sources),
+                                      classes=list(new.classes),
+                                      vault_policies_written=list(report.policies_written),
+                                      vault_roles_written=list(report.roles_written))
+                except AuditError as exc:
+                    _log.error("REJECTED scope map reload: the audit log cannot record it "
+                               "(%s); scope map %s stays in force", exc, old.version[:19])
+                    return False
             self.scope_maps.replace(new)
             _log.warning("scope map %s is now in force (was %s); classes %d; Vault policies "
                          "written: %s; roles written: %s", new.version[:19], old.version[:19],
@@ -145,12 +184,35 @@ class BrokerServer:
                 seen = current
                 self.reload()
 
+    def checkpoint(self) -> None:
+        """Sign a checkpoint now (SIGUSR1 does this). Never raises: failures are logged."""
+        if self.audit is None:
+            return
+        try:
+            cp = self.audit.checkpoint()
+        except AuditError as exc:
+            _log.error("audit checkpoint failed: %s", exc)
+            return
+        if cp is not None:
+            _log.info("audit checkpoint signed: size %d head %s", cp.size, cp.head[:16])
+
+    def _checkpoint_loop(self) -> None:
+        last = -1
+        while not self.stopped.wait(self.config.checkpoint_interval):
+            if self.audit is not None and self.audit.size != last:
+                last = self.audit.size
+                self.checkpoint()
+
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace`` seconds."""
         if self._server is not None:
             self._server.stop(grace).wait()
         self._close_sources()
         self.stopped.set()
+        if self.audit is not None:
+            self.audit.append_or_queue("broker.stopped")
+            self.checkpoint()
+            self.audit.close()
 
     def _close_sources(self) -> None:
         for src in (self._x509, self._jwt):

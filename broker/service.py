@@ -22,6 +22,7 @@ from spiffe import JwtBundle, TrustDomain
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.audit import AuditLog
 from broker.core.models import (
     CredentialRequest,
     Decision,
@@ -29,8 +30,10 @@ from broker.core.models import (
     InitiatingEvent,
     Outcome,
 )
+from broker.core.records import decision_record, rfc3339
 from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ScopeMap, evaluate
 from broker.errors import (
+    AuditError,
     CredbrokerError,
     IdentityError,
     InvalidRequestError,
@@ -55,6 +58,7 @@ _STATUS: list[tuple[type[CredbrokerError], grpc.StatusCode]] = [
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (PolicyError, grpc.StatusCode.PERMISSION_DENIED),
     (VaultUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (AuditError, grpc.StatusCode.UNAVAILABLE),
     (VaultError, grpc.StatusCode.INTERNAL),
 ]
 #: A denial the agent can fix by changing its request is INVALID_ARGUMENT; a denial
@@ -226,9 +230,11 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         scope_maps: ScopeMapHolder,
         vault: VaultAdapter,
         authenticator: Authenticator,
+        audit: AuditLog,
         clock: Callable[[], datetime],
     ) -> None:
         self._maps = scope_maps
+        self._audit = audit
         self._vault = vault
         self._auth = authenticator
         self._clock = clock
@@ -251,6 +257,17 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             _log.info("request_id=%s spiffe_id=%s action_class=%s outcome=%s rule=%s "
                       "scope_map=%s", request_id, caller.spiffe_id, req.action_class,
                       decision.outcome.value, decision.rule, scope_map.version[:19])
+            record = decision_record(time=now, request_id=request_id,
+                                     spiffe_id=caller.spiffe_id, request=req, decision=decision)
+            try:
+                # On disk before anything is minted or any answer is given (fail closed).
+                self._audit.append("decision", **_fields(record),
+                                   proof={"x509_serial": caller.x509_serial,
+                                          "jwt_id": caller.jwt_id}, approvers=[])
+            except AuditError:
+                if decision.outcome is Outcome.ALLOW:
+                    self._usage.forget(key, now)
+                raise
             if decision.outcome is not Outcome.ALLOW:
                 raise DeniedByPolicy(decision)
             cls = scope_map.classes[decision.action_class]
@@ -264,6 +281,16 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             except CredbrokerError:
                 self._usage.forget(key, now)  # nothing was issued: give the budget back
                 raise
+            try:
+                self._audit.append(
+                    "credential.minted", request_id=request_id, credential_id=minted.accessor,
+                    spiffe_id=str(caller.spiffe_id), action_class=cls.name, target=req.target,
+                    policies=list(minted.policies), ttl_seconds=minted.ttl_seconds,
+                    expires_at=rfc3339(minted.expires_at), vault_entity_id=minted.entity_id,
+                    scope_map_version=scope_map.version)
+            except AuditError:
+                self._revoke_unrecorded(minted.accessor, request_id)
+                raise
             _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s", request_id,
                       minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
             expires = Timestamp()
@@ -276,6 +303,22 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 decision=decision_to_proto(decision),
             )
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+
+    def _revoke_unrecorded(self, accessor: str, request_id: str) -> None:
+        """A credential was minted but its record could not be written: kill it now."""
+        try:
+            self._vault.revoke_accessor(accessor)
+        except CredbrokerError as exc:
+            _log.critical("request_id=%s credential_id=%s was minted, could not be recorded AND "
+                          "could not be revoked (%s): revoke it by hand", request_id, accessor,
+                          exc)
+            return
+        self._audit.append_or_queue("credential.revoked", credential_id=accessor,
+                                    request_id=request_id, by="credbroker",
+                                    selector="audit-failure",
+                                    reason="minted but the audit log could not record it")
+        _log.error("request_id=%s credential_id=%s revoked: the audit log could not record it",
+                   request_id, accessor)
 
     def RevokeCredential(
         self, request: pb.RevokeCredentialRequest, context: grpc.ServicerContext
@@ -293,11 +336,24 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 raise NotFoundError(f"{caller.spiffe_id} holds no credential "
                                     f"{request.credential_id}; an agent may only hand back its own")
             revoked = self._vault.revoke_accessor(request.credential_id)
+            # The revocation has happened: record it, or queue it if the log is down.
+            self._audit.append_or_queue(
+                "credential.revoked", credential_id=request.credential_id,
+                request_id=info.metadata.get("request_id", ""),
+                spiffe_id=str(caller.spiffe_id), action_class=info.metadata.get("action_class", ""),
+                by=str(caller.spiffe_id), selector="hand-back",
+                reason=request.reason[:500] or "handed back by the workload",
+                already_dead=not revoked)
             _log.info("credential_id=%s handed back by %s reason=%r", request.credential_id,
                       caller.spiffe_id, request.reason[:200])
             return pb.RevokeCredentialResponse(credential_id=request.credential_id,
                                                already_dead=not revoked)
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+
+
+def _fields(record: dict[str, object]) -> dict[str, object]:
+    """A record's fields without the ones AuditLog.append sets itself."""
+    return {k: v for k, v in record.items() if k not in ("type", "time")}
 
 
 @contextmanager

@@ -76,7 +76,10 @@ def identity(short_tmp: Path) -> Iterator[Identity]:
 
 
 def broker_config(bao: OpenBaoDev, identity: Identity, **overrides: object) -> BrokerConfig:
+    own = Path(tempfile.mkdtemp(prefix="audit-", dir=identity.dir.parent))
     values: dict[str, object] = {
+        "audit_path": own / "audit.log",
+        "audit_key_path": own / "audit.key",
         "listen": "127.0.0.1:0",
         "workload_api_socket": identity.socket("broker"),
         "scope_map_path": TEST_MAP,

@@ -41,7 +41,9 @@ def test_bad_requests(msg: pb.IssueCredentialRequest, words: str) -> None:
 
 
 ENV = {"VAULT_TOKEN": "s.secret", "VAULT_ADDR": "http://127.0.0.1:8200",
-       "SPIFFE_ENDPOINT_SOCKET": "unix:/run/spire/agent.sock"}
+       "SPIFFE_ENDPOINT_SOCKET": "unix:/run/spire/agent.sock",
+       "CREDBROKER_AUDIT_LOG": "/var/lib/credbroker/audit.log",
+       "CREDBROKER_AUDIT_KEY": "/etc/credbroker/audit.key"}
 
 
 def test_broker_config_from_env_and_flags() -> None:
@@ -71,10 +73,13 @@ def test_vault_token_file(tmp_path: Path) -> None:
     ({**ENV, "SPIFFE_ENDPOINT_SOCKET": ""}, {"scope_map": "m"}, "Workload API socket"),
     ({**ENV, "SPIFFE_ENDPOINT_SOCKET": "tcp://x"}, {"scope_map": "m"}, "absolute unix socket"),
     (ENV, {"scope_map": "m", "listen": "8443"}, "must be host:port"),
+    ({**ENV, "CREDBROKER_AUDIT_LOG": ""}, {"scope_map": "m"}, "no audit log"),
+    ({**ENV, "CREDBROKER_AUDIT_KEY": ""}, {"scope_map": "m"}, "no checkpoint signing key"),
+    (ENV, {"scope_map": "m", "checkpoint_interval": 0}, "positive number"),
 ])
-def test_broker_config_errors(env: dict[str, str], kw: dict[str, str], words: str) -> None:
+def test_broker_config_errors(env: dict[str, str], kw: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError) as err:
-        broker_config_from(env=env, **kw)
+        broker_config_from(env=env, **kw)  # type: ignore[arg-type]
     assert words in str(err.value)
     assert "s.secret" not in str(err.value)
 

@@ -1,0 +1,337 @@
+"""The tamper-evident audit log: append-only file, group-committed, fail-closed.
+
+``append`` returns only once the record is on disk (written and fsynced). Many
+concurrent appends share one fsync (group commit): the first waiting caller
+writes and syncs everything queued so far, the others wait for it. If the write
+or sync fails, every record of that batch fails, the file is cut back to the
+last durable record and the chain head rolls back with it, so the log never
+holds a record the broker did not confirm, nor skips one it did.
+
+Chain format and verification: ``broker.core.auditchain``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
+
+from broker.core.auditchain import (
+    GENESIS,
+    Checkpoint,
+    canonical,
+    chain_hash,
+    decode_line,
+    encode_line,
+    sign_checkpoint,
+)
+from broker.core.records import rfc3339
+from broker.errors import AuditError, ConfigError
+
+_log = logging.getLogger("credbroker.audit")
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    seq: int
+    hash: str
+
+
+class AuditLog:
+    """One writer's handle on the log file. Thread-safe."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        signing_key: Ed25519PrivateKey | None = None,
+        origin: str = "credbroker",
+        checkpoint_path: Path | None = None,
+        mirror_path: Path | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.path = path
+        self.origin = origin
+        self.checkpoint_path = checkpoint_path or path.with_name(path.name + ".checkpoints")
+        self.mirror_path = mirror_path
+        self._key = signing_key
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: list[tuple[int, int, bytes, bytes]] = []  # ticket, seq, hash, line
+        self._flushing = False
+        self._ticket = 0  # never reused, unlike seq after a roll-back
+        self._done: dict[int, str | None] = {}  # ticket -> None (durable) or why it failed
+        self._queued: list[dict[str, Any]] = []  # events that could not be written yet
+        self._fd = -1
+        self._open()
+
+    # -- opening and recovery
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror}; the "
+                             "broker does not run without a writable audit log") from None
+        head, seq, offset = GENESIS, 0, 0
+        with os.fdopen(os.dup(fd), "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    _log.warning("audit log %s ends in a partial record (a crash while "
+                                 "writing); cutting it off at byte %d", self.path, offset)
+                    break
+                try:
+                    stored, body = decode_line(line)
+                except ValueError:
+                    os.close(fd)
+                    raise AuditError(f"audit log {self.path} record {seq + 1} is malformed; "
+                                     "run `credbroker audit verify` and investigate before "
+                                     "starting the broker") from None
+                if chain_hash(head, body) != stored:
+                    os.close(fd)
+                    raise AuditError(f"audit log {self.path} fails verification at record "
+                                     f"{seq + 1}; run `credbroker audit verify` and investigate "
+                                     "before starting the broker")
+                head, seq, offset = stored, seq + 1, offset + len(line)
+        try:
+            if os.fstat(fd).st_size != offset:
+                os.ftruncate(fd, offset)
+                os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise AuditError(f"cannot repair the audit log {self.path}: {exc.strerror}") from None
+        self._fd = fd
+        self._head, self._seq = head, seq
+        self._durable_seq, self._durable_head, self._durable_offset = seq, head, offset
+
+    @property
+    def size(self) -> int:
+        with self._cond:
+            return self._durable_seq
+
+    @property
+    def head(self) -> str:
+        with self._cond:
+            return self._durable_head.hex()
+
+    # -- appending
+
+    def append(self, event: str, **fields: Any) -> Appended:
+        """Append one record and return once it is durable.
+
+        Raises:
+            AuditError: the record could not be made durable; the message says the
+                audit log is not writable and why.
+        """
+        record = {"type": event, "time": rfc3339(self._clock()), **fields}
+        with self._cond:
+            queued, self._queued = self._queued, []
+            tickets = [self._seal(q)[0] for q in queued]
+            ticket, seq, digest = self._seal(record)
+            error: AuditError | None = None
+            for t, q in zip(tickets, queued, strict=True):
+                try:
+                    self._wait_durable(t)
+                except AuditError as exc:
+                    error = exc
+                    self._queued.append(q)  # still owed to the log
+            try:
+                self._wait_durable(ticket)
+            except AuditError as exc:
+                error = exc
+            if error is not None:
+                raise error
+            if queued:
+                _log.warning("audit log: %d queued record(s) written", len(queued))
+            return Appended(seq=seq, hash=digest)
+
+    def append_or_queue(self, event: str, **fields: Any) -> Appended | None:
+        """For actions that must happen even when the log cannot be written (revocations):
+        try to append; if that fails, keep the event for the next successful append and
+        alert loudly. Never raises."""
+        try:
+            return self.append(event, **fields)
+        except AuditError as exc:
+            record = {"type": event, "time": rfc3339(self._clock()), **fields}
+            with self._cond:
+                self._queued.append(record)
+            _log.error("AUDIT LOG NOT WRITABLE: %s record queued in memory until the log "
+                       "accepts writes again: %s (%s)", event, json.dumps(record), exc)
+            return None
+
+    def _seal(self, record: dict[str, Any]) -> tuple[int, int, str]:
+        """Give the record its place in the chain; returns (ticket, seq, hash)."""
+        self._seq += 1
+        self._ticket += 1
+        record["seq"] = self._seq
+        body = canonical(record)
+        self._head = chain_hash(self._head, body)
+        self._pending.append((self._ticket, self._seq, self._head, encode_line(body, self._head)))
+        return self._ticket, self._seq, self._head.hex()
+
+    def _wait_durable(self, ticket: int) -> None:
+        while ticket not in self._done:
+            if self._flushing:
+                self._cond.wait()
+                continue
+            batch, self._pending = self._pending, []
+            self._flushing = True
+            self._cond.release()
+            error = None
+            data = b"".join(item[3] for item in batch)
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(self._fd, data[written:])
+                os.fsync(self._fd)
+            except OSError as exc:
+                error = exc.strerror or str(exc)
+            finally:
+                self._cond.acquire()
+                self._flushing = False
+            if error is None:
+                _, self._durable_seq, self._durable_head, _ = batch[-1]
+                self._durable_offset += len(data)
+                for item in batch:
+                    self._done[item[0]] = None
+            else:
+                self._roll_back(batch, error)
+            self._cond.notify_all()
+        why = self._done.pop(ticket)
+        if why is not None:
+            raise AuditError(f"the audit log {self.path} is not writable ({why}); the request "
+                             "was not carried out")
+
+    def _roll_back(self, batch: list[tuple[int, int, bytes, bytes]], why: str) -> None:
+        """A batch failed: cut the file back, fail it and everything sealed after it."""
+        try:
+            os.ftruncate(self._fd, self._durable_offset)
+        except OSError as exc:
+            _log.error("audit log %s: could not cut a failed write back (%s)", self.path,
+                       exc.strerror)
+        for item in batch + self._pending:
+            self._done[item[0]] = why
+        self._pending = []
+        self._seq, self._head = self._durable_seq, self._durable_head
+        _log.error("AUDIT LOG NOT WRITABLE: %s: %s; %d record(s) refused", self.path, why,
+                   len(batch))
+
+    # -- checkpoints
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign the durable head and write it beside the log (and to the mirror).
+
+        Returns None when the log has no signing key. Raises: AuditError.
+        """
+        if self._key is None:
+            return None
+        with self._cond:
+            size, head = self._durable_seq, self._durable_head
+        cp = sign_checkpoint(self._key, origin=self.origin, size=size, head=head,
+                             time=rfc3339(self._clock()))
+        line = (json.dumps(cp.to_json(), sort_keys=True) + "\n").encode()
+        for target in filter(None, (self.checkpoint_path, self.mirror_path)):
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                try:
+                    os.write(fd, line)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise AuditError(f"cannot write the audit checkpoint to {target}: "
+                                 f"{exc.strerror}") from None
+        return cp
+
+    def close(self) -> None:
+        with self._cond:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+# --- reading -------------------------------------------------------------------
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a log file, in order, with their ``hash``.
+
+    Raises:
+        AuditError: the file cannot be read or a line is malformed.
+    """
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise AuditError(f"cannot read the audit log {path}: {exc.strerror}") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            try:
+                stored, body = decode_line(line)
+                record: dict[str, Any] = json.loads(body)
+            except (ValueError, json.JSONDecodeError):
+                raise AuditError(f"{path}: record {n} is malformed; run `credbroker audit "
+                                 "verify`") from None
+            record["hash"] = stored.hex()
+            yield record
+
+
+def read_checkpoints(path: Path) -> list[Checkpoint]:
+    """Raises: AuditError when the file cannot be read or holds a malformed checkpoint."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise AuditError(f"cannot read checkpoints {path}: {exc.strerror}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(Checkpoint.from_json(json.loads(line)))
+            except (ValueError, json.JSONDecodeError) as exc:
+                raise AuditError(f"{path}:{n}: not a checkpoint ({exc})") from None
+    return out
+
+
+# --- keys ----------------------------------------------------------------------
+
+
+def load_or_create_signing_key(path: Path, *, create: bool) -> Ed25519PrivateKey:
+    """The broker's checkpoint-signing key (PEM, PKCS#8); created (mode 0600) if asked.
+
+    Raises:
+        ConfigError: missing (and not to be created), unreadable, or not Ed25519.
+    """
+    if not path.exists():
+        if not create:
+            raise ConfigError(f"audit signing key {path} does not exist; create one with "
+                              "`openssl genpkey -algorithm ed25519 -out KEY`")
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        pub = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        path.with_suffix(".pub").write_bytes(pub)
+        return key
+    try:
+        loaded = load_pem_private_key(path.read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot load audit signing key {path}: {exc}") from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ConfigError(f"audit signing key {path} is not an Ed25519 key")
+    return loaded
