@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from broker import scope_cli
+from broker import audit_cli, scope_cli
 from broker.config import (
     DEFAULT_AUDIENCE,
     DEFAULT_BROKER_DNS,
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_dev)
 
     scope_cli.add_parser(sub)
+    audit_cli.add_parser(sub)
 
     s = sub.add_parser("demo", help="run the scripted end-to-end demo on a fresh dev stack")
     s.add_argument("--run-dir", help="where the demo's dev stack lives (default: temporary)")

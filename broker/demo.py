@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import hvac
 import hvac.exceptions
 
+from broker.audit import read_records
+from broker.core.auditchain import verify_chain
+from broker.core.audittrace import trace, trace_lines
 from broker.devstack import DevStack
 from sidecar.client import SidecarClient, SidecarError
 
@@ -140,6 +144,30 @@ def _story(stack: DevStack) -> int:
                containment_isolate)
     story.step("containment agent hands the credential back", hand_back)
     story.step("the handed-back token is tried against Vault", dead_after_hand_back)
+    def audit_trace() -> str:
+        t = trace(read_records(Path(info["audit_path"])), held["isolate"]["credential_id"])
+        if t is None:
+            raise AssertionError("the audit log has no trace of the containment credential")
+        lines = trace_lines(t, datetime.now(UTC))
+        text = "\n".join(lines)
+        for needed in ("initiating event: splunk NOTABLE-4242", "owner (answers for the policy)",
+                       "escalation (should intervene)", "no approval required by rule",
+                       "handed back by the workload"):
+            if needed not in text:
+                raise AssertionError(f"the trace lacks {needed!r}:\n{text}")
+        cid = str(held["isolate"]["credential_id"])
+        return f"credbroker audit trace {cid}\n      " + "\n      ".join(lines)
+
+    def audit_intact() -> str:
+        with Path(info["audit_path"]).open("rb") as f:
+            verdict = verify_chain(f)
+        if not verdict.ok:
+            raise AssertionError(verdict.problem)
+        return f"credbroker audit verify: intact, {verdict.records} records"
+
+    story.step("the responder asks the audit log who is accountable for that credential",
+               audit_trace)
+    story.step("the auditor checks that the log is intact", audit_intact)
     if story.failed:
         print(f"\n{len(story.failed)} of {story.n} steps did NOT behave: "
               + "; ".join(story.failed))

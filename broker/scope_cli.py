@@ -147,6 +147,8 @@ def _records(path: str) -> list[Any]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path}:{n}: not JSON ({exc.msg})") from None
+            if isinstance(obj, dict) and set(obj) == {"hash", "record"}:
+                obj = obj["record"]  # a line of the audit log itself
             try:
                 rec = parse_decision_record(obj, f"{path}:{n}")
             except ValueError as exc:
@@ -218,6 +220,6 @@ def add_parser(sub: Any) -> None:
     s = ssub.add_parser("replay", help="re-decide recorded requests under a candidate map")
     s.add_argument("path")
     s.add_argument("--audit", required=True,
-                   help="JSONL of recorded decisions (audit export format; - for stdin)")
+                   help="the audit log, or its JSONL export (- for stdin)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_replay)

@@ -1,0 +1,151 @@
+"""``credbroker audit verify | trace | export``: prove, explain and ship the audit log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from broker.audit import read_checkpoints, read_records
+from broker.core.auditchain import verify_chain
+from broker.core.audittrace import to_ocsf, trace, trace_lines
+from broker.core.records import parse_time
+from broker.errors import AuditError, ConfigError
+
+
+def dev_info(run_dir: str) -> dict[str, Any]:
+    """What ``credbroker dev --run-dir DIR`` wrote to ``DIR/dev.json``.
+
+    Raises:
+        ConfigError: there is no readable dev.json there.
+    """
+    path = Path(run_dir) / "dev.json"
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--dev {run_dir}: cannot read {path} ({exc}); start the dev stack "
+                          f"with `credbroker dev --run-dir {run_dir}` first") from None
+    return info
+
+
+def _log_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "log", None):
+        return Path(args.log)
+    if getattr(args, "dev", None):
+        return Path(dev_info(args.dev)["audit_path"])
+    raise ConfigError("which audit log? pass its path, or --dev DIR for the dev stack")
+
+
+def _public_key(path: str) -> Ed25519PublicKey:
+    try:
+        key = load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load public key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    log = _log_path(args)
+    checkpoint_file = args.checkpoint
+    key_file = args.public_key
+    if args.dev:
+        info = dev_info(args.dev)
+        checkpoint_file = checkpoint_file or info.get("audit_checkpoints")
+        key_file = key_file or info.get("audit_public_key")
+    checkpoints = read_checkpoints(Path(checkpoint_file)) if checkpoint_file and \
+        Path(checkpoint_file).exists() else []
+    if args.checkpoint and not checkpoints:
+        raise ConfigError(f"--checkpoint {args.checkpoint} holds no checkpoint")
+    key = _public_key(key_file) if key_file and checkpoints else None
+    try:
+        f = log.open("rb")
+    except OSError as exc:
+        raise AuditError(f"cannot read the audit log {log}: {exc.strerror}") from None
+    with f:
+        verdict = verify_chain(f, checkpoints, key)
+    if args.json:
+        print(json.dumps({"ok": verdict.ok, "records": verdict.records, "head": verdict.head,
+                          "checkpoints_checked": verdict.checkpoints_checked,
+                          "bad_record": verdict.bad_record, "problem": verdict.problem or None},
+                         indent=2))
+    elif verdict.ok:
+        cps = f"; consistent with {verdict.checkpoints_checked} signed checkpoint(s)" \
+            if verdict.checkpoints_checked else "; no signed checkpoint checked (pass " \
+                                                "--checkpoint and --public-key)"
+        print(f"{log}: intact, {verdict.records} records, head {verdict.head}{cps}")
+    else:
+        print(f"{log}: NOT INTACT: {verdict.problem}", file=sys.stderr)
+    return 0 if verdict.ok else 1
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    t = trace(read_records(_log_path(args)), args.id)
+    if t is None:
+        print(f"no credential, request or approval {args.id!r} in the audit log",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(t.to_json(), indent=2))
+    else:
+        print("\n".join(trace_lines(t, datetime.now(UTC))))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    since = None
+    if args.since:
+        try:
+            since = parse_time(args.since)
+        except ValueError as exc:
+            raise ConfigError(f"--since: {exc}") from None
+    out = sys.stdout
+    n = 0
+    for record in read_records(_log_path(args)):
+        if since is not None and parse_time(str(record["time"])) < since:
+            continue
+        obj = to_ocsf(record) if args.format == "ocsf" else record
+        out.write(json.dumps(obj, sort_keys=True) + "\n")
+        n += 1
+    out.flush()
+    print(f"exported {n} record(s) as {args.format}", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="verify, trace and export the audit log")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
+        p.add_argument("--json", action="store_true")
+
+    s = asub.add_parser("verify", help="prove the log is intact; exit 1 naming the first bad "
+                                       "record")
+    s.add_argument("log", nargs="?", help="the audit log file")
+    s.add_argument("--checkpoint", help="file of signed checkpoints (default: LOG.checkpoints "
+                                        "with --dev)")
+    s.add_argument("--public-key", help="the broker's checkpoint public key (PEM)")
+    common(s)
+    s.set_defaults(func=cmd_verify)
+
+    s = asub.add_parser("trace", help="the accountability chain of one credential, request or "
+                                      "approval")
+    s.add_argument("id", help="credential id (Vault accessor), request id or approval id")
+    s.add_argument("--log", help="the audit log file")
+    common(s)
+    s.set_defaults(func=cmd_trace)
+
+    s = asub.add_parser("export", help="records as JSONL or OCSF JSONL for a SIEM")
+    s.add_argument("--format", choices=["jsonl", "ocsf"], default="jsonl")
+    s.add_argument("--since", help="only records at or after this RFC 3339 time")
+    s.add_argument("--log", help="the audit log file")
+    s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
+    s.set_defaults(func=cmd_export)
