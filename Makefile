@@ -48,10 +48,11 @@ proto: $(STAMP)
 	touch broker/_proto/__init__.py broker/_proto/credbroker/__init__.py broker/_proto/credbroker/v1/__init__.py \
 		broker/_proto/spiffe/__init__.py broker/_proto/spiffe/workload/__init__.py
 
-## bench: issuance latency (sidecar vs raw hvac mint, one real OpenBao) and decision latency
+## bench: issuance latency (sidecar vs raw hvac mint, one real OpenBao), decision latency, audit log
 bench: $(STAMP)
 	$(PY) bench/bench_issue.py
 	$(PY) bench/bench_decide.py
+	$(PY) bench/bench_audit.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
