@@ -72,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         vault_token_file=args.vault_token_file, jwt_audience=args.audience,
         require_jwt_svid=args.require_jwt_svid, ready_file=args.ready_file,
         audit_log=args.audit_log, audit_key=args.audit_key,
-        checkpoint_mirror=args.checkpoint_mirror, checkpoint_interval=args.checkpoint_interval)
+        checkpoint_mirror=args.checkpoint_mirror, checkpoint_interval=args.checkpoint_interval,
+        registry=args.registry, admin_ids=args.admin_id)
     # A full disk or file-size limit must fail the write (and so the request), not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     server = BrokerServer(cfg)
@@ -166,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--audit-key", help="Ed25519 PEM key that signs checkpoints; created if "
                                        "missing ($CREDBROKER_AUDIT_KEY)")
     s.add_argument("--checkpoint-mirror", help="also append signed checkpoints to this file")
+    s.add_argument("--registry", help="the credential registry, an SQLite file "
+                                      "($CREDBROKER_REGISTRY)")
+    s.add_argument("--admin-id", action="append", metavar="SPIFFE_ID",
+                   help="a SPIFFE ID allowed to revoke and freeze (repeatable; also "
+                        "$CREDBROKER_ADMIN_IDS, comma-separated)")
     s.add_argument("--checkpoint-interval", type=float,
                    help="seconds between signed checkpoints (default 60; SIGUSR1: now)")
     s.set_defaults(func=cmd_serve)

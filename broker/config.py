@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.core.scopemap import ScopeMap, parse_scope_map
-from broker.errors import ConfigError
+from broker.core.spiffeid import SpiffeId
+from broker.errors import ConfigError, InvalidSpiffeIdError
 
 DEFAULT_AUDIENCE = "credbroker"
 DEFAULT_BROKER_DNS = "broker.credbroker.internal"
@@ -30,6 +31,9 @@ class BrokerConfig:
     ready_file: Path | None = None
     reload_interval: float = 1.0  # seconds between scope-map change checks; 0 disables
     audit_path: Path
+    registry_path: Path
+    admin_ids: tuple[str, ...] = ()
+    max_workers: int = 64
     audit_key_path: Path | None = None  # Ed25519 PEM; created (0600) when missing
     checkpoint_mirror: Path | None = None
     checkpoint_interval: float = 60.0
@@ -83,6 +87,8 @@ def broker_config_from(
     audit_key: str | None = None,
     checkpoint_mirror: str | None = None,
     checkpoint_interval: float | None = None,
+    registry: str | None = None,
+    admin_ids: list[str] | None = None,
 ) -> BrokerConfig:
     """Build and validate broker configuration.
 
@@ -117,6 +123,17 @@ def broker_config_from(
     if not key:
         raise ConfigError("no checkpoint signing key: pass --audit-key PATH or set "
                           "CREDBROKER_AUDIT_KEY (an Ed25519 PEM key; created if missing)")
+    reg = registry or env.get("CREDBROKER_REGISTRY", "")
+    if not reg:
+        raise ConfigError("no credential registry: pass --registry PATH (an SQLite file) or set "
+                          "CREDBROKER_REGISTRY")
+    admins = list(admin_ids or []) + [a for a in env.get("CREDBROKER_ADMIN_IDS", "").split(",")
+                                      if a.strip()]
+    for a in admins:
+        try:
+            SpiffeId.parse(a.strip())
+        except InvalidSpiffeIdError as exc:
+            raise ConfigError(f"--admin-id: {exc}") from None
     interval = checkpoint_interval if checkpoint_interval is not None else 60.0
     if interval <= 0:
         raise ConfigError("--checkpoint-interval must be a positive number of seconds")
@@ -131,6 +148,8 @@ def broker_config_from(
         require_jwt_svid=require_jwt_svid,
         ready_file=Path(ready_file) if ready_file else None,
         audit_path=Path(audit),
+        registry_path=Path(reg),
+        admin_ids=tuple(a.strip() for a in admins),
         audit_key_path=Path(key),
         checkpoint_mirror=Path(checkpoint_mirror) if checkpoint_mirror else None,
         checkpoint_interval=interval,

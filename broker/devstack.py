@@ -233,6 +233,10 @@ class DevStack:
         return self.run_dir / "audit-signing.key"
 
     @property
+    def admin_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/credbroker/admin"
+
+    @property
     def broker_id(self) -> str:
         return f"spiffe://{self.trust_domain}/credbroker/broker"
 
@@ -265,6 +269,8 @@ class DevStack:
                                 dns_names=(DEFAULT_BROKER_DNS,))
         for name, sid in self.workloads.items():
             self.wlapi.add_workload(sid, self.socket_of(name))
+        # The responder's identity, for `credbroker revoke/freeze --dev DIR`.
+        self.wlapi.add_workload(self.admin_id, self.socket_of("admin"))
         self.wlapi.start()
 
         cli = [sys.executable, "-m", "broker.cli"]
@@ -278,6 +284,8 @@ class DevStack:
                                   "--vault-addr", self.bao.addr, "--ready-file", str(ready),
                                   "--audit-log", str(self.audit_path),
                                   "--audit-key", str(self.audit_key),
+                                  "--registry", str(self.run_dir / "registry.db"),
+                                  "--admin-id", self.admin_id,
                                   "--checkpoint-interval", "10"],
                        self.run_dir / "broker.log", env)
         self.children.append(broker)
@@ -310,7 +318,10 @@ class DevStack:
             "audit_checkpoints": str(self.audit_path) + ".checkpoints",
             "audit_public_key": str(self.audit_key.with_suffix(".pub")),
             "sidecars": self.sidecars,
-            "workload_api_sockets": {n: self.socket_of(n) for n in ["broker", *self.workloads]},
+            "workload_api_sockets": {n: self.socket_of(n)
+                                     for n in ["broker", "admin", *self.workloads]},
+            "admin_spiffe_id": self.admin_id,
+            "registry_path": str(self.run_dir / "registry.db"),
             "logs": {c.name: str(c.log_path) for c in self.children},
         }
         path = self.run_dir / "dev.json"

@@ -13,9 +13,12 @@ import grpc
 from spiffe import JwtSource, X509Source
 
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.admin import AdminService
 from broker.audit import AuditLog, load_or_create_signing_key
 from broker.config import BrokerConfig, load_scope_map
 from broker.errors import AuditError, CredbrokerError, WorkloadApiError
+from broker.registry import SqliteStore
+from broker.responder import Responder, RevocationBus
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
 from broker.tls import pem_material, server_credentials
 from broker.vault import VaultAdapter
@@ -53,6 +56,8 @@ class BrokerServer:
         self._vault: VaultAdapter | None = None
         self._reload_lock = threading.Lock()
         self.audit: AuditLog | None = None
+        self.store: SqliteStore | None = None
+        self.responder: Responder | None = None
         self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
@@ -69,16 +74,25 @@ class BrokerServer:
         self.audit = AuditLog(cfg.audit_path, signing_key=key, mirror_path=cfg.checkpoint_mirror,
                               clock=self._clock)
         try:
+            self.store = SqliteStore(cfg.registry_path)
             self._start(cfg)
         except BaseException:
             self.audit.close()
+            if self.store is not None:
+                self.store.close()
             raise
 
     def _start(self, cfg: BrokerConfig) -> None:
         assert self.audit is not None
+        assert self.store is not None
         scope_map = load_scope_map(cfg.scope_map_path)
         vault = VaultAdapter(addr=cfg.vault_addr, token=cfg.vault_token)
-        report = vault.sync_scope_map(scope_map)
+        self.scope_maps = ScopeMapHolder(scope_map)
+        holder = self.scope_maps
+        self.responder = Responder(store=self.store, vault=vault, audit=self.audit,
+                                   bus=RevocationBus(), scope_map=lambda: holder.current,
+                                   clock=self._clock)
+        report = vault.sync_scope_map(scope_map, self.responder.frozen_classes())
         _log.info("scope map %s loaded: %d classes; Vault policies written: %s; roles written: %s",
                   scope_map.version[:19], len(scope_map.classes),
                   ",".join(report.policies_written) or "none",
@@ -94,7 +108,6 @@ class BrokerServer:
             ) from None
         me = pem_material(self._x509)
         jwt_source = self._jwt
-        self.scope_maps = ScopeMapHolder(scope_map)
         self._vault = vault
         self.audit.append("broker.started", spiffe_id=me.spiffe_id, listen=cfg.listen,
                           vault_addr=cfg.vault_addr, scope_map_version=scope_map.version)
@@ -102,19 +115,28 @@ class BrokerServer:
                           sources=list(scope_map.sources), classes=list(scope_map.classes),
                           vault_policies_written=list(report.policies_written),
                           vault_roles_written=list(report.roles_written))
-        service = BrokerService(
-            scope_maps=self.scope_maps,
-            audit=self.audit,
-            vault=vault,
-            authenticator=Authenticator(
-                trust_domain=me.trust_domain, audience=cfg.jwt_audience,
-                jwt_bundle_for=jwt_source.get_bundle_for_trust_domain,
-                require_jwt=cfg.require_jwt_svid, clock=self._clock),
-            clock=self._clock,
-        )
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16,
+        revoked, cleared = self.responder.reconcile()
+        if cleared:
+            _log.warning("crash recovery: %d unfinished issuance(s) found; %d token(s) minted "
+                         "for them were revoked", cleared, revoked)
+        self.responder.retry_pending()
+        threading.Thread(target=self.responder.run_retry_loop, daemon=True,
+                         name="revoke-retry").start()
+        authenticator = Authenticator(
+            trust_domain=me.trust_domain, audience=cfg.jwt_audience,
+            jwt_bundle_for=jwt_source.get_bundle_for_trust_domain,
+            require_jwt=cfg.require_jwt_svid, clock=self._clock)
+        service = BrokerService(scope_maps=self.scope_maps, audit=self.audit, vault=vault,
+                                responder=self.responder, authenticator=authenticator,
+                                clock=self._clock)
+        admin = AdminService(responder=self.responder, authenticator=authenticator,
+                             admins=frozenset(cfg.admin_ids), clock=self._clock)
+        # Each sidecar holds one WatchRevocations stream, which pins a worker of this
+        # sync server: size the pool for the sidecars it serves (grpc.aio would not need to).
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
                                                         thread_name_prefix="broker"))
         pb_grpc.add_CredentialBrokerServicer_to_server(service, server)
+        pb_grpc.add_CredentialAdminServicer_to_server(admin, server)
         self.port = server.add_secure_port(cfg.listen, server_credentials(self._x509))
         if self.port == 0:
             raise WorkloadApiError(f"cannot listen on {cfg.listen}")
@@ -149,7 +171,8 @@ class BrokerServer:
                 new = load_scope_map(self.config.scope_map_path)
                 if new.version == old.version:
                     return False
-                report = self._vault.sync_scope_map(new)
+                frozen = self.responder.frozen_classes() if self.responder else frozenset()
+                report = self._vault.sync_scope_map(new, frozen)
             except CredbrokerError as exc:
                 _log.error("REJECTED scope map reload from %s; scope map %s stays in force: %s",
                            self.config.scope_map_path, old.version[:19], exc)
@@ -205,14 +228,20 @@ class BrokerServer:
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace`` seconds."""
+        if self.responder is not None:
+            self.responder.bus.close()
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self.responder is not None:
+            self.responder.close()
         self._close_sources()
         self.stopped.set()
         if self.audit is not None:
             self.audit.append_or_queue("broker.stopped")
             self.checkpoint()
             self.audit.close()
+        if self.store is not None:
+            self.store.close()
 
     def _close_sources(self) -> None:
         for src in (self._x509, self._jwt):

@@ -9,6 +9,7 @@ metadata key ``credbroker-decision-bin`` and our stable error code in
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import uuid
 from collections import deque
@@ -31,6 +32,7 @@ from broker.core.models import (
     Outcome,
 )
 from broker.core.records import decision_record, rfc3339
+from broker.core.revocation import first_freeze
 from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ScopeMap, evaluate
 from broker.errors import (
     AuditError,
@@ -44,6 +46,8 @@ from broker.errors import (
     VaultUnavailableError,
 )
 from broker.identity import Caller, JwtSvidCache, spiffe_id_from_certificate
+from broker.registry import StoreError
+from broker.responder import Responder
 from broker.vault import VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
@@ -59,6 +63,7 @@ _STATUS: list[tuple[type[CredbrokerError], grpc.StatusCode]] = [
     (PolicyError, grpc.StatusCode.PERMISSION_DENIED),
     (VaultUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (AuditError, grpc.StatusCode.UNAVAILABLE),
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
     (VaultError, grpc.StatusCode.INTERNAL),
 ]
 #: A denial the agent can fix by changing its request is INVALID_ARGUMENT; a denial
@@ -71,6 +76,7 @@ _DENY_STATUS: dict[DenyCode, grpc.StatusCode] = {
     DenyCode.TTL_TOO_LONG: grpc.StatusCode.INVALID_ARGUMENT,
     DenyCode.CONDITION_FALSE: grpc.StatusCode.PERMISSION_DENIED,
     DenyCode.BUDGET_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DenyCode.FROZEN: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 _MAX_FIELD = {"action_class": 128, "target": 256, "justification": 2048, "request_id": 128,
@@ -231,10 +237,13 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         vault: VaultAdapter,
         authenticator: Authenticator,
         audit: AuditLog,
+        responder: Responder,
         clock: Callable[[], datetime],
     ) -> None:
         self._maps = scope_maps
         self._audit = audit
+        self._responder = responder
+        self._store = responder.store
         self._vault = vault
         self._auth = authenticator
         self._clock = clock
@@ -251,7 +260,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             now = self._clock()
             key = (str(caller.spiffe_id), req.action_class)
             with self._usage.reserve(key, now) as recent:
-                decision = evaluate(scope_map, caller.spiffe_id, req, now, recent)
+                decision = evaluate(scope_map, caller.spiffe_id, req, now, recent,
+                                    self._responder.freezes)
                 if decision.outcome is Outcome.ALLOW:
                     self._usage.record(key, now)  # counted before minting: no race past a budget
             _log.info("request_id=%s spiffe_id=%s action_class=%s outcome=%s rule=%s "
@@ -271,16 +281,26 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             if decision.outcome is not Outcome.ALLOW:
                 raise DeniedByPolicy(decision)
             cls = scope_map.classes[decision.action_class]
+            ev = req.initiating_event
+            # Intent first (durable), so a crash after minting leaves a trace to reconcile.
+            self._store.record_intent(request_id=request_id, spiffe_id=str(caller.spiffe_id),
+                                      action_class=cls.name, target=req.target,
+                                      event_source=ev.source if ev else "",
+                                      event_id=ev.id if ev else "", at=now)
             try:
                 minted = self._vault.mint(
                     cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=decision.ttl_seconds,
                     metadata={"request_id": request_id, "target": req.target[:256],
-                              "scope_map_version": scope_map.version},
+                              "scope_map_version": scope_map.version,
+                              "broker_instance": self._store.instance_id},
                     now=now,
                 )
             except CredbrokerError:
                 self._usage.forget(key, now)  # nothing was issued: give the budget back
+                self._store.forget_intent(request_id)
                 raise
+            self._store.record_minted(request_id=request_id, credential_id=minted.accessor,
+                                      expires_at=minted.expires_at, entity_id=minted.entity_id)
             try:
                 self._audit.append(
                     "credential.minted", request_id=request_id, credential_id=minted.accessor,
@@ -304,10 +324,44 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             )
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
 
+    def WatchRevocations(
+        self, request: pb.WatchRevocationsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.RevocationEvent]:
+        try:
+            caller = self._auth.authenticate(context)
+        except IdentityError as exc:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        me = str(caller.spiffe_id)
+        sub_id, events = self._responder.bus.subscribe(me)
+        try:
+            frozen = first_freeze(self._responder.freezes, caller.spiffe_id, "")
+            yield pb.RevocationEvent(sync=pb.RevocationEvent.Sync(
+                live_credential_ids=self._store.live_ids_of(me, self._clock()),
+                frozen=frozen is not None and frozen.kind == "spiffe_id",
+                reason=frozen.describe() if frozen else ""))
+            while context.is_active():
+                try:
+                    ev = events.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if ev is None:
+                    return
+                if ev.credential_ids:
+                    yield pb.RevocationEvent(revoked=pb.RevocationEvent.Revoked(
+                        credential_ids=list(ev.credential_ids)))
+                else:
+                    yield pb.RevocationEvent(frozen=pb.RevocationEvent.Frozen(
+                        action_class=ev.action_class, identity=bool(ev.identity_pattern),
+                        reason=ev.reason, by=ev.by))
+        finally:
+            self._responder.bus.unsubscribe(sub_id)
+
     def _revoke_unrecorded(self, accessor: str, request_id: str) -> None:
         """A credential was minted but its record could not be written: kill it now."""
         try:
             self._vault.revoke_accessor(accessor)
+            self._store.mark_revoked(accessor, by="credbroker", reason="audit log not writable",
+                                     selector="audit-failure", at=self._clock(), pending=False)
         except CredbrokerError as exc:
             _log.critical("request_id=%s credential_id=%s was minted, could not be recorded AND "
                           "could not be revoked (%s): revoke it by hand", request_id, accessor,
@@ -327,27 +381,33 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             caller = self._auth.authenticate(context)
             if not request.credential_id:
                 raise InvalidRequestError("credential_id is required")
-            info = self._vault.lookup_accessor(request.credential_id)
-            if info is None:
-                return pb.RevokeCredentialResponse(credential_id=request.credential_id,
-                                                   already_dead=True)
-            if info.metadata.get("spiffe_id") != str(caller.spiffe_id):
+            row = self._store.get(request.credential_id)
+            if row is None or row.spiffe_id != str(caller.spiffe_id):
                 # Same answer whether it exists or belongs to another workload.
                 raise NotFoundError(f"{caller.spiffe_id} holds no credential "
                                     f"{request.credential_id}; an agent may only hand back its own")
-            revoked = self._vault.revoke_accessor(request.credential_id)
-            # The revocation has happened: record it, or queue it if the log is down.
+            if row.state == "revoked" and not row.revoke_pending:
+                return pb.RevokeCredentialResponse(credential_id=request.credential_id,
+                                                   already_dead=True)
+            reason = request.reason[:500] or "handed back by the workload"
+            outcome = self._responder.revoke_one(row, by=str(caller.spiffe_id), reason=reason,
+                                                 selector="hand-back")
+            # The revocation has happened (or is queued): record it even if the log is down.
             self._audit.append_or_queue(
                 "credential.revoked", credential_id=request.credential_id,
-                request_id=info.metadata.get("request_id", ""),
-                spiffe_id=str(caller.spiffe_id), action_class=info.metadata.get("action_class", ""),
-                by=str(caller.spiffe_id), selector="hand-back",
-                reason=request.reason[:500] or "handed back by the workload",
-                already_dead=not revoked)
+                request_id=row.request_id, spiffe_id=row.spiffe_id,
+                action_class=row.action_class, by=str(caller.spiffe_id), selector="hand-back",
+                reason=reason, result=outcome.result)
+            if outcome.result == "pending":
+                raise VaultUnavailableError(
+                    f"Vault did not confirm revoking {request.credential_id} ({outcome.error}); "
+                    "the broker retries until it does")
+            if outcome.result == "failed":
+                raise VaultError(outcome.error)
             _log.info("credential_id=%s handed back by %s reason=%r", request.credential_id,
-                      caller.spiffe_id, request.reason[:200])
+                      caller.spiffe_id, reason[:200])
             return pb.RevokeCredentialResponse(credential_id=request.credential_id,
-                                               already_dead=not revoked)
+                                               already_dead=outcome.result == "already_dead")
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
 
 

@@ -32,6 +32,10 @@ _log = logging.getLogger(__name__)
 
 #: Metadata key set on every token the broker mints (used to find them again).
 MANAGED_META_KEY = "credbroker"
+#: A frozen class's policy: grants nothing. Vault evaluates policies per request,
+#: so every live token of the class loses its power the moment this is written.
+FROZEN_POLICY = ('# managed by credbroker: this action class is FROZEN\n'
+                 'path "sys/credbroker-frozen" {\n  capabilities = ["deny"]\n}\n')
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,7 +105,8 @@ class VaultAdapter:
 
     # -- scope map → Vault
 
-    def sync_scope_map(self, scope_map: ScopeMap) -> SyncReport:
+    def sync_scope_map(self, scope_map: ScopeMap,
+                       frozen_classes: frozenset[str] = frozenset()) -> SyncReport:
         """Write each class's policy and token role, idempotently.
 
         Only what differs is written, so live tokens of unchanged classes are
@@ -115,7 +120,7 @@ class VaultAdapter:
         unchanged: list[str] = []
         for cls in scope_map.classes.values():
             name = cls.vault_policy_name
-            hcl = cls.vault_policy_hcl()
+            hcl = FROZEN_POLICY if cls.name in frozen_classes else cls.vault_policy_hcl()
             with self._errors(f"read policy {name}"):
                 try:
                     current = self._client.sys.read_policy(name)["data"]["rules"]
@@ -211,6 +216,62 @@ class VaultAdapter:
             renewable=bool(data.get("renewable")),
             entity_id=data.get("entity_id") or "",
         )
+
+    # -- kill switches
+
+    def set_entity_disabled(self, entity_id: str, disabled: bool) -> None:
+        """Disable (or enable) a workload's Vault entity: all its tokens refused (or usable).
+
+        Raises:
+            VaultUnavailableError, VaultError.
+        """
+        with self._errors(("disable" if disabled else "re-enable") + " a workload's entity"):
+            self._client.write(f"identity/entity/id/{entity_id}", disabled=disabled)
+
+    def entity_of(self, spiffe_id: str) -> str | None:
+        """The Vault entity that the broker's credentials for ``spiffe_id`` belong to, if any.
+
+        Raises:
+            VaultUnavailableError, VaultError.
+        """
+        with self._errors("look up a workload's entity"):
+            mounts = self._client.sys.list_auth_methods()
+            accessor = (mounts.get("data", mounts).get("token/") or {}).get("accessor")
+            if not accessor:
+                return None
+            try:
+                resp = self._client.write("identity/lookup/entity", alias_name=spiffe_id,
+                                          alias_mount_accessor=accessor)
+            except hvac.exceptions.InvalidPath:
+                return None
+        return str(resp["data"]["id"]) if resp and resp.get("data") else None
+
+    def freeze_class_policy(self, cls: ActionClass) -> None:
+        """Rewrite the class policy to grant nothing. Raises: VaultUnavailableError, VaultError."""
+        with self._errors(f"freeze policy {cls.vault_policy_name}"):
+            self._client.sys.create_or_update_policy(cls.vault_policy_name, FROZEN_POLICY)
+
+    def restore_class_policy(self, cls: ActionClass) -> None:
+        """Write the class's real policy back. Raises: VaultUnavailableError, VaultError."""
+        with self._errors(f"restore policy {cls.vault_policy_name}"):
+            self._client.sys.create_or_update_policy(cls.vault_policy_name,
+                                                     cls.vault_policy_hcl())
+
+    def managed_accessors(self, instance_id: str) -> dict[str, dict[str, str]]:
+        """Every live token this broker instance minted: accessor -> metadata (needs sudo).
+
+        Raises:
+            VaultUnavailableError, VaultError.
+        """
+        with self._errors("list token accessors"):
+            resp = self._client.list("auth/token/accessors")
+        out: dict[str, dict[str, str]] = {}
+        for accessor in (resp or {}).get("data", {}).get("keys", []):
+            info = self.lookup_accessor(accessor)
+            if info is not None and info.metadata.get(MANAGED_META_KEY) == "1" \
+                    and info.metadata.get("broker_instance") == instance_id:
+                out[accessor] = dict(info.metadata)
+        return out
 
     def revoke_accessor(self, accessor: str) -> bool:
         """Revoke the token behind ``accessor``. False when it was already dead.

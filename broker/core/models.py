@@ -21,6 +21,7 @@ class Outcome(enum.Enum):
 class DenyCode(enum.Enum):
     """Why a request was denied; the boundary maps each to a status code."""
 
+    FROZEN = "frozen"
     UNKNOWN_ACTION_CLASS = "unknown_action_class"
     WORKLOAD_NOT_ALLOWED = "workload_not_allowed"
     MISSING_FIELD = "missing_required_field"

@@ -30,6 +30,7 @@ from broker.core.models import (
     Outcome,
     Owner,
 )
+from broker.core.revocation import Freeze, first_freeze
 from broker.core.schema import schema_problems
 from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
 from broker.errors import InvalidSpiffeIdError, ScopeMapError
@@ -537,6 +538,7 @@ def evaluate(
     request: CredentialRequest,
     now: datetime,
     recent_issuances: Sequence[datetime] = (),
+    freezes: Sequence[Freeze] = (),
 ) -> Decision:
     """Decide ``request`` from ``spiffe_id`` under ``scope_map`` at time ``now``.
 
@@ -546,8 +548,19 @@ def evaluate(
     present, the target matches ``targets``, the TTL is within ``max_ttl``, the
     ``when`` condition holds and the budget is not spent; a class with a JIT
     approval rule then needs approval instead of being allowed outright.
-    The checks run in that order and the first that fails decides.
+    The checks run in that order and the first that fails decides. Before all
+    of them, a freeze that matches the identity or the class denies.
     """
+    frozen = first_freeze(freezes, spiffe_id, request.action_class)
+    if frozen is not None:
+        fc = scope_map.classes.get(request.action_class)
+        return Decision(
+            outcome=Outcome.DENY, deny_code=DenyCode.FROZEN, spiffe_id=spiffe_id,
+            action_class=request.action_class, rule=f"freeze {frozen.id}",
+            reasons=(frozen.describe(),), scope_map_version=scope_map.version,
+            owner=fc.owner if fc else None, escalation=fc.escalation if fc else (),
+            source=fc.source if fc else "", risk=fc.risk if fc else "",
+        )
     cls = scope_map.classes.get(request.action_class)
     if cls is None:
         known = ", ".join(scope_map.classes) or "none"

@@ -27,6 +27,7 @@ TEST_MAP = Path(__file__).parent.parent / "data" / "test-scope-map.yaml"
 TRIAGE = "spiffe://example.org/agent/triage"
 CONTAINMENT = "spiffe://example.org/agent/containment"
 BROKER = "spiffe://example.org/credbroker/broker"
+ADMIN = "spiffe://example.org/credbroker/admin"
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +71,7 @@ def identity(short_tmp: Path) -> Iterator[Identity]:
     api.add_workload(BROKER, str(d / "broker.sock"), dns_names=(DEFAULT_BROKER_DNS,))
     api.add_workload(TRIAGE, str(d / "triage.sock"))
     api.add_workload(CONTAINMENT, str(d / "containment.sock"))
+    api.add_workload(ADMIN, str(d / "admin.sock"))
     api.start()
     yield Identity(ca=ca, api=api, dir=d)
     api.stop()
@@ -79,6 +81,8 @@ def broker_config(bao: OpenBaoDev, identity: Identity, **overrides: object) -> B
     own = Path(tempfile.mkdtemp(prefix="audit-", dir=identity.dir.parent))
     values: dict[str, object] = {
         "audit_path": own / "audit.log",
+        "registry_path": own / "registry.db",
+        "admin_ids": (ADMIN,),
         "audit_key_path": own / "audit.key",
         "listen": "127.0.0.1:0",
         "workload_api_socket": identity.socket("broker"),

@@ -20,7 +20,7 @@ import hvac
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.audit import read_records
+from broker.audit import AuditLog, read_records
 from broker.cli import main
 from broker.core.spiffeid import SpiffeId
 from broker.devstack import OpenBaoDev
@@ -188,12 +188,18 @@ def test_a_full_audit_log_fails_issuance_and_leaves_no_live_credential(
     own = Path(tempfile.mkdtemp(prefix="full-", dir=short_tmp))
     audit = own / "audit.log"
     ready = own / "ready"
+    # The file-size limit applies to every file of the process, the registry's SQLite WAL
+    # too: give the log a history larger than the WAL will grow, so the limit bites on it.
+    history = AuditLog(audit)
+    for i in range(1200):
+        history.append("history", note="x" * 1000, n=i)
+    history.close()
     env = {**os.environ, "VAULT_TOKEN": bao.root_token}
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker.cli", "serve", "--listen", "127.0.0.1:0",
          "--workload-api", identity.socket("broker"), "--scope-map", str(TEST_MAP),
          "--vault-addr", bao.addr, "--ready-file", str(ready), "--audit-log", str(audit),
-         "--audit-key", str(own / "k.pem")],
+         "--audit-key", str(own / "k.pem"), "--registry", str(own / "registry.db")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output: list[bytes] = []
     threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True).start()

@@ -43,7 +43,9 @@ def test_bad_requests(msg: pb.IssueCredentialRequest, words: str) -> None:
 ENV = {"VAULT_TOKEN": "s.secret", "VAULT_ADDR": "http://127.0.0.1:8200",
        "SPIFFE_ENDPOINT_SOCKET": "unix:/run/spire/agent.sock",
        "CREDBROKER_AUDIT_LOG": "/var/lib/credbroker/audit.log",
-       "CREDBROKER_AUDIT_KEY": "/etc/credbroker/audit.key"}
+       "CREDBROKER_AUDIT_KEY": "/etc/credbroker/audit.key",
+       "CREDBROKER_REGISTRY": "/var/lib/credbroker/registry.db",
+       "CREDBROKER_ADMIN_IDS": "spiffe://example.org/credbroker/admin"}
 
 
 def test_broker_config_from_env_and_flags() -> None:
@@ -76,6 +78,8 @@ def test_vault_token_file(tmp_path: Path) -> None:
     ({**ENV, "CREDBROKER_AUDIT_LOG": ""}, {"scope_map": "m"}, "no audit log"),
     ({**ENV, "CREDBROKER_AUDIT_KEY": ""}, {"scope_map": "m"}, "no checkpoint signing key"),
     (ENV, {"scope_map": "m", "checkpoint_interval": 0}, "positive number"),
+    ({**ENV, "CREDBROKER_REGISTRY": ""}, {"scope_map": "m"}, "no credential registry"),
+    (ENV, {"scope_map": "m", "admin_ids": ["spiffe://Admin/x"]}, "--admin-id"),
 ])
 def test_broker_config_errors(env: dict[str, str], kw: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63redbroker/v1/broker.proto\x12\rcredbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\x0fInitiatingEvent\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\"\xb8\x01\n\x16IssueCredentialRequest\x12\x14\n\x0c\x61\x63tion_class\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x38\n\x10initiating_event\x18\x03 \x01(\x0b\x32\x1e.credbroker.v1.InitiatingEvent\x12\x15\n\rjustification\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x89\x01\n\nCredential\x12\x15\n\rcredential_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08policies\x18\x04 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\"&\n\x05Owner\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontact\x18\x02 \x01(\t\"\xed\x01\n\x08\x44\x65\x63ision\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.credbroker.v1.Outcome\x12\x14\n\x0c\x61\x63tion_class\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12#\n\x05owner\x18\x05 \x01(\x0b\x32\x14.credbroker.v1.Owner\x12\x12\n\nescalation\x18\x06 \x03(\t\x12\x19\n\x11scope_map_version\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x0c\n\x04risk\x18\t \x01(\t\x12\x11\n\tspiffe_id\x18\n \x01(\t\"\x87\x01\n\x17IssueCredentialResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\ncredential\x18\x02 \x01(\x0b\x32\x19.credbroker.v1.Credential\x12)\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0b\x32\x17.credbroker.v1.Decision\"@\n\x17RevokeCredentialRequest\x12\x15\n\rcredential_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"G\n\x18RevokeCredentialResponse\x12\x15\n\rcredential_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61lready_dead\x18\x02 \x01(\x08*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x11\n\rOUTCOME_ALLOW\x10\x01\x12\x10\n\x0cOUTCOME_DENY\x10\x02\x12\x1a\n\x16OUTCOME_NEEDS_APPROVAL\x10\x03\x32\xd9\x01\n\x10\x43redentialBroker\x12`\n\x0fIssueCredential\x12%.credbroker.v1.IssueCredentialRequest\x1a&.credbroker.v1.IssueCredentialResponse\x12\x63\n\x10RevokeCredential\x12&.credbroker.v1.RevokeCredentialRequest\x1a\'.credbroker.v1.RevokeCredentialResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63redbroker/v1/broker.proto\x12\rcredbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\x0fInitiatingEvent\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\"\xb8\x01\n\x16IssueCredentialRequest\x12\x14\n\x0c\x61\x63tion_class\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x38\n\x10initiating_event\x18\x03 \x01(\x0b\x32\x1e.credbroker.v1.InitiatingEvent\x12\x15\n\rjustification\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x89\x01\n\nCredential\x12\x15\n\rcredential_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08policies\x18\x04 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\"&\n\x05Owner\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontact\x18\x02 \x01(\t\"\xed\x01\n\x08\x44\x65\x63ision\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.credbroker.v1.Outcome\x12\x14\n\x0c\x61\x63tion_class\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12#\n\x05owner\x18\x05 \x01(\x0b\x32\x14.credbroker.v1.Owner\x12\x12\n\nescalation\x18\x06 \x03(\t\x12\x19\n\x11scope_map_version\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x0c\n\x04risk\x18\t \x01(\t\x12\x11\n\tspiffe_id\x18\n \x01(\t\"\x87\x01\n\x17IssueCredentialResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\ncredential\x18\x02 \x01(\x0b\x32\x19.credbroker.v1.Credential\x12)\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0b\x32\x17.credbroker.v1.Decision\"@\n\x17RevokeCredentialRequest\x12\x15\n\rcredential_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"G\n\x18RevokeCredentialResponse\x12\x15\n\rcredential_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61lready_dead\x18\x02 \x01(\x08\"\xbe\x01\n\x08Selector\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63tion_class\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63redential_ids\x18\x06 \x03(\t\x12\x0b\n\x03\x61ll\x18\x07 \x01(\x08\"\xe2\x01\n\x0e\x43redentialInfo\x12\x15\n\rcredential_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63tion_class\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12-\n\tissued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05state\x18\x08 \x01(\t\"M\n\x17ListCredentialsResponse\x12\x32\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x1d.credbroker.v1.CredentialInfo\"U\n\x18RevokeCredentialsRequest\x12)\n\x08selector\x18\x01 \x01(\x0b\x32\x17.credbroker.v1.Selector\x12\x0e\n\x06reason\x18\x02 \x01(\t\"k\n\rRevokeSummary\x12\x0f\n\x07revoked\x18\x01 \x01(\r\x12\x14\n\x0c\x61lready_dead\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\r\x12\x12\n\nfailed_ids\x18\x04 \x03(\t\x12\x0f\n\x07pending\x18\x05 \x01(\r\"\x92\x01\n\x0eRevokeProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x15\n\rcredential_id\x18\x03 \x01(\t\x12\x0e\n\x06result\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12-\n\x07summary\x18\x06 \x01(\x0b\x32\x1c.credbroker.v1.RevokeSummary\"\x83\x01\n\nFreezeInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07pattern\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\n\n\x02\x62y\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\rFreezeRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63tion_class\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb1\x01\n\x0e\x46reezeResponse\x12)\n\x06\x66reeze\x18\x01 \x01(\x0b\x32\x19.credbroker.v1.FreezeInfo\x12\x1b\n\x13\x63redentials_matched\x18\x02 \x01(\r\x12\x1f\n\x17vault_entities_disabled\x18\x03 \x01(\r\x12\x1b\n\x13vault_policy_frozen\x18\x04 \x01(\x08\x12\x19\n\x11vault_enforced_ms\x18\x05 \x01(\x01\"J\n\x0fUnfreezeRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63tion_class\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"=\n\x10UnfreezeResponse\x12)\n\x06lifted\x18\x01 \x03(\x0b\x32\x19.credbroker.v1.FreezeInfo\"\x14\n\x12ListFreezesRequest\"A\n\x13ListFreezesResponse\x12*\n\x07\x66reezes\x18\x01 \x03(\x0b\x32\x19.credbroker.v1.FreezeInfo\"\x19\n\x17WatchRevocationsRequest\"\xf9\x02\n\x0fRevocationEvent\x12\x33\n\x04sync\x18\x01 \x01(\x0b\x32#.credbroker.v1.RevocationEvent.SyncH\x00\x12\x39\n\x07revoked\x18\x02 \x01(\x0b\x32&.credbroker.v1.RevocationEvent.RevokedH\x00\x12\x37\n\x06\x66rozen\x18\x03 \x01(\x0b\x32%.credbroker.v1.RevocationEvent.FrozenH\x00\x1a\x43\n\x04Sync\x12\x1b\n\x13live_credential_ids\x18\x01 \x03(\t\x12\x0e\n\x06\x66rozen\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x1a!\n\x07Revoked\x12\x16\n\x0e\x63redential_ids\x18\x01 \x03(\t\x1aL\n\x06\x46rozen\x12\x14\n\x0c\x61\x63tion_class\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\n\n\x02\x62y\x18\x04 \x01(\tB\x07\n\x05\x65vent*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x11\n\rOUTCOME_ALLOW\x10\x01\x12\x10\n\x0cOUTCOME_DENY\x10\x02\x12\x1a\n\x16OUTCOME_NEEDS_APPROVAL\x10\x03\x32\xb7\x02\n\x10\x43redentialBroker\x12`\n\x0fIssueCredential\x12%.credbroker.v1.IssueCredentialRequest\x1a&.credbroker.v1.IssueCredentialResponse\x12\x63\n\x10RevokeCredential\x12&.credbroker.v1.RevokeCredentialRequest\x1a\'.credbroker.v1.RevokeCredentialResponse\x12\\\n\x10WatchRevocations\x12&.credbroker.v1.WatchRevocationsRequest\x1a\x1e.credbroker.v1.RevocationEvent0\x01\x32\xae\x03\n\x0f\x43redentialAdmin\x12R\n\x0fListCredentials\x12\x17.credbroker.v1.Selector\x1a&.credbroker.v1.ListCredentialsResponse\x12]\n\x11RevokeCredentials\x12\'.credbroker.v1.RevokeCredentialsRequest\x1a\x1d.credbroker.v1.RevokeProgress0\x01\x12\x45\n\x06\x46reeze\x12\x1c.credbroker.v1.FreezeRequest\x1a\x1d.credbroker.v1.FreezeResponse\x12K\n\x08Unfreeze\x12\x1e.credbroker.v1.UnfreezeRequest\x1a\x1f.credbroker.v1.UnfreezeResponse\x12T\n\x0bListFreezes\x12!.credbroker.v1.ListFreezesRequest\x1a\".credbroker.v1.ListFreezesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'credbroker.v1.broker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1026
-  _globals['_OUTCOME']._serialized_end=1125
+  _globals['_OUTCOME']._serialized_start=2895
+  _globals['_OUTCOME']._serialized_end=2994
   _globals['_INITIATINGEVENT']._serialized_start=78
   _globals['_INITIATINGEVENT']._serialized_end=140
   _globals['_ISSUECREDENTIALREQUEST']._serialized_start=143
@@ -50,6 +50,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKECREDENTIALREQUEST']._serialized_end=951
   _globals['_REVOKECREDENTIALRESPONSE']._serialized_start=953
   _globals['_REVOKECREDENTIALRESPONSE']._serialized_end=1024
-  _globals['_CREDENTIALBROKER']._serialized_start=1128
-  _globals['_CREDENTIALBROKER']._serialized_end=1345
+  _globals['_SELECTOR']._serialized_start=1027
+  _globals['_SELECTOR']._serialized_end=1217
+  _globals['_CREDENTIALINFO']._serialized_start=1220
+  _globals['_CREDENTIALINFO']._serialized_end=1446
+  _globals['_LISTCREDENTIALSRESPONSE']._serialized_start=1448
+  _globals['_LISTCREDENTIALSRESPONSE']._serialized_end=1525
+  _globals['_REVOKECREDENTIALSREQUEST']._serialized_start=1527
+  _globals['_REVOKECREDENTIALSREQUEST']._serialized_end=1612
+  _globals['_REVOKESUMMARY']._serialized_start=1614
+  _globals['_REVOKESUMMARY']._serialized_end=1721
+  _globals['_REVOKEPROGRESS']._serialized_start=1724
+  _globals['_REVOKEPROGRESS']._serialized_end=1870
+  _globals['_FREEZEINFO']._serialized_start=1873
+  _globals['_FREEZEINFO']._serialized_end=2004
+  _globals['_FREEZEREQUEST']._serialized_start=2006
+  _globals['_FREEZEREQUEST']._serialized_end=2078
+  _globals['_FREEZERESPONSE']._serialized_start=2081
+  _globals['_FREEZERESPONSE']._serialized_end=2258
+  _globals['_UNFREEZEREQUEST']._serialized_start=2260
+  _globals['_UNFREEZEREQUEST']._serialized_end=2334
+  _globals['_UNFREEZERESPONSE']._serialized_start=2336
+  _globals['_UNFREEZERESPONSE']._serialized_end=2397
+  _globals['_LISTFREEZESREQUEST']._serialized_start=2399
+  _globals['_LISTFREEZESREQUEST']._serialized_end=2419
+  _globals['_LISTFREEZESRESPONSE']._serialized_start=2421
+  _globals['_LISTFREEZESRESPONSE']._serialized_end=2486
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=2488
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=2513
+  _globals['_REVOCATIONEVENT']._serialized_start=2516
+  _globals['_REVOCATIONEVENT']._serialized_end=2893
+  _globals['_REVOCATIONEVENT_SYNC']._serialized_start=2704
+  _globals['_REVOCATIONEVENT_SYNC']._serialized_end=2771
+  _globals['_REVOCATIONEVENT_REVOKED']._serialized_start=2773
+  _globals['_REVOCATIONEVENT_REVOKED']._serialized_end=2806
+  _globals['_REVOCATIONEVENT_FROZEN']._serialized_start=2808
+  _globals['_REVOCATIONEVENT_FROZEN']._serialized_end=2884
+  _globals['_CREDENTIALBROKER']._serialized_start=2997
+  _globals['_CREDENTIALBROKER']._serialized_end=3308
+  _globals['_CREDENTIALADMIN']._serialized_start=3311
+  _globals['_CREDENTIALADMIN']._serialized_end=3741
 # @@protoc_insertion_point(module_scope)

@@ -118,3 +118,190 @@ class RevokeCredentialResponse(_message.Message):
     credential_id: str
     already_dead: bool
     def __init__(self, credential_id: _Optional[str] = ..., already_dead: _Optional[bool] = ...) -> None: ...
+
+class Selector(_message.Message):
+    __slots__ = ("spiffe_id", "action_class", "target", "since", "until", "credential_ids", "all")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    action_class: str
+    target: str
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    credential_ids: _containers.RepeatedScalarFieldContainer[str]
+    all: bool
+    def __init__(self, spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., target: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credential_ids: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class CredentialInfo(_message.Message):
+    __slots__ = ("credential_id", "spiffe_id", "action_class", "target", "request_id", "issued_at", "expires_at", "state")
+    CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    credential_id: str
+    spiffe_id: str
+    action_class: str
+    target: str
+    request_id: str
+    issued_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    state: str
+    def __init__(self, credential_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., target: _Optional[str] = ..., request_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ListCredentialsResponse(_message.Message):
+    __slots__ = ("credentials",)
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    credentials: _containers.RepeatedCompositeFieldContainer[CredentialInfo]
+    def __init__(self, credentials: _Optional[_Iterable[_Union[CredentialInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeCredentialsRequest(_message.Message):
+    __slots__ = ("selector", "reason")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    selector: Selector
+    reason: str
+    def __init__(self, selector: _Optional[_Union[Selector, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeSummary(_message.Message):
+    __slots__ = ("revoked", "already_dead", "failed", "failed_ids", "pending")
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_DEAD_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_IDS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    revoked: int
+    already_dead: int
+    failed: int
+    failed_ids: _containers.RepeatedScalarFieldContainer[str]
+    pending: int
+    def __init__(self, revoked: _Optional[int] = ..., already_dead: _Optional[int] = ..., failed: _Optional[int] = ..., failed_ids: _Optional[_Iterable[str]] = ..., pending: _Optional[int] = ...) -> None: ...
+
+class RevokeProgress(_message.Message):
+    __slots__ = ("done", "total", "credential_id", "result", "error", "summary")
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    done: int
+    total: int
+    credential_id: str
+    result: str
+    error: str
+    summary: RevokeSummary
+    def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., credential_id: _Optional[str] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., summary: _Optional[_Union[RevokeSummary, _Mapping]] = ...) -> None: ...
+
+class FreezeInfo(_message.Message):
+    __slots__ = ("id", "kind", "pattern", "reason", "by", "created_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    pattern: str
+    reason: str
+    by: str
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., pattern: _Optional[str] = ..., reason: _Optional[str] = ..., by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class FreezeRequest(_message.Message):
+    __slots__ = ("spiffe_id", "action_class", "reason")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    action_class: str
+    reason: str
+    def __init__(self, spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FreezeResponse(_message.Message):
+    __slots__ = ("freeze", "credentials_matched", "vault_entities_disabled", "vault_policy_frozen", "vault_enforced_ms")
+    FREEZE_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIALS_MATCHED_FIELD_NUMBER: _ClassVar[int]
+    VAULT_ENTITIES_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    VAULT_POLICY_FROZEN_FIELD_NUMBER: _ClassVar[int]
+    VAULT_ENFORCED_MS_FIELD_NUMBER: _ClassVar[int]
+    freeze: FreezeInfo
+    credentials_matched: int
+    vault_entities_disabled: int
+    vault_policy_frozen: bool
+    vault_enforced_ms: float
+    def __init__(self, freeze: _Optional[_Union[FreezeInfo, _Mapping]] = ..., credentials_matched: _Optional[int] = ..., vault_entities_disabled: _Optional[int] = ..., vault_policy_frozen: _Optional[bool] = ..., vault_enforced_ms: _Optional[float] = ...) -> None: ...
+
+class UnfreezeRequest(_message.Message):
+    __slots__ = ("spiffe_id", "action_class", "reason")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    action_class: str
+    reason: str
+    def __init__(self, spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class UnfreezeResponse(_message.Message):
+    __slots__ = ("lifted",)
+    LIFTED_FIELD_NUMBER: _ClassVar[int]
+    lifted: _containers.RepeatedCompositeFieldContainer[FreezeInfo]
+    def __init__(self, lifted: _Optional[_Iterable[_Union[FreezeInfo, _Mapping]]] = ...) -> None: ...
+
+class ListFreezesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFreezesResponse(_message.Message):
+    __slots__ = ("freezes",)
+    FREEZES_FIELD_NUMBER: _ClassVar[int]
+    freezes: _containers.RepeatedCompositeFieldContainer[FreezeInfo]
+    def __init__(self, freezes: _Optional[_Iterable[_Union[FreezeInfo, _Mapping]]] = ...) -> None: ...
+
+class WatchRevocationsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RevocationEvent(_message.Message):
+    __slots__ = ("sync", "revoked", "frozen")
+    class Sync(_message.Message):
+        __slots__ = ("live_credential_ids", "frozen", "reason")
+        LIVE_CREDENTIAL_IDS_FIELD_NUMBER: _ClassVar[int]
+        FROZEN_FIELD_NUMBER: _ClassVar[int]
+        REASON_FIELD_NUMBER: _ClassVar[int]
+        live_credential_ids: _containers.RepeatedScalarFieldContainer[str]
+        frozen: bool
+        reason: str
+        def __init__(self, live_credential_ids: _Optional[_Iterable[str]] = ..., frozen: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    class Revoked(_message.Message):
+        __slots__ = ("credential_ids",)
+        CREDENTIAL_IDS_FIELD_NUMBER: _ClassVar[int]
+        credential_ids: _containers.RepeatedScalarFieldContainer[str]
+        def __init__(self, credential_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    class Frozen(_message.Message):
+        __slots__ = ("action_class", "identity", "reason", "by")
+        ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
+        IDENTITY_FIELD_NUMBER: _ClassVar[int]
+        REASON_FIELD_NUMBER: _ClassVar[int]
+        BY_FIELD_NUMBER: _ClassVar[int]
+        action_class: str
+        identity: bool
+        reason: str
+        by: str
+        def __init__(self, action_class: _Optional[str] = ..., identity: _Optional[bool] = ..., reason: _Optional[str] = ..., by: _Optional[str] = ...) -> None: ...
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    sync: RevocationEvent.Sync
+    revoked: RevocationEvent.Revoked
+    frozen: RevocationEvent.Frozen
+    def __init__(self, sync: _Optional[_Union[RevocationEvent.Sync, _Mapping]] = ..., revoked: _Optional[_Union[RevocationEvent.Revoked, _Mapping]] = ..., frozen: _Optional[_Union[RevocationEvent.Frozen, _Mapping]] = ...) -> None: ...

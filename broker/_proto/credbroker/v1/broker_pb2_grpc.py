@@ -44,6 +44,11 @@ class CredentialBrokerStub:
                 request_serializer=credbroker_dot_v1_dot_broker__pb2.RevokeCredentialRequest.SerializeToString,
                 response_deserializer=credbroker_dot_v1_dot_broker__pb2.RevokeCredentialResponse.FromString,
                 _registered_method=True)
+        self.WatchRevocations = channel.unary_stream(
+                '/credbroker.v1.CredentialBroker/WatchRevocations',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.WatchRevocationsRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.RevocationEvent.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -68,6 +73,15 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRevocations(self, request, context):
+        """A stream of revocations and freezes that concern the caller. The first
+        message is always a `sync` listing the caller's live credentials (a
+        reconnecting sidecar drops any cached credential not in it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +94,11 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.RevokeCredential,
                     request_deserializer=credbroker_dot_v1_dot_broker__pb2.RevokeCredentialRequest.FromString,
                     response_serializer=credbroker_dot_v1_dot_broker__pb2.RevokeCredentialResponse.SerializeToString,
+            ),
+            'WatchRevocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRevocations,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.WatchRevocationsRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.RevocationEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +155,288 @@ class CredentialBroker:
             '/credbroker.v1.CredentialBroker/RevokeCredential',
             credbroker_dot_v1_dot_broker__pb2.RevokeCredentialRequest.SerializeToString,
             credbroker_dot_v1_dot_broker__pb2.RevokeCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/credbroker.v1.CredentialBroker/WatchRevocations',
+            credbroker_dot_v1_dot_broker__pb2.WatchRevocationsRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.RevocationEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class CredentialAdminStub:
+    """The responders' API. Only SPIFFE IDs listed as administrators in the broker
+    configuration may call it (PERMISSION_DENIED otherwise).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListCredentials = channel.unary_unary(
+                '/credbroker.v1.CredentialAdmin/ListCredentials',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.Selector.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.ListCredentialsResponse.FromString,
+                _registered_method=True)
+        self.RevokeCredentials = channel.unary_stream(
+                '/credbroker.v1.CredentialAdmin/RevokeCredentials',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.RevokeCredentialsRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.RevokeProgress.FromString,
+                _registered_method=True)
+        self.Freeze = channel.unary_unary(
+                '/credbroker.v1.CredentialAdmin/Freeze',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.FreezeRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.FreezeResponse.FromString,
+                _registered_method=True)
+        self.Unfreeze = channel.unary_unary(
+                '/credbroker.v1.CredentialAdmin/Unfreeze',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.UnfreezeRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.UnfreezeResponse.FromString,
+                _registered_method=True)
+        self.ListFreezes = channel.unary_unary(
+                '/credbroker.v1.CredentialAdmin/ListFreezes',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.ListFreezesRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.ListFreezesResponse.FromString,
+                _registered_method=True)
+
+
+class CredentialAdminServicer:
+    """The responders' API. Only SPIFFE IDs listed as administrators in the broker
+    configuration may call it (PERMISSION_DENIED otherwise).
+    """
+
+    def ListCredentials(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCredentials(self, request, context):
+        """Revoke every live credential the selector matches; one progress message per
+        credential, then one with the summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Freeze(self, request, context):
+        """Stop issuance for an identity pattern or an action class and make every
+        matching live credential refused by Vault before returning; the tokens are
+        then revoked in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unfreeze(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFreezes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CredentialAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCredentials,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.Selector.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.ListCredentialsResponse.SerializeToString,
+            ),
+            'RevokeCredentials': grpc.unary_stream_rpc_method_handler(
+                    servicer.RevokeCredentials,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.RevokeCredentialsRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.RevokeProgress.SerializeToString,
+            ),
+            'Freeze': grpc.unary_unary_rpc_method_handler(
+                    servicer.Freeze,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.FreezeRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.FreezeResponse.SerializeToString,
+            ),
+            'Unfreeze': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unfreeze,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.UnfreezeRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.UnfreezeResponse.SerializeToString,
+            ),
+            'ListFreezes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFreezes,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.ListFreezesRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.ListFreezesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'credbroker.v1.CredentialAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('credbroker.v1.CredentialAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CredentialAdmin:
+    """The responders' API. Only SPIFFE IDs listed as administrators in the broker
+    configuration may call it (PERMISSION_DENIED otherwise).
+    """
+
+    @staticmethod
+    def ListCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.CredentialAdmin/ListCredentials',
+            credbroker_dot_v1_dot_broker__pb2.Selector.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.ListCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/credbroker.v1.CredentialAdmin/RevokeCredentials',
+            credbroker_dot_v1_dot_broker__pb2.RevokeCredentialsRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.RevokeProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Freeze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.CredentialAdmin/Freeze',
+            credbroker_dot_v1_dot_broker__pb2.FreezeRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.FreezeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unfreeze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.CredentialAdmin/Unfreeze',
+            credbroker_dot_v1_dot_broker__pb2.UnfreezeRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.UnfreezeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFreezes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.CredentialAdmin/ListFreezes',
+            credbroker_dot_v1_dot_broker__pb2.ListFreezesRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.ListFreezesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,143 @@
+"""The CredentialAdmin gRPC service: list, mass-revoke, freeze, unfreeze. Administrators only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.core.revocation import Freeze, Selector
+from broker.errors import InvalidRequestError, PolicyError
+from broker.registry import CredentialRow
+from broker.responder import Responder
+from broker.service import Authenticator, _boundary
+
+_log = logging.getLogger("credbroker.admin")
+
+
+class NotAdminError(PolicyError):
+    code = "not_admin"
+
+
+def _ts(dt: datetime | None) -> Timestamp:
+    t = Timestamp()
+    if dt is not None:
+        t.FromDatetime(dt)
+    return t
+
+
+def selector_from_proto(sel: pb.Selector) -> Selector:
+    """Raises: InvalidRequestError (empty selector, malformed pattern, since > until)."""
+    return Selector.build(
+        spiffe_id=sel.spiffe_id, action_class=sel.action_class, target=sel.target,
+        since=sel.since.ToDatetime(tzinfo=UTC) if sel.HasField("since") else None,
+        until=sel.until.ToDatetime(tzinfo=UTC) if sel.HasField("until") else None,
+        credential_ids=list(sel.credential_ids), all=sel.all)
+
+
+def row_to_proto(r: CredentialRow) -> pb.CredentialInfo:
+    return pb.CredentialInfo(
+        credential_id=r.credential_id, spiffe_id=r.spiffe_id, action_class=r.action_class,
+        target=r.target, request_id=r.request_id, issued_at=_ts(r.issued_at),
+        expires_at=_ts(r.expires_at),
+        state="revoke_pending" if r.revoke_pending else r.state)
+
+
+def freeze_to_proto(f: Freeze) -> pb.FreezeInfo:
+    return pb.FreezeInfo(id=f.id, kind=f.kind, pattern=f.pattern, reason=f.reason, by=f.by,
+                         created_at=_ts(f.created_at))
+
+
+class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
+    def __init__(self, *, responder: Responder, authenticator: Authenticator,
+                 admins: frozenset[str], clock: Callable[[], datetime]) -> None:
+        self._r = responder
+        self._auth = authenticator
+        self._admins = admins
+        self._clock = clock
+
+    def _admin(self, context: grpc.ServicerContext) -> str:
+        caller = str(self._auth.authenticate(context).spiffe_id)
+        if caller not in self._admins:
+            raise NotAdminError(f"{caller} is not a credbroker administrator; only the SPIFFE IDs "
+                                "in the broker's --admin-id list may revoke or freeze")
+        return caller
+
+    @staticmethod
+    def _reason(reason: str) -> str:
+        if not reason.strip():
+            raise InvalidRequestError("--reason is required: say why, it goes into the audit "
+                                      "log")
+        return reason.strip()[:1000]
+
+    def ListCredentials(self, request: pb.Selector,
+                        context: grpc.ServicerContext) -> pb.ListCredentialsResponse:
+        with _boundary(context, "admin", "ListCredentials"):
+            self._admin(context)
+            rows = self._r.store.live(selector_from_proto(request), self._clock())
+            return pb.ListCredentialsResponse(credentials=[row_to_proto(r) for r in rows])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def RevokeCredentials(self, request: pb.RevokeCredentialsRequest,
+                          context: grpc.ServicerContext) -> Iterator[pb.RevokeProgress]:
+        with _boundary(context, "admin", "RevokeCredentials"):
+            by = self._admin(context)
+            reason = self._reason(request.reason)
+            selector = selector_from_proto(request.selector)
+            rows = self._r.store.live(selector, self._clock())
+            _log.warning("%s revokes %d credential(s) selected by %s: %s", by, len(rows),
+                         selector.describe(), reason)
+            summary = pb.RevokeSummary()
+            for done, o in enumerate(self._r.revoke(rows, by=by, reason=reason,
+                                                    selector=selector.describe()), 1):
+                if o.result == "revoked":
+                    summary.revoked += 1
+                elif o.result == "already_dead":
+                    summary.already_dead += 1
+                elif o.result == "pending":
+                    summary.pending += 1
+                else:
+                    summary.failed += 1
+                    summary.failed_ids.append(o.credential_id)
+                yield pb.RevokeProgress(done=done, total=len(rows), credential_id=o.credential_id,
+                                        result=o.result, error=o.error)
+            yield pb.RevokeProgress(done=len(rows), total=len(rows), summary=summary)
+            return
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def Freeze(self, request: pb.FreezeRequest,
+               context: grpc.ServicerContext) -> pb.FreezeResponse:
+        with _boundary(context, "admin", "Freeze"):
+            by = self._admin(context)
+            fz, matched, entities, policy, ms = self._r.freeze(
+                spiffe_id=request.spiffe_id, action_class=request.action_class,
+                reason=self._reason(request.reason), by=by)
+            _log.warning("%s froze %s %s (%d live credentials; Vault enforced in %.1f ms): %s",
+                         by, fz.kind, fz.pattern, matched, ms, fz.reason)
+            return pb.FreezeResponse(freeze=freeze_to_proto(fz), credentials_matched=matched,
+                                     vault_entities_disabled=entities,
+                                     vault_policy_frozen=policy, vault_enforced_ms=ms)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def Unfreeze(self, request: pb.UnfreezeRequest,
+                 context: grpc.ServicerContext) -> pb.UnfreezeResponse:
+        with _boundary(context, "admin", "Unfreeze"):
+            by = self._admin(context)
+            lifted = self._r.unfreeze(spiffe_id=request.spiffe_id,
+                                      action_class=request.action_class,
+                                      reason=self._reason(request.reason), by=by)
+            return pb.UnfreezeResponse(lifted=[freeze_to_proto(f) for f in lifted])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def ListFreezes(self, request: pb.ListFreezesRequest,
+                    context: grpc.ServicerContext) -> pb.ListFreezesResponse:
+        with _boundary(context, "admin", "ListFreezes"):
+            self._admin(context)
+            return pb.ListFreezesResponse(freezes=[freeze_to_proto(f) for f in self._r.freezes])
+        raise AssertionError("unreachable")  # pragma: no cover
+

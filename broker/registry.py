@@ -1,0 +1,249 @@
+"""The credential registry: every credential the broker minted, and every freeze.
+
+SQLite by default (one file, WAL, ``synchronous=FULL``: a committed row is on
+disk). The broker talks to it only through :class:`CredentialStore`, so a
+PostgreSQL store for several replicas can follow without touching callers.
+
+Crash safety: an *intent* row is committed before Vault is asked to mint and
+completed with the accessor after; intents left behind by a crash are resolved
+at start-up (``Broker.reconcile``). Revocations Vault did not confirm are kept
+as ``revoke_pending`` and retried until done.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from broker.core.revocation import Freeze, Selector
+from broker.errors import CredbrokerError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS credentials (
+    request_id      TEXT PRIMARY KEY,
+    credential_id   TEXT UNIQUE,
+    spiffe_id       TEXT NOT NULL,
+    action_class    TEXT NOT NULL,
+    target          TEXT NOT NULL DEFAULT '',
+    event_source    TEXT NOT NULL DEFAULT '',
+    event_id        TEXT NOT NULL DEFAULT '',
+    issued_at       REAL NOT NULL,
+    expires_at      REAL,
+    entity_id       TEXT NOT NULL DEFAULT '',
+    state           TEXT NOT NULL,          -- intent, live, revoked
+    revoked_at      REAL,
+    revoked_by      TEXT,
+    revoke_reason   TEXT,
+    revoke_selector TEXT,
+    revoke_pending  INTEGER NOT NULL DEFAULT 0,
+    revoke_error    TEXT
+);
+CREATE INDEX IF NOT EXISTS credentials_live ON credentials (state, expires_at);
+CREATE INDEX IF NOT EXISTS credentials_spiffe ON credentials (spiffe_id);
+CREATE TABLE IF NOT EXISTS freezes (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    pattern     TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    by          TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    entity_ids  TEXT NOT NULL DEFAULT '',
+    lifted_at   REAL,
+    lifted_by   TEXT,
+    lift_reason TEXT
+);
+"""
+
+
+class StoreError(CredbrokerError):
+    """The credential registry could not be read or written."""
+
+    code = "store_unavailable"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialRow:
+    request_id: str
+    credential_id: str
+    spiffe_id: str
+    action_class: str
+    target: str
+    issued_at: datetime
+    expires_at: datetime | None
+    entity_id: str
+    state: str
+    revoke_pending: bool
+
+
+class CredentialStore(Protocol):
+    instance_id: str
+
+    def record_intent(self, *, request_id: str, spiffe_id: str, action_class: str, target: str,
+                      event_source: str, event_id: str, at: datetime) -> None: ...
+    def record_minted(self, *, request_id: str, credential_id: str, expires_at: datetime,
+                      entity_id: str) -> None: ...
+    def forget_intent(self, request_id: str) -> None: ...
+    def intents(self) -> list[CredentialRow]: ...
+    def get(self, credential_id: str) -> CredentialRow | None: ...
+    def live(self, selector: Selector, now: datetime) -> list[CredentialRow]: ...
+    def live_ids_of(self, spiffe_id: str, now: datetime) -> list[str]: ...
+    def entity_ids(self, pattern_matches: Selector) -> dict[str, str]: ...
+    def mark_revoked(self, credential_id: str, *, by: str, reason: str, selector: str,
+                     at: datetime, pending: bool, error: str = "") -> None: ...
+    def pending_revocations(self) -> list[CredentialRow]: ...
+    def add_freeze(self, freeze: Freeze, entity_ids: Iterable[str]) -> None: ...
+    def lift_freezes(self, kind: str, pattern: str, *, by: str, reason: str,
+                     at: datetime) -> list[tuple[Freeze, list[str]]]: ...
+    def freezes(self) -> list[Freeze]: ...
+    def frozen_entities(self) -> set[str]: ...
+
+
+def _ts(dt: datetime | None) -> float | None:
+    return dt.timestamp() if dt is not None else None
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, UTC) if ts is not None else None
+
+
+class SqliteStore:
+    """CredentialStore on one SQLite file. Thread-safe (one connection, one lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
+            if row is None:
+                self.instance_id = secrets.token_hex(8)
+                self._db.execute("INSERT INTO meta VALUES ('instance_id', ?)",
+                                 (self.instance_id,))
+            else:
+                self.instance_id = str(row[0])
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the credential registry {path}: {exc}") from None
+        self._lock = threading.Lock()
+
+    def _exec(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            with self._lock:
+                return list(self._db.execute(sql, args).fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"the credential registry {self.path} failed: {exc}") from None
+
+    def record_intent(self, *, request_id: str, spiffe_id: str, action_class: str, target: str,
+                      event_source: str, event_id: str, at: datetime) -> None:
+        self._exec("INSERT INTO credentials (request_id, spiffe_id, action_class, target, "
+                   "event_source, event_id, issued_at, state) VALUES (?,?,?,?,?,?,?, 'intent')",
+                   (request_id, spiffe_id, action_class, target, event_source, event_id,
+                    _ts(at)))
+
+    def record_minted(self, *, request_id: str, credential_id: str, expires_at: datetime,
+                      entity_id: str) -> None:
+        self._exec("UPDATE credentials SET credential_id=?, expires_at=?, entity_id=?, "
+                   "state='live' WHERE request_id=?",
+                   (credential_id, _ts(expires_at), entity_id, request_id))
+
+    def forget_intent(self, request_id: str) -> None:
+        self._exec("DELETE FROM credentials WHERE request_id=? AND state='intent'", (request_id,))
+
+    _COLS = ("request_id, coalesce(credential_id, ''), spiffe_id, action_class, target, "
+             "issued_at, expires_at, entity_id, state, revoke_pending")
+
+    def _rows(self, where: str, args: tuple[object, ...] = ()) -> list[CredentialRow]:
+        return [CredentialRow(request_id=str(r[0]), credential_id=str(r[1]),
+                              spiffe_id=str(r[2]), action_class=str(r[3]), target=str(r[4]),
+                              issued_at=_dt(r[5]) or datetime.fromtimestamp(0, UTC),  # type: ignore[arg-type]
+                              expires_at=_dt(r[6]),  # type: ignore[arg-type]
+                              entity_id=str(r[7]), state=str(r[8]), revoke_pending=bool(r[9]))
+                for r in self._exec(f"SELECT {self._COLS} FROM credentials WHERE {where}",  # noqa: S608 - constant clauses, bound values
+                                    args)]
+
+    def intents(self) -> list[CredentialRow]:
+        return self._rows("state='intent'")
+
+    def get(self, credential_id: str) -> CredentialRow | None:
+        rows = self._rows("credential_id=?", (credential_id,))
+        return rows[0] if rows else None
+
+    def live(self, selector: Selector, now: datetime) -> list[CredentialRow]:
+        where = "state='live' AND expires_at > ?"
+        args: list[object] = [_ts(now)]
+        if selector.action_class:
+            where += " AND action_class=?"
+            args.append(selector.action_class)
+        if len(selector.credential_ids) == 1:
+            where += " AND credential_id=?"
+            args.append(next(iter(selector.credential_ids)))
+        return [r for r in self._rows(where + " ORDER BY issued_at", tuple(args))
+                if selector.matches(credential_id=r.credential_id, spiffe_id=r.spiffe_id,
+                                    action_class=r.action_class, target=r.target,
+                                    issued_at=r.issued_at)]
+
+    def live_ids_of(self, spiffe_id: str, now: datetime) -> list[str]:
+        return [str(r[0]) for r in self._exec(
+            "SELECT credential_id FROM credentials WHERE state='live' AND spiffe_id=? "
+            "AND expires_at > ?", (spiffe_id, _ts(now)))]
+
+    def entity_ids(self, pattern_matches: Selector) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for sid, eid in self._exec("SELECT DISTINCT spiffe_id, entity_id FROM credentials "
+                                   "WHERE entity_id != ''"):
+            if pattern_matches.matches(credential_id="", spiffe_id=str(sid), action_class="",
+                                       target="", issued_at=datetime.now(UTC)):
+                out[str(eid)] = str(sid)
+        return out
+
+    def mark_revoked(self, credential_id: str, *, by: str, reason: str, selector: str,
+                     at: datetime, pending: bool, error: str = "") -> None:
+        self._exec("UPDATE credentials SET state='revoked', revoked_at=coalesce(revoked_at, ?), "
+                   "revoked_by=coalesce(revoked_by, ?), revoke_reason=coalesce(revoke_reason, ?), "
+                   "revoke_selector=coalesce(revoke_selector, ?), revoke_pending=?, "
+                   "revoke_error=? WHERE credential_id=?",
+                   (_ts(at), by, reason, selector, int(pending), error, credential_id))
+
+    def pending_revocations(self) -> list[CredentialRow]:
+        return self._rows("revoke_pending=1")
+
+    def add_freeze(self, freeze: Freeze, entity_ids: Iterable[str]) -> None:
+        self._exec("INSERT INTO freezes (id, kind, pattern, reason, by, created_at, entity_ids) "
+                   "VALUES (?,?,?,?,?,?,?)",
+                   (freeze.id, freeze.kind, freeze.pattern, freeze.reason, freeze.by,
+                    _ts(freeze.created_at), ",".join(sorted(set(entity_ids)))))
+
+    def _freeze_rows(self, where: str, args: tuple[object, ...] = ()
+                     ) -> list[tuple[Freeze, list[str]]]:
+        return [(Freeze(id=str(r[0]), kind=str(r[1]), pattern=str(r[2]), reason=str(r[3]),
+                        by=str(r[4]), created_at=_dt(r[5]) or datetime.now(UTC)),  # type: ignore[arg-type]
+                 [e for e in str(r[6]).split(",") if e])
+                for r in self._exec("SELECT id, kind, pattern, reason, by, created_at, "  # noqa: S608 - constant clauses, bound values
+                                    f"entity_ids FROM freezes WHERE {where}", args)]
+
+    def lift_freezes(self, kind: str, pattern: str, *, by: str, reason: str,
+                     at: datetime) -> list[tuple[Freeze, list[str]]]:
+        lifted = self._freeze_rows("kind=? AND pattern=? AND lifted_at IS NULL", (kind, pattern))
+        self._exec("UPDATE freezes SET lifted_at=?, lifted_by=?, lift_reason=? "
+                   "WHERE kind=? AND pattern=? AND lifted_at IS NULL",
+                   (_ts(at), by, reason, kind, pattern))
+        return lifted
+
+    def freezes(self) -> list[Freeze]:
+        return [f for f, _ in self._freeze_rows("lifted_at IS NULL ORDER BY created_at")]
+
+    def frozen_entities(self) -> set[str]:
+        return {e for _, es in self._freeze_rows("lifted_at IS NULL") for e in es}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
