@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from broker import audit_cli, scope_cli
+from broker import audit_cli, responder_cli, scope_cli
 from broker.config import (
     DEFAULT_AUDIENCE,
     DEFAULT_BROKER_DNS,
@@ -29,6 +29,7 @@ from broker.errors import (
     ConfigError,
     CredbrokerError,
     IdentityError,
+    InvalidRequestError,
     InvalidSpiffeIdError,
     PolicyError,
     ScopeMapError,
@@ -37,6 +38,7 @@ from broker.errors import (
 
 _EXIT = [
     (InvalidSpiffeIdError, 2),
+    (InvalidRequestError, 2),
     (ConfigError, 2),
     (ScopeMapError, 2),
     (IdentityError, 3),
@@ -97,13 +99,16 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         broker=args.broker, broker_dns_name=args.broker_dns_name, jwt_audience=args.audience,
         no_jwt_svid=args.no_jwt_svid)
     client = BrokerClient(cfg)
-    http = SidecarHttpServer(cfg.listen_socket, SidecarService(client))
+    service = SidecarService(client)
+    service.start_watching()
+    http = SidecarHttpServer(cfg.listen_socket, service)
     http.serve_in_thread()
     logging.getLogger("credbroker.sidecar").info(
         "sidecar for %s serving on %s, broker %s", client.spiffe_id, cfg.listen_socket,
         cfg.broker_addr)
     _wait_for_signal()
     http.close()
+    service.stop_watching()
     client.close()
     return 0
 
@@ -196,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     scope_cli.add_parser(sub)
     audit_cli.add_parser(sub)
+    responder_cli.add_parsers(sub)
 
     s = sub.add_parser("demo", help="run the scripted end-to-end demo on a fresh dev stack")
     s.add_argument("--run-dir", help="where the demo's dev stack lives (default: temporary)")

@@ -91,6 +91,36 @@ class SidecarService:
         self.client = client
         self.cache = CredentialCache()
         self._clock = clock
+        self.synced = threading.Event()  # set once the first revocation sync arrived
+        self._stop = threading.Event()
+
+    def start_watching(self) -> None:
+        """Follow the broker's revocations: cached credentials that died are dropped."""
+        self.client.watch(self.on_revocation_event, self._stop)
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+
+    def on_revocation_event(self, event: pb.RevocationEvent) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "sync":
+            dropped = self.cache.keep_only(set(event.sync.live_credential_ids))
+            if event.sync.frozen:
+                self.cache.clear()
+            self.synced.set()
+            _log.info("revocation stream (re)synchronised; %d cached credential(s) dropped",
+                      dropped)
+        elif kind == "revoked":
+            for cid in event.revoked.credential_ids:
+                if self.cache.drop(cid):
+                    _log.info("cached credential_id=%s dropped: revoked", cid)
+        elif kind == "frozen":
+            if event.frozen.identity:
+                self.cache.clear()
+            elif event.frozen.action_class:
+                self.cache.drop_class(event.frozen.action_class)
+            _log.warning("freeze by %s: %s; cached credentials dropped", event.frozen.by,
+                         event.frozen.reason)
 
     def issue(self, msg: pb.IssueCredentialRequest) -> tuple[int, dict[str, Any]]:
         now = self._clock()

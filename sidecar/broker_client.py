@@ -6,8 +6,10 @@ status and stable code the agent sees (DESIGN.md, Sidecar HTTP API).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,8 @@ from broker.config import SidecarConfig
 from broker.errors import WorkloadApiError
 from broker.service import DECISION_MD_KEY, ERROR_CODE_MD_KEY
 from broker.tls import RotatingChannel, diagnose_handshake, pem_material
+
+_log = logging.getLogger("credbroker.sidecar")
 
 _HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "bad_request"),
@@ -138,7 +142,38 @@ class BrokerClient:
                 "retry, and if it persists tell the platform on-call")
         return BrokerCallError(status, error_code, details, decision)
 
+    def watch(self, on_event: Callable[[pb.RevocationEvent], None],
+              stop: threading.Event) -> threading.Thread:
+        """Hold a WatchRevocations stream in a thread, reconnecting until ``stop`` is set.
+
+        Every (re)connection starts with a ``sync`` event, so a sidecar that lost the
+        stream resynchronises instead of trusting its cache.
+        """
+        def loop() -> None:
+            while not stop.is_set():
+                call = None
+                try:
+                    stub = pb_grpc.CredentialBrokerStub(self._channel.get())
+                    call = stub.WatchRevocations(pb.WatchRevocationsRequest(),
+                                                 metadata=self._metadata())
+                    self._watch_call = call
+                    for event in call:
+                        on_event(event)
+                except grpc.RpcError as err:
+                    if not stop.is_set():
+                        _log.warning("revocation stream lost (%s); reconnecting", err.code())
+                except Exception:  # the stream must come back whatever happened
+                    _log.exception("revocation stream failed; reconnecting")
+                stop.wait(1.0)
+
+        t = threading.Thread(target=loop, name="watch-revocations", daemon=True)
+        t.start()
+        return t
+
     def close(self) -> None:
+        call = getattr(self, "_watch_call", None)
+        if call is not None:
+            call.cancel()
         self._channel.close()
         for src in (self._x509, self._jwt):
             if src is not None:

@@ -58,6 +58,25 @@ class CredentialCache:
                     return True
         return False
 
+    def drop_class(self, action_class: str) -> int:
+        with self._lock:
+            keys = [k for k in self._entries if k[0] == action_class]
+            for k in keys:
+                del self._entries[k]
+            return len(keys)
+
+    def keep_only(self, credential_ids: set[str]) -> int:
+        """Drop every entry whose credential is not in ``credential_ids``. Returns how many."""
+        with self._lock:
+            keys = [k for k, e in self._entries.items() if e.credential_id not in credential_ids]
+            for k in keys:
+                del self._entries[k]
+            return len(keys)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)

@@ -119,6 +119,7 @@ def start_sidecar(identity: Identity, name: str, broker_addr: str, sock: Path,
     values.update(overrides)
     cfg = SidecarConfig(**values)  # type: ignore[arg-type]
     service = SidecarService(BrokerClient(cfg))
+    service.start_watching()
     http = SidecarHttpServer(cfg.listen_socket, service)
     http.serve_in_thread()
     return Sidecar(client=SidecarClient(str(sock)), service=service, http=http)
@@ -134,6 +135,7 @@ def sidecars(
     yield out
     for sc in out.values():
         sc.http.close()
+        sc.service.stop_watching()
         sc.service.client.close()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -46,3 +48,99 @@ def issue_request(action_class: str = "enrichment", **kw: object) -> pb.IssueCre
 
 
 EVENT = pb.InitiatingEvent(source="splunk", id="NOTABLE-1", summary="beaconing")
+
+
+def admin_stub(port: int, trust_ca: DevCA, client: IssuedX509) -> pb_grpc.CredentialAdminStub:
+    key, cert = pem_pair(client)
+    creds = grpc.ssl_channel_credentials(root_certificates=trust_ca.bundle_pem,
+                                         private_key=key, certificate_chain=cert)
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                                  options=[("grpc.ssl_target_name_override", DEFAULT_BROKER_DNS)])
+    return pb_grpc.CredentialAdminStub(channel)
+
+
+class TcpProxy:
+    """A real TCP forwarder on loopback between the broker and OpenBao, for network faults.
+
+    ``cut()`` refuses new connections and drops open ones (a partition);
+    ``restore()`` listens again on the same port; ``hold()`` keeps Vault's answers
+    from reaching the broker (Vault has acted, the broker has not heard) until
+    ``release()``.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.port = 0
+        self._held = threading.Event()
+        self._held.set()  # set = flowing
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._lock = threading.Lock()
+        self.restore()
+
+    @property
+    def addr(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        lst = socket.socket()
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("127.0.0.1", self.port))
+        lst.listen(64)
+        self.port = lst.getsockname()[1]
+        self._listener = lst
+        threading.Thread(target=self._accept, args=(lst,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                try:  # wakes the accept() blocked in another thread and stops listening
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self._listener.close()
+                self._listener = None
+            for c in self._conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self._conns.clear()
+
+    def hold(self) -> None:
+        self._held.clear()
+
+    def release(self) -> None:
+        self._held.set()
+
+    def _accept(self, lst: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = lst.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if answers:
+                    self._held.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass

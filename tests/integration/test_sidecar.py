@@ -140,6 +140,7 @@ def test_broker_down_is_503(identity: Identity, short_tmp: Path) -> None:
         assert "unreachable" in payload["error"]["message"]  # type: ignore[index]
     finally:
         sc.http.close()
+        sc.service.stop_watching()
         sc.service.client.close()
 
 
@@ -158,6 +159,7 @@ def test_sidecar_with_identity_from_another_ca_gets_401(broker: BrokerServer, sh
         assert payload["error"]["code"] == "unauthenticated"  # type: ignore[index]
     finally:
         sc.http.close()
+        sc.service.stop_watching()
         sc.service.client.close()
         api.stop()
 
@@ -180,6 +182,7 @@ def test_vault_down_is_503_naming_vault(identity: Identity, short_tmp: Path) -> 
         assert len(sc.service.cache) == 0
     finally:
         sc.http.close()
+        sc.service.stop_watching()
         sc.service.client.close()
         server.stop(grace=0)
 
