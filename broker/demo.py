@@ -5,6 +5,8 @@ Exit 0 only if every step behaved as the scope map says it must.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -44,6 +46,18 @@ def _decision_line(d: dict[str, Any]) -> str:
     return (f"rule {d.get('rule')} ({d.get('source')}), scope map "
             f"{str(d.get('scope_map_version', ''))[:19]}…; owner {owner.get('team')} "
             f"<{owner.get('contact')}>; escalation {' → '.join(d.get('escalation') or [])}")
+
+
+def _cli(*argv: str) -> str:
+    """Run a credbroker command as a responder would, in this process; its output."""
+    from broker.cli import main as cli_main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        rc = cli_main(list(argv))
+    if rc != 0:
+        raise AssertionError(f"credbroker {argv[0]} exited {rc}: {buffer.getvalue()}")
+    return buffer.getvalue()
 
 
 def run_demo(run_dir: Path) -> int:
@@ -144,6 +158,30 @@ def _story(stack: DevStack) -> int:
                containment_isolate)
     story.step("containment agent hands the credential back", hand_back)
     story.step("the handed-back token is tried against Vault", dead_after_hand_back)
+    def freeze_triage() -> str:
+        out = _cli("freeze", "--spiffe-id", tid, "--reason", "demo: triage agent misbehaves",
+                   "--yes", "--dev", str(stack.run_dir))
+        try:
+            read(held["enrichment"]["token"], "soc/enrichment/threat-intel")
+        except hvac.exceptions.Forbidden:
+            pass
+        else:
+            raise AssertionError("the frozen agent's credential still works")
+        try:
+            triage.request_credential("enrichment", target="after-freeze")
+        except SidecarError as exc:
+            if exc.status != 409:
+                raise AssertionError(f"expected 409 frozen, got {exc}") from None
+            refused = f"{exc.status} {exc.code}: {exc.message}"
+        else:
+            raise AssertionError("a frozen agent was issued a credential")
+        _cli("unfreeze", "--spiffe-id", tid, "--reason", "demo: contained", "--yes", "--dev",
+             str(stack.run_dir))
+        again = triage.request_credential("enrichment", target="after-unfreeze")
+        return (f"{out.strip()}\n        its enrichment credential is now refused by Vault; it "
+                f"asks again: {refused}\n        after `credbroker unfreeze` it is issued "
+                f"{again['credential_id']}")
+
     def audit_trace() -> str:
         t = trace(read_records(Path(info["audit_path"])), held["isolate"]["credential_id"])
         if t is None:
@@ -165,6 +203,8 @@ def _story(stack: DevStack) -> int:
             raise AssertionError(verdict.problem)
         return f"credbroker audit verify: intact, {verdict.records} records"
 
+    story.step("a responder freezes the triage agent: `credbroker freeze --spiffe-id ... --yes`",
+               freeze_triage)
     story.step("the responder asks the audit log who is accountable for that credential",
                audit_trace)
     story.step("the auditor checks that the log is intact", audit_intact)

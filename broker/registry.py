@@ -97,6 +97,8 @@ class CredentialStore(Protocol):
     def entity_ids(self, pattern_matches: Selector) -> dict[str, str]: ...
     def mark_revoked(self, credential_id: str, *, by: str, reason: str, selector: str,
                      at: datetime, pending: bool, error: str = "") -> None: ...
+    def mark_revoked_many(self, credential_ids: list[str], *, by: str, reason: str,
+                          selector: str, at: datetime) -> None: ...
     def pending_revocations(self) -> list[CredentialRow]: ...
     def add_freeze(self, freeze: Freeze, entity_ids: Iterable[str]) -> None: ...
     def lift_freezes(self, kind: str, pattern: str, *, by: str, reason: str,
@@ -212,6 +214,23 @@ class SqliteStore:
                    "revoke_selector=coalesce(revoke_selector, ?), revoke_pending=?, "
                    "revoke_error=? WHERE credential_id=?",
                    (_ts(at), by, reason, selector, int(pending), error, credential_id))
+
+    def mark_revoked_many(self, credential_ids: list[str], *, by: str, reason: str,
+                          selector: str, at: datetime) -> None:
+        """Record many confirmed revocations in one transaction (one fsync)."""
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "UPDATE credentials SET state='revoked', revoked_at=coalesce(revoked_at, ?), "
+                    "revoked_by=coalesce(revoked_by, ?), "
+                    "revoke_reason=coalesce(revoke_reason, ?), "
+                    "revoke_selector=coalesce(revoke_selector, ?), revoke_pending=0, "
+                    "revoke_error='' WHERE credential_id=?",
+                    [(_ts(at), by, reason, selector, cid) for cid in credential_ids])
+                self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"the credential registry {self.path} failed: {exc}") from None
 
     def pending_revocations(self) -> list[CredentialRow]:
         return self._rows("revoke_pending=1")

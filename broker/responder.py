@@ -111,6 +111,7 @@ class Responder:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="revoke")
         self._freezes = store.freezes()
         self._stop = threading.Event()
+        self.last_freeze_revocation: threading.Thread | None = None
 
     @property
     def freezes(self) -> list[Freeze]:
@@ -118,31 +119,48 @@ class Responder:
 
     # -- revocation
 
-    def revoke_one(self, row: CredentialRow, *, by: str, reason: str, selector: str) -> Outcome:
-        """Revoke in Vault and record it. Never raises: failures become pending or failed."""
+    def revoke_one(self, row: CredentialRow, *, by: str, reason: str, selector: str,
+                   check: bool = True, record: bool = True) -> Outcome:
+        """Revoke in Vault and record it. Never raises: failures become pending or failed.
+
+        With ``record=False`` a confirmed revocation is left for the caller to record
+        (in bulk); pending ones are always recorded at once.
+        """
         now = self._clock()
         try:
-            revoked = self.vault.revoke_accessor(row.credential_id)
+            revoked = self.vault.revoke_accessor(row.credential_id, check=check)
         except VaultUnavailableError as exc:
             self.store.mark_revoked(row.credential_id, by=by, reason=reason, selector=selector,
                                     at=now, pending=True, error=str(exc))
             return Outcome(row.credential_id, "pending", str(exc))
         except CredbrokerError as exc:
             return Outcome(row.credential_id, "failed", str(exc))
-        self.store.mark_revoked(row.credential_id, by=by, reason=reason, selector=selector,
-                                at=now, pending=False)
+        if record:
+            self.store.mark_revoked(row.credential_id, by=by, reason=reason, selector=selector,
+                                    at=now, pending=False)
         return Outcome(row.credential_id, "revoked" if revoked else "already_dead")
 
-    def revoke(self, rows: list[CredentialRow], *, by: str, reason: str, selector: str
-               ) -> Iterator[Outcome]:
+    def revoke(self, rows: list[CredentialRow], *, by: str, reason: str, selector: str,
+               check: bool = True) -> Iterator[Outcome]:
         """Revoke ``rows`` in parallel; yields each outcome as it completes, then audits."""
         futures = [self._pool.submit(self.revoke_one, r, by=by, reason=reason,
-                                     selector=selector) for r in rows]
+                                     selector=selector, check=check, record=False)
+                   for r in rows]
         outcomes: list[Outcome] = []
+        confirmed: list[str] = []
         for f in futures:
             o = f.result()
             outcomes.append(o)
+            if o.result in ("revoked", "already_dead"):
+                confirmed.append(o.credential_id)
+                if len(confirmed) >= 500:
+                    self.store.mark_revoked_many(confirmed, by=by, reason=reason,
+                                                 selector=selector, at=self._clock())
+                    confirmed = []
             yield o
+        if confirmed:
+            self.store.mark_revoked_many(confirmed, by=by, reason=reason, selector=selector,
+                                         at=self._clock())
         gone = [o.credential_id for o in outcomes if o.result in ("revoked", "already_dead",
                                                                    "pending")]
         self.bus.publish(BusEvent(credential_ids=tuple(gone), reason=reason, by=by),
@@ -218,9 +236,13 @@ class Responder:
                                    vault_entities_disabled=sorted(entities),
                                    vault_policy_frozen=policy_frozen,
                                    vault_enforced_ms=round(enforced_ms, 3))
-        threading.Thread(target=lambda: list(self.revoke(rows, by=by, reason=reason,
-                                                         selector=f"freeze {fz.id}")),
-                         name="freeze-revoke", daemon=True).start()
+        # Vault already refuses these; revoking them is hygiene, done in bulk without the
+        # per-token look-up (they are live per the registry).
+        self.last_freeze_revocation = threading.Thread(
+            target=lambda: list(self.revoke(rows, by=by, reason=reason,
+                                            selector=f"freeze {fz.id}", check=False)),
+            name="freeze-revoke", daemon=True)
+        self.last_freeze_revocation.start()
         return fz, len(rows), len(entities), policy_frozen, enforced_ms
 
     def unfreeze(self, *, spiffe_id: str, action_class: str, reason: str, by: str

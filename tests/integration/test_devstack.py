@@ -96,6 +96,7 @@ def test_demo_tells_the_story_and_exits_zero() -> None:
     out = subprocess.run([*CLI, "demo"], capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     for words in ("granted", "Vault refused: permission denied", "denied (403",
-                  "revoked in Vault", "all 9 steps behaved", "owner (answers for the policy): "
+                  "revoked in Vault", "all 10 steps behaved",
+                  "409 frozen", "owner (answers for the policy): "
                   "incident-response", "intact"):
         assert words in out.stdout
