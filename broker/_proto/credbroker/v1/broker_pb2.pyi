@@ -32,20 +32,24 @@ class InitiatingEvent(_message.Message):
     def __init__(self, source: _Optional[str] = ..., id: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
 
 class IssueCredentialRequest(_message.Message):
-    __slots__ = ("action_class", "target", "initiating_event", "justification", "ttl_seconds", "request_id")
+    __slots__ = ("action_class", "target", "initiating_event", "justification", "ttl_seconds", "request_id", "approval_id", "break_glass")
     ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     INITIATING_EVENT_FIELD_NUMBER: _ClassVar[int]
     JUSTIFICATION_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    BREAK_GLASS_FIELD_NUMBER: _ClassVar[int]
     action_class: str
     target: str
     initiating_event: InitiatingEvent
     justification: str
     ttl_seconds: int
     request_id: str
-    def __init__(self, action_class: _Optional[str] = ..., target: _Optional[str] = ..., initiating_event: _Optional[_Union[InitiatingEvent, _Mapping]] = ..., justification: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    approval_id: str
+    break_glass: bool
+    def __init__(self, action_class: _Optional[str] = ..., target: _Optional[str] = ..., initiating_event: _Optional[_Union[InitiatingEvent, _Mapping]] = ..., justification: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., request_id: _Optional[str] = ..., approval_id: _Optional[str] = ..., break_glass: _Optional[bool] = ...) -> None: ...
 
 class Credential(_message.Message):
     __slots__ = ("credential_id", "token", "expires_at", "policies", "ttl_seconds")
@@ -94,14 +98,96 @@ class Decision(_message.Message):
     def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., action_class: _Optional[str] = ..., rule: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., owner: _Optional[_Union[Owner, _Mapping]] = ..., escalation: _Optional[_Iterable[str]] = ..., scope_map_version: _Optional[str] = ..., source: _Optional[str] = ..., risk: _Optional[str] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
 
 class IssueCredentialResponse(_message.Message):
-    __slots__ = ("request_id", "credential", "decision")
+    __slots__ = ("request_id", "credential", "decision", "approval")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     credential: Credential
     decision: Decision
-    def __init__(self, request_id: _Optional[str] = ..., credential: _Optional[_Union[Credential, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ...) -> None: ...
+    approval: ApprovalInfo
+    def __init__(self, request_id: _Optional[str] = ..., credential: _Optional[_Union[Credential, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., approval: _Optional[_Union[ApprovalInfo, _Mapping]] = ...) -> None: ...
+
+class ApprovalVote(_message.Message):
+    __slots__ = ("subject", "reason", "at", "via")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    reason: str
+    at: _timestamp_pb2.Timestamp
+    via: str
+    def __init__(self, subject: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., via: _Optional[str] = ...) -> None: ...
+
+class ApprovalInfo(_message.Message):
+    __slots__ = ("id", "state", "spiffe_id", "action_class", "request", "request_hash", "approvers", "approvals_required", "votes", "denial", "created_at", "expires_at", "escalated", "escalation", "review", "credential_id", "owner_team")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_HASH_FIELD_NUMBER: _ClassVar[int]
+    APPROVERS_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    VOTES_FIELD_NUMBER: _ClassVar[int]
+    DENIAL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ESCALATED_FIELD_NUMBER: _ClassVar[int]
+    ESCALATION_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_TEAM_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: str
+    spiffe_id: str
+    action_class: str
+    request: IssueCredentialRequest
+    request_hash: str
+    approvers: _containers.RepeatedScalarFieldContainer[str]
+    approvals_required: int
+    votes: _containers.RepeatedCompositeFieldContainer[ApprovalVote]
+    denial: ApprovalVote
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    escalated: int
+    escalation: _containers.RepeatedScalarFieldContainer[str]
+    review: ApprovalVote
+    credential_id: str
+    owner_team: str
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., request: _Optional[_Union[IssueCredentialRequest, _Mapping]] = ..., request_hash: _Optional[str] = ..., approvers: _Optional[_Iterable[str]] = ..., approvals_required: _Optional[int] = ..., votes: _Optional[_Iterable[_Union[ApprovalVote, _Mapping]]] = ..., denial: _Optional[_Union[ApprovalVote, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., escalated: _Optional[int] = ..., escalation: _Optional[_Iterable[str]] = ..., review: _Optional[_Union[ApprovalVote, _Mapping]] = ..., credential_id: _Optional[str] = ..., owner_team: _Optional[str] = ...) -> None: ...
+
+class AwaitApprovalRequest(_message.Message):
+    __slots__ = ("approval_id", "wait_seconds")
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    approval_id: str
+    wait_seconds: int
+    def __init__(self, approval_id: _Optional[str] = ..., wait_seconds: _Optional[int] = ...) -> None: ...
+
+class ListApprovalsRequest(_message.Message):
+    __slots__ = ("review",)
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
+    review: bool
+    def __init__(self, review: _Optional[bool] = ...) -> None: ...
+
+class ListApprovalsResponse(_message.Message):
+    __slots__ = ("approvals",)
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    approvals: _containers.RepeatedCompositeFieldContainer[ApprovalInfo]
+    def __init__(self, approvals: _Optional[_Iterable[_Union[ApprovalInfo, _Mapping]]] = ...) -> None: ...
+
+class ApprovalDecisionRequest(_message.Message):
+    __slots__ = ("approval_id", "reason", "id_token")
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ID_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    approval_id: str
+    reason: str
+    id_token: str
+    def __init__(self, approval_id: _Optional[str] = ..., reason: _Optional[str] = ..., id_token: _Optional[str] = ...) -> None: ...
 
 class RevokeCredentialRequest(_message.Message):
     __slots__ = ("credential_id", "reason")

@@ -49,6 +49,11 @@ class CredentialBrokerStub:
                 request_serializer=credbroker_dot_v1_dot_broker__pb2.WatchRevocationsRequest.SerializeToString,
                 response_deserializer=credbroker_dot_v1_dot_broker__pb2.RevocationEvent.FromString,
                 _registered_method=True)
+        self.AwaitApproval = channel.unary_unary(
+                '/credbroker.v1.CredentialBroker/AwaitApproval',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.AwaitApprovalRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.IssueCredentialResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -82,6 +87,16 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AwaitApproval(self, request, context):
+        """Wait (up to wait_seconds) for a pending approval of the caller's own request.
+        Approved: the credential is minted for exactly the approved request and
+        returned (an approval is used once). Still pending: the approval, no
+        credential. Denied or expired: PERMISSION_DENIED with the reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +114,11 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.WatchRevocations,
                     request_deserializer=credbroker_dot_v1_dot_broker__pb2.WatchRevocationsRequest.FromString,
                     response_serializer=credbroker_dot_v1_dot_broker__pb2.RevocationEvent.SerializeToString,
+            ),
+            'AwaitApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitApproval,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.AwaitApprovalRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.IssueCredentialResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +202,243 @@ class CredentialBroker:
             '/credbroker.v1.CredentialBroker/WatchRevocations',
             credbroker_dot_v1_dot_broker__pb2.WatchRevocationsRequest.SerializeToString,
             credbroker_dot_v1_dot_broker__pb2.RevocationEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.CredentialBroker/AwaitApproval',
+            credbroker_dot_v1_dot_broker__pb2.AwaitApprovalRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.IssueCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ApprovalsStub:
+    """People (with an OIDC ID token) and approval bots (by SPIFFE ID) decide
+    pending approvals and review break-glass uses. Callers connect with an admin
+    or approval-bot SVID; a person's identity comes from `id_token`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListApprovals = channel.unary_unary(
+                '/credbroker.v1.Approvals/ListApprovals',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.ListApprovalsRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/credbroker.v1.Approvals/Approve',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.ApprovalDecisionRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.ApprovalInfo.FromString,
+                _registered_method=True)
+        self.Deny = channel.unary_unary(
+                '/credbroker.v1.Approvals/Deny',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.ApprovalDecisionRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.ApprovalInfo.FromString,
+                _registered_method=True)
+        self.SignOff = channel.unary_unary(
+                '/credbroker.v1.Approvals/SignOff',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.ApprovalDecisionRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.ApprovalInfo.FromString,
+                _registered_method=True)
+
+
+class ApprovalsServicer:
+    """People (with an OIDC ID token) and approval bots (by SPIFFE ID) decide
+    pending approvals and review break-glass uses. Callers connect with an admin
+    or approval-bot SVID; a person's identity comes from `id_token`.
+    """
+
+    def ListApprovals(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Approve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Deny(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignOff(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ApprovalsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.ListApprovalsRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.ListApprovalsResponse.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.ApprovalDecisionRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.ApprovalInfo.SerializeToString,
+            ),
+            'Deny': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deny,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.ApprovalDecisionRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.ApprovalInfo.SerializeToString,
+            ),
+            'SignOff': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignOff,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.ApprovalDecisionRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.ApprovalInfo.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'credbroker.v1.Approvals', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('credbroker.v1.Approvals', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Approvals:
+    """People (with an OIDC ID token) and approval bots (by SPIFFE ID) decide
+    pending approvals and review break-glass uses. Callers connect with an admin
+    or approval-bot SVID; a person's identity comes from `id_token`.
+    """
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.Approvals/ListApprovals',
+            credbroker_dot_v1_dot_broker__pb2.ListApprovalsRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.ListApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.Approvals/Approve',
+            credbroker_dot_v1_dot_broker__pb2.ApprovalDecisionRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.ApprovalInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deny(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.Approvals/Deny',
+            credbroker_dot_v1_dot_broker__pb2.ApprovalDecisionRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.ApprovalInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignOff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.Approvals/SignOff',
+            credbroker_dot_v1_dot_broker__pb2.ApprovalDecisionRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.ApprovalInfo.FromString,
             options,
             channel_credentials,
             insecure,
