@@ -75,7 +75,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         require_jwt_svid=args.require_jwt_svid, ready_file=args.ready_file,
         audit_log=args.audit_log, audit_key=args.audit_key,
         checkpoint_mirror=args.checkpoint_mirror, checkpoint_interval=args.checkpoint_interval,
-        registry=args.registry, admin_ids=args.admin_id)
+        registry=args.registry, admin_ids=args.admin_id,
+        approver_issuer=args.approver_issuer, approver_jwks=args.approver_jwks,
+        approver_audience=args.approver_audience, approver_groups=args.approver_groups,
+        approval_bots=args.approval_bot,
+        owner_team_cannot_approve=args.owner_team_cannot_approve,
+        escalation_webhook=args.escalation_webhook)
     # A full disk or file-size limit must fail the write (and so the request), not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     server = BrokerServer(cfg)
@@ -177,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--admin-id", action="append", metavar="SPIFFE_ID",
                    help="a SPIFFE ID allowed to revoke and freeze (repeatable; also "
                         "$CREDBROKER_ADMIN_IDS, comma-separated)")
+    s.add_argument("--approver-issuer", help="OIDC issuer of approvers' ID tokens")
+    s.add_argument("--approver-jwks", help="that issuer's JWKS (a JSON file)")
+    s.add_argument("--approver-audience", help="ID-token audience (default "
+                                               "credbroker-approvals)")
+    s.add_argument("--approver-groups", help="YAML: approver -> [groups], added to the token's "
+                                             "groups claim")
+    s.add_argument("--approval-bot", action="append", metavar="SPIFFE_ID=GROUP[,GROUP]",
+                   help="a workload that may approve as itself (repeatable)")
+    s.add_argument("--owner-team-cannot-approve", action="store_true",
+                   help="members of a class's owner team may not approve its agents' requests")
+    s.add_argument("--escalation-webhook", help="URL that escalations are POSTed to (JSON)")
     s.add_argument("--checkpoint-interval", type=float,
                    help="seconds between signed checkpoints (default 60; SIGUSR1: now)")
     s.set_defaults(func=cmd_serve)

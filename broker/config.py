@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from broker.approvers import ApproverConfig
 from broker.core.scopemap import ScopeMap, parse_scope_map
 from broker.core.spiffeid import SpiffeId
 from broker.errors import ConfigError, InvalidSpiffeIdError
@@ -34,6 +37,7 @@ class BrokerConfig:
     registry_path: Path
     admin_ids: tuple[str, ...] = ()
     max_workers: int = 64
+    approvers: ApproverConfig = field(default_factory=ApproverConfig)
     audit_key_path: Path | None = None  # Ed25519 PEM; created (0600) when missing
     checkpoint_mirror: Path | None = None
     checkpoint_interval: float = 60.0
@@ -89,6 +93,13 @@ def broker_config_from(
     checkpoint_interval: float | None = None,
     registry: str | None = None,
     admin_ids: list[str] | None = None,
+    approver_issuer: str | None = None,
+    approver_jwks: str | None = None,
+    approver_audience: str | None = None,
+    approver_groups: str | None = None,
+    approval_bots: list[str] | None = None,
+    owner_team_cannot_approve: bool = False,
+    escalation_webhook: str | None = None,
 ) -> BrokerConfig:
     """Build and validate broker configuration.
 
@@ -134,6 +145,12 @@ def broker_config_from(
             SpiffeId.parse(a.strip())
         except InvalidSpiffeIdError as exc:
             raise ConfigError(f"--admin-id: {exc}") from None
+    approvers = _approver_config(
+        issuer=approver_issuer or env.get("CREDBROKER_APPROVER_ISSUER", ""),
+        jwks=approver_jwks or env.get("CREDBROKER_APPROVER_JWKS", ""),
+        audience=approver_audience or "credbroker-approvals", groups_file=approver_groups,
+        bots=approval_bots or [], owner_team_cannot_approve=owner_team_cannot_approve,
+        webhook=escalation_webhook or env.get("CREDBROKER_ESCALATION_WEBHOOK", ""))
     interval = checkpoint_interval if checkpoint_interval is not None else 60.0
     if interval <= 0:
         raise ConfigError("--checkpoint-interval must be a positive number of seconds")
@@ -150,10 +167,46 @@ def broker_config_from(
         audit_path=Path(audit),
         registry_path=Path(reg),
         admin_ids=tuple(a.strip() for a in admins),
+        approvers=approvers,
         audit_key_path=Path(key),
         checkpoint_mirror=Path(checkpoint_mirror) if checkpoint_mirror else None,
         checkpoint_interval=interval,
     )
+
+
+def _approver_config(*, issuer: str, jwks: str, audience: str, groups_file: str | None,
+                     bots: list[str], owner_team_cannot_approve: bool,
+                     webhook: str) -> ApproverConfig:
+    """Raises: ConfigError for an incomplete issuer, a bad groups file or a bad bot entry."""
+    if bool(issuer) != bool(jwks):
+        raise ConfigError("approver OIDC needs both --approver-issuer URL and --approver-jwks "
+                          "FILE (the issuer's JWKS)")
+    static: dict[str, tuple[str, ...]] = {}
+    if groups_file:
+        try:
+            loaded = yaml.safe_load(Path(groups_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read --approver-groups {groups_file}: {exc}") from None
+        if not isinstance(loaded, dict) or not all(isinstance(v, list) for v in loaded.values()):
+            raise ConfigError(f"--approver-groups {groups_file} must map each approver to a "
+                              "list of groups, e.g. alice@example.org: [ir-leads]")
+        static = {str(k): tuple(map(str, v)) for k, v in loaded.items()}
+    bot_groups: dict[str, tuple[str, ...]] = {}
+    for entry in bots:
+        sid, sep, groups = entry.partition("=")
+        try:
+            SpiffeId.parse(sid)
+        except InvalidSpiffeIdError as exc:
+            raise ConfigError(f"--approval-bot {entry!r}: {exc}") from None
+        if not sep or not groups:
+            raise ConfigError(f"--approval-bot {entry!r} must be SPIFFE_ID=group[,group...]")
+        bot_groups[sid] = tuple(g.strip() for g in groups.split(",") if g.strip())
+    if webhook and not webhook.startswith(("http://", "https://")):
+        raise ConfigError(f"--escalation-webhook {webhook!r} must be an http(s) URL")
+    return ApproverConfig(issuer=issuer, audience=audience,
+                          jwks_path=Path(jwks) if jwks else None, static_groups=static,
+                          bots=bot_groups, owner_team_may_approve=not owner_team_cannot_approve,
+                          webhook_url=webhook)
 
 
 def sidecar_config_from(

@@ -126,14 +126,36 @@ def _story(stack: DevStack) -> int:
             raise AssertionError(f"expected 403, got {exc}") from None
         raise AssertionError("the triage agent was granted containment.isolate_host")
 
-    def containment_isolate() -> str:
-        cred = containment.request_credential(
-            "containment.isolate_host", target="ws-0231", initiating_event=ALERT,
-            justification="isolate ws-0231: confirmed beaconing to C2")
+    def containment_asks() -> str:
+        status, body = containment.raw("POST", "/v1/credentials", {
+            "action_class": "containment.isolate_host", "target": "ws-0231",
+            "initiating_event": ALERT,
+            "justification": "isolate ws-0231: confirmed beaconing to C2"})
+        if status != 202:
+            raise AssertionError(f"expected 202 pending approval, got {status} {body}")
+        held["approval"] = body
+        return (f"202 pending: approval {body['approval_id']} needs "
+                f"{body['approvals_required']} of {body['approvers']} (expires "
+                f"{body['expires_at']})\n        {_decision_line(body['decision'])}")
+
+    def person_approves() -> str:
+        aid = held["approval"]["approval_id"]
+        listed = _cli("approvals", "list", "--dev", str(stack.run_dir))
+        if aid not in listed:
+            raise AssertionError(f"{aid} is not listed as pending:\n{listed}")
+        out = _cli("approvals", "approve", aid, "--reason", "confirmed C2 beaconing, isolate",
+                   "--as", "alice@example.org", "--dev", str(stack.run_dir))
+        return f"credbroker approvals list shows it; alice (ir-leads) approves: {out.strip()}"
+
+    def containment_receives() -> str:
+        status, cred = containment.raw(
+            "GET", f"/v1/approvals/{held['approval']['approval_id']}?wait=10")
+        if status != 200:
+            raise AssertionError(f"expected the credential, got {status} {cred}")
         held["isolate"] = cred
         read(cred["token"], "soc/containment/edr/api")
-        return (f"credential {cred['credential_id']} granted and used to read the EDR API "
-                f"key\n        {_decision_line(cred['decision'])}")
+        return (f"credential {cred['credential_id']} delivered to the waiting sidecar, "
+                f"approved by {cred['approval']['approved_by']}, used to read the EDR API key")
 
     def hand_back() -> str:
         out = containment.hand_back(held["isolate"]["credential_id"])
@@ -155,7 +177,10 @@ def _story(stack: DevStack) -> int:
                "credential", read_out_of_scope)
     story.step("triage agent asks for `containment.isolate_host` on ws-0231", triage_containment)
     story.step(f"containment agent {cid} asks for `containment.isolate_host` on ws-0231",
-               containment_isolate)
+               containment_asks)
+    story.step("an IR lead approves it: `credbroker approvals approve ID --reason ...`",
+               person_approves)
+    story.step("the containment agent's sidecar receives the credential", containment_receives)
     story.step("containment agent hands the credential back", hand_back)
     story.step("the handed-back token is tried against Vault", dead_after_hand_back)
     def freeze_triage() -> str:
@@ -189,7 +214,7 @@ def _story(stack: DevStack) -> int:
         lines = trace_lines(t, datetime.now(UTC))
         text = "\n".join(lines)
         for needed in ("initiating event: splunk NOTABLE-4242", "owner (answers for the policy)",
-                       "escalation (should intervene)", "no approval required by rule",
+                       "escalation (should intervene)", "approved by: alice@example.org",
                        "handed back by the workload"):
             if needed not in text:
                 raise AssertionError(f"the trace lacks {needed!r}:\n{text}")

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
+from broker.approvers import DevIssuer
 from broker.audit import load_or_create_signing_key
 from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
@@ -275,6 +276,7 @@ class DevStack:
 
         cli = [sys.executable, "-m", "broker.cli"]
         load_or_create_signing_key(self.audit_key, create=True)
+        idp = DevIssuer(self.run_dir)
         ready = self.run_dir / "broker.addr"
         ready.unlink(missing_ok=True)
         env = {**os.environ, "VAULT_TOKEN": self.bao.root_token}
@@ -286,6 +288,8 @@ class DevStack:
                                   "--audit-key", str(self.audit_key),
                                   "--registry", str(self.run_dir / "registry.db"),
                                   "--admin-id", self.admin_id,
+                                  "--approver-issuer", DevIssuer.ISSUER,
+                                  "--approver-jwks", str(idp.jwks_path),
                                   "--checkpoint-interval", "10"],
                        self.run_dir / "broker.log", env)
         self.children.append(broker)
@@ -322,6 +326,8 @@ class DevStack:
                                      for n in ["broker", "admin", *self.workloads]},
             "admin_spiffe_id": self.admin_id,
             "registry_path": str(self.run_dir / "registry.db"),
+            "dev_idp": {"issuer": DevIssuer.ISSUER, "key": str(self.run_dir / "dev-idp.key"),
+                        "users": {u: list(g) for u, g in DevIssuer.USERS.items()}},
             "logs": {c.name: str(c.log_path) for c in self.children},
         }
         path = self.run_dir / "dev.json"

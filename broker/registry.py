@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS credentials (
 );
 CREATE INDEX IF NOT EXISTS credentials_live ON credentials (state, expires_at);
 CREATE INDEX IF NOT EXISTS credentials_spiffe ON credentials (spiffe_id);
+CREATE TABLE IF NOT EXISTS approvals (
+    id    TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    data  TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS freezes (
     id          TEXT PRIMARY KEY,
     kind        TEXT NOT NULL,
@@ -104,6 +109,8 @@ class CredentialStore(Protocol):
     def lift_freezes(self, kind: str, pattern: str, *, by: str, reason: str,
                      at: datetime) -> list[tuple[Freeze, list[str]]]: ...
     def freezes(self) -> list[Freeze]: ...
+    def save_approval(self, approval_id: str, state: str, data: str) -> None: ...
+    def load_approvals(self) -> list[str]: ...
     def frozen_entities(self) -> set[str]: ...
 
 
@@ -262,6 +269,14 @@ class SqliteStore:
 
     def frozen_entities(self) -> set[str]:
         return {e for _, es in self._freeze_rows("lifted_at IS NULL") for e in es}
+
+    def save_approval(self, approval_id: str, state: str, data: str) -> None:
+        self._exec("INSERT INTO approvals (id, state, data) VALUES (?,?,?) ON CONFLICT(id) DO "
+                   "UPDATE SET state=excluded.state, data=excluded.data",
+                   (approval_id, state, data))
+
+    def load_approvals(self) -> list[str]:
+        return [str(r[0]) for r in self._exec("SELECT data FROM approvals")]
 
     def close(self) -> None:
         with self._lock:

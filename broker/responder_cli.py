@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from spiffe import X509Source
 
@@ -46,6 +50,20 @@ _CODES: dict[grpc.StatusCode, type[CredbrokerError]] = {
 
 @contextmanager
 def admin_stub(args: argparse.Namespace) -> Iterator[pb_grpc.CredentialAdminStub]:
+    """The admin service over :func:`broker_channel`. Raises: as broker_channel."""
+    with broker_channel(args) as channel:
+        yield pb_grpc.CredentialAdminStub(channel)
+
+
+@contextmanager
+def approvals_stub(args: argparse.Namespace) -> Iterator[pb_grpc.ApprovalsStub]:
+    """The approvals service over :func:`broker_channel`. Raises: as broker_channel."""
+    with broker_channel(args) as channel:
+        yield pb_grpc.ApprovalsStub(channel)
+
+
+@contextmanager
+def broker_channel(args: argparse.Namespace) -> Iterator[grpc.Channel]:
     """A stub on an mTLS channel with the admin SVID.
 
     Raises: ConfigError, IdentityError, BrokerUnavailableError, and the family of any error
@@ -69,7 +87,7 @@ def admin_stub(args: argparse.Namespace) -> Iterator[pb_grpc.CredentialAdminStub
                             f"({type(exc).__name__})") from None
     channel = RotatingChannel(source, target, dns)
     try:
-        yield pb_grpc.CredentialAdminStub(channel.get())
+        yield channel.get()
     except grpc.RpcError as err:
         code, details = err.code(), err.details() or ""
         if code is grpc.StatusCode.UNAVAILABLE and not details.startswith(("Vault", "the audit")):
@@ -245,6 +263,71 @@ def cmd_unfreeze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _id_token(args: argparse.Namespace) -> str:
+    """The approver's OIDC ID token: --as USER (dev issuer, --dev only) or --id-token-file."""
+    if args.as_user:
+        if not args.dev:
+            raise ConfigError("--as USER only works with --dev DIR (the dev identity provider); "
+                              "pass --id-token-file with a real ID token")
+        from broker.approvers import DevIssuer
+
+        return DevIssuer(Path(args.dev)).id_token(args.as_user)
+    path = args.id_token_file or os.environ.get("CREDBROKER_ID_TOKEN_FILE", "")
+    if not path:
+        return ""  # an approval bot needs none
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --id-token-file {path}: {exc.strerror}") from None
+
+
+def _approval_line(a: pb.ApprovalInfo, now: datetime) -> str:
+    age = now - a.created_at.ToDatetime(tzinfo=UTC)
+    req = a.request
+    ev = f" event {req.initiating_event.source}:{req.initiating_event.id}" \
+        if req.HasField("initiating_event") else ""
+    tgt = f" target {req.target}" if req.target else ""
+    return (f"{a.id}  {a.state}  {a.spiffe_id} wants {a.action_class}{tgt}{ev}; "
+            f"waiting {int(age.total_seconds())}s; needs {a.approvals_required} of "
+            f"[{', '.join(a.approvers)}], has {len(a.votes)}; expires "
+            f"{a.expires_at.ToDatetime().isoformat()}Z\n      justification: "
+            f"{req.justification or '-'}; request hash {a.request_hash}")
+
+
+def _approval_json(a: pb.ApprovalInfo) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json_format.MessageToJson(
+        a, preserving_proto_field_name=True))
+    return out
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    action = args.approvals_command
+    with approvals_stub(args) as stub:
+        if action in ("list", "review") and not getattr(args, "id", None):
+            items = list(stub.ListApprovals(pb.ListApprovalsRequest(review=action == "review"),
+                                            timeout=30).approvals)
+            if args.json:
+                print(json.dumps([_approval_json(a) for a in items]))
+                return 0
+            if not items:
+                print("nothing awaits review" if action == "review" else "nothing is pending")
+            now = datetime.now(UTC)
+            for a in items:
+                print(_approval_line(a, now))
+            return 0
+        if not args.reason:
+            raise ConfigError("--reason is required: it goes into the audit log")
+        request = pb.ApprovalDecisionRequest(approval_id=args.id, reason=args.reason,
+                                             id_token=_id_token(args))
+        call = {"approve": stub.Approve, "deny": stub.Deny, "review": stub.SignOff}[action]
+        a = call(request, timeout=30)
+    if args.json:
+        print(json.dumps(_approval_json(a)))
+    else:
+        print(f"{a.id} is now {a.state} ({len(a.votes)} of {a.approvals_required} approvals)")
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
     def connection(p: argparse.ArgumentParser) -> None:
         p.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
@@ -265,6 +348,25 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--reason", required=True, help="why (goes into the audit log)")
     connection(s)
     s.set_defaults(func=cmd_revoke)
+
+    appr = sub.add_parser("approvals", help="list, approve, deny and review JIT approvals")
+    asub = appr.add_subparsers(dest="approvals_command", required=True, metavar="SUBCOMMAND")
+    for name, text in (("list", "what is pending, for whom, how long, exact request"),
+                       ("approve", "approve a pending request"),
+                       ("deny", "deny a pending request"),
+                       ("review", "break-glass uses awaiting review; with an ID, sign one off")):
+        p = asub.add_parser(name, help=text)
+        if name in ("approve", "deny"):
+            p.add_argument("id", help="the approval id")
+        elif name == "review":
+            p.add_argument("id", nargs="?", help="sign off this break-glass use")
+        if name != "list":
+            p.add_argument("--reason", help="why (required to decide; audited)")
+        p.add_argument("--as", dest="as_user", metavar="USER",
+                       help="with --dev: act as this dev identity-provider user")
+        p.add_argument("--id-token-file", help="your OIDC ID token ($CREDBROKER_ID_TOKEN_FILE)")
+        connection(p)
+        p.set_defaults(func=cmd_approvals)
 
     for name, fn, text in (("freeze", cmd_freeze, "stop an identity or class now: Vault refuses "
                             "its credentials at once, no new ones (preview; --yes acts)"),

@@ -14,6 +14,9 @@ from spiffe import JwtSource, X509Source
 
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.admin import AdminService
+from broker.approval_desk import ApprovalDesk
+from broker.approvals_api import ApprovalsService
+from broker.approvers import OidcVerifier
 from broker.audit import AuditLog, load_or_create_signing_key
 from broker.config import BrokerConfig, load_scope_map
 from broker.errors import AuditError, CredbrokerError, WorkloadApiError
@@ -58,6 +61,7 @@ class BrokerServer:
         self.audit: AuditLog | None = None
         self.store: SqliteStore | None = None
         self.responder: Responder | None = None
+        self.desk: ApprovalDesk | None = None
         self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
@@ -126,9 +130,15 @@ class BrokerServer:
             trust_domain=me.trust_domain, audience=cfg.jwt_audience,
             jwt_bundle_for=jwt_source.get_bundle_for_trust_domain,
             require_jwt=cfg.require_jwt_svid, clock=self._clock)
+        self.desk = ApprovalDesk(store=self.store, audit=self.audit, config=cfg.approvers,
+                                 clock=self._clock)
+        verifier = OidcVerifier(cfg.approvers)
+        threading.Thread(target=self.desk.run_ticker, daemon=True, name="approvals").start()
         service = BrokerService(scope_maps=self.scope_maps, audit=self.audit, vault=vault,
-                                responder=self.responder, authenticator=authenticator,
-                                clock=self._clock)
+                                responder=self.responder, desk=self.desk,
+                                authenticator=authenticator, clock=self._clock)
+        approvals = ApprovalsService(desk=self.desk, authenticator=authenticator,
+                                     verifier=verifier, admins=frozenset(cfg.admin_ids))
         admin = AdminService(responder=self.responder, authenticator=authenticator,
                              admins=frozenset(cfg.admin_ids), clock=self._clock)
         # Each sidecar holds one WatchRevocations stream, which pins a worker of this
@@ -137,6 +147,7 @@ class BrokerServer:
                                                         thread_name_prefix="broker"))
         pb_grpc.add_CredentialBrokerServicer_to_server(service, server)
         pb_grpc.add_CredentialAdminServicer_to_server(admin, server)
+        pb_grpc.add_ApprovalsServicer_to_server(approvals, server)
         self.port = server.add_secure_port(cfg.listen, server_credentials(self._x509))
         if self.port == 0:
             raise WorkloadApiError(f"cannot listen on {cfg.listen}")
@@ -230,6 +241,8 @@ class BrokerServer:
         """Stop accepting calls, let in-flight ones finish within ``grace`` seconds."""
         if self.responder is not None:
             self.responder.bus.close()
+        if self.desk is not None:
+            self.desk.close()
         if self._server is not None:
             self._server.stop(grace).wait()
         if self.responder is not None:

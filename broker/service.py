@@ -23,7 +23,10 @@ from spiffe import JwtBundle, TrustDomain
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.approval_desk import ApprovalDesk
 from broker.audit import AuditLog
+from broker.core import approvals as ap
+from broker.core.approvals import ApprovalError, ApprovalNotFoundError
 from broker.core.models import (
     CredentialRequest,
     Decision,
@@ -33,7 +36,7 @@ from broker.core.models import (
 )
 from broker.core.records import decision_record, rfc3339
 from broker.core.revocation import first_freeze
-from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ScopeMap, evaluate
+from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ActionClass, ScopeMap, evaluate
 from broker.errors import (
     AuditError,
     CredbrokerError,
@@ -48,7 +51,7 @@ from broker.errors import (
 from broker.identity import Caller, JwtSvidCache, spiffe_id_from_certificate
 from broker.registry import StoreError
 from broker.responder import Responder
-from broker.vault import VaultAdapter
+from broker.vault import MintedToken, VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
 
@@ -57,6 +60,8 @@ ERROR_CODE_MD_KEY = "credbroker-error-code"
 
 _STATUS: list[tuple[type[CredbrokerError], grpc.StatusCode]] = [
     (IdentityError, grpc.StatusCode.UNAUTHENTICATED),
+    (ApprovalNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ApprovalError, grpc.StatusCode.PERMISSION_DENIED),
     (UnknownActionClassError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -172,6 +177,45 @@ def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
     )
 
 
+class ApprovalClosedError(ApprovalError):
+    """The approval a workload waited for was denied or expired."""
+
+    def __init__(self, message: str, *, state: str) -> None:
+        super().__init__(message)
+        self.code = f"approval_{state}"
+
+
+def _ts(dt: datetime) -> Timestamp:
+    t = Timestamp()
+    t.FromDatetime(dt)
+    return t
+
+
+def _vote_to_proto(v: ap.Vote) -> pb.ApprovalVote:
+    return pb.ApprovalVote(subject=v.subject, reason=v.reason, at=_ts(v.at), via=v.via)
+
+
+def approval_to_proto(a: ap.Approval) -> pb.ApprovalInfo:
+    req = a.request
+    ev = req.initiating_event
+    msg = pb.IssueCredentialRequest(action_class=req.action_class, target=req.target,
+                                    justification=req.justification,
+                                    ttl_seconds=req.ttl_seconds, request_id=a.request_id)
+    if ev is not None:
+        msg.initiating_event.source, msg.initiating_event.id = ev.source, ev.id
+        msg.initiating_event.summary = ev.summary
+    return pb.ApprovalInfo(
+        id=a.id, state=a.state, spiffe_id=a.spiffe_id, action_class=a.action_class,
+        request=msg, request_hash=a.request_hash, approvers=list(a.approvers),
+        approvals_required=a.approvals_required,
+        votes=[_vote_to_proto(v) for v in a.votes],
+        denial=_vote_to_proto(a.denial) if a.denial else None,
+        created_at=_ts(a.created_at), expires_at=_ts(a.expires_at), escalated=a.escalated,
+        escalation=list(a.escalation),
+        review=_vote_to_proto(a.review) if a.review else None,
+        credential_id=a.credential_id, owner_team=a.owner_team)
+
+
 def decision_to_proto(d: Decision) -> pb.Decision:
     out = pb.Decision(
         outcome={Outcome.ALLOW: pb.OUTCOME_ALLOW, Outcome.DENY: pb.OUTCOME_DENY,
@@ -238,8 +282,10 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         authenticator: Authenticator,
         audit: AuditLog,
         responder: Responder,
+        desk: ApprovalDesk,
         clock: Callable[[], datetime],
     ) -> None:
+        self._desk = desk
         self._maps = scope_maps
         self._audit = audit
         self._responder = responder
@@ -255,74 +301,145 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         request_id = request.request_id or uuid.uuid4().hex
         with _boundary(context, request_id, "IssueCredential"):
             caller = self._auth.authenticate(context)
-            req = request_from_proto(request)
-            scope_map = self._maps.current
-            now = self._clock()
-            key = (str(caller.spiffe_id), req.action_class)
-            with self._usage.reserve(key, now) as recent:
-                decision = evaluate(scope_map, caller.spiffe_id, req, now, recent,
-                                    self._responder.freezes)
-                if decision.outcome is Outcome.ALLOW:
-                    self._usage.record(key, now)  # counted before minting: no race past a budget
-            _log.info("request_id=%s spiffe_id=%s action_class=%s outcome=%s rule=%s "
-                      "scope_map=%s", request_id, caller.spiffe_id, req.action_class,
-                      decision.outcome.value, decision.rule, scope_map.version[:19])
+            return self._issue(caller, request_from_proto(request), request_id,
+                               approval_id=request.approval_id,
+                               break_glass=request.break_glass)
+        raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+
+    def AwaitApproval(
+        self, request: pb.AwaitApprovalRequest, context: grpc.ServicerContext
+    ) -> pb.IssueCredentialResponse:
+        with _boundary(context, request.approval_id, "AwaitApproval"):
+            caller = self._auth.authenticate(context)
+            a = self._desk.get(request.approval_id)
+            if a.spiffe_id != str(caller.spiffe_id):
+                raise ApprovalNotFoundError(f"{caller.spiffe_id} has no approval "
+                                            f"{request.approval_id!r}")
+            a = self._desk.wait(a.id, min(float(request.wait_seconds), 60.0))
+            if a.state == ap.PENDING:
+                return pb.IssueCredentialResponse(request_id=a.request_id,
+                                                  approval=approval_to_proto(a))
+            if a.state in (ap.DENIED, ap.EXPIRED):
+                why = (f"denied by {a.denial.subject}: {a.denial.reason}" if a.denial
+                       else f"no decision before {rfc3339(a.expires_at)}")
+                raise ApprovalClosedError(f"approval {a.id} was {a.state} ({why}); nothing was "
+                                          "issued", state=a.state)
+            # Approved: decided again under the scope map and freezes in force right now.
+            return self._issue(caller, a.request, a.request_id, approval_id=a.id,
+                               break_glass=False)
+        raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+
+    def _issue(self, caller: Caller, req: CredentialRequest, request_id: str, *,
+               approval_id: str, break_glass: bool) -> pb.IssueCredentialResponse:
+        scope_map = self._maps.current
+        now = self._clock()
+        key = (str(caller.spiffe_id), req.action_class)
+        with self._usage.reserve(key, now) as recent:
+            decision = evaluate(scope_map, caller.spiffe_id, req, now, recent,
+                                self._responder.freezes)
+            grant = decision.outcome is Outcome.ALLOW or (
+                decision.outcome is Outcome.NEEDS_APPROVAL and (approval_id or break_glass))
+            if grant:
+                self._usage.record(key, now)  # counted before minting: no race past a budget
+        _log.info("request_id=%s spiffe_id=%s action_class=%s outcome=%s rule=%s "
+                  "scope_map=%s", request_id, caller.spiffe_id, req.action_class,
+                  decision.outcome.value, decision.rule, scope_map.version[:19])
+        approval: ap.Approval | None = None
+        try:
+            if grant and approval_id:
+                approval = self._desk.consume(approval_id, str(caller.spiffe_id), req)
             record = decision_record(time=now, request_id=request_id,
                                      spiffe_id=caller.spiffe_id, request=req, decision=decision)
+            # On disk before anything is minted or any answer is given (fail closed).
+            self._audit.append("decision", **_fields(record),
+                               proof={"x509_serial": caller.x509_serial,
+                                      "jwt_id": caller.jwt_id},
+                               approvers=[v.subject for v in approval.votes] if approval
+                               else [], approval_id=approval.id if approval else "",
+                               break_glass=bool(break_glass and grant and not approval_id))
+        except CredbrokerError:
+            if grant:
+                self._usage.forget(key, now)
+            raise
+        if decision.outcome is Outcome.DENY:
+            raise DeniedByPolicy(decision)
+        cls = scope_map.classes[decision.action_class]
+        ttl = decision.ttl_seconds
+        if decision.outcome is Outcome.NEEDS_APPROVAL and approval is None:
             try:
-                # On disk before anything is minted or any answer is given (fail closed).
-                self._audit.append("decision", **_fields(record),
-                                   proof={"x509_serial": caller.x509_serial,
-                                          "jwt_id": caller.jwt_id}, approvers=[])
-            except AuditError:
-                if decision.outcome is Outcome.ALLOW:
+                if break_glass:
+                    approval = self._desk.break_glass(request_id=request_id,
+                                                      spiffe_id=str(caller.spiffe_id),
+                                                      request=req, cls=cls)
+                    if approval.break_glass is not None:
+                        ttl = min(ttl, approval.break_glass.max_ttl_seconds)
+                else:
+                    pending = self._desk.open(request_id=request_id,
+                                              spiffe_id=str(caller.spiffe_id), request=req,
+                                              cls=cls)
+                    return pb.IssueCredentialResponse(request_id=request_id,
+                                                      decision=decision_to_proto(decision),
+                                                      approval=approval_to_proto(pending))
+            except CredbrokerError:
+                if grant:
                     self._usage.forget(key, now)
                 raise
-            if decision.outcome is not Outcome.ALLOW:
-                raise DeniedByPolicy(decision)
-            cls = scope_map.classes[decision.action_class]
-            ev = req.initiating_event
-            # Intent first (durable), so a crash after minting leaves a trace to reconcile.
-            self._store.record_intent(request_id=request_id, spiffe_id=str(caller.spiffe_id),
-                                      action_class=cls.name, target=req.target,
-                                      event_source=ev.source if ev else "",
-                                      event_id=ev.id if ev else "", at=now)
-            try:
-                minted = self._vault.mint(
-                    cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=decision.ttl_seconds,
-                    metadata={"request_id": request_id, "target": req.target[:256],
-                              "scope_map_version": scope_map.version,
-                              "broker_instance": self._store.instance_id},
-                    now=now,
-                )
-            except CredbrokerError:
-                self._usage.forget(key, now)  # nothing was issued: give the budget back
-                self._store.forget_intent(request_id)
-                raise
-            self._store.record_minted(request_id=request_id, credential_id=minted.accessor,
-                                      expires_at=minted.expires_at, entity_id=minted.entity_id)
-            try:
-                self._audit.append(
-                    "credential.minted", request_id=request_id, credential_id=minted.accessor,
-                    spiffe_id=str(caller.spiffe_id), action_class=cls.name, target=req.target,
-                    policies=list(minted.policies), ttl_seconds=minted.ttl_seconds,
-                    expires_at=rfc3339(minted.expires_at), vault_entity_id=minted.entity_id,
-                    scope_map_version=scope_map.version)
-            except AuditError:
-                self._revoke_unrecorded(minted.accessor, request_id)
-                raise
-            _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s", request_id,
-                      minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
-            expires = Timestamp()
-            expires.FromDatetime(minted.expires_at)
-            return pb.IssueCredentialResponse(
-                request_id=request_id,
-                credential=pb.Credential(
-                    credential_id=minted.accessor, token=minted.token, expires_at=expires,
-                    policies=list(minted.policies), ttl_seconds=minted.ttl_seconds),
-                decision=decision_to_proto(decision),
+        try:
+            minted = self._mint(caller, req, request_id, cls, ttl, scope_map.version, now)
+        except CredbrokerError:
+            self._usage.forget(key, now)  # nothing was issued: give the budget back
+            raise
+        if approval is not None:
+            self._desk.attach_credential(approval.id, minted.accessor)
+        expires = Timestamp()
+        expires.FromDatetime(minted.expires_at)
+        return pb.IssueCredentialResponse(
+            request_id=request_id,
+            credential=pb.Credential(
+                credential_id=minted.accessor, token=minted.token, expires_at=expires,
+                policies=list(minted.policies), ttl_seconds=minted.ttl_seconds),
+            decision=decision_to_proto(decision),
+            approval=approval_to_proto(approval) if approval else None,
+        )
+
+    def _mint(self, caller: Caller, req: CredentialRequest, request_id: str, cls: ActionClass,
+              ttl: int, version: str, now: datetime) -> MintedToken:
+        """Intent, mint, record, audit — or nothing left behind.
+
+        Raises: VaultUnavailableError, VaultError, StoreError, AuditError (after revoking).
+        """
+        ev = req.initiating_event
+        # Intent first (durable), so a crash after minting leaves a trace to reconcile.
+        self._store.record_intent(request_id=request_id, spiffe_id=str(caller.spiffe_id),
+                                  action_class=cls.name, target=req.target,
+                                  event_source=ev.source if ev else "",
+                                  event_id=ev.id if ev else "", at=now)
+        try:
+            minted = self._vault.mint(
+                cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=ttl,
+                metadata={"request_id": request_id, "target": req.target[:256],
+                          "scope_map_version": version,
+                          "broker_instance": self._store.instance_id},
+                now=now,
             )
-        raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+        except CredbrokerError:
+            self._store.forget_intent(request_id)
+            raise
+        self._store.record_minted(request_id=request_id, credential_id=minted.accessor,
+                                  expires_at=minted.expires_at, entity_id=minted.entity_id)
+        try:
+            self._audit.append(
+                "credential.minted", request_id=request_id, credential_id=minted.accessor,
+                spiffe_id=str(caller.spiffe_id), action_class=cls.name, target=req.target,
+                policies=list(minted.policies), ttl_seconds=minted.ttl_seconds,
+                expires_at=rfc3339(minted.expires_at), vault_entity_id=minted.entity_id,
+                scope_map_version=version)
+        except AuditError:
+            self._revoke_unrecorded(minted.accessor, request_id)
+            raise
+        _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s", request_id,
+                  minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
+        return minted
 
     def WatchRevocations(
         self, request: pb.WatchRevocationsRequest, context: grpc.ServicerContext

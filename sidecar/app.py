@@ -13,6 +13,7 @@ import os
 import socket
 import socketserver
 import threading
+import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -45,7 +46,8 @@ def parse_issue_body(raw: bytes) -> pb.IssueCredentialRequest:
                          ) from None
     if not isinstance(body, dict):
         raise BadRequest('send a JSON object, e.g. {"action_class": "enrichment"}')
-    allowed = {"action_class", "target", "initiating_event", "justification", "ttl_seconds"}
+    allowed = {"action_class", "target", "initiating_event", "justification", "ttl_seconds",
+               "break_glass", "approval_id", "wait_seconds"}
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise BadRequest(f"unknown field(s) {', '.join(unknown)}; allowed: "
@@ -60,6 +62,16 @@ def parse_issue_body(raw: bytes) -> pb.IssueCredentialRequest:
             raise BadRequest(f"{name} must be a string")
         if value:
             setattr(msg, name, value)
+    bg = body.get("break_glass")
+    if bg is not None:
+        if not isinstance(bg, bool):
+            raise BadRequest("break_glass must be true or false")
+        msg.break_glass = bg
+    aid = body.get("approval_id")
+    if aid is not None:
+        if not isinstance(aid, str) or not aid:
+            raise BadRequest("approval_id must be the id a 202 answer gave you")
+        msg.approval_id = aid
     ttl = body.get("ttl_seconds")
     if ttl is not None:
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
@@ -77,6 +89,15 @@ def parse_issue_body(raw: bytes) -> pb.IssueCredentialRequest:
         msg.initiating_event.id = ev.get("id") or ""
         msg.initiating_event.summary = ev.get("summary") or ""
     return msg
+
+
+def wait_seconds(value: object) -> int:
+    """Raises: BadRequest unless 0..60 whole seconds."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 60:
+        raise BadRequest("wait_seconds must be a whole number of seconds from 0 to 60")
+    return value
 
 
 def _rfc3339(dt: datetime) -> str:
@@ -122,12 +143,28 @@ class SidecarService:
             _log.warning("freeze by %s: %s; cached credentials dropped", event.frozen.by,
                          event.frozen.reason)
 
-    def issue(self, msg: pb.IssueCredentialRequest) -> tuple[int, dict[str, Any]]:
+    def issue(self, msg: pb.IssueCredentialRequest, wait: int = 0) -> tuple[int, dict[str, Any]]:
         now = self._clock()
-        cached = self.cache.get(msg.action_class, msg.target, now)
+        plain = not msg.approval_id and not msg.break_glass
+        cached = self.cache.get(msg.action_class, msg.target, now) if plain else None
         if cached is not None:
             return 200, {**cached.body, "cached": True}
         resp = self.client.issue(msg)
+        if not resp.HasField("credential") and resp.HasField("approval"):
+            if wait:
+                return self.await_approval(resp.approval.id, wait)
+            return 202, _pending(resp)
+        return self._credential(resp, msg.action_class, msg.target, now)
+
+    def await_approval(self, approval_id: str, wait: int) -> tuple[int, dict[str, Any]]:
+        resp = self.client.await_approval(approval_id, wait)
+        if not resp.HasField("credential"):
+            return 202, _pending(resp)
+        req = resp.approval.request
+        return self._credential(resp, req.action_class, req.target, self._clock())
+
+    def _credential(self, resp: pb.IssueCredentialResponse, action_class: str, target: str,
+                    now: datetime) -> tuple[int, dict[str, Any]]:
         cred = resp.credential
         expires = cred.expires_at.ToDatetime(tzinfo=UTC)
         body = {
@@ -140,7 +177,9 @@ class SidecarService:
             "request_id": resp.request_id,
             "decision": decision_to_json(resp.decision),
         }
-        self.cache.put(msg.action_class, msg.target, CachedCredential(
+        if resp.HasField("approval"):
+            body["approval"] = _approval_json(resp.approval)
+        self.cache.put(action_class, target, CachedCredential(
             credential_id=cred.credential_id, issued_at=now, expires_at=expires, body=body))
         _log.info("issued credential_id=%s action_class=%s request_id=%s", cred.credential_id,
                   resp.decision.action_class, resp.request_id)
@@ -161,6 +200,22 @@ class SidecarService:
             return 503, _error("workload_api_unavailable",
                                f"no SVID from the Workload API ({type(exc).__name__})")
         return 200, {"status": "ok", "spiffe_id": sid, "cached_credentials": len(self.cache)}
+
+
+def _approval_json(a: pb.ApprovalInfo) -> dict[str, Any]:
+    return {"approval_id": a.id, "status": a.state, "action_class": a.action_class,
+            "approvers": list(a.approvers), "approvals_required": a.approvals_required,
+            "approved_by": [v.subject for v in a.votes],
+            "expires_at": _rfc3339(a.expires_at.ToDatetime(tzinfo=UTC))}
+
+
+def _pending(resp: pb.IssueCredentialResponse) -> dict[str, Any]:
+    body = _approval_json(resp.approval)
+    body["poll"] = f"/v1/approvals/{resp.approval.id}?wait=30"
+    body["request_id"] = resp.request_id
+    if resp.HasField("decision"):
+        body["decision"] = decision_to_json(resp.decision)
+    return body
 
 
 def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -197,8 +252,21 @@ class _Handler(BaseHTTPRequestHandler):
                                                "the details"))
 
     def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
         if self.path == "/healthz":
             self._guard(self.server.service.health)
+        elif path.startswith("/v1/approvals/") and path.count("/") == 3:
+            params = urllib.parse.parse_qs(query)
+            approval_id = path.rsplit("/", 1)[1]
+
+            def poll() -> tuple[int, dict[str, Any]]:
+                raw = params.get("wait", ["0"])[0]
+                if not raw.isdigit():
+                    raise BadRequest("wait must be a whole number of seconds from 0 to 60")
+                return self.server.service.await_approval(approval_id,
+                                                          wait_seconds(int(raw)))
+
+            self._guard(poll)
         else:
             self._send(404, _error("not_found", f"no such endpoint GET {self.path}; "
                                                 "try POST /v1/credentials or GET /healthz"))
@@ -213,7 +281,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(413, _error("too_large", f"body is larger than {_MAX_BODY} bytes"))
             return
         raw = self.rfile.read(length)
-        self._guard(lambda: self.server.service.issue(parse_issue_body(raw)))
+
+        def issue() -> tuple[int, dict[str, Any]]:
+            msg = parse_issue_body(raw)
+            body = json.loads(raw)
+            return self.server.service.issue(msg, wait_seconds(body.get("wait_seconds")))
+
+        self._guard(issue)
 
     def do_DELETE(self) -> None:
         prefix = _PREFIX + "/"

@@ -105,6 +105,17 @@ class BrokerClient:
         except grpc.RpcError as err:
             raise self._translate(err) from None
 
+    def await_approval(self, approval_id: str, wait_seconds: int) -> pb.IssueCredentialResponse:
+        """Raises: BrokerCallError."""
+        stub = pb_grpc.CredentialBrokerStub(self._channel.get())
+        try:
+            resp: pb.IssueCredentialResponse = stub.AwaitApproval(
+                pb.AwaitApprovalRequest(approval_id=approval_id, wait_seconds=wait_seconds),
+                metadata=self._metadata(), timeout=self._cfg.broker_timeout + wait_seconds)
+            return resp
+        except grpc.RpcError as err:
+            raise self._translate(err) from None
+
     def revoke(self, credential_id: str, reason: str) -> pb.RevokeCredentialResponse:
         """Raises: BrokerCallError."""
         stub = pb_grpc.CredentialBrokerStub(self._channel.get())

@@ -58,9 +58,9 @@ def test_dev_stack_serves_writes_dev_json_and_stops_every_child() -> None:
         assert set(info["sidecars"]) == {"triage", "responder"}
         assert oct((run_dir / "dev.json").stat().st_mode & 0o777) == "0o600"
         resp = SidecarClient(info["sidecars"]["responder"]["socket"]).request_credential(
-            "containment.isolate_host", target="ws-1",
+            "identity.disable_account", target="user-1",
             initiating_event={"source": "test", "id": "1"})
-        assert resp["policies"] == ["credbroker-containment.isolate_host"]
+        assert resp["policies"] == ["credbroker-identity.disable_account"]
         children = _children_of(proc.pid)
         assert len(children) == 4  # OpenBao, broker, two sidecars
         log_text = "".join(p.read_text() for p in run_dir.glob("*.log"))
@@ -96,7 +96,7 @@ def test_demo_tells_the_story_and_exits_zero() -> None:
     out = subprocess.run([*CLI, "demo"], capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     for words in ("granted", "Vault refused: permission denied", "denied (403",
-                  "revoked in Vault", "all 10 steps behaved",
+                  "revoked in Vault", "all 12 steps behaved", "approved by: alice@example.org",
                   "409 frozen", "owner (answers for the policy): "
                   "incident-response", "intact"):
         assert words in out.stdout

@@ -14,13 +14,12 @@ import pytest
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.devstack import OpenBaoDev
 from broker.server import BrokerServer
-from broker.service import DECISION_MD_KEY, ERROR_CODE_MD_KEY
+from broker.service import ERROR_CODE_MD_KEY
 from tests.integration.conftest import (
     CONTAINMENT,
     TEST_MAP,
     TRIAGE,
     Identity,
-    Sidecar,
     broker_config,
 )
 from tests.integration.helpers import EVENT, issue_request, stub, svid
@@ -52,22 +51,6 @@ def test_targets_conditions_and_budgets_are_enforced(broker: BrokerServer, ident
         ask("user-44", "disable the compromised account")
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "budget of 2/h" in err.value.details()
-
-
-def test_jit_class_is_refused_until_approvals_exist(broker: BrokerServer, identity: Identity,
-                                                    sidecars: dict[str, Sidecar]) -> None:
-    with pytest.raises(grpc.RpcError) as err:
-        stub(broker.port, identity.ca, svid(identity.ca, CONTAINMENT)).IssueCredential(
-            issue_request("identity.revoke_tokens", initiating_event=EVENT), timeout=10)
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert _code(err.value) == "approval_required"
-    decision = pb.Decision.FromString(
-        dict(err.value.trailing_metadata())[DECISION_MD_KEY])  # type: ignore[arg-type]
-    assert decision.outcome == pb.OUTCOME_NEEDS_APPROVAL
-    status, body = sidecars["containment"].client.raw(
-        "POST", "/v1/credentials",
-        {"action_class": "identity.revoke_tokens", "initiating_event": {"source": "s", "id": "1"}})
-    assert status == 403 and body["error"]["code"] == "approval_required"  # type: ignore[index]
 
 
 def _until(check: Callable[[], bool], what: str, timeout: float = 8.0) -> None:

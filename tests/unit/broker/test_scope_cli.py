@@ -54,7 +54,8 @@ def test_explain(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, "scope", "explain", str(SOC), "--spiffe-id",
                      "spiffe://example.org/agent/containment", "--action-class",
                      "containment.isolate_host", "--event", "splunk:N-1", "--target", "ws-1")
-    assert rc == 0 and "decision:   ALLOW" in out and "escalation: ir-oncall → " in out
+    assert rc == 0 and "decision:   NEEDS APPROVAL" in out and "escalation: ir-oncall → " in out
+    assert "1 approval(s) from ir-leads" in out
     rc, _, err = run(capsys, "scope", "explain", str(SOC), "--spiffe-id", "spiffe://Bad/x",
                      "--action-class", "enrichment")
     assert rc == 2 and "lower-case" in err

@@ -1,0 +1,214 @@
+"""The broker's approval desk: pending approvals, their waiters, escalation and expiry.
+
+State changes go through the pure functions of ``broker.core.approvals``; this
+module persists them (registry), audits them, wakes waiting sidecars, and calls
+the escalation webhook.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from broker.approvers import ApproverConfig
+from broker.audit import AuditLog
+from broker.core import approvals as ap
+from broker.core.models import CredentialRequest
+from broker.core.records import rfc3339
+from broker.core.scopemap import ActionClass
+from broker.registry import CredentialStore
+
+_log = logging.getLogger("credbroker.approvals")
+
+
+class ApprovalDesk:
+    def __init__(self, *, store: CredentialStore, audit: AuditLog, config: ApproverConfig,
+                 clock: Callable[[], datetime]) -> None:
+        self._store = store
+        self._audit = audit
+        self._cfg = config
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._items: dict[str, ap.Approval] = {}
+        for data in store.load_approvals():
+            a = ap.approval_from_json(json.loads(data))
+            self._items[a.id] = a
+        self._stop = threading.Event()
+
+    # -- reading
+
+    def get(self, approval_id: str) -> ap.Approval:
+        """Raises: ApprovalNotFoundError."""
+        with self._cond:
+            a = self._items.get(approval_id)
+        if a is None:
+            raise ap.ApprovalNotFoundError(f"no approval {approval_id!r}; "
+                                           "`credbroker approvals list` shows pending ones")
+        return a
+
+    def pending(self) -> list[ap.Approval]:
+        with self._cond:
+            return sorted((a for a in self._items.values() if a.state == ap.PENDING),
+                          key=lambda a: a.created_at)
+
+    def awaiting_review(self) -> list[ap.Approval]:
+        with self._cond:
+            return sorted((a for a in self._items.values() if a.state == ap.BREAK_GLASS),
+                          key=lambda a: a.created_at)
+
+    # -- changes
+
+    def _save(self, a: ap.Approval, event: str, **fields: Any) -> None:
+        """Persist, audit (durably: raises AuditError), and wake waiters. Holds the lock."""
+        self._store.save_approval(a.id, a.state, json.dumps(a.to_json()))
+        self._audit.append(event, approval_id=a.id, request_id=a.request_id,
+                           spiffe_id=a.spiffe_id, action_class=a.action_class,
+                           state=a.state, **fields)
+        self._items[a.id] = a
+        self._cond.notify_all()
+
+    def open(self, *, request_id: str, spiffe_id: str, request: CredentialRequest,
+             cls: ActionClass) -> ap.Approval:
+        assert cls.approval is not None
+        a = ap.open_approval(approval_id="apr-" + uuid.uuid4().hex[:16], request_id=request_id,
+                             spiffe_id=spiffe_id, request=request, rule=cls.approval,
+                             owner_team=cls.owner.team, escalation=cls.escalation,
+                             now=self._clock())
+        with self._cond:
+            self._save(a, "approval.requested", request_hash=a.request_hash,
+                       approvers=list(a.approvers), approvals_required=a.approvals_required,
+                       expires_at=rfc3339(a.expires_at))
+        return a
+
+    def decide(self, approval_id: str, who: ap.Approver, reason: str, *, approve: bool
+               ) -> ap.Approval:
+        """Raises: ApprovalError (and its not-found kind), AuditError."""
+        with self._cond:
+            a = self.get(approval_id)
+            now = self._clock()
+            if approve:
+                new = ap.approve(a, who, reason, now,
+                                 owner_team_may_approve=self._cfg.owner_team_may_approve)
+            else:
+                new = ap.deny(a, who, reason, now)
+            self._save(new, "approval.approved" if approve else "approval.denied",
+                       approver=who.subject, approver_groups=list(who.groups), via=who.via,
+                       issuer=who.issuer, reason=reason,
+                       approvals_given=len(new.votes), approvals_required=new.approvals_required)
+            return new
+
+    def consume(self, approval_id: str, spiffe_id: str, request: CredentialRequest
+                ) -> ap.Approval:
+        """Use a granted approval for exactly its request. Raises: ApprovalError, AuditError."""
+        with self._cond:
+            a = self.get(approval_id)
+            if a.spiffe_id != spiffe_id:
+                raise ap.ApprovalNotFoundError(f"{spiffe_id} has no approval {approval_id!r}")
+            new = ap.use(a, spiffe_id, request, self._clock())
+            self._save(new, "approval.used", approvers=[v.subject for v in new.votes])
+            return new
+
+    def attach_credential(self, approval_id: str, credential_id: str) -> None:
+        with self._cond:
+            a = self._items.get(approval_id)
+            if a is not None:
+                new = replace(a, credential_id=credential_id)
+                self._store.save_approval(new.id, new.state, json.dumps(new.to_json()))
+                self._items[new.id] = new
+
+    def break_glass(self, *, request_id: str, spiffe_id: str, request: CredentialRequest,
+                    cls: ActionClass) -> ap.Approval:
+        """Raises: ApprovalError (not allowed, reason or event missing), AuditError."""
+        assert cls.approval is not None
+        a = ap.break_glass_issue(approval_id="bg-" + uuid.uuid4().hex[:16],
+                                 request_id=request_id, spiffe_id=spiffe_id, request=request,
+                                 rule=cls.approval, owner_team=cls.owner.team,
+                                 escalation=cls.escalation, now=self._clock())
+        with self._cond:
+            self._save(a, "approval.break_glass", reason=request.justification,
+                       reviewers=list(a.break_glass.reviewers) if a.break_glass else [],
+                       max_ttl_seconds=a.break_glass.max_ttl_seconds if a.break_glass else 0)
+        _log.warning("BREAK-GLASS: %s used break-glass for %s (%s); awaiting review by %s",
+                     spiffe_id, cls.name, request.justification,
+                     ", ".join(a.break_glass.reviewers) if a.break_glass else "?")
+        return a
+
+    def sign_off(self, approval_id: str, who: ap.Approver, reason: str) -> ap.Approval:
+        """Raises: ApprovalError, AuditError."""
+        with self._cond:
+            new = ap.sign_off(self.get(approval_id), who, reason, self._clock())
+            self._save(new, "approval.reviewed", reviewer=who.subject, via=who.via,
+                       reason=reason)
+            return new
+
+    def wait(self, approval_id: str, timeout: float) -> ap.Approval:
+        """Block until the approval is no longer pending, or ``timeout`` seconds pass."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._items[approval_id].state != ap.PENDING,
+                                timeout=timeout)
+            return self._items[approval_id]
+
+    # -- time
+
+    def tick_all(self) -> None:
+        """Escalate and expire as the clock says. Never raises (failures are logged)."""
+        now = self._clock()
+        with self._cond:
+            for a in list(self._items.values()):
+                t = ap.tick(a, now)
+                if t.approval is a:
+                    continue
+                try:
+                    if t.expired:
+                        self._save(t.approval, "approval.expired",
+                                   reason=f"no decision by {rfc3339(a.expires_at)}")
+                    elif t.escalate_to:
+                        self._save(t.approval, "approval.escalated",
+                                   notified=list(t.escalate_to))
+                except Exception as exc:  # the ticker must keep running
+                    _log.error("approval %s: could not record %s: %s", a.id,
+                               "expiry" if t.expired else "escalation", exc)
+                    continue
+                for role in t.escalate_to:
+                    self._notify(t.approval, role)
+
+    def _notify(self, a: ap.Approval, role: str) -> None:
+        payload = {"event": "approval.escalated", "approval_id": a.id, "notify": role,
+                   "action_class": a.action_class, "spiffe_id": a.spiffe_id,
+                   "target": a.request.target, "approvers": list(a.approvers),
+                   "expires_at": rfc3339(a.expires_at),
+                   "waiting_since": rfc3339(a.created_at)}
+        _log.warning("ESCALATION: approval %s for %s (%s) still pending: notifying %s",
+                     a.id, a.action_class, a.spiffe_id, role)
+        if not self._cfg.webhook_url:
+            return
+
+        def post() -> None:
+            req = urllib.request.Request(self._cfg.webhook_url,  # noqa: S310 - configured URL
+                                         data=json.dumps(payload).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=5):  # noqa: S310
+                    pass
+            except (urllib.error.URLError, OSError) as exc:
+                _log.error("escalation webhook %s failed for approval %s: %s",
+                           self._cfg.webhook_url, a.id, exc)
+
+        threading.Thread(target=post, daemon=True, name="escalation-webhook").start()
+
+    def run_ticker(self, interval: float = 1.0) -> None:
+        while not self._stop.wait(interval):
+            self.tick_all()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()

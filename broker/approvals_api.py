@@ -1,0 +1,85 @@
+"""The Approvals gRPC service: list, approve, deny, and sign off break-glass uses."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.approval_desk import ApprovalDesk
+from broker.approvers import ApproverTokenError, OidcVerifier
+from broker.core.approvals import Approver
+from broker.errors import PolicyError
+from broker.service import Authenticator, _boundary, approval_to_proto
+
+_log = logging.getLogger("credbroker.approvals")
+
+
+class NotApproverClientError(PolicyError):
+    code = "not_admin"
+
+
+class ApprovalsService(pb_grpc.ApprovalsServicer):  # type: ignore[misc]
+    """Callers connect with an admin SVID (a person's tool, which must send that person's
+    ID token) or an approval bot's SVID (which approves as itself)."""
+
+    def __init__(self, *, desk: ApprovalDesk, authenticator: Authenticator,
+                 verifier: OidcVerifier, admins: frozenset[str]) -> None:
+        self._desk = desk
+        self._auth = authenticator
+        self._verifier = verifier
+        self._admins = admins
+
+    def _client(self, context: grpc.ServicerContext) -> str:
+        caller = str(self._auth.authenticate(context).spiffe_id)
+        if caller not in self._admins and self._verifier.bot(caller) is None:
+            raise NotApproverClientError(
+                f"{caller} may not use the approvals API: connect with an admin SVID (and your "
+                "ID token) or as a configured approval bot")
+        return caller
+
+    def _approver(self, context: grpc.ServicerContext, id_token: str) -> Approver:
+        caller = self._client(context)
+        bot = self._verifier.bot(caller)
+        if bot is not None and not id_token:
+            return bot
+        if not id_token:
+            raise ApproverTokenError("approving needs your OIDC ID token (--id-token-file, or "
+                                     "--as USER with --dev)")
+        return self._verifier.verify(id_token)
+
+    def ListApprovals(self, request: pb.ListApprovalsRequest,
+                      context: grpc.ServicerContext) -> pb.ListApprovalsResponse:
+        with _boundary(context, "approvals", "ListApprovals"):
+            self._client(context)
+            items = self._desk.awaiting_review() if request.review else self._desk.pending()
+            return pb.ListApprovalsResponse(approvals=[approval_to_proto(a) for a in items])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _decide(self, request: pb.ApprovalDecisionRequest, context: grpc.ServicerContext,
+                what: str) -> pb.ApprovalInfo:
+        with _boundary(context, request.approval_id, what):
+            who = self._approver(context, request.id_token)
+            if what == "SignOff":
+                a = self._desk.sign_off(request.approval_id, who, request.reason)
+            else:
+                a = self._desk.decide(request.approval_id, who, request.reason,
+                                      approve=what == "Approve")
+            _log.warning("%s %s approval %s (%s for %s): %s", who.subject, what.lower(), a.id,
+                         a.action_class, a.spiffe_id, request.reason)
+            return approval_to_proto(a)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def Approve(self, request: pb.ApprovalDecisionRequest,
+                context: grpc.ServicerContext) -> pb.ApprovalInfo:
+        return self._decide(request, context, "Approve")
+
+    def Deny(self, request: pb.ApprovalDecisionRequest,
+             context: grpc.ServicerContext) -> pb.ApprovalInfo:
+        return self._decide(request, context, "Deny")
+
+    def SignOff(self, request: pb.ApprovalDecisionRequest,
+                context: grpc.ServicerContext) -> pb.ApprovalInfo:
+        return self._decide(request, context, "SignOff")
