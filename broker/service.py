@@ -345,9 +345,13 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                   "scope_map=%s", request_id, caller.spiffe_id, req.action_class,
                   decision.outcome.value, decision.rule, scope_map.version[:19])
         approval: ap.Approval | None = None
+        refused: ApprovalError | None = None
         try:
             if grant and approval_id:
-                approval = self._desk.consume(approval_id, str(caller.spiffe_id), req)
+                try:
+                    approval = self._desk.consume(approval_id, str(caller.spiffe_id), req)
+                except ApprovalError as exc:
+                    refused = exc
             record = decision_record(time=now, request_id=request_id,
                                      spiffe_id=caller.spiffe_id, request=req, decision=decision)
             # On disk before anything is minted or any answer is given (fail closed).
@@ -355,8 +359,11 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                                proof={"x509_serial": caller.x509_serial,
                                       "jwt_id": caller.jwt_id},
                                approvers=[v.subject for v in approval.votes] if approval
-                               else [], approval_id=approval.id if approval else "",
+                               else [], approval_id=approval_id,
+                               approval_refused=str(refused) if refused else "",
                                break_glass=bool(break_glass and grant and not approval_id))
+            if refused is not None:
+                raise refused
         except CredbrokerError:
             if grant:
                 self._usage.forget(key, now)

@@ -144,3 +144,12 @@ class TcpProxy:
                     s.close()
                 except OSError:
                     pass
+
+
+def approvals_stub(port: int, trust_ca: DevCA, client: IssuedX509) -> pb_grpc.ApprovalsStub:
+    key, cert = pem_pair(client)
+    creds = grpc.ssl_channel_credentials(root_certificates=trust_ca.bundle_pem,
+                                         private_key=key, certificate_chain=cert)
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                                  options=[("grpc.ssl_target_name_override", DEFAULT_BROKER_DNS)])
+    return pb_grpc.ApprovalsStub(channel)

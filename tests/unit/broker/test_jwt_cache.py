@@ -24,9 +24,10 @@ def _bundle(_td: TrustDomain) -> JwtBundle:
 
 
 def test_hit_until_exp_and_only_for_the_same_peer() -> None:
-    token = CA.issue_jwt(PEER, ["credbroker"], now=NOW, ttl=timedelta(seconds=30))
+    start = datetime.now(UTC)  # not import time: the suite may run longer than the TTL
+    token = CA.issue_jwt(PEER, ["credbroker"], now=start, ttl=timedelta(seconds=30))
     cache = JwtSvidCache()
-    now = NOW.timestamp()
+    now = start.timestamp()
     jti = cache.verify(token, peer=PEER, audience="credbroker", bundle_for=_bundle, now=now)
     assert jti and cache.verify(token, peer=PEER, audience="credbroker", bundle_for=_bundle,
                                 now=now + 1) == jti
@@ -49,12 +50,13 @@ def test_expired_tokens_are_not_served_from_the_cache() -> None:
 
 
 def test_a_new_bundle_invalidates_entries() -> None:
-    token = CA.issue_jwt(PEER, ["credbroker"], now=NOW, ttl=timedelta(minutes=5))
+    start = datetime.now(UTC)
+    token = CA.issue_jwt(PEER, ["credbroker"], now=start, ttl=timedelta(minutes=5))
     cache = JwtSvidCache()
     cache.verify(token, peer=PEER, audience="credbroker", bundle_for=_bundle,
-                 now=NOW.timestamp())
+                 now=start.timestamp())
     other = JwtBundle.parse(TrustDomain("example.org"),
                             DevCA("example.org", now=NOW).jwks())
     with pytest.raises(IdentityError):
         cache.verify(token, peer=PEER, audience="credbroker", bundle_for=lambda _td: other,
-                     now=NOW.timestamp())
+                     now=start.timestamp())
