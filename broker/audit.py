@@ -64,8 +64,11 @@ class AuditLog:
         checkpoint_path: Path | None = None,
         mirror_path: Path | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_error: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.path = path
+        self._on_error = on_error
+        self._last_error = ""
         self.origin = origin
         self.checkpoint_path = checkpoint_path or path.with_name(path.name + ".checkpoints")
         self.mirror_path = mirror_path
@@ -206,6 +209,7 @@ class AuditLog:
                 self._cond.acquire()
                 self._flushing = False
             if error is None:
+                self._last_error = ""
                 _, self._durable_seq, self._durable_head, _ = batch[-1]
                 self._durable_offset += len(data)
                 for item in batch:
@@ -227,10 +231,31 @@ class AuditLog:
                        exc.strerror)
         for item in batch + self._pending:
             self._done[item[0]] = why
+        self._last_error = why
+        self._on_error(len(batch) + len(self._pending))
         self._pending = []
         self._seq, self._head = self._durable_seq, self._durable_head
         _log.error("AUDIT LOG NOT WRITABLE: %s: %s; %d record(s) refused", self.path, why,
                    len(batch))
+
+    def check_writable(self) -> None:
+        """For health checks. Raises: AuditError if the last write failed or the file is gone."""
+        with self._cond:
+            if self._fd < 0:
+                raise AuditError(f"the audit log {self.path} is closed")
+            try:
+                os.fstat(self._fd)
+                if self._last_error:
+                    # Recover once the cause looks gone (space again, sync works), so a
+                    # pod taken out of service by this check can come back.
+                    os.fsync(self._fd)
+                    if os.statvfs(self.path.parent).f_bavail * os.statvfs(
+                            self.path.parent).f_frsize < 1 << 20:
+                        raise OSError(28, "less than 1 MiB free")
+                    self._last_error = ""
+            except OSError as exc:
+                raise AuditError(f"the audit log {self.path} is not writable "
+                                 f"({self._last_error or exc.strerror})") from None
 
     # -- checkpoints
 

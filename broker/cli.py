@@ -22,6 +22,7 @@ from broker.config import (
     broker_config_from,
     process_env,
     sidecar_config_from,
+    vault_settings,
 )
 from broker.errors import (
     AuditError,
@@ -49,11 +50,15 @@ _EXIT = [
 ]
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+def _logging(verbose: bool, json_lines: bool = False) -> None:
+    handler = logging.StreamHandler()
+    if json_lines:
+        from broker.observability import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("urllib3", "spiffe", "grpc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -65,9 +70,45 @@ def _wait_for_signal() -> None:
     done.wait()
 
 
+#: Keys a `serve --config FILE` may set: the long options of `serve`, with underscores.
+_SERVE_FILE_KEYS = ("listen", "workload_api", "scope_map", "vault_addr", "vault_token_file",
+                    "audience", "require_jwt_svid", "audit_log", "audit_key",
+                    "checkpoint_mirror", "checkpoint_interval", "registry", "admin_id",
+                    "approver_issuer", "approver_jwks", "approver_audience", "approver_groups",
+                    "approval_bot", "owner_team_cannot_approve", "escalation_webhook",
+                    "metrics_listen", "health_listen")
+
+
+def _apply_config_file(args: argparse.Namespace) -> None:
+    """Fill options not given on the command line from ``--config FILE`` (YAML).
+
+    Order: defaults, then the file, then the environment, then flags (an option
+    set in the file is overridden by its flag; the environment fills what is
+    still unset). Raises: ConfigError for an unreadable file or unknown keys.
+    """
+    if not args.config:
+        return
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read --config {args.config}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {args.config} must be a YAML mapping of option: value")
+    unknown = sorted(set(data) - set(_SERVE_FILE_KEYS))
+    if unknown:
+        raise ConfigError(f"--config {args.config}: unknown key(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(_SERVE_FILE_KEYS)}")
+    for key, value in data.items():
+        if getattr(args, key) in (None, False, []):
+            setattr(args, key, value)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker.server import BrokerServer
 
+    _apply_config_file(args)
     cfg = broker_config_from(
         env=process_env(), listen=args.listen, workload_api=args.workload_api,
         scope_map=args.scope_map, vault_addr=args.vault_addr,
@@ -80,7 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         approver_audience=args.approver_audience, approver_groups=args.approver_groups,
         approval_bots=args.approval_bot,
         owner_team_cannot_approve=args.owner_team_cannot_approve,
-        escalation_webhook=args.escalation_webhook)
+        escalation_webhook=args.escalation_webhook, metrics_listen=args.metrics_listen,
+        health_listen=args.health_listen)
     # A full disk or file-size limit must fail the write (and so the request), not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     server = BrokerServer(cfg)
@@ -92,6 +134,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _wait_for_signal()
     logging.getLogger("credbroker.broker").info("stopping: draining in-flight calls")
     server.stop()
+    return 0
+
+
+def cmd_vault_sync(args: argparse.Namespace) -> int:
+    import json
+
+    from broker.config import load_scope_map
+    from broker.vault import VaultAdapter
+
+    env = process_env()
+    addr, token = vault_settings(env=env, vault_addr=args.vault_addr,
+                                 vault_token_file=args.vault_token_file)
+    path = args.scope_map or env.get("CREDBROKER_SCOPE_MAP", "")
+    if not path:
+        raise ConfigError("no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP")
+    scope_map = load_scope_map(Path(path))
+    frozen: frozenset[str] = frozenset()
+    if args.registry:
+        from broker.registry import SqliteStore
+
+        store = SqliteStore(Path(args.registry))
+        frozen = frozenset(f.pattern for f in store.freezes() if f.kind == "action_class")
+        store.close()
+    report = VaultAdapter(addr=addr, token=token).sync_scope_map(
+        scope_map, frozen)
+    if args.json:
+        print(json.dumps({"scope_map_version": scope_map.version,
+                          "policies_written": list(report.policies_written),
+                          "roles_written": list(report.roles_written),
+                          "unchanged": list(report.unchanged), "frozen": sorted(frozen)}))
+    else:
+        print(f"Vault in line with scope map {scope_map.version[:19]}: policies written "
+              f"{', '.join(report.policies_written) or 'none'}; roles written "
+              f"{', '.join(report.roles_written) or 'none'}; unchanged "
+              f"{len(report.unchanged)}" + (f"; kept frozen: {', '.join(sorted(frozen))}"
+                                             if frozen else ""))
     return 0
 
 
@@ -160,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="credbroker",
         description="Workload-identity credential broker for autonomous SOC agents.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per log line (for log collectors)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the broker (gRPC + mTLS)")
@@ -193,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--owner-team-cannot-approve", action="store_true",
                    help="members of a class's owner team may not approve its agents' requests")
     s.add_argument("--escalation-webhook", help="URL that escalations are POSTed to (JSON)")
+    s.add_argument("--metrics-listen", help="host:port for Prometheus /metrics")
+    s.add_argument("--health-listen", help="host:port for a plaintext gRPC health endpoint "
+                                           "(for kubelet probes, which cannot do mTLS)")
+    s.add_argument("--config", help="YAML file of these options (underscored names); flags "
+                                    "and environment win over it")
     s.add_argument("--checkpoint-interval", type=float,
                    help="seconds between signed checkpoints (default 60; SIGUSR1: now)")
     s.set_defaults(func=cmd_serve)
@@ -215,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "temporary directory)")
     s.set_defaults(func=cmd_dev)
 
+    s = sub.add_parser("vault", help="Vault/OpenBao set-up")
+    vsub = s.add_subparsers(dest="vault_command", required=True, metavar="SUBCOMMAND")
+    s = vsub.add_parser("sync", help="write each class's policy and token role from the scope "
+                                     "map (idempotent; only what differs)")
+    s.add_argument("--scope-map", help="scope-map file or directory ($CREDBROKER_SCOPE_MAP)")
+    s.add_argument("--vault-addr", help="default $VAULT_ADDR")
+    s.add_argument("--vault-token-file", help="default: $VAULT_TOKEN")
+    s.add_argument("--registry", help="keep classes frozen in this registry frozen")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_vault_sync)
+
     scope_cli.add_parser(sub)
     audit_cli.add_parser(sub)
     responder_cli.add_parsers(sub)
@@ -230,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     # needed (children exec at once) and would only log noise. Must precede importing grpc.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     args = build_parser().parse_args(argv)
-    _logging(args.verbose)
+    _logging(args.verbose, args.log_format == "json")
     try:
         rc: int = args.func(args)
         return rc

@@ -38,6 +38,9 @@ class BrokerConfig:
     admin_ids: tuple[str, ...] = ()
     max_workers: int = 64
     approvers: ApproverConfig = field(default_factory=ApproverConfig)
+    metrics_listen: str = ""  # host:port for /metrics; empty: no metrics server
+    health_listen: str = ""  # host:port for a plaintext gRPC health endpoint (kubelet probes)
+    health_interval: float = 2.0
     audit_key_path: Path | None = None  # Ed25519 PEM; created (0600) when missing
     checkpoint_mirror: Path | None = None
     checkpoint_interval: float = 60.0
@@ -76,6 +79,30 @@ def _hostport(value: str, what: str) -> str:
     return value
 
 
+def vault_settings(*, env: Mapping[str, str], vault_addr: str | None,
+                   vault_token_file: str | None) -> tuple[str, str]:
+    """Vault address and token (from --vault-token-file or VAULT_TOKEN, never a flag value).
+
+    Raises:
+        ConfigError: either is missing or the token file is unreadable.
+    """
+    token = ""
+    if vault_token_file:
+        try:
+            token = Path(vault_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --vault-token-file {vault_token_file}: "
+                              f"{exc.strerror}") from None
+    token = token or env.get("VAULT_TOKEN", "")
+    if not token:
+        raise ConfigError("no Vault token: set VAULT_TOKEN or pass --vault-token-file PATH")
+    addr = vault_addr or env.get("VAULT_ADDR", "")
+    if not addr.startswith(("http://", "https://")):
+        raise ConfigError("Vault address is not set or not a URL: set VAULT_ADDR or pass "
+                          "--vault-addr https://vault.example:8200")
+    return addr.rstrip("/"), token
+
+
 def broker_config_from(
     *,
     env: Mapping[str, str],
@@ -100,6 +127,8 @@ def broker_config_from(
     approval_bots: list[str] | None = None,
     owner_team_cannot_approve: bool = False,
     escalation_webhook: str | None = None,
+    metrics_listen: str | None = None,
+    health_listen: str | None = None,
 ) -> BrokerConfig:
     """Build and validate broker configuration.
 
@@ -109,20 +138,8 @@ def broker_config_from(
     Raises:
         ConfigError: something is missing or malformed; the message says what to set.
     """
-    token = ""
-    if vault_token_file:
-        try:
-            token = Path(vault_token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --vault-token-file {vault_token_file}: "
-                              f"{exc.strerror}") from None
-    token = token or env.get("VAULT_TOKEN", "")
-    if not token:
-        raise ConfigError("no Vault token: set VAULT_TOKEN or pass --vault-token-file PATH")
-    addr = vault_addr or env.get("VAULT_ADDR", "")
-    if not addr.startswith(("http://", "https://")):
-        raise ConfigError("Vault address is not set or not a URL: set VAULT_ADDR or pass "
-                          "--vault-addr https://vault.example:8200")
+    addr, token = vault_settings(env=env, vault_addr=vault_addr,
+                                 vault_token_file=vault_token_file)
     sm = scope_map or env.get("CREDBROKER_SCOPE_MAP", "")
     if not sm:
         raise ConfigError("no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP")
@@ -159,7 +176,7 @@ def broker_config_from(
         workload_api_socket=_socket(workload_api or env.get("SPIFFE_ENDPOINT_SOCKET", ""),
                                     "Workload API socket"),
         scope_map_path=Path(sm),
-        vault_addr=addr.rstrip("/"),
+        vault_addr=addr,
         vault_token=token,
         jwt_audience=jwt_audience or env.get("CREDBROKER_AUDIENCE", DEFAULT_AUDIENCE),
         require_jwt_svid=require_jwt_svid,
@@ -168,6 +185,8 @@ def broker_config_from(
         registry_path=Path(reg),
         admin_ids=tuple(a.strip() for a in admins),
         approvers=approvers,
+        metrics_listen=_hostport(metrics_listen, "--metrics-listen") if metrics_listen else "",
+        health_listen=_hostport(health_listen, "--health-listen") if health_listen else "",
         audit_key_path=Path(key),
         checkpoint_mirror=Path(checkpoint_mirror) if checkpoint_mirror else None,
         checkpoint_interval=interval,

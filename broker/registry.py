@@ -99,6 +99,7 @@ class CredentialStore(Protocol):
     def get(self, credential_id: str) -> CredentialRow | None: ...
     def live(self, selector: Selector, now: datetime) -> list[CredentialRow]: ...
     def live_ids_of(self, spiffe_id: str, now: datetime) -> list[str]: ...
+    def count_live(self, now: datetime) -> int: ...
     def entity_ids(self, pattern_matches: Selector) -> dict[str, str]: ...
     def mark_revoked(self, credential_id: str, *, by: str, reason: str, selector: str,
                      at: datetime, pending: bool, error: str = "") -> None: ...
@@ -199,6 +200,11 @@ class SqliteStore:
                 if selector.matches(credential_id=r.credential_id, spiffe_id=r.spiffe_id,
                                     action_class=r.action_class, target=r.target,
                                     issued_at=r.issued_at)]
+
+    def count_live(self, now: datetime) -> int:
+        (row,) = self._exec("SELECT count(*) FROM credentials WHERE state='live' AND "
+                            "expires_at > ?", (_ts(now),))
+        return int(str(row[0]))
 
     def live_ids_of(self, spiffe_id: str, now: datetime) -> list[str]:
         return [str(r[0]) for r in self._exec(

@@ -32,6 +32,7 @@ from broker.core.revocation import Freeze, Selector, freeze_target
 from broker.core.scopemap import ScopeMap
 from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
 from broker.errors import CredbrokerError, NotFoundError, VaultUnavailableError
+from broker.observability import Metrics
 from broker.registry import CredentialRow, CredentialStore
 from broker.vault import VaultAdapter
 
@@ -112,6 +113,7 @@ class Responder:
         self._freezes = store.freezes()
         self._stop = threading.Event()
         self.last_freeze_revocation: threading.Thread | None = None
+        self.metrics: Metrics | None = None
 
     @property
     def freezes(self) -> list[Freeze]:
@@ -151,6 +153,8 @@ class Responder:
         for f in futures:
             o = f.result()
             outcomes.append(o)
+            if self.metrics is not None:
+                self.metrics.revocations.labels(o.result).inc()
             if o.result in ("revoked", "already_dead"):
                 confirmed.append(o.credential_id)
                 if len(confirmed) >= 500:

@@ -8,10 +8,14 @@ from collections.abc import Callable
 from concurrent import futures
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
+from grpc_health.v1 import health
+from grpc_reflection.v1alpha import reflection
 from spiffe import JwtSource, X509Source
 
+from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.admin import AdminService
 from broker.approval_desk import ApprovalDesk
@@ -20,6 +24,7 @@ from broker.approvers import OidcVerifier
 from broker.audit import AuditLog, load_or_create_signing_key
 from broker.config import BrokerConfig, load_scope_map
 from broker.errors import AuditError, CredbrokerError, WorkloadApiError
+from broker.observability import HealthMonitor, Metrics
 from broker.registry import SqliteStore
 from broker.responder import Responder, RevocationBus
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
@@ -62,6 +67,10 @@ class BrokerServer:
         self.store: SqliteStore | None = None
         self.responder: Responder | None = None
         self.desk: ApprovalDesk | None = None
+        self.health: HealthMonitor | None = None
+        self._metrics_server: Any = None
+        self._health_server: grpc.Server | None = None
+        self.health_port = 0
         self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
@@ -75,8 +84,9 @@ class BrokerServer:
         cfg = self.config
         key = load_or_create_signing_key(cfg.audit_key_path, create=True) \
             if cfg.audit_key_path else None
+        self.metrics = Metrics()
         self.audit = AuditLog(cfg.audit_path, signing_key=key, mirror_path=cfg.checkpoint_mirror,
-                              clock=self._clock)
+                              clock=self._clock, on_error=self.metrics.audit_errors.inc)
         try:
             self.store = SqliteStore(cfg.registry_path)
             self._start(cfg)
@@ -136,7 +146,19 @@ class BrokerServer:
         threading.Thread(target=self.desk.run_ticker, daemon=True, name="approvals").start()
         service = BrokerService(scope_maps=self.scope_maps, audit=self.audit, vault=vault,
                                 responder=self.responder, desk=self.desk,
-                                authenticator=authenticator, clock=self._clock)
+                                authenticator=authenticator, clock=self._clock,
+                                metrics=self.metrics)
+        self.responder.metrics = self.metrics
+        store, desk, audit = self.store, self.desk, self.audit
+
+        def refresh() -> None:
+            self.metrics.live_credentials.set(store.count_live(self._clock()))
+            self.metrics.pending_approvals.set(len(desk.pending()))
+
+        self.health = HealthMonitor(checks={"Vault": vault.health,
+                                            "audit log": audit.check_writable},
+                                    metrics=self.metrics, refresh=refresh,
+                                    interval=cfg.health_interval)
         approvals = ApprovalsService(desk=self.desk, authenticator=authenticator,
                                      verifier=verifier, admins=frozenset(cfg.admin_ids))
         admin = AdminService(responder=self.responder, authenticator=authenticator,
@@ -148,6 +170,22 @@ class BrokerServer:
         pb_grpc.add_CredentialBrokerServicer_to_server(service, server)
         pb_grpc.add_CredentialAdminServicer_to_server(admin, server)
         pb_grpc.add_ApprovalsServicer_to_server(approvals, server)
+        self.health.add_to(server)
+        self.health.check_now()
+        threading.Thread(target=self.health.run, daemon=True, name="health").start()
+        # grpcurl and friends discover the API through reflection.
+        reflection.enable_server_reflection([
+            pb.DESCRIPTOR.services_by_name[name].full_name
+            for name in ("CredentialBroker", "CredentialAdmin", "Approvals")
+        ] + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        if cfg.metrics_listen:
+            self._metrics_server = self.metrics.serve(cfg.metrics_listen)
+        if cfg.health_listen:
+            # kubelet's gRPC probes cannot do mTLS: the health service alone, in plaintext.
+            self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            self.health.add_to(self._health_server)
+            self.health_port = self._health_server.add_insecure_port(cfg.health_listen)
+            self._health_server.start()
         self.port = server.add_secure_port(cfg.listen, server_credentials(self._x509))
         if self.port == 0:
             raise WorkloadApiError(f"cannot listen on {cfg.listen}")
@@ -239,6 +277,12 @@ class BrokerServer:
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace`` seconds."""
+        if self.health is not None:
+            self.health.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        if self._health_server is not None:
+            self._health_server.stop(0)
         if self.responder is not None:
             self.responder.bus.close()
         if self.desk is not None:

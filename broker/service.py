@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ from broker.errors import (
     VaultUnavailableError,
 )
 from broker.identity import Caller, JwtSvidCache, spiffe_id_from_certificate
+from broker.observability import Metrics
 from broker.registry import StoreError
 from broker.responder import Responder
 from broker.vault import MintedToken, VaultAdapter
@@ -284,7 +286,9 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         responder: Responder,
         desk: ApprovalDesk,
         clock: Callable[[], datetime],
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._desk = desk
         self._maps = scope_maps
         self._audit = audit
@@ -299,11 +303,16 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self, request: pb.IssueCredentialRequest, context: grpc.ServicerContext
     ) -> pb.IssueCredentialResponse:
         request_id = request.request_id or uuid.uuid4().hex
-        with _boundary(context, request_id, "IssueCredential"):
-            caller = self._auth.authenticate(context)
-            return self._issue(caller, request_from_proto(request), request_id,
-                               approval_id=request.approval_id,
-                               break_glass=request.break_glass)
+        started = time.perf_counter()
+        try:
+            with _boundary(context, request_id, "IssueCredential"):
+                caller = self._auth.authenticate(context)
+                return self._issue(caller, request_from_proto(request), request_id,
+                                   approval_id=request.approval_id,
+                                   break_glass=request.break_glass)
+        finally:
+            self._metrics.issuance_seconds.labels(request.action_class[:64] or "-").observe(
+                time.perf_counter() - started)
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
 
     def AwaitApproval(
@@ -344,6 +353,9 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         _log.info("request_id=%s spiffe_id=%s action_class=%s outcome=%s rule=%s "
                   "scope_map=%s", request_id, caller.spiffe_id, req.action_class,
                   decision.outcome.value, decision.rule, scope_map.version[:19])
+        # Label values are bounded: unknown classes are counted as one.
+        label = req.action_class if req.action_class in scope_map.classes else "(unknown)"
+        self._metrics.issuance.labels(label, decision.outcome.value).inc()
         approval: ap.Approval | None = None
         refused: ApprovalError | None = None
         try:
