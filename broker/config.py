@@ -29,6 +29,7 @@ class BrokerConfig:
     scope_map_path: Path
     vault_addr: str
     vault_token: str  # secret: never log it (repr hides it)
+    vault_token_file: Path | None = None  # re-read when it changes (Vault Agent sink)
     jwt_audience: str = DEFAULT_AUDIENCE
     require_jwt_svid: bool = False
     ready_file: Path | None = None
@@ -177,6 +178,7 @@ def broker_config_from(
                                     "Workload API socket"),
         scope_map_path=Path(sm),
         vault_addr=addr,
+        vault_token_file=Path(vault_token_file) if vault_token_file else None,
         vault_token=token,
         jwt_audience=jwt_audience or env.get("CREDBROKER_AUDIENCE", DEFAULT_AUDIENCE),
         require_jwt_svid=require_jwt_svid,

@@ -100,7 +100,8 @@ class BrokerServer:
         assert self.audit is not None
         assert self.store is not None
         scope_map = load_scope_map(cfg.scope_map_path)
-        vault = VaultAdapter(addr=cfg.vault_addr, token=cfg.vault_token)
+        vault = VaultAdapter(addr=cfg.vault_addr, token=cfg.vault_token,
+                             token_file=cfg.vault_token_file)
         self.scope_maps = ScopeMapHolder(scope_map)
         holder = self.scope_maps
         self.responder = Responder(store=self.store, vault=vault, audit=self.audit,

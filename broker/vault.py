@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import hvac
@@ -68,13 +69,33 @@ class SyncReport:
 class VaultAdapter:
     """Everything the broker asks of Vault/OpenBao."""
 
-    def __init__(self, *, addr: str, token: str, timeout: float = 5.0) -> None:
+    def __init__(self, *, addr: str, token: str, timeout: float = 5.0,
+                 token_file: Path | None = None) -> None:
         self.addr = addr
         self._client = hvac.Client(url=addr, token=token, timeout=timeout)
+        self._token_file = token_file
+        self._token_stamp: tuple[int, int] | None = None
+
+    def _fresh_token(self) -> None:
+        """Follow a token file that a Vault Agent sink rewrites (checked by mtime)."""
+        if self._token_file is None:
+            return
+        try:
+            st = self._token_file.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._token_stamp:
+                token = self._token_file.read_text().strip()
+                if token:
+                    self._client.token = token
+                self._token_stamp = stamp
+        except OSError as exc:
+            _log.warning("cannot re-read the Vault token file %s: %s", self._token_file,
+                         exc.strerror)
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
         """Translate hvac/requests failures into our errors, naming Vault and the operation."""
+        self._fresh_token()
         try:
             yield
         except (requests.ConnectionError, requests.Timeout) as exc:

@@ -1,0 +1,32 @@
+# Least privilege for the broker's own Vault token (role credbroker-broker).
+# It manages only credbroker-* policies and token roles, mints only through
+# them, and can disable entities (the kill switch) and revoke what it minted.
+path "sys/policies/acl/credbroker-*" {
+  capabilities = ["create", "read", "update"]
+}
+path "auth/token/roles/credbroker-*" {
+  capabilities = ["create", "read", "update"]
+}
+path "auth/token/create/credbroker-*" {
+  capabilities = ["create", "update"]
+}
+path "auth/token/lookup-accessor" {
+  capabilities = ["update"]
+}
+path "auth/token/revoke-accessor" {
+  capabilities = ["update"]
+}
+# crash recovery: find tokens minted before a crash (by their metadata)
+path "auth/token/accessors" {
+  capabilities = ["list", "sudo"]
+}
+# freeze: disable / re-enable a workload's entity; find it by its alias
+path "identity/entity/id/*" {
+  capabilities = ["update"]
+}
+path "identity/lookup/entity" {
+  capabilities = ["update"]
+}
+path "sys/auth" {
+  capabilities = ["read"]
+}

@@ -1,0 +1,147 @@
+"""The Kubernetes manifests: every overlay builds, validates offline, and keeps the policies."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[2]
+OVERLAYS = ["dev", "production"]
+K8S_VERSION = "1.31.0"
+CRDS = {"ClusterSPIFFEID"}
+
+
+def build(overlay: str) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to build the overlays (.ci/run installs it)"
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def objects(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, build(request.param)
+
+
+def pod_specs(objs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for o in objs:
+        if o["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+            yield f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"]
+
+
+def test_every_object_validates_against_the_kubernetes_schemas(
+        objects: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objs = objects
+    for o in objs:
+        if o["kind"] in CRDS:
+            assert o["apiVersion"] == "spire.spiffe.io/v1alpha1"
+            assert o["spec"]["spiffeIDTemplate"].startswith("spiffe://{{ .TrustDomain }}/")
+            continue
+        kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+
+
+def test_pods_are_restricted_and_bounded(objects: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objs = objects
+    specs = list(pod_specs(objs))
+    assert specs
+    for name, spec in specs:
+        psc = spec.get("securityContext", {})
+        assert psc.get("runAsNonRoot") is True, name
+        assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        assert spec.get("automountServiceAccountToken") is False, name
+        assert not spec.get("hostNetwork") and not spec.get("hostPID"), name
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c.get("securityContext", {})
+            where = f"{name} container {c['name']}"
+            assert sc.get("privileged") is False, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            limits = c.get("resources", {}).get("limits", {})
+            assert "cpu" in limits and "memory" in limits, where
+            assert c.get("resources", {}).get("requests"), where
+
+
+def test_spiffe_csi_and_native_sidecar(objects: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objs = objects
+    by_name = dict(pod_specs(objs))
+    for name in ("Deployment/credbroker-broker", "Deployment/triage-agent"):
+        drivers = [v["csi"]["driver"] for v in by_name[name]["volumes"] if "csi" in v]
+        assert drivers == ["csi.spiffe.io"], name
+    agent = by_name["Deployment/triage-agent"]
+    sidecar = next(c for c in agent["initContainers"] if c["name"] == "credbroker-sidecar")
+    assert sidecar["restartPolicy"] == "Always"  # a Kubernetes native sidecar
+    socket_mounts = {m["name"] for c in [sidecar, *agent["containers"]]
+                     for m in c["volumeMounts"] if m["mountPath"] == "/run/credbroker"}
+    assert socket_mounts == {"credbroker-socket"}
+    assert any(v["name"] == "credbroker-socket" and "emptyDir" in v for v in agent["volumes"])
+    broker_ids = [o for o in objs if o["kind"] == "ClusterSPIFFEID"
+                  and o["metadata"]["name"] == "credbroker-broker"]
+    assert broker_ids[0]["spec"]["dnsNameTemplates"] == ["broker.credbroker.internal"]
+
+
+def test_network_policies(objects: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objs = objects
+    pols = {o["metadata"]["name"]: o for o in objs if o["kind"] == "NetworkPolicy"}
+    broker = pols["credbroker-broker"]["spec"]
+    assert broker["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "credbroker-broker"}
+    assert set(broker["policyTypes"]) == {"Ingress", "Egress"}
+    sources = [f for rule in broker["ingress"] for f in rule["from"]]
+    assert {"credbroker.dev/agents": "true"} in [s.get("namespaceSelector", {}).get("matchLabels")
+                                                  for s in sources]
+    egress_ports = {p["port"] for rule in broker["egress"] for p in rule["ports"]}
+    assert egress_ports == {8200, 53}  # Vault and DNS, nothing else
+
+
+def test_production_is_highly_available_and_has_no_static_vault_token() -> None:
+    objs = build("production")
+    deploy = next(o for o in objs if o["kind"] == "Deployment"
+                  and o["metadata"]["name"] == "credbroker-broker")
+    assert deploy["spec"]["replicas"] >= 2
+    spec = deploy["spec"]["template"]["spec"]
+    assert spec["affinity"]["podAntiAffinity"]
+    assert any(o["kind"] == "PodDisruptionBudget" for o in objs)
+    text = yaml.safe_dump_all(objs)
+    assert "VAULT_TOKEN" not in text  # no static token, not even by reference
+    assert not any(o["kind"] == "Secret" for o in objs)
+    broker = next(c for c in spec["containers"] if c["name"] == "broker")
+    assert "--vault-token-file" in broker["args"]
+    agent = next(c for c in spec["initContainers"] if c["name"] == "vault-agent")
+    assert agent["restartPolicy"] == "Always"
+    policy = next(o for o in objs if o["kind"] == "ConfigMap"
+                  and o["metadata"]["name"].startswith("credbroker-vault-policy"))
+    hcl = next(iter(policy["data"].values()))
+    assert 'path "sys/policies/acl/credbroker-*"' in hcl and 'path "*"' not in hcl
+
+
+def test_dev_overlay_takes_its_token_from_a_secret() -> None:
+    objs = build("dev")
+    deploy = next(o for o in objs if o["kind"] == "Deployment"
+                  and o["metadata"]["name"] == "credbroker-broker")
+    env = {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["VAULT_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "credbroker-dev-vault-token"
+    assert deploy["spec"]["replicas"] == 1
+
+
+def test_the_shipped_scope_map_is_the_example_and_is_valid() -> None:
+    from broker.config import load_scope_map
+
+    shipped = ROOT / "k8s" / "base" / "scope-map.yaml"
+    assert shipped.read_text() == (ROOT / "broker" / "examples" / "soc-scope-map.yaml").read_text()
+    assert load_scope_map(shipped).classes
+
+
+def test_broker_config_file_keys_are_known() -> None:
+    from broker.cli import _SERVE_FILE_KEYS
+
+    cfg = yaml.safe_load((ROOT / "k8s" / "base" / "broker-config.yaml").read_text())
+    assert set(cfg) <= set(_SERVE_FILE_KEYS)
