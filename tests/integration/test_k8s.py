@@ -145,3 +145,17 @@ def test_broker_config_file_keys_are_known() -> None:
 
     cfg = yaml.safe_load((ROOT / "k8s" / "base" / "broker-config.yaml").read_text())
     assert set(cfg) <= set(_SERVE_FILE_KEYS)
+
+
+def test_every_credbroker_container_command_parses(objects: tuple[str, list[dict[str, Any]]]
+                                                   ) -> None:
+    from broker.cli import build_parser
+
+    _, objs = objects
+    seen = 0
+    for name, spec in pod_specs(objs):
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            if c["image"].startswith("credbroker:"):
+                build_parser().parse_args(c["args"])  # SystemExit on a bad command line
+                seen += 1
+    assert seen >= 3
