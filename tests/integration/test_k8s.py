@@ -153,7 +153,7 @@ def test_every_credbroker_container_command_parses(objects: tuple[str, list[dict
 
     _, objs = objects
     seen = 0
-    for name, spec in pod_specs(objs):
+    for _name, spec in pod_specs(objs):
         for c in spec.get("initContainers", []) + spec["containers"]:
             if c["image"].startswith("credbroker:"):
                 build_parser().parse_args(c["args"])  # SystemExit on a bad command line
