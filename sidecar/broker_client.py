@@ -95,37 +95,35 @@ class BrokerClient:
                 self._jwt_refresh_at = time.monotonic() + life / 2
             return [("authorization", f"Bearer {self._jwt_token}")]
 
-    def issue(self, request: pb.IssueCredentialRequest) -> pb.IssueCredentialResponse:
-        """Raises: BrokerCallError."""
+    def _call(self, method: str, request: Any, timeout: float) -> Any:
+        """One unary call with our JWT-SVID. Raises: BrokerCallError."""
         stub = pb_grpc.CredentialBrokerStub(self._channel.get())
         try:
-            resp: pb.IssueCredentialResponse = stub.IssueCredential(
-                request, metadata=self._metadata(), timeout=self._cfg.broker_timeout)
-            return resp
+            return getattr(stub, method)(request, metadata=self._metadata(), timeout=timeout)
         except grpc.RpcError as err:
             raise self._translate(err) from None
+
+    def issue(self, request: pb.IssueCredentialRequest) -> pb.IssueCredentialResponse:
+        """Raises: BrokerCallError."""
+        resp: pb.IssueCredentialResponse = self._call("IssueCredential", request,
+                                                      self._cfg.broker_timeout)
+        return resp
 
     def await_approval(self, approval_id: str, wait_seconds: int) -> pb.IssueCredentialResponse:
         """Raises: BrokerCallError."""
-        stub = pb_grpc.CredentialBrokerStub(self._channel.get())
-        try:
-            resp: pb.IssueCredentialResponse = stub.AwaitApproval(
-                pb.AwaitApprovalRequest(approval_id=approval_id, wait_seconds=wait_seconds),
-                metadata=self._metadata(), timeout=self._cfg.broker_timeout + wait_seconds)
-            return resp
-        except grpc.RpcError as err:
-            raise self._translate(err) from None
+        resp: pb.IssueCredentialResponse = self._call(
+            "AwaitApproval",
+            pb.AwaitApprovalRequest(approval_id=approval_id, wait_seconds=wait_seconds),
+            self._cfg.broker_timeout + wait_seconds)
+        return resp
 
     def revoke(self, credential_id: str, reason: str) -> pb.RevokeCredentialResponse:
         """Raises: BrokerCallError."""
-        stub = pb_grpc.CredentialBrokerStub(self._channel.get())
-        try:
-            resp: pb.RevokeCredentialResponse = stub.RevokeCredential(
-                pb.RevokeCredentialRequest(credential_id=credential_id, reason=reason),
-                metadata=self._metadata(), timeout=self._cfg.broker_timeout)
-            return resp
-        except grpc.RpcError as err:
-            raise self._translate(err) from None
+        resp: pb.RevokeCredentialResponse = self._call(
+            "RevokeCredential",
+            pb.RevokeCredentialRequest(credential_id=credential_id, reason=reason),
+            self._cfg.broker_timeout)
+        return resp
 
     def _translate(self, err: grpc.RpcError) -> BrokerCallError:
         code: grpc.StatusCode = err.code()

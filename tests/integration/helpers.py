@@ -31,16 +31,20 @@ def svid(ca: DevCA, spiffe_id: str, *, ttl: timedelta = timedelta(minutes=10),
     return ca.issue_x509(SpiffeId.parse(spiffe_id), now=now or datetime.now(UTC), ttl=ttl)
 
 
-def stub(port: int, trust_ca: DevCA, client: IssuedX509 | None) -> pb_grpc.CredentialBrokerStub:
+def channel(port: int, trust_ca: DevCA, client: IssuedX509 | None) -> grpc.Channel:
+    """An mTLS channel to a broker on loopback, with ``client``'s SVID (or none)."""
     if client is None:
         creds = grpc.ssl_channel_credentials(root_certificates=trust_ca.bundle_pem)
     else:
         key, cert = pem_pair(client)
         creds = grpc.ssl_channel_credentials(root_certificates=trust_ca.bundle_pem,
                                              private_key=key, certificate_chain=cert)
-    channel = grpc.secure_channel(f"127.0.0.1:{port}", creds,
-                                  options=[("grpc.ssl_target_name_override", DEFAULT_BROKER_DNS)])
-    return pb_grpc.CredentialBrokerStub(channel)
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                               options=[("grpc.ssl_target_name_override", DEFAULT_BROKER_DNS)])
+
+
+def stub(port: int, trust_ca: DevCA, client: IssuedX509 | None) -> pb_grpc.CredentialBrokerStub:
+    return pb_grpc.CredentialBrokerStub(channel(port, trust_ca, client))
 
 
 def issue_request(action_class: str = "enrichment", **kw: object) -> pb.IssueCredentialRequest:
@@ -51,12 +55,7 @@ EVENT = pb.InitiatingEvent(source="splunk", id="NOTABLE-1", summary="beaconing")
 
 
 def admin_stub(port: int, trust_ca: DevCA, client: IssuedX509) -> pb_grpc.CredentialAdminStub:
-    key, cert = pem_pair(client)
-    creds = grpc.ssl_channel_credentials(root_certificates=trust_ca.bundle_pem,
-                                         private_key=key, certificate_chain=cert)
-    channel = grpc.secure_channel(f"127.0.0.1:{port}", creds,
-                                  options=[("grpc.ssl_target_name_override", DEFAULT_BROKER_DNS)])
-    return pb_grpc.CredentialAdminStub(channel)
+    return pb_grpc.CredentialAdminStub(channel(port, trust_ca, client))
 
 
 class TcpProxy:
@@ -147,9 +146,4 @@ class TcpProxy:
 
 
 def approvals_stub(port: int, trust_ca: DevCA, client: IssuedX509) -> pb_grpc.ApprovalsStub:
-    key, cert = pem_pair(client)
-    creds = grpc.ssl_channel_credentials(root_certificates=trust_ca.bundle_pem,
-                                         private_key=key, certificate_chain=cert)
-    channel = grpc.secure_channel(f"127.0.0.1:{port}", creds,
-                                  options=[("grpc.ssl_target_name_override", DEFAULT_BROKER_DNS)])
-    return pb_grpc.ApprovalsStub(channel)
+    return pb_grpc.ApprovalsStub(channel(port, trust_ca, client))
