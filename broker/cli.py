@@ -143,7 +143,14 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
     from broker.config import load_scope_map
     from broker.vault import VaultAdapter
 
-    env = process_env()
+    env = dict(process_env())
+    if args.dev:
+        from broker.audit_cli import dev_info
+
+        info = dev_info(args.dev)
+        env.update(VAULT_ADDR=info["vault_addr"], VAULT_TOKEN=info["vault_token"],
+                   CREDBROKER_SCOPE_MAP=info["scope_map"])
+        args.registry = args.registry or info.get("registry_path")
     addr, token = vault_settings(env=env, vault_addr=args.vault_addr,
                                  vault_token_file=args.vault_token_file)
     path = args.scope_map or env.get("CREDBROKER_SCOPE_MAP", "")
@@ -308,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vault-addr", help="default $VAULT_ADDR")
     s.add_argument("--vault-token-file", help="default: $VAULT_TOKEN")
     s.add_argument("--registry", help="keep classes frozen in this registry frozen")
+    s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_vault_sync)
 

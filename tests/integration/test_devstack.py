@@ -100,3 +100,25 @@ def test_demo_tells_the_story_and_exits_zero() -> None:
                   "409 frozen", "owner (answers for the policy): "
                   "incident-response", "intact"):
         assert words in out.stdout
+
+
+@pytest.mark.slow
+def test_vault_sync_against_the_dev_stack() -> None:
+    run_dir = Path(tempfile.mkdtemp(prefix="cbs-"))
+    proc = subprocess.Popen([*CLI, "dev", "--run-dir", str(run_dir)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "dev.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        out = subprocess.run([*CLI, "vault", "sync", "--dev", str(run_dir), "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["policies_written"] == [] and len(report["unchanged"]) == 3
+        info = json.loads((run_dir / "dev.json").read_text())
+        assert info["vault_token"] not in out.stdout + out.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
