@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from broker.core import approvals as ap
 from broker.core.models import CredentialRequest
 from broker.core.records import rfc3339
 from broker.core.scopemap import ActionClass
+from broker.errors import CredbrokerError
 from broker.registry import CredentialStore
 
 _log = logging.getLogger("credbroker.approvals")
@@ -67,11 +69,26 @@ class ApprovalDesk:
     # -- changes
 
     def _save(self, a: ap.Approval, event: str, **fields: Any) -> None:
-        """Persist, audit (durably: raises AuditError), and wake waiters. Holds the lock."""
+        """Persist and audit (durably), then wake waiters. Caller holds the lock.
+
+        If the audit record cannot be written, the stored state is put back, so no
+        approval state exists without its record.
+
+        Raises: AuditError, StoreError.
+        """
+        previous = self._items.get(a.id)
         self._store.save_approval(a.id, a.state, json.dumps(a.to_json()))
-        self._audit.append(event, approval_id=a.id, request_id=a.request_id,
-                           spiffe_id=a.spiffe_id, action_class=a.action_class,
-                           state=a.state, **fields)
+        try:
+            self._audit.append(event, approval_id=a.id, request_id=a.request_id,
+                               spiffe_id=a.spiffe_id, action_class=a.action_class,
+                               state=a.state, **fields)
+        except CredbrokerError:
+            if previous is not None:
+                self._store.save_approval(previous.id, previous.state,
+                                          json.dumps(previous.to_json()))
+            else:
+                self._store.delete_approval(a.id)
+            raise
         self._items[a.id] = a
         self._cond.notify_all()
 
@@ -105,6 +122,16 @@ class ApprovalDesk:
                        approvals_given=len(new.votes), approvals_required=new.approvals_required)
             return new
 
+    def check(self, approval_id: str, spiffe_id: str, request: CredentialRequest
+              ) -> ap.Approval:
+        """Would :meth:`consume` succeed now? Changes nothing. Raises: ApprovalError."""
+        with self._cond:
+            a = self.get(approval_id)
+            if a.spiffe_id != spiffe_id:
+                raise ap.ApprovalNotFoundError(f"{spiffe_id} has no approval {approval_id!r}")
+            ap.use(a, spiffe_id, request, self._clock())
+            return a
+
     def consume(self, approval_id: str, spiffe_id: str, request: CredentialRequest
                 ) -> ap.Approval:
         """Use a granted approval for exactly its request. Raises: ApprovalError, AuditError."""
@@ -117,12 +144,17 @@ class ApprovalDesk:
             return new
 
     def attach_credential(self, approval_id: str, credential_id: str) -> None:
+        """Note which credential an approval released (informational). Never raises."""
         with self._cond:
             a = self._items.get(approval_id)
             if a is not None:
                 new = replace(a, credential_id=credential_id)
-                self._store.save_approval(new.id, new.state, json.dumps(new.to_json()))
                 self._items[new.id] = new
+                try:
+                    self._store.save_approval(new.id, new.state, json.dumps(new.to_json()))
+                except CredbrokerError as exc:
+                    _log.warning("approval %s: could not note credential %s: %s", a.id,
+                                 credential_id, exc)
 
     def break_glass(self, *, request_id: str, spiffe_id: str, request: CredentialRequest,
                     cls: ActionClass) -> ap.Approval:
@@ -152,8 +184,8 @@ class ApprovalDesk:
     def wait(self, approval_id: str, timeout: float) -> ap.Approval:
         """Block until the approval is no longer pending, or ``timeout`` seconds pass."""
         with self._cond:
-            self._cond.wait_for(lambda: self._items[approval_id].state != ap.PENDING,
-                                timeout=timeout)
+            self._cond.wait_for(lambda: self._items[approval_id].state != ap.PENDING
+                                or self._stop.is_set(), timeout=timeout)
             return self._items[approval_id]
 
     # -- time
@@ -199,8 +231,10 @@ class ApprovalDesk:
                 with urllib.request.urlopen(req, timeout=5):  # noqa: S310
                     pass
             except (urllib.error.URLError, OSError) as exc:
-                _log.error("escalation webhook %s failed for approval %s: %s",
-                           self._cfg.webhook_url, a.id, exc)
+                # Only scheme and host: webhook URLs often carry a secret in their path.
+                where = urllib.parse.urlsplit(self._cfg.webhook_url)
+                _log.error("escalation webhook %s://%s failed for approval %s: %s",
+                           where.scheme, where.hostname, a.id, type(exc).__name__)
 
         threading.Thread(target=post, daemon=True, name="escalation-webhook").start()
 

@@ -112,6 +112,7 @@ class CredentialStore(Protocol):
     def freezes(self) -> list[Freeze]: ...
     def save_approval(self, approval_id: str, state: str, data: str) -> None: ...
     def load_approvals(self) -> list[str]: ...
+    def delete_approval(self, approval_id: str) -> None: ...
     def frozen_entities(self) -> set[str]: ...
 
 
@@ -243,6 +244,9 @@ class SqliteStore:
                     [(_ts(at), by, reason, selector, cid) for cid in credential_ids])
                 self._db.execute("COMMIT")
         except sqlite3.Error as exc:
+            with self._lock:  # never leave the connection inside an open transaction
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
             raise StoreError(f"the credential registry {self.path} failed: {exc}") from None
 
     def pending_revocations(self) -> list[CredentialRow]:
@@ -280,6 +284,9 @@ class SqliteStore:
         self._exec("INSERT INTO approvals (id, state, data) VALUES (?,?,?) ON CONFLICT(id) DO "
                    "UPDATE SET state=excluded.state, data=excluded.data",
                    (approval_id, state, data))
+
+    def delete_approval(self, approval_id: str) -> None:
+        self._exec("DELETE FROM approvals WHERE id=?", (approval_id,))
 
     def load_approvals(self) -> list[str]:
         return [str(r[0]) for r in self._exec("SELECT data FROM approvals")]

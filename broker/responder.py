@@ -113,6 +113,7 @@ class Responder:
         self._freezes = store.freezes()
         self._stop = threading.Event()
         self.last_freeze_revocation: threading.Thread | None = None
+        self._freeze_lock = threading.Lock()
         self.metrics: Metrics | None = None
 
     @property
@@ -132,15 +133,25 @@ class Responder:
         try:
             revoked = self.vault.revoke_accessor(row.credential_id, check=check)
         except VaultUnavailableError as exc:
-            self.store.mark_revoked(row.credential_id, by=by, reason=reason, selector=selector,
-                                    at=now, pending=True, error=str(exc))
+            try:
+                self.store.mark_revoked(row.credential_id, by=by, reason=reason,
+                                        selector=selector, at=now, pending=True, error=str(exc))
+            except CredbrokerError as store_exc:
+                _log.critical("credential_id=%s: Vault unreachable AND the registry failed "
+                              "(%s); revoke it by hand", row.credential_id, store_exc)
+                return Outcome(row.credential_id, "failed", f"{exc}; {store_exc}")
             return Outcome(row.credential_id, "pending", str(exc))
         except CredbrokerError as exc:
             return Outcome(row.credential_id, "failed", str(exc))
+        outcome = Outcome(row.credential_id, "revoked" if revoked else "already_dead")
         if record:
-            self.store.mark_revoked(row.credential_id, by=by, reason=reason, selector=selector,
-                                    at=now, pending=False)
-        return Outcome(row.credential_id, "revoked" if revoked else "already_dead")
+            try:
+                self.store.mark_revoked(row.credential_id, by=by, reason=reason,
+                                        selector=selector, at=now, pending=False)
+            except CredbrokerError as exc:  # revoked in Vault; the registry lags, harmlessly
+                _log.error("credential_id=%s revoked in Vault but not recorded: %s",
+                           row.credential_id, exc)
+        return outcome
 
     def revoke(self, rows: list[CredentialRow], *, by: str, reason: str, selector: str,
                check: bool = True) -> Iterator[Outcome]:
@@ -150,21 +161,40 @@ class Responder:
                    for r in rows]
         outcomes: list[Outcome] = []
         confirmed: list[str] = []
-        for f in futures:
-            o = f.result()
-            outcomes.append(o)
-            if self.metrics is not None:
-                self.metrics.revocations.labels(o.result).inc()
-            if o.result in ("revoked", "already_dead"):
-                confirmed.append(o.credential_id)
-                if len(confirmed) >= 500:
-                    self.store.mark_revoked_many(confirmed, by=by, reason=reason,
-                                                 selector=selector, at=self._clock())
-                    confirmed = []
-            yield o
-        if confirmed:
-            self.store.mark_revoked_many(confirmed, by=by, reason=reason, selector=selector,
+        try:
+            for f in futures:
+                o = f.result()
+                outcomes.append(o)
+                if self.metrics is not None:
+                    self.metrics.revocations.labels(o.result).inc()
+                if o.result in ("revoked", "already_dead"):
+                    confirmed.append(o.credential_id)
+                    if len(confirmed) >= 500:
+                        self._record_revoked(confirmed, by, reason, selector)
+                        confirmed = []
+                yield o
+        finally:
+            # Even if the caller went away (Ctrl-C on a mass revoke), what Vault revoked
+            # is recorded, announced and audited: finish the work, then account for it.
+            for f in futures[len(outcomes):]:
+                o = f.result()
+                outcomes.append(o)
+                if o.result in ("revoked", "already_dead"):
+                    confirmed.append(o.credential_id)
+            if confirmed:
+                self._record_revoked(confirmed, by, reason, selector)
+            self._announce(outcomes, rows, by=by, reason=reason, selector=selector)
+
+    def _record_revoked(self, ids: list[str], by: str, reason: str, selector: str) -> None:
+        try:
+            self.store.mark_revoked_many(ids, by=by, reason=reason, selector=selector,
                                          at=self._clock())
+        except CredbrokerError as exc:  # revoked in Vault; the registry lags, harmlessly
+            _log.error("%d revocations confirmed by Vault could not be recorded: %s",
+                       len(ids), exc)
+
+    def _announce(self, outcomes: list[Outcome], rows: list[CredentialRow], *, by: str,
+                  reason: str, selector: str) -> None:
         gone = [o.credential_id for o in outcomes if o.result in ("revoked", "already_dead",
                                                                    "pending")]
         self.bus.publish(BusEvent(credential_ids=tuple(gone), reason=reason, by=by),
@@ -221,32 +251,43 @@ class Responder:
                 entities[found] = pattern
         fz = Freeze(id=uuid.uuid4().hex[:12], kind=kind, pattern=pattern, reason=reason, by=by,
                     created_at=now)
-        self.store.add_freeze(fz, entities)  # durable first: new issuance stops here
-        self._freezes = self.store.freezes()
+        with self._freeze_lock:
+            self.store.add_freeze(fz, entities)  # durable first: new issuance stops here
+            self._freezes = self.store.freezes()
         policy_frozen = False
-        if kind == "spiffe_id":
-            for eid in entities:
-                self.vault.set_entity_disabled(eid, True)
-        else:
-            self.vault.freeze_class_policy(scope_map.classes[pattern])
-            policy_frozen = True
-        enforced_ms = (time.perf_counter() - started) * 1000
+        vault_error: str = ""
         rows = self.store.live(selector, now)
-        self.bus.publish(BusEvent(action_class=pattern if kind == "action_class" else "",
-                                  identity_pattern=pattern if kind == "spiffe_id" else "",
-                                  reason=reason, by=by))
-        self.audit.append_or_queue("freeze", freeze_id=fz.id, kind=kind, pattern=pattern,
-                                   reason=reason, by=by, credentials_matched=len(rows),
-                                   vault_entities_disabled=sorted(entities),
-                                   vault_policy_frozen=policy_frozen,
-                                   vault_enforced_ms=round(enforced_ms, 3))
-        # Vault already refuses these; revoking them is hygiene, done in bulk without the
-        # per-token look-up (they are live per the registry).
-        self.last_freeze_revocation = threading.Thread(
-            target=lambda: list(self.revoke(rows, by=by, reason=reason,
-                                            selector=f"freeze {fz.id}", check=False)),
-            name="freeze-revoke", daemon=True)
-        self.last_freeze_revocation.start()
+        try:
+            if kind == "spiffe_id":
+                for eid in entities:
+                    self.vault.set_entity_disabled(eid, True)
+            else:
+                self.vault.freeze_class_policy(scope_map.classes[pattern])
+                policy_frozen = True
+        except CredbrokerError as exc:
+            vault_error = str(exc)
+            raise
+        finally:
+            # Whatever Vault did, the freeze is in force for issuance: tell the sidecars,
+            # put it on record, and revoke (pending if Vault is down, retried until done).
+            enforced_ms = (time.perf_counter() - started) * 1000
+            self.bus.publish(BusEvent(action_class=pattern if kind == "action_class" else "",
+                                      identity_pattern=pattern if kind == "spiffe_id" else "",
+                                      reason=reason, by=by))
+            self.audit.append_or_queue("freeze", freeze_id=fz.id, kind=kind, pattern=pattern,
+                                       reason=reason, by=by, credentials_matched=len(rows),
+                                       vault_entities_disabled=sorted(entities),
+                                       vault_policy_frozen=policy_frozen,
+                                       vault_enforced_ms=round(enforced_ms, 3),
+                                       vault_error=vault_error)
+            # Revoking them is hygiene when Vault already refuses them: in bulk, without
+            # the per-token look-up (they are live per the registry).
+            self.last_freeze_revocation = threading.Thread(
+                target=lambda: list(self.revoke(rows, by=by, reason=reason,
+                                                selector=f"freeze {fz.id}",
+                                                check=not policy_frozen and not entities)),
+                name="freeze-revoke", daemon=True)
+            self.last_freeze_revocation.start()
         return fz, len(rows), len(entities), policy_frozen, enforced_ms
 
     def unfreeze(self, *, spiffe_id: str, action_class: str, reason: str, by: str
@@ -258,11 +299,15 @@ class Responder:
             VaultUnavailableError, VaultError.
         """
         kind, pattern = freeze_target(spiffe_id, action_class)
-        lifted = self.store.lift_freezes(kind, pattern, by=by, reason=reason, at=self._clock())
-        if not lifted:
+        if not any(f.kind == kind and f.pattern == pattern for f in self._freezes):
             raise NotFoundError(f"nothing is frozen as {kind.replace('_', ' ')} {pattern!r}; "
                                 "see `credbroker freeze --list`")
-        self._freezes = self.store.freezes()
+        # Giving power back is on record first (fail closed: no record, no unfreeze).
+        self.audit.append("unfreeze", kind=kind, pattern=pattern, reason=reason, by=by)
+        with self._freeze_lock:
+            lifted = self.store.lift_freezes(kind, pattern, by=by, reason=reason,
+                                             at=self._clock())
+            self._freezes = self.store.freezes()
         still = self.store.frozen_entities()
         for _, entities in lifted:
             for eid in entities:
@@ -271,8 +316,6 @@ class Responder:
         scope_map = self._scope_map()
         if kind == "action_class" and pattern in scope_map.classes:
             self.vault.restore_class_policy(scope_map.classes[pattern])
-        self.audit.append_or_queue("unfreeze", kind=kind, pattern=pattern, reason=reason, by=by,
-                                   freeze_ids=[f.id for f, _ in lifted])
         return [f for f, _ in lifted]
 
     def frozen_classes(self) -> frozenset[str]:

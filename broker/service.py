@@ -311,8 +311,9 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                                    approval_id=request.approval_id,
                                    break_glass=request.break_glass)
         finally:
-            self._metrics.issuance_seconds.labels(request.action_class[:64] or "-").observe(
-                time.perf_counter() - started)
+            label = request.action_class if request.action_class in self._maps.current.classes \
+                else "(unknown)"  # bounded label values
+            self._metrics.issuance_seconds.labels(label).observe(time.perf_counter() - started)
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
 
     def AwaitApproval(
@@ -360,8 +361,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         refused: ApprovalError | None = None
         try:
             if grant and approval_id:
-                try:
-                    approval = self._desk.consume(approval_id, str(caller.spiffe_id), req)
+                try:  # checked now, used only once the credential exists (below)
+                    approval = self._desk.check(approval_id, str(caller.spiffe_id), req)
                 except ApprovalError as exc:
                     refused = exc
             record = decision_record(time=now, request_id=request_id,
@@ -373,7 +374,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                                approvers=[v.subject for v in approval.votes] if approval
                                else [], approval_id=approval_id,
                                approval_refused=str(refused) if refused else "",
-                               break_glass=bool(break_glass and grant and not approval_id))
+                               break_glass=bool(break_glass and not approval_id and
+                                                decision.outcome is Outcome.NEEDS_APPROVAL))
             if refused is not None:
                 raise refused
         except CredbrokerError:
@@ -408,6 +410,13 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         except CredbrokerError:
             self._usage.forget(key, now)  # nothing was issued: give the budget back
             raise
+        if approval_id and approval is not None:
+            try:  # an approval releases one credential: whoever uses it second loses
+                approval = self._desk.consume(approval_id, str(caller.spiffe_id), req)
+            except CredbrokerError:
+                self._revoke_unrecorded(minted.accessor, request_id,
+                                        "its approval could not be used")
+                raise
         if approval is not None:
             self._desk.attach_credential(approval.id, minted.accessor)
         expires = Timestamp()
@@ -444,8 +453,14 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         except CredbrokerError:
             self._store.forget_intent(request_id)
             raise
-        self._store.record_minted(request_id=request_id, credential_id=minted.accessor,
-                                  expires_at=minted.expires_at, entity_id=minted.entity_id)
+        try:
+            self._store.record_minted(request_id=request_id, credential_id=minted.accessor,
+                                      expires_at=minted.expires_at, entity_id=minted.entity_id)
+        except CredbrokerError:
+            # The intent row stays, so a restart would find and revoke it; do it now.
+            self._revoke_unrecorded(minted.accessor, request_id,
+                                    "the registry could not record it")
+            raise
         try:
             self._audit.append(
                 "credential.minted", request_id=request_id, credential_id=minted.accessor,
@@ -454,7 +469,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 expires_at=rfc3339(minted.expires_at), vault_entity_id=minted.entity_id,
                 scope_map_version=version)
         except AuditError:
-            self._revoke_unrecorded(minted.accessor, request_id)
+            self._revoke_unrecorded(minted.accessor, request_id,
+                                    "the audit log could not record it")
             raise
         _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s", request_id,
                   minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
@@ -492,23 +508,37 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         finally:
             self._responder.bus.unsubscribe(sub_id)
 
-    def _revoke_unrecorded(self, accessor: str, request_id: str) -> None:
-        """A credential was minted but its record could not be written: kill it now."""
+    def _revoke_unrecorded(self, accessor: str, request_id: str, why: str) -> None:
+        """A minted credential cannot be handed out: kill it now. Never raises.
+
+        If Vault does not confirm, the revocation stays pending in the registry (retried);
+        if even that fails, the intent row makes the next start-up revoke it.
+        """
+        now = self._clock()
         try:
-            self._vault.revoke_accessor(accessor)
-            self._store.mark_revoked(accessor, by="credbroker", reason="audit log not writable",
-                                     selector="audit-failure", at=self._clock(), pending=False)
+            self._vault.revoke_accessor(accessor, check=False)
         except CredbrokerError as exc:
-            _log.critical("request_id=%s credential_id=%s was minted, could not be recorded AND "
-                          "could not be revoked (%s): revoke it by hand", request_id, accessor,
-                          exc)
+            try:
+                self._store.mark_revoked(accessor, by="credbroker", reason=why,
+                                         selector="unrecorded", at=now, pending=True,
+                                         error=str(exc))
+                _log.error("request_id=%s credential_id=%s (%s): Vault did not confirm its "
+                           "revocation; retried until it does", request_id, accessor, why)
+            except CredbrokerError as store_exc:
+                _log.critical("request_id=%s credential_id=%s (%s) could not be revoked (%s) "
+                              "nor queued (%s): revoke it by hand", request_id, accessor, why,
+                              exc, store_exc)
             return
+        try:
+            self._store.mark_revoked(accessor, by="credbroker", reason=why,
+                                     selector="unrecorded", at=now, pending=False)
+        except CredbrokerError as exc:
+            _log.warning("credential_id=%s revoked, but the registry did not record it: %s",
+                         accessor, exc)
         self._audit.append_or_queue("credential.revoked", credential_id=accessor,
                                     request_id=request_id, by="credbroker",
-                                    selector="audit-failure",
-                                    reason="minted but the audit log could not record it")
-        _log.error("request_id=%s credential_id=%s revoked: the audit log could not record it",
-                   request_id, accessor)
+                                    selector="unrecorded", reason=why)
+        _log.error("request_id=%s credential_id=%s revoked: %s", request_id, accessor, why)
 
     def RevokeCredential(
         self, request: pb.RevokeCredentialRequest, context: grpc.ServicerContext
@@ -559,14 +589,9 @@ def _boundary(context: grpc.ServicerContext, request_id: str, method: str) -> It
         yield
     except DeniedByPolicy as denied:
         d = denied.decision
-        if d.deny_code is None:  # NEEDS_APPROVAL: approvals are not served by this version
-            status, code = grpc.StatusCode.PERMISSION_DENIED, "approval_required"
-            message = ("; ".join(d.reasons) + "; this broker version cannot take approvals, so "
-                       "nothing was issued: ask the class owner to set approval: none or wait "
-                       "for JIT approvals")
-        else:
-            status, code, message = _DENY_STATUS[d.deny_code], d.deny_code.value, \
-                "; ".join(d.reasons)
+        assert d.deny_code is not None  # only denials are raised; approvals answer 202
+        status, code, message = _DENY_STATUS[d.deny_code], d.deny_code.value, \
+            "; ".join(d.reasons)
         context.set_trailing_metadata((
             (DECISION_MD_KEY, decision_to_proto(d).SerializeToString()),
             (ERROR_CODE_MD_KEY, code),
