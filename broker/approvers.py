@@ -91,7 +91,9 @@ class OidcVerifier:
                                      ) from None
         except jwt.PyJWTError as exc:
             raise ApproverTokenError(f"the ID token was refused: {exc}") from None
-        subject = str(claims.get("email") or claims["sub"])
+        # The e-mail names the approver only when the IdP vouches for it.
+        email = claims.get("email") if claims.get("email_verified") is True else None
+        subject = str(email or claims["sub"])
         groups = claims.get(self._cfg.groups_claim) or []
         if not isinstance(groups, list):
             groups = []
@@ -148,6 +150,7 @@ class DevIssuer:
             groups = self.USERS[subject]
         now = int(time.time())
         return jwt.encode({"iss": issuer or self.ISSUER, "sub": subject, "email": subject,
+                           "email_verified": True,
                            "aud": audience, "iat": now, "exp": now + ttl,
                            "groups": list(groups), "jti": secrets.token_hex(8)},
                           self._key, algorithm="ES256", headers={"kid": self.kid})

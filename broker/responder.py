@@ -50,6 +50,10 @@ class BusEvent:
     by: str = ""
 
 
+#: A sidecar needs one stream; a few more allow for restarts overlapping.
+MAX_STREAMS_PER_IDENTITY = 4
+
+
 class RevocationBus:
     """Fan-out of revocation events to every watching sidecar."""
 
@@ -58,9 +62,14 @@ class RevocationBus:
         self._subs: dict[int, tuple[str, queue.Queue[BusEvent | None]]] = {}
         self._next = 0
 
-    def subscribe(self, spiffe_id: str) -> tuple[int, queue.Queue[BusEvent | None]]:
+    def subscribe(self, spiffe_id: str) -> tuple[int, queue.Queue[BusEvent | None]] | None:
+        """A new subscription, or None when ``spiffe_id`` already holds its share of streams
+        (each pins a worker of the sync gRPC server: one workload must not take them all)."""
         q: queue.Queue[BusEvent | None] = queue.Queue()
         with self._lock:
+            if sum(1 for sid, _ in self._subs.values() if sid == spiffe_id) \
+                    >= MAX_STREAMS_PER_IDENTITY:
+                return None
             self._next += 1
             self._subs[self._next] = (spiffe_id, q)
             return self._next, q

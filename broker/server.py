@@ -28,7 +28,7 @@ from broker.observability import HealthMonitor, Metrics
 from broker.registry import SqliteStore
 from broker.responder import Responder, RevocationBus
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
-from broker.tls import pem_material, server_credentials
+from broker.tls import SERVER_KEEPALIVE, pem_material, server_credentials
 from broker.vault import VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
@@ -167,7 +167,8 @@ class BrokerServer:
         # Each sidecar holds one WatchRevocations stream, which pins a worker of this
         # sync server: size the pool for the sidecars it serves (grpc.aio would not need to).
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
-                                                        thread_name_prefix="broker"))
+                                                        thread_name_prefix="broker"),
+                             options=list(SERVER_KEEPALIVE))
         pb_grpc.add_CredentialBrokerServicer_to_server(service, server)
         pb_grpc.add_CredentialAdminServicer_to_server(admin, server)
         pb_grpc.add_ApprovalsServicer_to_server(approvals, server)
@@ -217,31 +218,35 @@ class BrokerServer:
         assert self.scope_maps is not None and self._vault is not None
         with self._reload_lock:
             old = self.scope_maps.current
+            frozen = self.responder.frozen_classes() if self.responder else frozenset()
+            synced = False
             try:
                 new = load_scope_map(self.config.scope_map_path)
                 if new.version == old.version:
                     return False
-                frozen = self.responder.frozen_classes() if self.responder else frozenset()
+                synced = True  # from here Vault may hold part of the new map
                 report = self._vault.sync_scope_map(new, frozen)
-            except CredbrokerError as exc:
-                _log.error("REJECTED scope map reload from %s; scope map %s stays in force: %s",
-                           self.config.scope_map_path, old.version[:19], exc)
                 if self.audit is not None:
-                    self.audit.append_or_queue("scope_map.rejected",
-                                               source=str(self.config.scope_map_path),
-                                               in_force=old.version, problem=str(exc)[:4000])
-                return False
-            if self.audit is not None:
-                try:
                     self.audit.append("scope_map.loaded", scope_map_version=new.version,
                                       previous_version=old.version, sources=list(new.sources),
                                       classes=list(new.classes),
                                       vault_policies_written=list(report.policies_written),
                                       vault_roles_written=list(report.roles_written))
-                except AuditError as exc:
-                    _log.error("REJECTED scope map reload: the audit log cannot record it "
-                               "(%s); scope map %s stays in force", exc, old.version[:19])
-                    return False
+            except CredbrokerError as exc:
+                _log.error("REJECTED scope map reload from %s; scope map %s stays in force: %s",
+                           self.config.scope_map_path, old.version[:19], exc)
+                if synced:
+                    # Vault evaluates policies per request: put the old map's back at once.
+                    try:
+                        self._vault.sync_scope_map(old, frozen)
+                    except CredbrokerError as again:
+                        _log.critical("Vault could not be put back in line with scope map %s "
+                                      "after a rejected reload: %s", old.version[:19], again)
+                if self.audit is not None:
+                    self.audit.append_or_queue("scope_map.rejected",
+                                               source=str(self.config.scope_map_path),
+                                               in_force=old.version, problem=str(exc)[:4000])
+                return False
             self.scope_maps.replace(new)
             _log.warning("scope map %s is now in force (was %s); classes %d; Vault policies "
                          "written: %s; roles written: %s", new.version[:19], old.version[:19],

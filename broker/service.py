@@ -484,7 +484,13 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         except IdentityError as exc:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         me = str(caller.spiffe_id)
-        sub_id, events = self._responder.bus.subscribe(me)
+        subscription = self._responder.bus.subscribe(me)
+        if subscription is None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{me} already holds the most revocation streams one workload may; "
+                          "close the others (one per sidecar is enough)")
+            return
+        sub_id, events = subscription
         try:
             frozen = first_freeze(self._responder.freezes, caller.spiffe_id, "")
             yield pb.RevocationEvent(sync=pb.RevocationEvent.Sync(

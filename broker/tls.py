@@ -11,7 +11,7 @@ cannot verify a server certificate that has only a URI SAN) through
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -20,12 +20,12 @@ from spiffe import X509Source
 
 @dataclass(frozen=True, slots=True)
 class PemMaterial:
-    key: bytes  # secret
-    chain: bytes
-    bundle: bytes
-    serial: int
-    spiffe_id: str
-    trust_domain: str
+    key: bytes = field(repr=False)  # secret
+    chain: bytes = b""
+    bundle: bytes = b""
+    serial: int = 0
+    spiffe_id: str = ""
+    trust_domain: str = ""
 
 
 def pem_material(source: X509Source) -> PemMaterial:
@@ -86,6 +86,17 @@ def server_credentials(source: X509Source) -> grpc.ServerCredentials:
                                                require_client_authentication=True)
 
 
+#: Ping an idle connection so a half-open one (broker gone, no FIN) is noticed and the
+#: revocation stream reconnects and resynchronises.
+KEEPALIVE = (("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+             ("grpc.keepalive_permit_without_calls", 1))
+#: What the broker lets clients do (and pings them itself).
+SERVER_KEEPALIVE = (("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 10_000),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+                    ("grpc.http2.max_ping_strikes", 0))
+
+
 class RotatingChannel:
     """A client channel to the broker that is rebuilt when our SVID rotates."""
 
@@ -107,7 +118,7 @@ class RotatingChannel:
                                                      private_key=m.key, certificate_chain=m.chain)
                 self._channel = grpc.secure_channel(
                     self._target, creds,
-                    options=[("grpc.ssl_target_name_override", self._dns)])
+                    options=[("grpc.ssl_target_name_override", self._dns), *KEEPALIVE])
                 self._generation = generation
                 if old is not None:
                     # in-flight calls on the old channel finish; it is closed when idle

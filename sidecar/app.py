@@ -179,8 +179,11 @@ class SidecarService:
         }
         if resp.HasField("approval"):
             body["approval"] = _approval_json(resp.approval)
-        self.cache.put(action_class, target, CachedCredential(
-            credential_id=cred.credential_id, issued_at=now, expires_at=expires, body=body))
+        else:
+            # Only plain issuances are cached: a credential released by one person's
+            # approval (or break-glass) is for that exact request, never a later one.
+            self.cache.put(action_class, target, CachedCredential(
+                credential_id=cred.credential_id, issued_at=now, expires_at=expires, body=body))
         _log.info("issued credential_id=%s action_class=%s request_id=%s", cred.credential_id,
                   resp.decision.action_class, resp.request_id)
         return 200, {**body, "cached": False}
@@ -276,7 +279,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, _error("not_found", f"no such endpoint POST {self.path}; "
                                                 f"use POST {_PREFIX}"))
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._send(400, _error("bad_request", "Content-Length must be a non-negative number"))
+            return
         if length > _MAX_BODY:
             self._send(413, _error("too_large", f"body is larger than {_MAX_BODY} bytes"))
             return

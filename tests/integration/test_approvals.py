@@ -292,3 +292,15 @@ def test_approvals_cli(env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--as USER only works with --dev" in capsys.readouterr().err
     assert main(["approvals", "approve", "x", *conn]) == 2
     assert "--reason is required" in capsys.readouterr().err
+
+
+def test_a_released_credential_is_never_served_from_the_cache(env: Env) -> None:
+    _, pending = ask(env)
+    env.decide(pending["approval_id"], "alice@example.org")
+    status, released = env.sidecar.client.raw(
+        "GET", f"/v1/approvals/{pending['approval_id']}?wait=5")
+    assert status == 200
+    # the same class and target, another event: needs its own approval, not the cached token
+    status, body = ask(env, initiating_event={"source": "splunk", "id": "OTHER"})
+    assert status == 202 and body["approval_id"] != pending["approval_id"]
+    assert len(env.sidecar.service.cache) == 0

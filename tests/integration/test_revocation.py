@@ -316,3 +316,16 @@ def _ignore(fn: Callable[[], object]) -> None:
         fn()
     except grpc.RpcError:
         pass
+
+
+def test_one_workload_cannot_take_every_stream(make_broker: Factory, identity: Identity) -> None:
+    server = make_broker()
+    s = stub(server.port, identity.ca, svid(identity.ca, TRIAGE))
+    calls = [s.WatchRevocations(pb.WatchRevocationsRequest(), timeout=30) for _ in range(4)]
+    for c in calls:
+        assert next(c).HasField("sync")
+    with pytest.raises(grpc.RpcError) as err:
+        next(s.WatchRevocations(pb.WatchRevocationsRequest(), timeout=30))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for c in calls:
+        c.cancel()
