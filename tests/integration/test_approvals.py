@@ -299,7 +299,7 @@ def test_a_released_credential_is_never_served_from_the_cache(env: Env) -> None:
     env.decide(pending["approval_id"], "alice@example.org")
     status, released = env.sidecar.client.raw(
         "GET", f"/v1/approvals/{pending['approval_id']}?wait=5")
-    assert status == 200
+    assert status == 200 and released["approval"]["status"] == "used"
     # the same class and target, another event: needs its own approval, not the cached token
     status, body = ask(env, initiating_event={"source": "splunk", "id": "OTHER"})
     assert status == 202 and body["approval_id"] != pending["approval_id"]
