@@ -69,6 +69,7 @@ class AuditLog:
         self.path = path
         self._on_error = on_error
         self._last_error = ""
+        self._broken = ""
         self.origin = origin
         self.checkpoint_path = checkpoint_path or path.with_name(path.name + ".checkpoints")
         self.mirror_path = mirror_path
@@ -189,6 +190,10 @@ class AuditLog:
         return self._ticket, self._seq, self._head.hex()
 
     def _wait_durable(self, ticket: int) -> None:
+        if self._broken and ticket not in self._done:
+            self._done[ticket] = self._broken
+            self._pending = [p for p in self._pending if p[0] != ticket]
+            self._seq, self._head = self._durable_seq, self._durable_head
         while ticket not in self._done:
             if self._flushing:
                 self._cond.wait()
@@ -198,8 +203,8 @@ class AuditLog:
             self._cond.release()
             error = None
             data = b"".join(item[3] for item in batch)
+            written = 0
             try:
-                written = 0
                 while written < len(data):
                     written += os.write(self._fd, data[written:])
                 os.fsync(self._fd)
@@ -215,20 +220,25 @@ class AuditLog:
                 for item in batch:
                     self._done[item[0]] = None
             else:
-                self._roll_back(batch, error)
+                self._roll_back(batch, error, written)
             self._cond.notify_all()
         why = self._done.pop(ticket)
         if why is not None:
             raise AuditError(f"the audit log {self.path} is not writable ({why}); the request "
                              "was not carried out")
 
-    def _roll_back(self, batch: list[tuple[int, int, bytes, bytes]], why: str) -> None:
+    def _roll_back(self, batch: list[tuple[int, int, bytes, bytes]], why: str,
+                   written: int) -> None:
         """A batch failed: cut the file back, fail it and everything sealed after it."""
         try:
-            os.ftruncate(self._fd, self._durable_offset)
+            if written:  # part of the batch reached the file: cut it off
+                os.ftruncate(self._fd, self._durable_offset)
         except OSError as exc:
-            _log.error("audit log %s: could not cut a failed write back (%s)", self.path,
-                       exc.strerror)
+            # Garbage may follow the last good record: refuse every later append rather
+            # than write records after it that no verification would accept.
+            self._broken = f"could not cut a failed write back ({exc.strerror})"
+            _log.critical("audit log %s: %s; no further records will be written until the "
+                          "broker restarts (start-up repairs the tail)", self.path, self._broken)
         for item in batch + self._pending:
             self._done[item[0]] = why
         self._last_error = why
@@ -243,6 +253,8 @@ class AuditLog:
         with self._cond:
             if self._fd < 0:
                 raise AuditError(f"the audit log {self.path} is closed")
+            if self._broken:
+                raise AuditError(f"the audit log {self.path} is not writable ({self._broken})")
             try:
                 os.fstat(self._fd)
                 if self._last_error:

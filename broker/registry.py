@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from broker.core.revocation import Freeze, Selector
-from broker.errors import CredbrokerError
+from broker.errors import CredbrokerError, InvalidRequestError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -155,6 +155,10 @@ class SqliteStore:
 
     def record_intent(self, *, request_id: str, spiffe_id: str, action_class: str, target: str,
                       event_source: str, event_id: str, at: datetime) -> None:
+        """Raises: InvalidRequestError for a reused request id; StoreError."""
+        if self._exec("SELECT 1 FROM credentials WHERE request_id=?", (request_id,)):
+            raise InvalidRequestError(f"request_id {request_id!r} was already used; send a new "
+                                      "one, or none and the broker makes one")
         self._exec("INSERT INTO credentials (request_id, spiffe_id, action_class, target, "
                    "event_source, event_id, issued_at, state) VALUES (?,?,?,?,?,?,?, 'intent')",
                    (request_id, spiffe_id, action_class, target, event_source, event_id,

@@ -89,7 +89,13 @@ class BrokerClient:
             return []
         with self._jwt_lock:
             if time.monotonic() >= self._jwt_refresh_at:
-                svid = self._jwt.fetch_svid(audience={self._cfg.jwt_audience})
+                try:
+                    svid = self._jwt.fetch_svid(audience={self._cfg.jwt_audience})
+                except Exception as exc:  # py-spiffe raises several unrelated types
+                    raise BrokerCallError(
+                        503, "workload_api_unavailable",
+                        f"no JWT-SVID from the Workload API at {self._cfg.workload_api_socket} "
+                        f"({type(exc).__name__}); is the SPIRE agent running?") from None
                 self._jwt_token = svid.token
                 life = max(0.0, svid.expiry - time.time())
                 self._jwt_refresh_at = time.monotonic() + life / 2
