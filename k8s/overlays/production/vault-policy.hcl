@@ -4,6 +4,10 @@
 path "sys/policies/acl/credbroker-*" {
   capabilities = ["create", "read", "update"]
 }
+# (hvac reads and writes policies through the older sys/policy endpoint)
+path "sys/policy/credbroker-*" {
+  capabilities = ["create", "read", "update"]
+}
 path "auth/token/roles/credbroker-*" {
   capabilities = ["create", "read", "update"]
 }
