@@ -13,9 +13,10 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from broker import audit_cli, responder_cli, scope_cli
+from broker import audit_cli, scope_cli
 from broker.config import (
     DEFAULT_AUDIENCE,
     DEFAULT_BROKER_DNS,
@@ -63,11 +64,34 @@ def _logging(verbose: bool, json_lines: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _wait_for_signal() -> None:
+def _serve_until_signalled(stop: Callable[[], None], *, deadline: float, name: str) -> int:
+    """Block until SIGINT/SIGTERM, then run ``stop`` within ``deadline`` seconds.
+
+    A shutdown must never leave a process behind: if ``stop`` hangs past the
+    deadline, or a second signal arrives while stopping, the process exits at
+    once (exit code 1) after saying so.
+    """
     done = threading.Event()
+    signals = {"count": 0}
+
+    def on_signal(*_: object) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            logging.getLogger("credbroker").error("%s: second signal: exiting now", name)
+            os._exit(1)
+        done.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, on_signal)
     done.wait()
+    stopper = threading.Thread(target=stop, name="shutdown", daemon=True)
+    stopper.start()
+    stopper.join(deadline)
+    if stopper.is_alive():
+        logging.getLogger("credbroker").error("%s: shutdown did not finish within %.0f s; "
+                                              "exiting anyway", name, deadline)
+        os._exit(1)
+    return 0
 
 
 #: Keys a `serve --config FILE` may set: the long options of `serve`, with underscores.
@@ -131,10 +155,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                               daemon=True).start())
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=server.reload,
                                                              daemon=True).start())
-    _wait_for_signal()
-    logging.getLogger("credbroker.broker").info("stopping: draining in-flight calls")
-    server.stop()
-    return 0
+    def stop() -> None:
+        logging.getLogger("credbroker.broker").info("stopping: draining in-flight calls")
+        server.stop()
+
+    return _serve_until_signalled(stop, deadline=20.0, name="broker")
 
 
 def cmd_vault_sync(args: argparse.Namespace) -> int:
@@ -196,11 +221,12 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     logging.getLogger("credbroker.sidecar").info(
         "sidecar for %s serving on %s, broker %s", client.spiffe_id, cfg.listen_socket,
         cfg.broker_addr)
-    _wait_for_signal()
-    http.close()
-    service.stop_watching()
-    client.close()
-    return 0
+    def stop() -> None:
+        http.close()
+        service.stop_watching()
+        client.close()
+
+    return _serve_until_signalled(stop, deadline=10.0, name="sidecar")
 
 
 def _run_dir(arg: str | None) -> Path:
@@ -321,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     scope_cli.add_parser(sub)
     audit_cli.add_parser(sub)
+    from broker import responder_cli  # imports grpc: after main() configured it
+
     responder_cli.add_parsers(sub)
 
     s = sub.add_parser("demo", help="run the scripted end-to-end demo on a fresh dev stack")

@@ -347,7 +347,13 @@ class DevStack:
         for name, sc in self.sidecars.items():
             lines.append(f"  sidecar {name:<14} {sc['socket']}   {sc['spiffe_id']}")
         lines.append(f"  scope map      {self.scope_map}")
+        lines.append(f"  audit log      {self.audit_path}")
         lines.append(f"  logs           {self.run_dir}/*.log")
+        lines.append(f"  responder      {self.admin_id}: credbroker revoke|freeze|approvals ... "
+                     f"--dev {self.run_dir}")
+        lines.append("  approvers      dev identity provider users "
+                     + ", ".join(f"{u} ({'/'.join(g)})" for u, g in DevIssuer.USERS.items())
+                     + "; use --as USER")
         name = next(iter(self.sidecars), "triage")
         lines.append("try:  curl --unix-socket "
                      f"{self.sidecars.get(name, {}).get('socket', '')} -X POST "
