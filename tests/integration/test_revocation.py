@@ -18,6 +18,7 @@ import hvac.exceptions
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker.audit import read_records
 from broker.cli import main
 from broker.config import BrokerConfig
 from broker.devstack import OpenBaoDev
@@ -178,6 +179,14 @@ def test_freeze_identity_refuses_its_tokens_before_returning(
     assert cli(server, identity, "unfreeze", "--spiffe-id", CONTAINMENT, "--reason",
                "contained", "--yes") == 0
     assert works(bao, mint(server, identity, CONTAINMENT))
+    records = list(read_records(server.config.audit_path))
+    freeze = next(r for r in records if r["type"] == "freeze")
+    assert freeze["by"] == ADMIN and freeze["reason"] == "rogue agent"
+    assert freeze["credentials_matched"] == 3 and len(freeze["vault_entities_disabled"]) == 1
+    unfreeze = next(r for r in records if r["type"] == "unfreeze")
+    assert unfreeze["reason"] == "contained"
+    bulk = next(r for r in records if r["type"] == "credentials.revoked")
+    assert sorted(bulk["credential_ids"]) == sorted(c.credential_id for c in rogue)
 
 
 def test_freeze_class_refuses_that_class_only(make_broker: Factory, identity: Identity,
