@@ -94,13 +94,17 @@ def _serve_until_signalled(stop: Callable[[], None], *, deadline: float, name: s
     return 0
 
 
-#: Keys a `serve --config FILE` may set: the long options of `serve`, with underscores.
-_SERVE_FILE_KEYS = ("listen", "workload_api", "scope_map", "vault_addr", "vault_token_file",
-                    "audience", "require_jwt_svid", "audit_log", "audit_key",
-                    "checkpoint_mirror", "checkpoint_interval", "registry", "admin_id",
-                    "approver_issuer", "approver_jwks", "approver_audience", "approver_groups",
-                    "approval_bot", "owner_team_cannot_approve", "escalation_webhook",
-                    "metrics_listen", "health_listen")
+#: serve options that a config file may not set (they are about this one invocation).
+_NOT_IN_FILE = frozenset({"config", "ready_file"})
+
+
+def serve_file_keys() -> tuple[str, ...]:
+    """Keys a `serve --config FILE` may set: serve's long options, with underscores."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = sub.choices["serve"]
+    return tuple(a.dest for a in serve._actions
+                 if a.option_strings and a.dest not in _NOT_IN_FILE | {"help"})
 
 
 def _apply_config_file(args: argparse.Namespace) -> None:
@@ -120,10 +124,11 @@ def _apply_config_file(args: argparse.Namespace) -> None:
         raise ConfigError(f"cannot read --config {args.config}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {args.config} must be a YAML mapping of option: value")
-    unknown = sorted(set(data) - set(_SERVE_FILE_KEYS))
+    known = serve_file_keys()
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"--config {args.config}: unknown key(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(_SERVE_FILE_KEYS)}")
+                          f"known: {', '.join(known)}")
     for key, value in data.items():
         if getattr(args, key) in (None, False, []):
             setattr(args, key, value)

@@ -14,6 +14,7 @@ subject must equal the mTLS peer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections.abc import Callable
@@ -45,6 +46,20 @@ def spiffe_id_from_certificate(
     Raises:
         IdentityError: the certificate is not an acceptable X.509-SVID of ``trust_domain``.
     """
+    sid, serial, not_before, not_after = _parse_svid(pem, trust_domain)
+    if not (not_before <= now <= not_after):
+        raise IdentityError(f"the X.509-SVID of {sid} is not valid at {now.isoformat()}")
+    return sid, serial
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_svid(pem: bytes, trust_domain: str) -> tuple[SpiffeId, str, datetime, datetime]:
+    """The time-independent checks, cached: a peer presents the same SVID on every call
+    until it rotates, so issuance does not re-parse it. (Refusals are not cached.)
+
+    Raises:
+        IdentityError: as :func:`spiffe_id_from_certificate`.
+    """
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
@@ -74,9 +89,8 @@ def spiffe_id_from_certificate(
             f"{sid} belongs to trust domain {sid.trust_domain!r}; this broker serves only "
             f"{trust_domain!r}"
         )
-    if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
-        raise IdentityError(f"the X.509-SVID of {sid} is not valid at {now.isoformat()}")
-    return sid, format(cert.serial_number, "x")
+    return (sid, format(cert.serial_number, "x"), cert.not_valid_before_utc,
+            cert.not_valid_after_utc)
 
 
 def verify_jwt_svid(
