@@ -106,8 +106,8 @@ def run(bao: OpenBaoDev, d: Path, n: int) -> None:
     responder = Responder(store=store, vault=vault, audit=audit, bus=RevocationBus(),
                           scope_map=lambda: maps["freeze"], clock=lambda: datetime.now(UTC))
     t0 = time.perf_counter()
-    _, matched, entities, _, _ = responder.freeze(spiffe_id=str(rogue), action_class="",
-                                                  reason="bench", by="bench")
+    res = responder.freeze(spiffe_id=str(rogue), action_class="", reason="bench", by="bench")
+    matched, entities = res.credentials_matched, res.entities_disabled
     freeze_s = time.perf_counter() - t0
     assert responder.last_freeze_revocation is not None
     responder.last_freeze_revocation.join()

@@ -114,14 +114,21 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
                context: grpc.ServicerContext) -> pb.FreezeResponse:
         with _boundary(context, "admin", "Freeze"):
             by = self._admin(context)
-            fz, matched, entities, policy, ms = self._r.freeze(
+            res = self._r.freeze(
                 spiffe_id=request.spiffe_id, action_class=request.action_class,
                 reason=self._reason(request.reason), by=by)
-            _log.warning("%s froze %s %s (%d live credentials; Vault enforced in %.1f ms): %s",
-                         by, fz.kind, fz.pattern, matched, ms, fz.reason)
-            return pb.FreezeResponse(freeze=freeze_to_proto(fz), credentials_matched=matched,
-                                     vault_entities_disabled=entities,
-                                     vault_policy_frozen=policy, vault_enforced_ms=ms)
+            fz = res.freeze
+            _log.warning("%s froze %s %s (%d live credentials; %s): %s", by, fz.kind,
+                         fz.pattern, res.credentials_matched,
+                         f"Vault enforced in {res.enforced_ms:.1f} ms" if not res.vault_pending
+                         else "Vault enforcement PENDING", fz.reason)
+            return pb.FreezeResponse(freeze=freeze_to_proto(fz),
+                                     credentials_matched=res.credentials_matched,
+                                     vault_entities_disabled=res.entities_disabled,
+                                     vault_policy_frozen=res.policy_frozen,
+                                     vault_enforced_ms=res.enforced_ms,
+                                     vault_pending=res.vault_pending,
+                                     vault_error=res.vault_error)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def Unfreeze(self, request: pb.UnfreezeRequest,

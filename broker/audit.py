@@ -205,6 +205,7 @@ class AuditLog:
             data = b"".join(item[3] for item in batch)
             written = 0
             try:
+                self._check_same_file()
                 while written < len(data):
                     written += os.write(self._fd, data[written:])
                 os.fsync(self._fd)
@@ -248,6 +249,20 @@ class AuditLog:
         _log.error("AUDIT LOG NOT WRITABLE: %s: %s; %d record(s) refused", self.path, why,
                    len(batch))
 
+    def _check_same_file(self) -> None:
+        """The file at the configured path is the one being written.
+
+        Raises: OSError when it was unlinked or replaced (records written now would
+        reach no one: fail closed until an operator restores it and restarts).
+        """
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            raise OSError(2, "the log file was deleted under the running broker") from None
+        mine = os.fstat(self._fd)
+        if (at_path.st_dev, at_path.st_ino) != (mine.st_dev, mine.st_ino):
+            raise OSError(2, "the log file was replaced under the running broker")
+
     def check_writable(self) -> None:
         """For health checks. Raises: AuditError if the last write failed or the file is gone."""
         with self._cond:
@@ -256,7 +271,7 @@ class AuditLog:
             if self._broken:
                 raise AuditError(f"the audit log {self.path} is not writable ({self._broken})")
             try:
-                os.fstat(self._fd)
+                self._check_same_file()
                 if self._last_error:
                     # Recover once the cause looks gone (space again, sync works), so a
                     # pod taken out of service by this check can come back.

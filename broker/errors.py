@@ -101,6 +101,14 @@ class VaultUnavailableError(VaultError):
     code = "vault_unavailable"
 
 
+class VaultPermissionError(VaultUnavailableError):
+    """Vault refused the broker's own token: it is revoked, expired, or lacks a capability.
+
+    For an agent this is an outage of the broker (503 ``vault_unavailable``), not its
+    fault; the message is for the operator. Vault certainly did nothing for the request.
+    """
+
+
 class BrokerUnavailableError(CredbrokerError):
     """The broker could not be reached (raised by clients of the broker)."""
 

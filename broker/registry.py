@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS credentials (
     issued_at       REAL NOT NULL,
     expires_at      REAL,
     entity_id       TEXT NOT NULL DEFAULT '',
-    state           TEXT NOT NULL,          -- intent, live, revoked
+    state           TEXT NOT NULL,          -- intent, ambiguous, live, revoked
     revoked_at      REAL,
     revoked_by      TEXT,
     revoke_reason   TEXT,
@@ -62,9 +62,19 @@ CREATE TABLE IF NOT EXISTS freezes (
     entity_ids  TEXT NOT NULL DEFAULT '',
     lifted_at   REAL,
     lifted_by   TEXT,
-    lift_reason TEXT
+    lift_reason TEXT,
+    enforced    INTEGER NOT NULL DEFAULT 0,  -- Vault refuses the match (entity/policy)
+    enforce_error TEXT NOT NULL DEFAULT ''
 );
 """
+
+#: Columns added after the first release: (table, column, definition). Rows written
+#: before a column existed get its default (a freeze then was enforced before it was
+#: recorded, hence enforced=1).
+MIGRATIONS = (
+    ("freezes", "enforced", "INTEGER NOT NULL DEFAULT 1"),
+    ("freezes", "enforce_error", "TEXT NOT NULL DEFAULT ''"),
+)
 
 
 class StoreError(CredbrokerError):
@@ -95,7 +105,9 @@ class CredentialStore(Protocol):
     def record_minted(self, *, request_id: str, credential_id: str, expires_at: datetime,
                       entity_id: str) -> None: ...
     def forget_intent(self, request_id: str) -> None: ...
+    def mark_ambiguous(self, request_id: str) -> None: ...
     def intents(self) -> list[CredentialRow]: ...
+    def known_credential_ids(self) -> set[str]: ...
     def get(self, credential_id: str) -> CredentialRow | None: ...
     def live(self, selector: Selector, now: datetime) -> list[CredentialRow]: ...
     def live_ids_of(self, spiffe_id: str, now: datetime) -> list[str]: ...
@@ -107,13 +119,18 @@ class CredentialStore(Protocol):
                           selector: str, at: datetime) -> None: ...
     def pending_revocations(self) -> list[CredentialRow]: ...
     def add_freeze(self, freeze: Freeze, entity_ids: Iterable[str]) -> None: ...
+    def set_freeze_enforcement(self, freeze_id: str, *, entity_ids: Iterable[str],
+                               enforced: bool, error: str) -> None: ...
+    def unenforced_freezes(self) -> list[tuple[Freeze, list[str]]]: ...
     def lift_freezes(self, kind: str, pattern: str, *, by: str, reason: str,
                      at: datetime) -> list[tuple[Freeze, list[str]]]: ...
     def freezes(self) -> list[Freeze]: ...
+    def active_freezes(self) -> list[tuple[Freeze, list[str]]]: ...
     def save_approval(self, approval_id: str, state: str, data: str) -> None: ...
     def load_approvals(self) -> list[str]: ...
     def delete_approval(self, approval_id: str) -> None: ...
     def frozen_entities(self) -> set[str]: ...
+    def check(self) -> None: ...
 
 
 def _ts(dt: datetime | None) -> float | None:
@@ -135,6 +152,7 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._migrate()
             row = self._db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
             if row is None:
                 self.instance_id = secrets.token_hex(8)
@@ -145,6 +163,15 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the credential registry {path}: {exc}") from None
         self._lock = threading.Lock()
+        st = path.stat()
+        self._file_id = (st.st_dev, st.st_ino)
+
+    def _migrate(self) -> None:
+        """Add the columns a registry from an earlier release lacks (idempotent)."""
+        for table, column, definition in MIGRATIONS:
+            have = {str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def _exec(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         try:
@@ -171,7 +198,21 @@ class SqliteStore:
                    (credential_id, _ts(expires_at), entity_id, request_id))
 
     def forget_intent(self, request_id: str) -> None:
-        self._exec("DELETE FROM credentials WHERE request_id=? AND state='intent'", (request_id,))
+        """Vault certainly minted nothing for this intent (it refused, or a scan found no
+        token for it): drop the row."""
+        self._exec("DELETE FROM credentials WHERE request_id=? AND state IN "
+                   "('intent', 'ambiguous')", (request_id,))
+
+    def mark_ambiguous(self, request_id: str) -> None:
+        """The mint's outcome is unknown (connection lost after sending, 5xx, timeout):
+        keep the intent until a scan of Vault resolves it."""
+        self._exec("UPDATE credentials SET state='ambiguous' WHERE request_id=? AND "
+                   "state='intent'", (request_id,))
+
+    def known_credential_ids(self) -> set[str]:
+        """Every credential id (Vault accessor) the registry holds, in any state."""
+        return {str(r[0]) for r in self._exec(
+            "SELECT credential_id FROM credentials WHERE credential_id IS NOT NULL")}
 
     _COLS = ("request_id, coalesce(credential_id, ''), spiffe_id, action_class, target, "
              "issued_at, expires_at, entity_id, state, revoke_pending")
@@ -186,7 +227,8 @@ class SqliteStore:
                                     args)]
 
     def intents(self) -> list[CredentialRow]:
-        return self._rows("state='intent'")
+        """Issuances whose mint has not been resolved: in flight, or of unknown outcome."""
+        return self._rows("state IN ('intent', 'ambiguous') ORDER BY issued_at")
 
     def get(self, credential_id: str) -> CredentialRow | None:
         rows = self._rows("credential_id=?", (credential_id,))
@@ -257,10 +299,21 @@ class SqliteStore:
         return self._rows("revoke_pending=1")
 
     def add_freeze(self, freeze: Freeze, entity_ids: Iterable[str]) -> None:
-        self._exec("INSERT INTO freezes (id, kind, pattern, reason, by, created_at, entity_ids) "
-                   "VALUES (?,?,?,?,?,?,?)",
+        """Record a freeze, not yet enforced by Vault (see :meth:`set_freeze_enforcement`)."""
+        self._exec("INSERT INTO freezes (id, kind, pattern, reason, by, created_at, entity_ids, "
+                   "enforced) VALUES (?,?,?,?,?,?,?,0)",
                    (freeze.id, freeze.kind, freeze.pattern, freeze.reason, freeze.by,
                     _ts(freeze.created_at), ",".join(sorted(set(entity_ids)))))
+
+    def set_freeze_enforcement(self, freeze_id: str, *, entity_ids: Iterable[str],
+                               enforced: bool, error: str) -> None:
+        """Record the Vault entities a freeze covers and whether Vault enforces it yet."""
+        self._exec("UPDATE freezes SET entity_ids=?, enforced=?, enforce_error=? WHERE id=?",
+                   (",".join(sorted(set(entity_ids))), int(enforced), error[:1000], freeze_id))
+
+    def unenforced_freezes(self) -> list[tuple[Freeze, list[str]]]:
+        """Freezes in force that Vault does not enforce yet (it was unreachable)."""
+        return self._freeze_rows("lifted_at IS NULL AND enforced=0 ORDER BY created_at")
 
     def _freeze_rows(self, where: str, args: tuple[object, ...] = ()
                      ) -> list[tuple[Freeze, list[str]]]:
@@ -281,6 +334,10 @@ class SqliteStore:
     def freezes(self) -> list[Freeze]:
         return [f for f, _ in self._freeze_rows("lifted_at IS NULL ORDER BY created_at")]
 
+    def active_freezes(self) -> list[tuple[Freeze, list[str]]]:
+        """Freezes in force, each with the Vault entities it disabled."""
+        return self._freeze_rows("lifted_at IS NULL ORDER BY created_at")
+
     def frozen_entities(self) -> set[str]:
         return {e for _, es in self._freeze_rows("lifted_at IS NULL") for e in es}
 
@@ -294,6 +351,21 @@ class SqliteStore:
 
     def load_approvals(self) -> list[str]:
         return [str(r[0]) for r in self._exec("SELECT data FROM approvals")]
+
+    def check(self) -> None:
+        """For health checks: the registry file is there and takes a durable write.
+
+        Raises: StoreError.
+        """
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            raise StoreError(f"the credential registry {self.path} is gone ({exc.strerror}); "
+                             "restart the broker once the file is back") from None
+        if (st.st_dev, st.st_ino) != self._file_id:
+            raise StoreError(f"the credential registry {self.path} was replaced under the "
+                             "running broker; restart it")
+        self._exec("UPDATE meta SET value=value WHERE key='instance_id'")
 
     def close(self) -> None:
         with self._lock:

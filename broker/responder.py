@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from broker.audit import AuditLog
 from broker.core.revocation import Freeze, Selector, freeze_target
@@ -101,6 +101,30 @@ class RevocationBus:
                 q.put(None)
 
 
+#: An issuance still unresolved after this long is no longer in flight (the mint's
+#: timeout is seconds): the reconcile loop resolves it.
+STALE_INTENT = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FreezeResult:
+    freeze: Freeze
+    credentials_matched: int
+    entities_disabled: int
+    policy_frozen: bool
+    enforced_ms: float
+    vault_pending: bool  # in force for issuance; Vault enforcement retried until done
+    vault_error: str
+
+
+@dataclass(slots=True)
+class ReconcileReport:
+    revoked: int = 0   # orphan tokens found and revoked
+    cleared: int = 0   # unfinished issuances Vault holds no token for
+    pending: int = 0   # ambiguous issuances not yet resolvable
+    error: str = ""    # why this round stopped early (Vault or registry unreachable)
+
+
 @dataclass(slots=True)
 class Outcome:
     credential_id: str
@@ -121,6 +145,9 @@ class Responder:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="revoke")
         self._freezes = store.freezes()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        #: Accessors known not to be this broker's (their metadata never changes).
+        self._foreign: set[str] = set()
         self.last_freeze_revocation: threading.Thread | None = None
         self._freeze_lock = threading.Lock()
         self.metrics: Metrics | None = None
@@ -227,23 +254,29 @@ class Responder:
         return left
 
     def run_retry_loop(self, interval: float = 2.0) -> None:
+        """Until :meth:`close`: enforce freezes Vault missed, retry pending revocations."""
         while not self._stop.wait(interval):
             try:
+                self.enforce_pending_freezes()
                 self.retry_pending()
             except CredbrokerError as exc:
-                _log.warning("retrying pending revocations failed: %s", exc)
+                _log.warning("retrying pending freezes and revocations failed: %s", exc)
 
     # -- freeze
 
     def freeze(self, *, spiffe_id: str, action_class: str, reason: str, by: str
-               ) -> tuple[Freeze, int, int, bool, float]:
-        """Freeze; returns (freeze, credentials matched, entities disabled, policy frozen, ms).
+               ) -> FreezeResult:
+        """Freeze: recorded first (in force for issuance when this returns, whatever Vault
+        does), pushed to sidecars, then enforced by Vault and the credentials revoked.
+
+        When Vault cannot enforce it now, the result says so (``vault_pending``) and the
+        retry loop enforces it as soon as Vault answers; the live credentials' revocations
+        stay pending likewise.
 
         Raises:
             InvalidRequestError: malformed target or missing reason.
             NotFoundError: an unknown action class.
-            VaultUnavailableError, VaultError: Vault could not enforce it (the freeze of
-                new issuance is still recorded and in force).
+            StoreError: the freeze could not be recorded (then nothing was done).
         """
         started = time.perf_counter()
         kind, pattern = freeze_target(spiffe_id, action_class)
@@ -254,111 +287,240 @@ class Responder:
         now = self._clock()
         selector = Selector.build(spiffe_id=spiffe_id, action_class=action_class)
         entities = self.store.entity_ids(selector) if kind == "spiffe_id" else {}
-        if kind == "spiffe_id" and "*" not in pattern:
-            found = self.vault.entity_of(pattern)  # also an entity this registry never saw
-            if found:
-                entities[found] = pattern
         fz = Freeze(id=uuid.uuid4().hex[:12], kind=kind, pattern=pattern, reason=reason, by=by,
                     created_at=now)
         with self._freeze_lock:
             self.store.add_freeze(fz, entities)  # durable first: new issuance stops here
             self._freezes = self.store.freezes()
-        policy_frozen = False
-        vault_error: str = ""
         rows = self.store.live(selector, now)
+        # Sidecars drop what they cache for it now, whatever Vault does next.
+        self.bus.publish(BusEvent(action_class=pattern if kind == "action_class" else "",
+                                  identity_pattern=pattern if kind == "spiffe_id" else "",
+                                  reason=reason, by=by))
+        enforced, found, error = self._enforce(fz, set(entities))
+        enforced_ms = (time.perf_counter() - started) * 1000
+        self.audit.append_or_queue("freeze", freeze_id=fz.id, kind=kind, pattern=pattern,
+                                   reason=reason, by=by, credentials_matched=len(rows),
+                                   vault_entities_disabled=sorted(found) if enforced else [],
+                                   vault_policy_frozen=enforced and kind == "action_class",
+                                   vault_enforced=enforced,
+                                   vault_enforced_ms=round(enforced_ms, 3) if enforced else None,
+                                   vault_error=error)
+        if not enforced:
+            _log.error("freeze %s of %s %s is in force for issuance, but Vault does not "
+                       "enforce it yet (%s); retried until it does", fz.id, kind, pattern, error)
+        # Revoking them is hygiene when Vault already refuses them: in bulk, without the
+        # per-token look-up (they are live per the registry). Without Vault, they become
+        # pending revocations, retried until done.
+        self.last_freeze_revocation = threading.Thread(
+            target=lambda: list(self.revoke(rows, by=by, reason=reason,
+                                            selector=f"freeze {fz.id}", check=not enforced)),
+            name="freeze-revoke", daemon=True)
+        self.last_freeze_revocation.start()
+        return FreezeResult(freeze=fz, credentials_matched=len(rows),
+                            entities_disabled=len(found) if enforced else 0,
+                            policy_frozen=enforced and kind == "action_class",
+                            enforced_ms=enforced_ms, vault_pending=not enforced,
+                            vault_error=error)
+
+    def _enforce(self, fz: Freeze, entities: set[str]) -> tuple[bool, set[str], str]:
+        """Make Vault refuse what ``fz`` freezes; record the outcome. Never raises.
+
+        Returns (enforced, entities covered, error).
+        """
+        error = ""
         try:
-            if kind == "spiffe_id":
-                for eid in entities:
+            if fz.kind == "spiffe_id":
+                if "*" not in fz.pattern:
+                    found = self.vault.entity_of(fz.pattern)  # also one this registry never saw
+                    if found:
+                        entities.add(found)
+                for eid in sorted(entities):
                     self.vault.set_entity_disabled(eid, True)
             else:
-                self.vault.freeze_class_policy(scope_map.classes[pattern])
-                policy_frozen = True
+                cls = self._scope_map().classes.get(fz.pattern)
+                if cls is not None:  # a class no longer in the map has no policy to freeze
+                    self.vault.freeze_class_policy(cls)
         except CredbrokerError as exc:
-            vault_error = str(exc)
-            raise
-        finally:
-            # Whatever Vault did, the freeze is in force for issuance: tell the sidecars,
-            # put it on record, and revoke (pending if Vault is down, retried until done).
-            enforced_ms = (time.perf_counter() - started) * 1000
-            self.bus.publish(BusEvent(action_class=pattern if kind == "action_class" else "",
-                                      identity_pattern=pattern if kind == "spiffe_id" else "",
-                                      reason=reason, by=by))
-            self.audit.append_or_queue("freeze", freeze_id=fz.id, kind=kind, pattern=pattern,
-                                       reason=reason, by=by, credentials_matched=len(rows),
-                                       vault_entities_disabled=sorted(entities),
-                                       vault_policy_frozen=policy_frozen,
-                                       vault_enforced_ms=round(enforced_ms, 3),
-                                       vault_error=vault_error)
-            # Revoking them is hygiene when Vault already refuses them: in bulk, without
-            # the per-token look-up (they are live per the registry).
-            self.last_freeze_revocation = threading.Thread(
-                target=lambda: list(self.revoke(rows, by=by, reason=reason,
-                                                selector=f"freeze {fz.id}",
-                                                check=not policy_frozen and not entities)),
-                name="freeze-revoke", daemon=True)
-            self.last_freeze_revocation.start()
-        return fz, len(rows), len(entities), policy_frozen, enforced_ms
+            error = str(exc)
+        try:
+            self.store.set_freeze_enforcement(fz.id, entity_ids=entities, enforced=not error,
+                                              error=error)
+        except CredbrokerError as exc:
+            _log.error("freeze %s: could not record its Vault enforcement: %s", fz.id, exc)
+        return not error, entities, error
+
+    def enforce_pending_freezes(self) -> int:
+        """Enforce freezes Vault could not enforce when they were made. Returns how many
+        are still not enforced.
+
+        Raises:
+            StoreError: the registry could not be read.
+        """
+        left = 0
+        for fz, entities in self.store.unenforced_freezes():
+            enforced, found, _ = self._enforce(fz, set(entities))
+            if not enforced:
+                left += 1
+                continue
+            self.audit.append_or_queue("freeze.enforced", freeze_id=fz.id, kind=fz.kind,
+                                       pattern=fz.pattern, by="credbroker",
+                                       vault_entities_disabled=sorted(found),
+                                       vault_policy_frozen=fz.kind == "action_class")
+            _log.warning("freeze %s of %s %s is now enforced by Vault", fz.id, fz.kind,
+                         fz.pattern)
+        return left
 
     def unfreeze(self, *, spiffe_id: str, action_class: str, reason: str, by: str
                  ) -> list[Freeze]:
-        """Lift the freezes of exactly this pattern or class.
+        """Lift the freezes of exactly this pattern or class: on record first, then Vault
+        gives the power back, then the freeze is lifted for issuance.
 
         Raises:
-            InvalidRequestError, NotFoundError (nothing frozen like that),
-            VaultUnavailableError, VaultError.
+            InvalidRequestError, NotFoundError (nothing frozen like that), AuditError (not
+            on record: nothing lifted), VaultUnavailableError, VaultError (Vault did not give
+            the power back: the freeze stays in force, retry).
         """
         kind, pattern = freeze_target(spiffe_id, action_class)
-        if not any(f.kind == kind and f.pattern == pattern for f in self._freezes):
+        active = self.store.active_freezes()
+        mine = [(f, es) for f, es in active if f.kind == kind and f.pattern == pattern]
+        if not mine:
             raise NotFoundError(f"nothing is frozen as {kind.replace('_', ' ')} {pattern!r}; "
                                 "see `credbroker freeze --list`")
         # Giving power back is on record first (fail closed: no record, no unfreeze).
         self.audit.append("unfreeze", kind=kind, pattern=pattern, reason=reason, by=by)
+        still = {e for f, es in active if not (f.kind == kind and f.pattern == pattern)
+                 for e in es}
+        try:
+            for _, entities in mine:
+                for eid in entities:
+                    if eid not in still:
+                        self.vault.set_entity_disabled(eid, False)
+            scope_map = self._scope_map()
+            if kind == "action_class" and pattern in scope_map.classes:
+                self.vault.restore_class_policy(scope_map.classes[pattern])
+        except CredbrokerError as exc:
+            # Partly given back at most: enforce the freeze again until it is lifted.
+            for f, entities in mine:
+                self.store.set_freeze_enforcement(f.id, entity_ids=entities, enforced=False,
+                                                  error=str(exc))
+            self.audit.append_or_queue("unfreeze.failed", kind=kind, pattern=pattern, by=by,
+                                       error=str(exc))
+            raise VaultUnavailableError(
+                f"the freeze of {pattern} stays in force: Vault did not give the power back "
+                f"({exc}); run unfreeze again once Vault is reachable") from None
         with self._freeze_lock:
             lifted = self.store.lift_freezes(kind, pattern, by=by, reason=reason,
                                              at=self._clock())
             self._freezes = self.store.freezes()
-        still = self.store.frozen_entities()
-        for _, entities in lifted:
-            for eid in entities:
-                if eid not in still:
-                    self.vault.set_entity_disabled(eid, False)
-        scope_map = self._scope_map()
-        if kind == "action_class" and pattern in scope_map.classes:
-            self.vault.restore_class_policy(scope_map.classes[pattern])
         return [f for f, _ in lifted]
 
     def frozen_classes(self) -> frozenset[str]:
         return frozenset(f.pattern for f in self._freezes if f.kind == "action_class")
 
-    # -- crash recovery
+    # -- reconciling the registry with Vault
 
-    def reconcile(self) -> tuple[int, int]:
-        """Resolve intents left by a crash between mint and record. Returns (revoked, cleared).
+    def reconcile(self, *, startup: bool = False, full: bool = False) -> ReconcileReport:
+        """Make every live token this broker minted known to the registry and the log.
 
-        A token minted for an intent was never handed to anyone (the broker died
-        before answering), so it is revoked, not adopted.
+        Resolves unfinished issuances — intents whose mint's outcome is unknown
+        (ambiguous: Vault's answer was lost), older than :data:`STALE_INTENT`, or, at
+        ``startup``, all of them (this process minted none) — and, with ``full`` or at
+        start-up, also finds tokens of this broker the registry does not know at all.
+        A token found for one was never handed to anyone (the agent got an error), so
+        it is revoked, recorded in the registry and audited. An intent with no token
+        is dropped once it is older than :data:`STALE_INTENT` (the periodic full scan
+        still catches a token minted from a request delivered even later).
 
-        Raises:
-            VaultUnavailableError, VaultError: Vault could not be asked.
+        Never raises: when Vault or the registry cannot be asked, the work stays for
+        the next round and the report says so.
         """
-        intents = self.store.intents()
-        if not intents:
-            return 0, 0
-        wanted = {i.request_id for i in intents}
-        revoked = 0
-        for accessor, meta in self.vault.managed_accessors(self.store.instance_id).items():
-            if meta.get("request_id") in wanted:
-                self.vault.revoke_accessor(accessor)
-                revoked += 1
-                self.audit.append_or_queue(
-                    "credential.revoked", credential_id=accessor, request_id=meta["request_id"],
-                    spiffe_id=meta.get("spiffe_id", ""), by="credbroker",
-                    selector="crash-recovery",
-                    reason="minted before a crash, never recorded nor handed out")
-        for i in intents:
-            self.store.forget_intent(i.request_id)
-        return revoked, len(intents)
+        report = ReconcileReport()
+        try:
+            now = self._clock()
+            intents = self.store.intents()
+            stale = [i for i in intents
+                     if startup or i.state == "ambiguous"
+                     or i.issued_at <= now - STALE_INTENT]
+            if not stale and not (full or startup):
+                return report
+            in_flight = {i.request_id for i in intents} - {i.request_id for i in stale}
+            wanted = {i.request_id: i for i in stale}
+            known = self.store.known_credential_ids()
+            managed = self.vault.managed_accessors(self.store.instance_id, skip=known,
+                                                   foreign=self._foreign)
+            found: set[str] = set()
+            for accessor, meta in managed.items():
+                rid = meta.get("request_id", "")
+                if rid in in_flight:
+                    continue  # being recorded by its request right now
+                self._revoke_orphan(accessor, meta, wanted.get(rid))
+                found.add(rid)
+                report.revoked += 1
+            for rid, intent in wanted.items():
+                if rid in found:
+                    continue
+                if startup or intent.issued_at <= now - STALE_INTENT:
+                    self.store.forget_intent(rid)
+                    report.cleared += 1
+                else:
+                    report.pending += 1
+        except CredbrokerError as exc:
+            report.error = str(exc)
+            _log.warning("reconcile with Vault postponed: %s", exc)
+        return report
+
+    def _revoke_orphan(self, accessor: str, meta: dict[str, str],
+                       intent: CredentialRow | None) -> None:
+        """A live token of ours the registry does not hold: revoke, record, audit.
+
+        Raises: VaultUnavailableError, VaultError (then nothing is recorded: next round).
+        """
+        rid = meta.get("request_id", "") or f"orphan-{accessor}"
+        self.vault.revoke_accessor(accessor, check=False)
+        now = self._clock()
+        why = ("minted for an issuance whose outcome was lost (Vault's answer never "
+               "arrived, or the broker died); never handed out")
+        try:
+            if intent is None:
+                self.store.record_intent(request_id=rid, spiffe_id=meta.get("spiffe_id", ""),
+                                         action_class=meta.get("action_class", ""),
+                                         target=meta.get("target", ""), event_source="",
+                                         event_id="", at=now)
+            self.store.record_minted(request_id=rid, credential_id=accessor, expires_at=now,
+                                     entity_id="")
+            self.store.mark_revoked(accessor, by="credbroker", reason=why,
+                                    selector="reconcile", at=now, pending=False)
+        except CredbrokerError as exc:  # revoked in Vault; the registry lags, harmlessly
+            _log.error("credential_id=%s revoked but not recorded: %s", accessor, exc)
+        self.audit.append_or_queue(
+            "credential.revoked", credential_id=accessor, request_id=rid,
+            spiffe_id=meta.get("spiffe_id", ""), action_class=meta.get("action_class", ""),
+            by="credbroker", selector="reconcile", reason=why)
+        _log.warning("request_id=%s credential_id=%s: %s; revoked", rid, accessor, why)
+
+    def reconcile_soon(self) -> None:
+        """Wake the reconcile loop (an issuance's outcome was just lost)."""
+        self._wake.set()
+
+    def run_reconcile_loop(self, interval: float = 2.0, full_every: float = 60.0) -> None:
+        """Resolve ambiguous issuances and orphan tokens until :meth:`close`."""
+        last_full = time.monotonic()
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            full = time.monotonic() - last_full >= full_every
+            report = self.reconcile(full=full)
+            if full and not report.error:
+                last_full = time.monotonic()
+            if report.revoked or report.cleared:
+                _log.warning("reconcile: %d orphan token(s) revoked, %d unfinished "
+                             "issuance(s) without a token cleared", report.revoked,
+                             report.cleared)
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -228,7 +228,15 @@ def cmd_freeze(args: argparse.Namespace) -> int:
                           "credentials_matched": resp.credentials_matched,
                           "vault_entities_disabled": resp.vault_entities_disabled,
                           "vault_policy_frozen": resp.vault_policy_frozen,
-                          "vault_enforced_ms": resp.vault_enforced_ms}))
+                          "vault_enforced_ms": resp.vault_enforced_ms,
+                          "vault_pending": resp.vault_pending,
+                          "vault_error": resp.vault_error}))
+    elif resp.vault_pending:
+        print(f"frozen ({resp.freeze.id}): {resp.freeze.kind} {resp.freeze.pattern}\n"
+              "  done:    recorded; no new credential is issued for it; sidecars told\n"
+              "  PENDING: Vault enforcement — Vault could not be reached "
+              f"({resp.vault_error}); the broker retries until Vault refuses the "
+              f"{resp.credentials_matched} live credential(s), then revokes them")
     else:
         how = (f"{resp.vault_entities_disabled} Vault entit(ies) disabled"
                if resp.freeze.kind == "spiffe_id" else "its Vault policy now grants nothing")

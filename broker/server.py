@@ -23,13 +23,20 @@ from broker.approvals_api import ApprovalsService
 from broker.approvers import OidcVerifier
 from broker.audit import AuditLog, load_or_create_signing_key
 from broker.config import BrokerConfig, load_scope_map
-from broker.errors import AuditError, CredbrokerError, WorkloadApiError
+from broker.core.scopemap import ScopeMap
+from broker.errors import (
+    AuditError,
+    CredbrokerError,
+    VaultPermissionError,
+    VaultUnavailableError,
+    WorkloadApiError,
+)
 from broker.observability import HealthMonitor, Metrics
 from broker.registry import SqliteStore
 from broker.responder import Responder, RevocationBus
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
 from broker.tls import SERVER_KEEPALIVE, pem_material, server_credentials
-from broker.vault import VaultAdapter
+from broker.vault import SyncReport, VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
 
@@ -107,11 +114,15 @@ class BrokerServer:
         self.responder = Responder(store=self.store, vault=vault, audit=self.audit,
                                    bus=RevocationBus(), scope_map=lambda: holder.current,
                                    clock=self._clock)
-        report = vault.sync_scope_map(scope_map, self.responder.frozen_classes())
-        _log.info("scope map %s loaded: %d classes; Vault policies written: %s; roles written: %s",
-                  scope_map.version[:19], len(scope_map.classes),
-                  ",".join(report.policies_written) or "none",
-                  ",".join(report.roles_written) or "none")
+        self._vault = vault
+        # Crash recovery and Vault set-up never keep the broker from starting: what
+        # cannot be done now is pending, retried in the background, and health says so.
+        try:
+            for problem in vault.check_capabilities():
+                _log.error("VAULT: %s", problem)
+        except CredbrokerError as exc:
+            _log.error("VAULT: cannot check the broker's capabilities yet: %s", exc)
+        report = self._sync_vault(scope_map)
         try:
             self._x509 = X509Source(socket_path=cfg.workload_api_socket, timeout_in_seconds=10)
             self._jwt = JwtSource(socket_path=cfg.workload_api_socket, timeout_in_seconds=10)
@@ -123,20 +134,29 @@ class BrokerServer:
             ) from None
         me = pem_material(self._x509)
         jwt_source = self._jwt
-        self._vault = vault
         self.audit.append("broker.started", spiffe_id=me.spiffe_id, listen=cfg.listen,
                           vault_addr=cfg.vault_addr, scope_map_version=scope_map.version)
-        self.audit.append("scope_map.loaded", scope_map_version=scope_map.version,
-                          sources=list(scope_map.sources), classes=list(scope_map.classes),
-                          vault_policies_written=list(report.policies_written),
-                          vault_roles_written=list(report.roles_written))
-        revoked, cleared = self.responder.reconcile()
-        if cleared:
-            _log.warning("crash recovery: %d unfinished issuance(s) found; %d token(s) minted "
-                         "for them were revoked", cleared, revoked)
-        self.responder.retry_pending()
+        if report is not None:
+            self._audit_loaded(scope_map, report)
+        recovered = self.responder.reconcile(startup=True)
+        if recovered.revoked or recovered.cleared:
+            _log.warning("crash recovery: %d unfinished issuance(s) without a token cleared; "
+                         "%d token(s) minted but never recorded were revoked",
+                         recovered.cleared, recovered.revoked)
+        if recovered.error:
+            _log.error("crash recovery postponed until Vault answers: %s", recovered.error)
+        try:
+            self.responder.enforce_pending_freezes()
+            self.responder.retry_pending()
+        except CredbrokerError as exc:
+            _log.error("pending freezes and revocations: retried in the background (%s)", exc)
         threading.Thread(target=self.responder.run_retry_loop, daemon=True,
                          name="revoke-retry").start()
+        threading.Thread(target=self.responder.run_reconcile_loop, daemon=True,
+                         name="reconcile").start()
+        if report is None:
+            threading.Thread(target=self._sync_until_done, daemon=True,
+                             name="vault-sync").start()
         authenticator = Authenticator(
             trust_domain=me.trust_domain, audience=cfg.jwt_audience,
             jwt_bundle_for=jwt_source.get_bundle_for_trust_domain,
@@ -156,8 +176,20 @@ class BrokerServer:
             self.metrics.live_credentials.set(store.count_live(self._clock()))
             self.metrics.pending_approvals.set(len(desk.pending()))
 
+        def vault_token() -> None:
+            problems = vault.check_capabilities()
+            if problems:
+                raise VaultPermissionError("; ".join(problems))
+
+        def vault_in_line() -> None:
+            if not holder.vault_synced:
+                raise VaultUnavailableError("the scope map is not yet in Vault (retrying)")
+
         self.health = HealthMonitor(checks={"Vault": vault.health,
-                                            "audit log": audit.check_writable},
+                                            "Vault token": vault_token,
+                                            "Vault policies": vault_in_line,
+                                            "audit log": audit.check_writable,
+                                            "registry": store.check},
                                     metrics=self.metrics, refresh=refresh,
                                     interval=cfg.health_interval)
         approvals = ApprovalsService(desk=self.desk, authenticator=authenticator,
@@ -207,6 +239,46 @@ class BrokerServer:
             tmp = cfg.ready_file.with_suffix(".tmp")
             tmp.write_text(f"{host}:{self.port}\n")
             tmp.replace(cfg.ready_file)
+
+    def _sync_vault(self, scope_map: ScopeMap) -> SyncReport | None:
+        """Bring Vault in line with ``scope_map`` (frozen classes stay frozen). Returns None,
+        with issuance refused (503) until it succeeds, when Vault cannot be reached now."""
+        assert self.scope_maps is not None and self._vault is not None
+        frozen = self.responder.frozen_classes() if self.responder else frozenset()
+        try:
+            report = self._vault.sync_scope_map(scope_map, frozen)
+        except VaultUnavailableError as exc:
+            self.scope_maps.vault_synced = False
+            _log.error("scope map %s is not yet in Vault (%s); issuance is refused until it is; "
+                       "retrying", scope_map.version[:19], exc)
+            return None
+        self.scope_maps.vault_synced = True
+        _log.info("scope map %s loaded: %d classes; Vault policies written: %s; roles written: %s",
+                  scope_map.version[:19], len(scope_map.classes),
+                  ",".join(report.policies_written) or "none",
+                  ",".join(report.roles_written) or "none")
+        return report
+
+    def _audit_loaded(self, scope_map: ScopeMap, report: SyncReport) -> None:
+        assert self.audit is not None
+        self.audit.append_or_queue("scope_map.loaded", scope_map_version=scope_map.version,
+                                   sources=list(scope_map.sources),
+                                   classes=list(scope_map.classes),
+                                   vault_policies_written=list(report.policies_written),
+                                   vault_roles_written=list(report.roles_written))
+
+    def _sync_until_done(self) -> None:
+        """Retry the start-up Vault sync until Vault answers (then issuance opens)."""
+        assert self.scope_maps is not None
+        while not self.stopped.wait(self.config.health_interval):
+            with self._reload_lock:
+                current = self.scope_maps.current
+                report = self._sync_vault(current)
+            if report is not None:
+                self._audit_loaded(current, report)
+                _log.warning("scope map %s is now in Vault: issuance open",
+                             current.version[:19])
+                return
 
     def reload(self) -> bool:
         """Load the scope map again; put it in force only if it is valid and Vault accepted it.

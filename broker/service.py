@@ -47,6 +47,7 @@ from broker.errors import (
     PolicyError,
     UnknownActionClassError,
     VaultError,
+    VaultPermissionError,
     VaultUnavailableError,
 )
 from broker.identity import Caller, JwtSvidCache, spiffe_id_from_certificate
@@ -103,6 +104,9 @@ class ScopeMapHolder:
     def __init__(self, scope_map: ScopeMap) -> None:
         self._map = scope_map
         self._lock = threading.Lock()
+        #: False while Vault does not hold the map in force (start-up sync pending):
+        #: Vault might still hold an older, wider policy, so nothing is minted.
+        self.vault_synced = True
 
     @property
     def current(self) -> ScopeMap:
@@ -436,6 +440,10 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
 
         Raises: VaultUnavailableError, VaultError, StoreError, AuditError (after revoking).
         """
+        if not self._maps.vault_synced:
+            raise VaultUnavailableError(
+                "the broker has not yet brought Vault in line with its scope map (Vault was "
+                "unreachable at start-up); it retries, try again shortly")
         ev = req.initiating_event
         # Intent first (durable), so a crash after minting leaves a trace to reconcile.
         self._store.record_intent(request_id=request_id, spiffe_id=str(caller.spiffe_id),
@@ -450,8 +458,18 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                           "broker_instance": self._store.instance_id},
                 now=now,
             )
+        except VaultPermissionError:
+            self._store.forget_intent(request_id)  # Vault refused: certainly nothing minted
+            raise
+        except VaultUnavailableError:
+            # Sent, but the answer was lost (cut, 5xx, timeout): a token may exist. Keep the
+            # intent; the reconcile loop finds and revokes it, or drops the intent once
+            # Vault shows there is none.
+            self._store.mark_ambiguous(request_id)
+            self._responder.reconcile_soon()
+            raise
         except CredbrokerError:
-            self._store.forget_intent(request_id)
+            self._store.forget_intent(request_id)  # Vault refused: nothing minted
             raise
         try:
             self._store.record_minted(request_id=request_id, credential_id=minted.accessor,

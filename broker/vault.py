@@ -27,7 +27,7 @@ import requests
 
 from broker.core.scopemap import ActionClass, ScopeMap
 from broker.core.spiffeid import SpiffeId
-from broker.errors import VaultError, VaultUnavailableError
+from broker.errors import VaultError, VaultPermissionError, VaultUnavailableError
 
 _log = logging.getLogger(__name__)
 
@@ -66,6 +66,21 @@ class SyncReport:
     unchanged: tuple[str, ...]
 
 
+#: What the broker's own token must be able to do: (path, capabilities, what for). The
+#: ``credbroker-probe`` names stand for any managed policy, role or entity.
+REQUIRED_CAPABILITIES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("sys/policies/acl/credbroker-probe", ("create", "read", "update"), "writing class policies"),
+    ("auth/token/roles/credbroker-probe", ("create", "read", "update"), "writing token roles"),
+    ("auth/token/create/credbroker-probe", ("update",), "minting"),
+    ("auth/token/lookup-accessor", ("update",), "looking credentials up"),
+    ("auth/token/revoke-accessor", ("update",), "revoking"),
+    ("auth/token/accessors", ("list", "sudo"), "finding tokens of unfinished mints"),
+    ("identity/entity/id/probe", ("update",), "freezing identities"),
+    ("identity/lookup/entity", ("update",), "finding a workload's entity"),
+    ("sys/auth", ("read",), "finding the token auth mount"),
+)
+
+
 class VaultAdapter:
     """Everything the broker asks of Vault/OpenBao."""
 
@@ -75,6 +90,8 @@ class VaultAdapter:
         self._client = hvac.Client(url=addr, token=token, timeout=timeout)
         self._token_file = token_file
         self._token_stamp: tuple[int, int] | None = None
+        #: True once :meth:`check_capabilities` found the token able to do everything.
+        self._capabilities_ok = False
 
     def _fresh_token(self) -> None:
         """Follow a token file that a Vault Agent sink rewrites (checked by mtime)."""
@@ -110,12 +127,44 @@ class VaultAdapter:
                 "it may be sealed or restarting"
             ) from None
         except hvac.exceptions.Forbidden:
-            raise VaultError(
-                f"Vault at {self.addr} refused the broker permission to {what}; "
-                "the broker's Vault token lacks a capability it needs (see README, Security model)"
+            raise VaultPermissionError(
+                f"Vault at {self.addr} refused the broker permission to {what}: the broker's "
+                "own Vault token is revoked, expired or lacks a capability (operator: give the "
+                "broker a valid token with the policy in the README, Security model)"
             ) from None
         except hvac.exceptions.VaultError as exc:
             raise VaultError(f"Vault at {self.addr} failed to {what}: {_first_line(exc)}") from None
+
+    def check_capabilities(self) -> list[str]:
+        """What the broker's own token cannot do of what the broker needs (empty: all good).
+
+        Asks Vault itself (``sys/capabilities-self``), so a token that is revoked or
+        expired is reported as such. Once this has returned no problem, a 403 for one
+        accessor's look-up means that token does not exist (OpenBao answers 403, not
+        404, for accessors of mints that never completed), not a lack of capability.
+
+        Raises:
+            VaultUnavailableError: Vault could not be asked.
+        """
+        paths = {path: caps for path, caps, _ in REQUIRED_CAPABILITIES}
+        try:
+            with self._errors("check its own capabilities"):
+                resp = self._client.write("sys/capabilities-self", paths=list(paths))
+        except VaultPermissionError:
+            self._capabilities_ok = False
+            return [f"Vault at {self.addr} refuses the broker's token itself (it is revoked or "
+                    "expired, or lacks sys/capabilities-self): give the broker a valid token"]
+        data = (resp or {}).get("data", resp or {})
+        missing = []
+        for path, need, why in REQUIRED_CAPABILITIES:
+            have = set(data.get(path) or [])
+            if "root" in have:
+                continue
+            lacking = [c for c in need if c not in have]
+            if lacking:
+                missing.append(f"{','.join(lacking)} on {path} ({why})")
+        self._capabilities_ok = not missing
+        return [f"the broker's Vault token lacks {m}" for m in missing]
 
     def health(self) -> None:
         """Raises: VaultUnavailableError if Vault is unreachable, sealed or uninitialised."""
@@ -229,6 +278,13 @@ class VaultAdapter:
                 data = self._client.auth.token.lookup_accessor(accessor)["data"]
             except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
                 return None  # Vault answers 400 "invalid accessor" for dead tokens
+            except hvac.exceptions.Forbidden:
+                # OpenBao answers 403 for an accessor whose token never came to exist (a
+                # mint interrupted by a crash). Only once our own capabilities are known
+                # good may that be read as "not live".
+                if self._capabilities_ok:
+                    return None
+                raise
         return TokenInfo(
             accessor=data["accessor"],
             policies=tuple(data.get("policies") or ()),
@@ -278,20 +334,40 @@ class VaultAdapter:
             self._client.sys.create_or_update_policy(cls.vault_policy_name,
                                                      cls.vault_policy_hcl())
 
-    def managed_accessors(self, instance_id: str) -> dict[str, dict[str, str]]:
-        """Every live token this broker instance minted: accessor -> metadata (needs sudo).
+    def list_accessors(self) -> set[str]:
+        """Every token accessor Vault holds (needs ``list`` and ``sudo``).
 
         Raises:
             VaultUnavailableError, VaultError.
         """
         with self._errors("list token accessors"):
             resp = self._client.list("auth/token/accessors")
+        return set((resp or {}).get("data", {}).get("keys", []))
+
+    def managed_accessors(self, instance_id: str, *, skip: set[str] | frozenset[str] = frozenset(),
+                          foreign: set[str] | None = None) -> dict[str, dict[str, str]]:
+        """Live tokens this broker instance minted: accessor -> metadata.
+
+        Accessors in ``skip`` are not looked up (the caller knows them). ``foreign``, if
+        given, is a cache of accessors known not to be ours (a token's metadata never
+        changes): they are not looked up again, and new ones are added to it.
+
+        Raises:
+            VaultUnavailableError, VaultError.
+        """
         out: dict[str, dict[str, str]] = {}
-        for accessor in (resp or {}).get("data", {}).get("keys", []):
+        listed = self.list_accessors()
+        if foreign is not None:
+            foreign &= listed  # forget tokens that are gone
+        for accessor in listed:
+            if accessor in skip or (foreign is not None and accessor in foreign):
+                continue
             info = self.lookup_accessor(accessor)
             if info is not None and info.metadata.get(MANAGED_META_KEY) == "1" \
                     and info.metadata.get("broker_instance") == instance_id:
                 out[accessor] = dict(info.metadata)
+            elif info is not None and foreign is not None:
+                foreign.add(accessor)
         return out
 
     def revoke_accessor(self, accessor: str, *, check: bool = True) -> bool:
@@ -312,6 +388,10 @@ class VaultAdapter:
                 self._client.auth.token.revoke_accessor(accessor)
             except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
                 return False
+            except hvac.exceptions.Forbidden:
+                if self._capabilities_ok:  # a token that never came to exist (see lookup)
+                    return False
+                raise
         return True
 
 

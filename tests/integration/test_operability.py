@@ -68,7 +68,9 @@ def test_health_follows_vault_and_metrics_count(identity: Identity, short_tmp: P
         own.stop()  # OpenBao goes away ...
         _until(lambda: _status(server.health_port) != serving, "still SERVING without Vault")
         assert any("Vault" in p for p in server.health.problems)  # type: ignore[union-attr]
-        own = OpenBaoDev(short_tmp, port=port)  # ... and comes back
+        token = own.root_token
+        own = OpenBaoDev(short_tmp, port=port)  # ... and comes back (same broker token)
+        own.root_token = token
         own.start()
         _until(lambda: _status(server.health_port) == serving, "not SERVING after Vault returned")
     finally:

@@ -34,3 +34,7 @@ path "identity/lookup/entity" {
 path "sys/auth" {
   capabilities = ["read"]
 }
+# health: the broker checks that its own token is valid and can do all of the above
+path "sys/capabilities-self" {
+  capabilities = ["update"]
+}

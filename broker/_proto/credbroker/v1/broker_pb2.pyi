@@ -314,18 +314,22 @@ class FreezeRequest(_message.Message):
     def __init__(self, spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class FreezeResponse(_message.Message):
-    __slots__ = ("freeze", "credentials_matched", "vault_entities_disabled", "vault_policy_frozen", "vault_enforced_ms")
+    __slots__ = ("freeze", "credentials_matched", "vault_entities_disabled", "vault_policy_frozen", "vault_enforced_ms", "vault_pending", "vault_error")
     FREEZE_FIELD_NUMBER: _ClassVar[int]
     CREDENTIALS_MATCHED_FIELD_NUMBER: _ClassVar[int]
     VAULT_ENTITIES_DISABLED_FIELD_NUMBER: _ClassVar[int]
     VAULT_POLICY_FROZEN_FIELD_NUMBER: _ClassVar[int]
     VAULT_ENFORCED_MS_FIELD_NUMBER: _ClassVar[int]
+    VAULT_PENDING_FIELD_NUMBER: _ClassVar[int]
+    VAULT_ERROR_FIELD_NUMBER: _ClassVar[int]
     freeze: FreezeInfo
     credentials_matched: int
     vault_entities_disabled: int
     vault_policy_frozen: bool
     vault_enforced_ms: float
-    def __init__(self, freeze: _Optional[_Union[FreezeInfo, _Mapping]] = ..., credentials_matched: _Optional[int] = ..., vault_entities_disabled: _Optional[int] = ..., vault_policy_frozen: _Optional[bool] = ..., vault_enforced_ms: _Optional[float] = ...) -> None: ...
+    vault_pending: bool
+    vault_error: str
+    def __init__(self, freeze: _Optional[_Union[FreezeInfo, _Mapping]] = ..., credentials_matched: _Optional[int] = ..., vault_entities_disabled: _Optional[int] = ..., vault_policy_frozen: _Optional[bool] = ..., vault_enforced_ms: _Optional[float] = ..., vault_pending: _Optional[bool] = ..., vault_error: _Optional[str] = ...) -> None: ...
 
 class UnfreezeRequest(_message.Message):
     __slots__ = ("spiffe_id", "action_class", "reason")
