@@ -72,6 +72,10 @@ class TcpProxy:
         self.port = 0
         self._held = threading.Event()
         self._held.set()  # set = flowing
+        self._stall_marker: bytes | None = None
+        self._unstalled = threading.Event()
+        self._unstalled.set()
+        self.stalled = 0  # requests held by stall() right now
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
@@ -113,6 +117,26 @@ class TcpProxy:
     def release(self) -> None:
         self._held.set()
 
+    def stall(self, marker: bytes) -> None:
+        with self._lock:
+            self._stall_marker = marker
+            self._unstalled.clear()
+
+    def unstall(self) -> None:
+        with self._lock:
+            self._stall_marker = None
+            self._unstalled.set()
+
+    def _maybe_stall(self, data: bytes) -> None:
+        with self._lock:
+            marker = self._stall_marker
+            if marker is None or marker not in data:
+                return
+            self.stalled += 1
+        self._unstalled.wait()
+        with self._lock:
+            self.stalled -= 1
+
     def _accept(self, lst: socket.socket) -> None:
         while True:
             try:
@@ -134,6 +158,8 @@ class TcpProxy:
             while data := src.recv(65536):
                 if answers:
                     self._held.wait()
+                else:
+                    self._maybe_stall(data)
                 dst.sendall(data)
         except OSError:
             pass
