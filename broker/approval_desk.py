@@ -160,14 +160,28 @@ class ApprovalDesk:
                     cls: ActionClass) -> ap.Approval:
         """Raises: ApprovalError (not allowed, reason or event missing), AuditError."""
         assert cls.approval is not None
-        a = ap.break_glass_issue(approval_id="bg-" + uuid.uuid4().hex[:16],
-                                 request_id=request_id, spiffe_id=spiffe_id, request=request,
-                                 rule=cls.approval, owner_team=cls.owner.team,
-                                 escalation=cls.escalation, now=self._clock())
-        with self._cond:
+        with self._cond:  # counted and recorded under one lock: no race past the limit
+            recent = tuple(a.created_at for a in self._items.values()
+                           if a.break_glass_used and a.spiffe_id == spiffe_id
+                           and a.action_class == cls.name)
+            try:
+                a = ap.break_glass_issue(approval_id="bg-" + uuid.uuid4().hex[:16],
+                                         request_id=request_id, spiffe_id=spiffe_id,
+                                         request=request, rule=cls.approval,
+                                         owner_team=cls.owner.team,
+                                         escalation=cls.escalation, now=self._clock(),
+                                         recent_uses=recent)
+            except ap.BreakGlassLimitError as exc:
+                self._audit.append_or_queue(
+                    "approval.break_glass_refused", request_id=request_id,
+                    spiffe_id=spiffe_id, action_class=cls.name, reason=str(exc))
+                self._notify_break_glass(spiffe_id, cls, request, refused=str(exc))
+                raise
             self._save(a, "approval.break_glass", reason=request.justification,
                        reviewers=list(a.break_glass.reviewers) if a.break_glass else [],
-                       max_ttl_seconds=a.break_glass.max_ttl_seconds if a.break_glass else 0)
+                       max_ttl_seconds=a.break_glass.max_ttl_seconds if a.break_glass else 0,
+                       notified=list(cls.escalation))
+        self._notify_break_glass(spiffe_id, cls, request, approval_id=a.id)
         _log.warning("BREAK-GLASS: %s used break-glass for %s (%s); awaiting review by %s",
                      spiffe_id, cls.name, request.justification,
                      ", ".join(a.break_glass.reviewers) if a.break_glass else "?")
@@ -212,6 +226,21 @@ class ApprovalDesk:
                 for role in t.escalate_to:
                     self._notify(t.approval, role)
 
+    def _notify_break_glass(self, spiffe_id: str, cls: ActionClass, request: CredentialRequest,
+                            *, approval_id: str = "", refused: str = "") -> None:
+        """Every break-glass use (or refused attempt) goes to the class's escalation path."""
+        ev = request.initiating_event
+        payload = {"event": "approval.break_glass_refused" if refused
+                   else "approval.break_glass", "approval_id": approval_id,
+                   "action_class": cls.name, "spiffe_id": spiffe_id,
+                   "target": request.target, "justification": request.justification,
+                   "initiating_event": {"source": ev.source, "id": ev.id} if ev else None,
+                   "notify": list(cls.escalation), "refused": refused}
+        _log.warning("BREAK-GLASS %s: %s for %s: notifying %s",
+                     "REFUSED" if refused else "used", spiffe_id, cls.name,
+                     ", ".join(cls.escalation))
+        self._post(payload, approval_id or "break-glass")
+
     def _notify(self, a: ap.Approval, role: str) -> None:
         payload = {"event": "approval.escalated", "approval_id": a.id, "notify": role,
                    "action_class": a.action_class, "spiffe_id": a.spiffe_id,
@@ -220,6 +249,10 @@ class ApprovalDesk:
                    "waiting_since": rfc3339(a.created_at)}
         _log.warning("ESCALATION: approval %s for %s (%s) still pending: notifying %s",
                      a.id, a.action_class, a.spiffe_id, role)
+        self._post(payload, a.id)
+
+    def _post(self, payload: dict[str, Any], what: str) -> None:
+        """POST ``payload`` to the escalation webhook in the background. Never raises."""
         if not self._cfg.webhook_url:
             return
 
@@ -233,8 +266,8 @@ class ApprovalDesk:
             except (urllib.error.URLError, OSError) as exc:
                 # Only scheme and host: webhook URLs often carry a secret in their path.
                 where = urllib.parse.urlsplit(self._cfg.webhook_url)
-                _log.error("escalation webhook %s://%s failed for approval %s: %s",
-                           where.scheme, where.hostname, a.id, type(exc).__name__)
+                _log.error("escalation webhook %s://%s failed for %s: %s",
+                           where.scheme, where.hostname, what, type(exc).__name__)
 
         threading.Thread(target=post, daemon=True, name="escalation-webhook").start()
 

@@ -27,7 +27,7 @@ from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.approval_desk import ApprovalDesk
 from broker.audit import AuditLog
 from broker.core import approvals as ap
-from broker.core.approvals import ApprovalError, ApprovalNotFoundError
+from broker.core.approvals import ApprovalError, ApprovalNotFoundError, BreakGlassLimitError
 from broker.core.models import (
     CredentialRequest,
     Decision,
@@ -64,6 +64,7 @@ ERROR_CODE_MD_KEY = "credbroker-error-code"
 _STATUS: list[tuple[type[CredbrokerError], grpc.StatusCode]] = [
     (IdentityError, grpc.StatusCode.UNAUTHENTICATED),
     (ApprovalNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (BreakGlassLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ApprovalError, grpc.StatusCode.PERMISSION_DENIED),
     (UnknownActionClassError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -41,6 +41,16 @@ class ApprovalNotFoundError(ApprovalError):
     code = "unknown_approval"
 
 
+class BreakGlassLimitError(ApprovalError):
+    """Break-glass was used as often as the class's ``break_glass.limit`` allows."""
+
+    code = "break_glass_limited"
+
+    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Approver:
     subject: str  # the person's OIDC subject (or e-mail), or an approval bot's SPIFFE ID
@@ -91,6 +101,11 @@ class Approval:
     break_glass: BreakGlass | None = None
     review: Vote | None = None
     credential_id: str = ""
+
+    @property
+    def break_glass_used(self) -> bool:
+        """This is a break-glass use (awaiting review or reviewed), not an approval."""
+        return self.state in (BREAK_GLASS, REVIEWED)
 
     @property
     def next_escalation_at(self) -> datetime | None:
@@ -254,11 +269,15 @@ def use(a: Approval, spiffe_id: str, request: CredentialRequest, now: datetime) 
 
 def break_glass_issue(*, approval_id: str, request_id: str, spiffe_id: str,
                       request: CredentialRequest, rule: ApprovalRule, owner_team: str,
-                      escalation: tuple[str, ...], now: datetime) -> Approval:
-    """A break-glass use: allowed only where the rule allows it, with a reason and event.
+                      escalation: tuple[str, ...], now: datetime,
+                      recent_uses: tuple[datetime, ...] = ()) -> Approval:
+    """A break-glass use: allowed only where the rule allows it, with a reason and event,
+    and within the rule's limit (``recent_uses``: when this identity broke the glass for
+    this class before).
 
     Raises:
         ApprovalError: the class does not allow break-glass, or reason/event missing.
+        BreakGlassLimitError: the identity used break-glass as often as the limit allows.
     """
     bg = rule.break_glass
     if bg is None or not bg.allowed:
@@ -266,6 +285,15 @@ def break_glass_issue(*, approval_id: str, request_id: str, spiffe_id: str,
                             "approval instead")
     if not request.justification.strip() or request.initiating_event is None:
         raise ApprovalError("break-glass needs a justification and an initiating event")
+    window = timedelta(seconds=bg.limit.window_seconds)
+    used = sorted(t for t in recent_uses if t > now - window)
+    if len(used) >= bg.limit.count:
+        again = used[len(used) - bg.limit.count] + window
+        raise BreakGlassLimitError(
+            f"{spiffe_id} already used break-glass for {request.action_class} {len(used)} "
+            f"time(s) within the limit's window ({bg.limit.text}); ask for approval instead "
+            f"(break-glass possible again at {again.isoformat()})",
+            retry_after_seconds=max(1, int((again - now).total_seconds()) + 1))
     a = open_approval(approval_id=approval_id, request_id=request_id, spiffe_id=spiffe_id,
                       request=request, rule=rule, owner_team=owner_team,
                       escalation=escalation, now=now)

@@ -65,10 +65,34 @@ class PolicyRule:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Budget:
+    """``limits.per_workload``: at most ``count`` credentials per ``window_seconds``."""
+
+    count: int
+    window_seconds: int
+    text: str
+
+
+DEFAULT_BREAK_GLASS_LIMIT = Budget(count=1, window_seconds=3600, text="1/h")
+
+
+def parse_budget(text: str) -> Budget | None:
+    """``N/m``, ``N/h`` or ``N/d`` as a Budget; None when it is not one."""
+    m = re.fullmatch(r"([1-9][0-9]*)/([mhd])", text.strip())
+    if m is None:
+        return None
+    return Budget(count=int(m.group(1)), window_seconds=_WINDOWS[m.group(2)],
+                  text=text.strip())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BreakGlass:
     allowed: bool
     max_ttl_seconds: int
     reviewers: tuple[str, ...]
+    #: At most this many break-glass uses per identity per window (``break_glass.limit``):
+    #: an emergency path that is used on every request is no longer an emergency path.
+    limit: Budget = DEFAULT_BREAK_GLASS_LIMIT
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,13 +106,6 @@ class ApprovalRule:
     break_glass: BreakGlass | None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Budget:
-    """``limits.per_workload``: at most ``count`` credentials per ``window_seconds``."""
-
-    count: int
-    window_seconds: int
-    text: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -337,12 +354,10 @@ def _parse_class(
     limits = _get(node, "limits")
     per = _scalar(_get(limits, "per_workload")) if isinstance(limits, yaml.MappingNode) else None
     if per is not None:
-        m = re.fullmatch(r"([1-9][0-9]*)/([mhd])", per.strip())
-        if m is None:
+        budget = parse_budget(per)
+        if budget is None:
             problems.add(_loc(source, limits or node), f"{path}.limits.per_workload",
                          f"{per!r} is not a budget; write N/m, N/h or N/d, e.g. 5/h")
-        else:
-            budget = Budget(count=int(m.group(1)), window_seconds=_WINDOWS[m.group(2)], text=per)
     when = None
     when_node = _get(node, "when")
     if when_node is not None:
@@ -407,7 +422,18 @@ def _parse_approval(
         reviewers = _string_list(source, f"{apath}.break_glass.reviewers",
                                  _get(bg_node, "reviewers"), bg_node, problems,
                                  required=allowed, what="reviewer groups")
-        bg = BreakGlass(allowed=allowed, max_ttl_seconds=bg_seconds, reviewers=tuple(reviewers))
+        limit = DEFAULT_BREAK_GLASS_LIMIT
+        limit_node = _get(bg_node, "limit")
+        if limit_node is not None:
+            parsed = parse_budget(_scalar(limit_node) or "")
+            if parsed is None:
+                problems.add(_loc(source, limit_node), f"{apath}.break_glass.limit",
+                             f"{_scalar(limit_node)!r} is not a limit; write N/m, N/h or N/d, "
+                             "e.g. 1/h")
+            else:
+                limit = parsed
+        bg = BreakGlass(allowed=allowed, max_ttl_seconds=bg_seconds, reviewers=tuple(reviewers),
+                        limit=limit)
     return ApprovalRule(approvers=tuple(approvers), approvals_required=count,
                         escalate_after_seconds=escalate, expires_seconds=expires, break_glass=bg)
 

@@ -240,6 +240,27 @@ def test_break_glass_issues_at_once_with_the_shorter_ttl_and_awaits_review(env: 
     assert status == 403 and "needs a justification" in body["error"]["message"]
 
 
+def test_break_glass_is_rate_limited_and_every_use_reaches_the_escalation_path(
+        env: Env) -> None:
+    status, first = ask(env, break_glass=True)
+    assert status == 200, first
+    status, body = ask(env, break_glass=True, target="ws-8")  # the map's default: 1/h
+    assert status == 429 and body["error"]["code"] == "break_glass_limited", body
+    assert "ask for approval instead" in body["error"]["message"]
+    records = list(read_records(env.server.config.audit_path))
+    refused = [r for r in records if r["type"] == "approval.break_glass_refused"]
+    assert len(refused) == 1 and refused[0]["spiffe_id"] == CONTAINMENT
+    used = [r for r in records if r["type"] == "approval.break_glass"]
+    assert used[-1]["notified"] == ["ir-oncall", "incident-commander"]
+    deadline = datetime.now(UTC) + timedelta(seconds=5)
+    while len(env.hooks) < 2 and datetime.now(UTC) < deadline:
+        threading.Event().wait(0.05)
+    events = sorted(h["event"] for h in env.hooks)
+    assert events == ["approval.break_glass", "approval.break_glass_refused"], events
+    status, body = ask(env, target="ws-8")  # the normal path stays open: ask a person
+    assert status == 202, body
+
+
 def test_bad_id_tokens_and_unknown_approvals(env: Env, short_tmp: Path) -> None:
     _, pending = ask(env)
     other = DevIssuer(Path(tempfile.mkdtemp(dir=short_tmp)))

@@ -9,7 +9,7 @@ import pytest
 
 from broker.core import approvals as ap
 from broker.core.models import CredentialRequest, InitiatingEvent
-from broker.core.scopemap import ApprovalRule, BreakGlass
+from broker.core.scopemap import ApprovalRule, BreakGlass, parse_budget
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 AGENT = "spiffe://example.org/agent/containment"
@@ -108,6 +108,27 @@ def test_break_glass_and_review() -> None:
         ap.break_glass_issue(approval_id="b3", request_id="r", spiffe_id=AGENT,
                              request=replace(REQ, initiating_event=None), rule=RULE,
                              owner_team="ir", escalation=(), now=T0)
+
+
+def test_break_glass_is_limited_per_window() -> None:
+    def issue(now: datetime, recent: tuple[datetime, ...], rule: ap.ApprovalRule = RULE
+              ) -> ap.Approval:
+        return ap.break_glass_issue(approval_id="b", request_id="r", spiffe_id=AGENT,
+                                    request=REQ, rule=rule, owner_team="ir", escalation=(),
+                                    now=now, recent_uses=recent)
+
+    assert issue(T0, ()).state == ap.BREAK_GLASS  # default limit 1/h
+    with pytest.raises(ap.BreakGlassLimitError, match=r"1 time\(s\).*1/h") as err:
+        issue(T0 + timedelta(minutes=59), (T0,))
+    assert err.value.code == "break_glass_limited"
+    assert err.value.retry_after_seconds == 61
+    assert issue(T0 + timedelta(hours=1), (T0,)).state == ap.BREAK_GLASS  # window passed
+    assert RULE.break_glass is not None
+    three = replace(RULE, break_glass=replace(RULE.break_glass, limit=parse_budget("3/d")))
+    assert issue(T0, (T0 - timedelta(hours=2), T0 - timedelta(hours=1)), three)
+    with pytest.raises(ap.BreakGlassLimitError):
+        issue(T0, (T0 - timedelta(hours=3), T0 - timedelta(hours=2), T0 - timedelta(hours=1)),
+              three)
 
 
 def test_round_trips_through_json() -> None:
