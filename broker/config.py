@@ -14,7 +14,12 @@ from pathlib import Path
 import yaml
 
 from broker.approvers import ApproverConfig
-from broker.core.scopemap import ScopeMap, parse_scope_map
+from broker.core.scopemap import (
+    DEFAULT_VAULT_ALLOWED_MOUNTS,
+    ScopeMap,
+    normalize_allowed_mounts,
+    parse_scope_map,
+)
 from broker.core.spiffeid import SpiffeId
 from broker.errors import ConfigError, InvalidSpiffeIdError
 
@@ -45,6 +50,8 @@ class BrokerConfig:
     audit_key_path: Path | None = None  # Ed25519 PEM; created (0600) when missing
     checkpoint_mirror: Path | None = None
     checkpoint_interval: float = 60.0
+    #: Mounts a class's vault_policy may reach (normalized, "secret/"); never sys/auth/identity.
+    vault_allowed_mounts: tuple[str, ...] = DEFAULT_VAULT_ALLOWED_MOUNTS
 
     def __repr__(self) -> str:
         return (f"BrokerConfig(listen={self.listen!r}, scope_map_path={self.scope_map_path!r}, "
@@ -104,6 +111,24 @@ def vault_settings(*, env: Mapping[str, str], vault_addr: str | None,
     return addr.rstrip("/"), token
 
 
+def vault_allowed_mounts_from(*, env: Mapping[str, str],
+                              flags: list[str] | None) -> tuple[str, ...]:
+    """The Vault mounts scope maps may reach: the flags, else the environment, else the default.
+
+    ``--vault-allowed-mount`` (repeatable) wins over ``CREDBROKER_VAULT_ALLOWED_MOUNTS``
+    (comma-separated); with neither, :data:`DEFAULT_VAULT_ALLOWED_MOUNTS` (``secret/``).
+
+    Raises:
+        ConfigError: an entry is not a mount path or names Vault's control plane.
+    """
+    given = list(flags or []) or [m for m in env.get("CREDBROKER_VAULT_ALLOWED_MOUNTS",
+                                                      "").split(",") if m.strip()]
+    try:
+        return normalize_allowed_mounts(given or DEFAULT_VAULT_ALLOWED_MOUNTS)
+    except ValueError as exc:
+        raise ConfigError(f"--vault-allowed-mount: {exc}") from None
+
+
 def broker_config_from(
     *,
     env: Mapping[str, str],
@@ -130,6 +155,7 @@ def broker_config_from(
     escalation_webhook: str | None = None,
     metrics_listen: str | None = None,
     health_listen: str | None = None,
+    vault_allowed_mounts: list[str] | None = None,
 ) -> BrokerConfig:
     """Build and validate broker configuration.
 
@@ -192,6 +218,7 @@ def broker_config_from(
         audit_key_path=Path(key),
         checkpoint_mirror=Path(checkpoint_mirror) if checkpoint_mirror else None,
         checkpoint_interval=interval,
+        vault_allowed_mounts=vault_allowed_mounts_from(env=env, flags=vault_allowed_mounts),
     )
 
 
@@ -259,11 +286,16 @@ def sidecar_config_from(
     )
 
 
-def load_scope_map(path: Path) -> ScopeMap:
+def load_scope_map(
+    path: Path, *, vault_allowed_mounts: tuple[str, ...] = DEFAULT_VAULT_ALLOWED_MOUNTS
+) -> ScopeMap:
     """Read a scope-map file, or every ``*.yaml``/``*.yml`` file of a directory.
 
+    ``vault_allowed_mounts`` (from :func:`vault_allowed_mounts_from`) bounds what
+    the classes' Vault policies may reach.
+
     Raises:
-        ConfigError: the path cannot be read.
+        ConfigError: the path cannot be read, or the allowed mounts are invalid.
         ScopeMapError: the documents are not a valid scope map.
     """
     try:
@@ -276,7 +308,10 @@ def load_scope_map(path: Path) -> ScopeMap:
         docs = [(str(p), p.read_text()) for p in files]
     except OSError as exc:
         raise ConfigError(f"cannot read scope map {path}: {exc.strerror}") from None
-    return parse_scope_map(docs)
+    try:
+        return parse_scope_map(docs, vault_allowed_mounts=vault_allowed_mounts)
+    except ValueError as exc:
+        raise ConfigError(f"--vault-allowed-mount: {exc}") from None
 
 
 def process_env() -> Mapping[str, str]:

@@ -99,7 +99,8 @@ class BrokerServer:
     def _start(self, cfg: BrokerConfig) -> None:
         assert self.audit is not None
         assert self.store is not None
-        scope_map = load_scope_map(cfg.scope_map_path)
+        scope_map = load_scope_map(cfg.scope_map_path,
+                                   vault_allowed_mounts=cfg.vault_allowed_mounts)
         vault = VaultAdapter(addr=cfg.vault_addr, token=cfg.vault_token,
                              token_file=cfg.vault_token_file)
         self.scope_maps = ScopeMapHolder(scope_map)
@@ -221,7 +222,8 @@ class BrokerServer:
             frozen = self.responder.frozen_classes() if self.responder else frozenset()
             synced = False
             try:
-                new = load_scope_map(self.config.scope_map_path)
+                new = load_scope_map(self.config.scope_map_path,
+                                     vault_allowed_mounts=self.config.vault_allowed_mounts)
                 if new.version == old.version:
                     return False
                 synced = True  # from here Vault may hold part of the new map
