@@ -152,7 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         approval_bots=args.approval_bot,
         owner_team_cannot_approve=args.owner_team_cannot_approve,
         escalation_webhook=args.escalation_webhook, metrics_listen=args.metrics_listen,
-        health_listen=args.health_listen, vault_allowed_mounts=args.vault_allowed_mount)
+        health_listen=args.health_listen, vault_allowed_mounts=args.vault_allowed_mount,
+        vault_drift_interval=args.vault_drift_interval)
     # A full disk or file-size limit must fail the write (and so the request), not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     server = BrokerServer(cfg)
@@ -321,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-interval", type=float,
                    help="seconds between signed checkpoints (default 60; SIGUSR1: now)")
     scope_cli.add_vault_allowed_mount(s)
+    s.add_argument("--vault-drift-interval", type=float,
+                   help="seconds between checks that Vault still holds exactly the policies "
+                        "and token roles the broker wrote (default 30; 0: never)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("sidecar", help="run the agent-pod sidecar (HTTP/JSON on a unix socket)")

@@ -52,6 +52,7 @@ class BrokerConfig:
     checkpoint_interval: float = 60.0
     #: Mounts a class's vault_policy may reach (normalized, "secret/"); never sys/auth/identity.
     vault_allowed_mounts: tuple[str, ...] = DEFAULT_VAULT_ALLOWED_MOUNTS
+    vault_drift_interval: float = 30.0  # seconds between Vault drift checks; 0 disables
 
     def __repr__(self) -> str:
         return (f"BrokerConfig(listen={self.listen!r}, scope_map_path={self.scope_map_path!r}, "
@@ -156,6 +157,7 @@ def broker_config_from(
     metrics_listen: str | None = None,
     health_listen: str | None = None,
     vault_allowed_mounts: list[str] | None = None,
+    vault_drift_interval: float | None = None,
 ) -> BrokerConfig:
     """Build and validate broker configuration.
 
@@ -198,6 +200,9 @@ def broker_config_from(
     interval = checkpoint_interval if checkpoint_interval is not None else 60.0
     if interval <= 0:
         raise ConfigError("--checkpoint-interval must be a positive number of seconds")
+    drift = vault_drift_interval if vault_drift_interval is not None else 30.0
+    if drift < 0:
+        raise ConfigError("--vault-drift-interval must be a number of seconds (0 disables)")
     return BrokerConfig(
         listen=_hostport(listen or env.get("CREDBROKER_LISTEN", "127.0.0.1:8443"), "--listen"),
         workload_api_socket=_socket(workload_api or env.get("SPIFFE_ENDPOINT_SOCKET", ""),
@@ -219,6 +224,7 @@ def broker_config_from(
         checkpoint_mirror=Path(checkpoint_mirror) if checkpoint_mirror else None,
         checkpoint_interval=interval,
         vault_allowed_mounts=vault_allowed_mounts_from(env=env, flags=vault_allowed_mounts),
+        vault_drift_interval=drift,
     )
 
 

@@ -123,6 +123,10 @@ class Responder:
         self._stop = threading.Event()
         self.last_freeze_revocation: threading.Thread | None = None
         self._freeze_lock = threading.Lock()
+        #: Held around every write of a class policy that follows a freeze or unfreeze, and
+        #: by whoever syncs policies from frozen_classes() (reload, drift check): a sync can
+        #: then never write a frozen state that a freeze or unfreeze has since changed.
+        self.class_policy_lock = threading.Lock()
         self.metrics: Metrics | None = None
 
     @property
@@ -271,7 +275,8 @@ class Responder:
                 for eid in entities:
                     self.vault.set_entity_disabled(eid, True)
             else:
-                self.vault.freeze_class_policy(scope_map.classes[pattern])
+                with self.class_policy_lock:
+                    self.vault.freeze_class_policy(scope_map.classes[pattern])
                 policy_frozen = True
         except CredbrokerError as exc:
             vault_error = str(exc)
@@ -324,7 +329,8 @@ class Responder:
                     self.vault.set_entity_disabled(eid, False)
         scope_map = self._scope_map()
         if kind == "action_class" and pattern in scope_map.classes:
-            self.vault.restore_class_policy(scope_map.classes[pattern])
+            with self.class_policy_lock:
+                self.vault.restore_class_policy(scope_map.classes[pattern])
         return [f for f, _ in lifted]
 
     def frozen_classes(self) -> frozenset[str]:
