@@ -23,6 +23,7 @@ from broker.config import (
     broker_config_from,
     process_env,
     sidecar_config_from,
+    vault_allowed_mounts_from,
     vault_settings,
 )
 from broker.errors import (
@@ -151,7 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         approval_bots=args.approval_bot,
         owner_team_cannot_approve=args.owner_team_cannot_approve,
         escalation_webhook=args.escalation_webhook, metrics_listen=args.metrics_listen,
-        health_listen=args.health_listen)
+        health_listen=args.health_listen, vault_allowed_mounts=args.vault_allowed_mount,
+        vault_drift_interval=args.vault_drift_interval)
     # A full disk or file-size limit must fail the write (and so the request), not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     server = BrokerServer(cfg)
@@ -186,7 +188,8 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
     path = args.scope_map or env.get("CREDBROKER_SCOPE_MAP", "")
     if not path:
         raise ConfigError("no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP")
-    scope_map = load_scope_map(Path(path))
+    scope_map = load_scope_map(Path(path), vault_allowed_mounts=vault_allowed_mounts_from(
+        env=env, flags=args.vault_allowed_mount))
     frozen: frozenset[str] = frozenset()
     if args.registry:
         from broker.registry import SqliteStore
@@ -318,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and environment win over it")
     s.add_argument("--checkpoint-interval", type=float,
                    help="seconds between signed checkpoints (default 60; SIGUSR1: now)")
+    scope_cli.add_vault_allowed_mount(s)
+    s.add_argument("--vault-drift-interval", type=float,
+                   help="seconds between checks that Vault still holds exactly the policies "
+                        "and token roles the broker wrote (default 30; 0: never)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("sidecar", help="run the agent-pod sidecar (HTTP/JSON on a unix socket)")
@@ -346,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vault-addr", help="default $VAULT_ADDR")
     s.add_argument("--vault-token-file", help="default: $VAULT_TOKEN")
     s.add_argument("--registry", help="keep classes frozen in this registry frozen")
+    scope_cli.add_vault_allowed_mount(s)
     s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_vault_sync)

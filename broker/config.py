@@ -14,7 +14,12 @@ from pathlib import Path
 import yaml
 
 from broker.approvers import ApproverConfig
-from broker.core.scopemap import ScopeMap, parse_scope_map
+from broker.core.scopemap import (
+    DEFAULT_VAULT_ALLOWED_MOUNTS,
+    ScopeMap,
+    normalize_allowed_mounts,
+    parse_scope_map,
+)
 from broker.core.spiffeid import SpiffeId
 from broker.errors import ConfigError, InvalidSpiffeIdError
 
@@ -45,6 +50,9 @@ class BrokerConfig:
     audit_key_path: Path | None = None  # Ed25519 PEM; created (0600) when missing
     checkpoint_mirror: Path | None = None
     checkpoint_interval: float = 60.0
+    #: Mounts a class's vault_policy may reach (normalized, "secret/"); never sys/auth/identity.
+    vault_allowed_mounts: tuple[str, ...] = DEFAULT_VAULT_ALLOWED_MOUNTS
+    vault_drift_interval: float = 30.0  # seconds between Vault drift checks; 0 disables
 
     def __repr__(self) -> str:
         return (f"BrokerConfig(listen={self.listen!r}, scope_map_path={self.scope_map_path!r}, "
@@ -104,6 +112,24 @@ def vault_settings(*, env: Mapping[str, str], vault_addr: str | None,
     return addr.rstrip("/"), token
 
 
+def vault_allowed_mounts_from(*, env: Mapping[str, str],
+                              flags: list[str] | None) -> tuple[str, ...]:
+    """The Vault mounts scope maps may reach: the flags, else the environment, else the default.
+
+    ``--vault-allowed-mount`` (repeatable) wins over ``CREDBROKER_VAULT_ALLOWED_MOUNTS``
+    (comma-separated); with neither, :data:`DEFAULT_VAULT_ALLOWED_MOUNTS` (``secret/``).
+
+    Raises:
+        ConfigError: an entry is not a mount path or names Vault's control plane.
+    """
+    given = list(flags or []) or [m for m in env.get("CREDBROKER_VAULT_ALLOWED_MOUNTS",
+                                                      "").split(",") if m.strip()]
+    try:
+        return normalize_allowed_mounts(given or DEFAULT_VAULT_ALLOWED_MOUNTS)
+    except ValueError as exc:
+        raise ConfigError(f"--vault-allowed-mount: {exc}") from None
+
+
 def broker_config_from(
     *,
     env: Mapping[str, str],
@@ -130,6 +156,8 @@ def broker_config_from(
     escalation_webhook: str | None = None,
     metrics_listen: str | None = None,
     health_listen: str | None = None,
+    vault_allowed_mounts: list[str] | None = None,
+    vault_drift_interval: float | None = None,
 ) -> BrokerConfig:
     """Build and validate broker configuration.
 
@@ -172,6 +200,9 @@ def broker_config_from(
     interval = checkpoint_interval if checkpoint_interval is not None else 60.0
     if interval <= 0:
         raise ConfigError("--checkpoint-interval must be a positive number of seconds")
+    drift = vault_drift_interval if vault_drift_interval is not None else 30.0
+    if drift < 0:
+        raise ConfigError("--vault-drift-interval must be a number of seconds (0 disables)")
     return BrokerConfig(
         listen=_hostport(listen or env.get("CREDBROKER_LISTEN", "127.0.0.1:8443"), "--listen"),
         workload_api_socket=_socket(workload_api or env.get("SPIFFE_ENDPOINT_SOCKET", ""),
@@ -192,6 +223,8 @@ def broker_config_from(
         audit_key_path=Path(key),
         checkpoint_mirror=Path(checkpoint_mirror) if checkpoint_mirror else None,
         checkpoint_interval=interval,
+        vault_allowed_mounts=vault_allowed_mounts_from(env=env, flags=vault_allowed_mounts),
+        vault_drift_interval=drift,
     )
 
 
@@ -259,11 +292,16 @@ def sidecar_config_from(
     )
 
 
-def load_scope_map(path: Path) -> ScopeMap:
+def load_scope_map(
+    path: Path, *, vault_allowed_mounts: tuple[str, ...] = DEFAULT_VAULT_ALLOWED_MOUNTS
+) -> ScopeMap:
     """Read a scope-map file, or every ``*.yaml``/``*.yml`` file of a directory.
 
+    ``vault_allowed_mounts`` (from :func:`vault_allowed_mounts_from`) bounds what
+    the classes' Vault policies may reach.
+
     Raises:
-        ConfigError: the path cannot be read.
+        ConfigError: the path cannot be read, or the allowed mounts are invalid.
         ScopeMapError: the documents are not a valid scope map.
     """
     try:
@@ -276,7 +314,10 @@ def load_scope_map(path: Path) -> ScopeMap:
         docs = [(str(p), p.read_text()) for p in files]
     except OSError as exc:
         raise ConfigError(f"cannot read scope map {path}: {exc.strerror}") from None
-    return parse_scope_map(docs)
+    try:
+        return parse_scope_map(docs, vault_allowed_mounts=vault_allowed_mounts)
+    except ValueError as exc:
+        raise ConfigError(f"--vault-allowed-mount: {exc}") from None
 
 
 def process_env() -> Mapping[str, str]:

@@ -46,6 +46,10 @@ class Metrics:
                                        "Approvals waiting for a person", registry=r)
         self.audit_errors = Counter("credbroker_audit_append_errors_total",
                                     "Audit records that could not be made durable", registry=r)
+        self.vault_drift_corrected = Counter(
+            "credbroker_vault_drift_corrected_total",
+            "Managed Vault policies and token roles found changed outside the broker and "
+            "rewritten", ["kind"], registry=r)
         self.healthy = Gauge("credbroker_healthy", "1 when Vault and the audit log are usable",
                              registry=r)
 

@@ -150,6 +150,10 @@ class Responder:
         self._foreign: set[str] = set()
         self.last_freeze_revocation: threading.Thread | None = None
         self._freeze_lock = threading.Lock()
+        #: Held around every write of a class policy that follows a freeze or unfreeze, and
+        #: by whoever syncs policies from frozen_classes() (reload, drift check): a sync can
+        #: then never write a frozen state that a freeze or unfreeze has since changed.
+        self.class_policy_lock = threading.Lock()
         self.metrics: Metrics | None = None
 
     @property
@@ -340,7 +344,8 @@ class Responder:
             else:
                 cls = self._scope_map().classes.get(fz.pattern)
                 if cls is not None:  # a class no longer in the map has no policy to freeze
-                    self.vault.freeze_class_policy(cls)
+                    with self.class_policy_lock:
+                        self.vault.freeze_class_policy(cls)
         except CredbrokerError as exc:
             error = str(exc)
         try:
@@ -391,28 +396,31 @@ class Responder:
         self.audit.append("unfreeze", kind=kind, pattern=pattern, reason=reason, by=by)
         still = {e for f, es in active if not (f.kind == kind and f.pattern == pattern)
                  for e in es}
-        try:
-            for _, entities in mine:
-                for eid in entities:
-                    if eid not in still:
-                        self.vault.set_entity_disabled(eid, False)
-            scope_map = self._scope_map()
-            if kind == "action_class" and pattern in scope_map.classes:
-                self.vault.restore_class_policy(scope_map.classes[pattern])
-        except CredbrokerError as exc:
-            # Partly given back at most: enforce the freeze again until it is lifted.
-            for f, entities in mine:
-                self.store.set_freeze_enforcement(f.id, entity_ids=entities, enforced=False,
-                                                  error=str(exc))
-            self.audit.append_or_queue("unfreeze.failed", kind=kind, pattern=pattern, by=by,
-                                       error=str(exc))
-            raise VaultUnavailableError(
-                f"the freeze of {pattern} stays in force: Vault did not give the power back "
-                f"({exc}); run unfreeze again once Vault is reachable") from None
-        with self._freeze_lock:
-            lifted = self.store.lift_freezes(kind, pattern, by=by, reason=reason,
-                                             at=self._clock())
-            self._freezes = self.store.freezes()
+        # Held until the freeze is lifted in the registry, so a policy sync (reload, drift
+        # check) never sees the class frozen after its policy was given back.
+        with self.class_policy_lock:
+            try:
+                for _, entities in mine:
+                    for eid in entities:
+                        if eid not in still:
+                            self.vault.set_entity_disabled(eid, False)
+                scope_map = self._scope_map()
+                if kind == "action_class" and pattern in scope_map.classes:
+                    self.vault.restore_class_policy(scope_map.classes[pattern])
+            except CredbrokerError as exc:
+                # Partly given back at most: enforce the freeze again until it is lifted.
+                for f, entities in mine:
+                    self.store.set_freeze_enforcement(f.id, entity_ids=entities,
+                                                      enforced=False, error=str(exc))
+                self.audit.append_or_queue("unfreeze.failed", kind=kind, pattern=pattern,
+                                           by=by, error=str(exc))
+                raise VaultUnavailableError(
+                    f"the freeze of {pattern} stays in force: Vault did not give the power "
+                    f"back ({exc}); run unfreeze again once Vault is reachable") from None
+            with self._freeze_lock:
+                lifted = self.store.lift_freezes(kind, pattern, by=by, reason=reason,
+                                                 at=self._clock())
+                self._freezes = self.store.freezes()
         return [f for f, _ in lifted]
 
     def frozen_classes(self) -> frozenset[str]:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker.config import load_scope_map
+from broker.config import load_scope_map, process_env, vault_allowed_mounts_from
 from broker.core.models import CredentialRequest, InitiatingEvent
 from broker.core.records import decision_to_json, parse_decision_record, parse_time
 from broker.core.scopemap import ScopeMap, evaluate
@@ -29,13 +29,23 @@ from broker.core.spiffeid import SpiffeId
 from broker.errors import ConfigError, ScopeMapError
 
 
+def _load(path: str, args: argparse.Namespace) -> ScopeMap:
+    """Load a map under the same Vault mount allow-list the broker applies.
+
+    Raises:
+        ConfigError, ScopeMapError.
+    """
+    mounts = vault_allowed_mounts_from(env=process_env(), flags=args.vault_allowed_mount)
+    return load_scope_map(Path(path), vault_allowed_mounts=mounts)
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
     try:
-        m = load_scope_map(Path(args.path))
+        m = _load(args.path, args)
     except ScopeMapError as exc:
         if args.json:
             _print_json({"ok": False, "problems": exc.problems})
@@ -62,7 +72,7 @@ def _event(text: str | None) -> InitiatingEvent | None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    m = load_scope_map(Path(args.path))
+    m = _load(args.path, args)
     sid = SpiffeId.parse(args.spiffe_id)
     now = parse_time(args.at) if args.at else datetime.now(UTC)
     req = CredentialRequest(action_class=args.action_class, target=args.target or "",
@@ -80,7 +90,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    m = load_scope_map(Path(args.path))
+    m = _load(args.path, args)
     try:
         text = Path(args.cases).read_text()
     except OSError as exc:
@@ -108,7 +118,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    old, new = load_scope_map(Path(args.old)), load_scope_map(Path(args.new))
+    old, new = _load(args.old, args), _load(args.new, args)
     changes = diff_maps(old, new)
     radius = blast_radius(changes, new, old)
     if args.json:
@@ -159,7 +169,7 @@ def _records(path: str) -> list[Any]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    m: ScopeMap = load_scope_map(Path(args.path))
+    m: ScopeMap = _load(args.path, args)
     result = replay(m, _records(args.audit))
     if args.json:
         _print_json({"version": m.version, "replayed": result.total,
@@ -184,6 +194,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_vault_allowed_mount(parser: argparse.ArgumentParser) -> None:
+    """``--vault-allowed-mount``: the one allow-list that serve, vault sync and scope apply."""
+    parser.add_argument("--vault-allowed-mount", action="append", metavar="MOUNT",
+                        help="a Vault mount that classes' vault_policy paths may reach "
+                             "(repeatable; also $CREDBROKER_VAULT_ALLOWED_MOUNTS, "
+                             "comma-separated; default: secret). Never sys, auth or identity")
+
+
 def add_parser(sub: Any) -> None:
     scope = sub.add_parser("scope", help="lint, explain, test, diff and replay scope maps")
     ssub = scope.add_subparsers(dest="scope_command", required=True, metavar="SUBCOMMAND")
@@ -191,6 +209,7 @@ def add_parser(sub: Any) -> None:
     s = ssub.add_parser("lint", help="validate a map; every problem at once; exit 1 on any")
     s.add_argument("path", help="scope-map file or directory")
     s.add_argument("--json", action="store_true")
+    add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_lint)
 
     s = ssub.add_parser("explain", help="the decision for one request, and why")
@@ -203,18 +222,21 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--ttl", type=int, help="requested TTL in seconds")
     s.add_argument("--at", help="evaluate at this RFC 3339 time (default now)")
     s.add_argument("--json", action="store_true")
+    add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_explain)
 
     s = ssub.add_parser("test", help="run policy unit tests (cases YAML); exit 1 on a failure")
     s.add_argument("path")
     s.add_argument("cases", help="YAML with `cases:` (see README)")
     s.add_argument("--json", action="store_true")
+    add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_test)
 
     s = ssub.add_parser("diff", help="blast radius of a change between two maps")
     s.add_argument("old")
     s.add_argument("new")
     s.add_argument("--json", action="store_true")
+    add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_diff)
 
     s = ssub.add_parser("replay", help="re-decide recorded requests under a candidate map")
@@ -222,4 +244,5 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--audit", required=True,
                    help="the audit log, or its JSONL export (- for stdin)")
     s.add_argument("--json", action="store_true")
+    add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_replay)

@@ -79,6 +79,8 @@ class BrokerServer:
         self._health_server: grpc.Server | None = None
         self.health_port = 0
         self._watcher: threading.Thread | None = None
+        self._drift_watcher: threading.Thread | None = None
+        self._kept_frozen: tuple[str, ...] = ()
 
     def start(self) -> None:
         """Load the scope map, bring Vault in line, and serve.
@@ -106,7 +108,8 @@ class BrokerServer:
     def _start(self, cfg: BrokerConfig) -> None:
         assert self.audit is not None
         assert self.store is not None
-        scope_map = load_scope_map(cfg.scope_map_path)
+        scope_map = load_scope_map(cfg.scope_map_path,
+                                   vault_allowed_mounts=cfg.vault_allowed_mounts)
         vault = VaultAdapter(addr=cfg.vault_addr, token=cfg.vault_token,
                              token_file=cfg.vault_token_file)
         self.scope_maps = ScopeMapHolder(scope_map)
@@ -235,6 +238,10 @@ class BrokerServer:
             self._watcher = threading.Thread(target=self._watch_scope_map, daemon=True,
                                              name="scope-map-watch")
             self._watcher.start()
+        if cfg.vault_drift_interval > 0:
+            self._drift_watcher = threading.Thread(target=self._watch_vault_drift, daemon=True,
+                                                   name="vault-drift")
+            self._drift_watcher.start()
         if cfg.ready_file is not None:
             tmp = cfg.ready_file.with_suffix(".tmp")
             tmp.write_text(f"{host}:{self.port}\n")
@@ -288,12 +295,14 @@ class BrokerServer:
         True when a new version is now in force. Never raises.
         """
         assert self.scope_maps is not None and self._vault is not None
-        with self._reload_lock:
+        assert self.responder is not None
+        with self._reload_lock, self.responder.class_policy_lock:
             old = self.scope_maps.current
-            frozen = self.responder.frozen_classes() if self.responder else frozenset()
+            frozen = self.responder.frozen_classes()
             synced = False
             try:
-                new = load_scope_map(self.config.scope_map_path)
+                new = load_scope_map(self.config.scope_map_path,
+                                     vault_allowed_mounts=self.config.vault_allowed_mounts)
                 if new.version == old.version:
                     return False
                 synced = True  # from here Vault may hold part of the new map
@@ -333,6 +342,58 @@ class BrokerServer:
             if current != seen:
                 seen = current
                 self.reload()
+
+    def check_vault_drift(self) -> SyncReport | None:
+        """Put back every managed Vault policy and token role that differs from what we wrote.
+
+        The map in force (and the freezes: a frozen class stays frozen) says what
+        each ``credbroker-<class>`` policy and role must be; the sync rewrites only
+        what differs, so anything it had to write was changed behind the broker's
+        back. That is drift: recorded as ``vault.drift_corrected`` (names only),
+        counted in ``credbroker_vault_drift_corrected_total`` and logged as an ERROR.
+        It never lifts a freeze: a class Vault holds frozen stays frozen even when
+        this broker's registry does not know the freeze (another replica's).
+        Holds the reload lock, so a drift check and a reload never interleave.
+        Returns the sync's report, or None when Vault could not be asked. Never raises.
+        """
+        assert self.scope_maps is not None and self._vault is not None
+        assert self.responder is not None
+        with self._reload_lock, self.responder.class_policy_lock:
+            scope_map = self.scope_maps.current
+            try:
+                report = self._vault.sync_scope_map(scope_map, self.responder.frozen_classes(),
+                                                    keep_frozen=True)
+            except CredbrokerError as exc:
+                _log.warning("Vault drift check could not finish (next in %.0f s): %s",
+                             self.config.vault_drift_interval, exc)
+                return None
+        if report.kept_frozen != self._kept_frozen:
+            self._kept_frozen = report.kept_frozen
+            if report.kept_frozen:
+                _log.warning("Vault holds class(es) %s frozen, which this broker's registry does "
+                             "not: left frozen (another replica froze them?); unfreeze through "
+                             "the broker that froze them, or `credbroker vault sync`",
+                             ",".join(report.kept_frozen))
+        if not report.policies_written and not report.roles_written:
+            return report
+        self.metrics.vault_drift_corrected.labels(kind="policy").inc(
+            len(report.policies_written))
+        self.metrics.vault_drift_corrected.labels(kind="token_role").inc(
+            len(report.roles_written))
+        _log.error("Vault DRIFT corrected: managed objects had been changed outside the broker "
+                   "and were rewritten from scope map %s: policies %s; token roles %s",
+                   scope_map.version[:19], ",".join(report.policies_written) or "none",
+                   ",".join(report.roles_written) or "none")
+        if self.audit is not None:
+            self.audit.append_or_queue("vault.drift_corrected",
+                                       scope_map_version=scope_map.version,
+                                       policies=list(report.policies_written),
+                                       token_roles=list(report.roles_written))
+        return report
+
+    def _watch_vault_drift(self) -> None:
+        while not self.stopped.wait(self.config.vault_drift_interval):
+            self.check_vault_drift()
 
     def checkpoint(self) -> None:
         """Sign a checkpoint now (SIGUSR1 does this). Never raises: failures are logged."""

@@ -64,6 +64,7 @@ class SyncReport:
     policies_written: tuple[str, ...]
     roles_written: tuple[str, ...]
     unchanged: tuple[str, ...]
+    kept_frozen: tuple[str, ...] = ()  # frozen in Vault, not in frozen_classes (keep_frozen)
 
 
 #: What the broker's own token must be able to do: (path, capabilities, what for). The
@@ -176,11 +177,14 @@ class VaultAdapter:
     # -- scope map → Vault
 
     def sync_scope_map(self, scope_map: ScopeMap,
-                       frozen_classes: frozenset[str] = frozenset()) -> SyncReport:
+                       frozen_classes: frozenset[str] = frozenset(), *,
+                       keep_frozen: bool = False) -> SyncReport:
         """Write each class's policy and token role, idempotently.
 
         Only what differs is written, so live tokens of unchanged classes are
-        untouched.
+        untouched. With ``keep_frozen``, a policy that Vault holds frozen stays
+        frozen even for a class not in ``frozen_classes`` (another replica froze
+        it, or a registry that is gone did): only an unfreeze lifts a freeze.
 
         Raises:
             VaultUnavailableError, VaultError.
@@ -188,6 +192,7 @@ class VaultAdapter:
         written_p: list[str] = []
         written_r: list[str] = []
         unchanged: list[str] = []
+        kept: list[str] = []
         for cls in scope_map.classes.values():
             name = cls.vault_policy_name
             hcl = FROZEN_POLICY if cls.name in frozen_classes else cls.vault_policy_hcl()
@@ -196,6 +201,9 @@ class VaultAdapter:
                     current = self._client.sys.read_policy(name)["data"]["rules"]
                 except hvac.exceptions.InvalidPath:
                     current = None
+            if keep_frozen and current == FROZEN_POLICY and hcl != FROZEN_POLICY:
+                hcl = FROZEN_POLICY
+                kept.append(cls.name)
             if current != hcl:
                 with self._errors(f"write policy {name}"):
                     self._client.sys.create_or_update_policy(name, hcl)
@@ -210,7 +218,7 @@ class VaultAdapter:
             if current == hcl and resp is not None and name not in written_r:
                 unchanged.append(name)
         return SyncReport(policies_written=tuple(written_p), roles_written=tuple(written_r),
-                          unchanged=tuple(unchanged))
+                          unchanged=tuple(unchanged), kept_frozen=tuple(kept))
 
     @staticmethod
     def _role_body(cls: ActionClass) -> dict[str, Any]:

@@ -45,6 +45,20 @@ RISKS = ("low", "high", "destructive")
 REQUIRABLE_FIELDS = ("initiating_event", "target", "justification")
 _CLASS_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 _VAULT_PATH = re.compile(r"[A-Za-z0-9_./+*{}-]+")
+_MOUNT = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/?")
+#: Vault's control plane. No class may hold a path that could match anything under
+#: these, and no allow-list can admit them. Each names what a credential there could do.
+RESERVED_MOUNTS: Mapping[str, str] = {
+    "sys/": "policies, mounts, audit devices",
+    "auth/": "token roles, token creation",
+    "identity/": "entities, the kill switch",
+}
+#: Where the broker keeps each class's own Vault objects (``<prefix><class>``).
+MANAGED_PREFIXES = ("sys/policies/acl/credbroker-", "sys/policy/credbroker-",
+                    "auth/token/roles/credbroker-", "auth/token/create/credbroker-")
+#: The mounts a class's vault_policy may reach when the operator names none:
+#: the KV v2 mount that ``bao server -dev`` (and so ``credbroker dev``) provides.
+DEFAULT_VAULT_ALLOWED_MOUNTS = ("secret/",)
 _DURATION = re.compile(r"(\d+)(s|m|h)?")
 
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "action_classes"}
@@ -147,6 +161,130 @@ class ScopeMap:
     sources: tuple[str, ...]
 
 
+# --- Vault paths: what a policy path could reach -------------------------------
+
+#: A Vault ACL path as tokens: a literal character, ``_SEGMENT`` (``+``: any one
+#: segment) or ``_ANY`` (a trailing ``*``, or a ``{{template}}``: anything at all).
+#: The two cannot be confused with literal characters: a ``+`` inside a segment and
+#: a ``*`` before the end are refused.
+_SEGMENT = "+"
+_ANY = "*"
+
+
+def normalize_allowed_mounts(mounts: Iterable[str]) -> tuple[str, ...]:
+    """The operator's allow-list of Vault mounts as ``("secret/", "kv/soc/")``.
+
+    Raises:
+        ValueError: an entry is not a plain mount path (no globs, no leading '/'),
+            or names Vault's control plane (``sys``, ``auth``, ``identity``),
+            or the list is empty.
+    """
+    out: list[str] = []
+    for raw in mounts:
+        m = raw.strip()
+        if not _MOUNT.fullmatch(m) or any(seg in (".", "..") for seg in m.split("/")):
+            raise ValueError(f"Vault mount {raw!r} is not a mount path; write e.g. secret or "
+                             "kv/soc (no globs, no leading '/')")
+        m = m.rstrip("/") + "/"
+        if any(m.startswith(r) or r.startswith(m) for r in RESERVED_MOUNTS):
+            raise ValueError(f"Vault mount {raw!r} is Vault's control plane "
+                             f"({', '.join(RESERVED_MOUNTS)}); it can never be allowed")
+        out.append(m)
+    if not out:
+        raise ValueError("the allowed Vault mounts are empty; name at least one, e.g. secret")
+    return tuple(dict.fromkeys(out))
+
+
+def _path_tokens(path: str) -> tuple[list[str], str]:
+    """Tokenize a Vault ACL path; the second value says what is wrong with it ("" if fine)."""
+    tokens: list[str] = []
+    segments = path.split("/")
+    for n, seg in enumerate(segments):
+        if n:
+            tokens.append("/")
+        if seg in (".", ".."):
+            return tokens, "'.' and '..' segments are not allowed"
+        if not seg and 0 < n < len(segments) - 1:
+            return tokens, "empty segments ('//') are not allowed"
+        if seg == _SEGMENT:
+            tokens.append(_SEGMENT)
+            continue
+        if _SEGMENT in seg:
+            return tokens, "'+' matches one whole segment: write it alone between '/'"
+        for i, ch in enumerate(seg):
+            if ch in "{}":
+                tokens.append(_ANY)  # a template can expand to anything, '/' included
+                return tokens, ""
+            if ch == "*":
+                if n != len(segments) - 1 or i != len(seg) - 1:
+                    return tokens, "'*' is a glob only as the last character of a path"
+                tokens.append(_ANY)
+                return tokens, ""
+            tokens.append(ch)
+    return tokens, ""
+
+
+def _could_start_with(tokens: Sequence[str], prefix: str) -> bool:
+    """True when some path the tokens match begins with ``prefix``."""
+    seen: set[tuple[int, int]] = set()
+
+    def walk(i: int, j: int) -> bool:
+        if j == len(prefix):
+            return True
+        if i == len(tokens) or (i, j) in seen:
+            return False
+        seen.add((i, j))
+        tok = tokens[i]
+        if tok == _ANY:
+            return True
+        if tok == _SEGMENT:  # any run of non-'/' characters (possibly empty)
+            k = j
+            while True:
+                if walk(i + 1, k):
+                    return True
+                if k == len(prefix) or prefix[k] == "/":
+                    return False
+                k += 1
+        return tok == prefix[j] and walk(i + 1, j + 1)
+
+    return walk(0, 0)
+
+
+def vault_path_problem(path: str, allowed_mounts: Sequence[str]) -> str:
+    """What is wrong with ``path`` as a class's Vault policy path, or "" when it is safe.
+
+    Judged by every path it could match (``*`` as a trailing prefix glob, ``+``
+    as any one segment, a ``{{template}}`` as anything): it must not be able to
+    reach Vault's control plane (:data:`RESERVED_MOUNTS`, which holds every
+    class's managed policy and token role), and everything it matches must lie
+    under one of ``allowed_mounts`` (normalized, see :func:`normalize_allowed_mounts`).
+    """
+    tokens, syntax = _path_tokens(path)
+    example = f"e.g. {allowed_mounts[0]}data/<team>/*"
+    if syntax:
+        return f"{path!r}: {syntax}; {example}"
+    reached = [r for r in RESERVED_MOUNTS if _could_start_with(tokens, r)]
+    if reached:
+        managed = any(_could_start_with(tokens, p) for p in MANAGED_PREFIXES)
+        what = ", ".join(f"{r} ({RESERVED_MOUNTS[r]})" for r in reached)
+        return (f"{path!r} could reach Vault's control plane: {what}"
+                + (", including other classes' credbroker-* policies and token roles"
+                   if managed else "")
+                + f"; write a path under an allowed mount ({', '.join(allowed_mounts)}), "
+                + example)
+    # Everything the path matches begins with its characters before the first wildcard,
+    # and nothing more is certain: that literal prefix must lie under an allowed mount.
+    first_wild = next((i for i, t in enumerate(tokens) if t in (_SEGMENT, _ANY)), len(tokens))
+    literal = "".join(tokens[:first_wild])
+    if not any(literal.startswith(m) for m in allowed_mounts):
+        wild = first_wild < len(tokens)
+        return (f"{path!r} " + ("could match paths outside" if wild else "is outside")
+                + f" the allowed Vault mounts ({', '.join(allowed_mounts)}); start it with one "
+                f"of them, {example}, or have the operator allow the mount "
+                "(--vault-allowed-mount)")
+    return ""
+
+
 # --- parsing ------------------------------------------------------------------
 
 
@@ -226,15 +364,24 @@ def parse_duration(text: str) -> int:
     return n * {"s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
 
 
-def parse_scope_map(documents: Sequence[tuple[str, str]]) -> ScopeMap:
+def parse_scope_map(
+    documents: Sequence[tuple[str, str]],
+    *,
+    vault_allowed_mounts: Sequence[str] = DEFAULT_VAULT_ALLOWED_MOUNTS,
+) -> ScopeMap:
     """Parse and validate scope-map documents given as ``(source_name, text)``.
 
     Every problem in every document is collected before anything is raised, so
     a linter can show them all at once. Each names the file, line and field path.
+    ``vault_allowed_mounts`` is the operator's allow-list: every ``vault_policy``
+    path must lie under one of them (see :func:`vault_path_problem`).
 
     Raises:
         ScopeMapError: the documents do not form a valid scope map.
+        ValueError: ``vault_allowed_mounts`` is not a valid allow-list (a
+            configuration error: see :func:`normalize_allowed_mounts`).
     """
+    mounts = normalize_allowed_mounts(vault_allowed_mounts)
     problems = _Problems()
     classes: dict[str, ActionClass] = {}
     if not documents:
@@ -256,7 +403,7 @@ def parse_scope_map(documents: Sequence[tuple[str, str]]) -> ScopeMap:
                           "kind and action_classes")
             continue
         start = len(problems.found)
-        _parse_document(source, root, classes, problems)
+        _parse_document(source, root, classes, problems, mounts)
         problems.merge_schema(schema_problems(source, root), start)
     if not classes and not problems.found:
         problems.note("the scope map defines no action classes; everything would be denied")
@@ -270,7 +417,8 @@ def parse_scope_map(documents: Sequence[tuple[str, str]]) -> ScopeMap:
 
 
 def _parse_document(
-    source: str, root: yaml.MappingNode, classes: dict[str, ActionClass], problems: _Problems
+    source: str, root: yaml.MappingNode, classes: dict[str, ActionClass], problems: _Problems,
+    mounts: tuple[str, ...],
 ) -> None:
     _check_keys(root, _TOP_KEYS, source, "", problems)
     api = _scalar(_get(root, "apiVersion"))
@@ -300,13 +448,14 @@ def _parse_document(
             problems.add(_loc(source, k), path,
                          f"is defined twice (first at {classes[name].source}); keep one")
             continue
-        cls = _parse_class(source, name, path, k, v, problems)
+        cls = _parse_class(source, name, path, k, v, problems, mounts)
         if cls is not None:
             classes[name] = cls
 
 
 def _parse_class(
-    source: str, name: str, path: str, key: yaml.Node, node: yaml.Node, problems: _Problems
+    source: str, name: str, path: str, key: yaml.Node, node: yaml.Node, problems: _Problems,
+    mounts: tuple[str, ...],
 ) -> ActionClass | None:
     before = len(problems.found)
     if not isinstance(node, yaml.MappingNode):
@@ -332,7 +481,7 @@ def _parse_class(
         except InvalidSpiffeIdError as exc:
             problems.add(_loc(source, item), f"{path}.workloads", str(exc))
 
-    ttl, max_ttl, rules = _parse_credential(source, path, node, problems)
+    ttl, max_ttl, rules = _parse_credential(source, path, node, problems, mounts)
 
     requires_default = ("initiating_event",) if risk in ("high", "destructive") else ()
     req_node = _get(node, "requires")
@@ -488,7 +637,8 @@ def _string_list(
 
 
 def _parse_credential(
-    source: str, path: str, node: yaml.MappingNode, problems: _Problems
+    source: str, path: str, node: yaml.MappingNode, problems: _Problems,
+    mounts: tuple[str, ...],
 ) -> tuple[int, int, list[PolicyRule]]:
     cpath = f"{path}.credential"
     cred = _get(node, "credential")
@@ -541,6 +691,9 @@ def _parse_credential(
             problems.add(_loc(source, item), f"{rpath}.path",
                          f"{vpath!r} is not a Vault path; write e.g. secret/data/enrichment/*")
             continue
+        unsafe = vault_path_problem(vpath, mounts)
+        if unsafe:
+            problems.add(_loc(source, _get(item, "path") or item), f"{rpath}.path", unsafe)
         caps_node = _get(item, "capabilities")
         caps = _string_list(source, f"{rpath}.capabilities", caps_node, item, problems,
                             required=True, what="capabilities")
@@ -550,7 +703,7 @@ def _parse_credential(
                          f"{', '.join(bad)} not allowed; agents may get only "
                          f"{', '.join(sorted(ALLOWED_CAPABILITIES))}")
             continue
-        if caps:
+        if caps and not unsafe:
             rules.append(PolicyRule(path=vpath, capabilities=tuple(dict.fromkeys(caps))))
     return ttl, max_ttl, rules
 

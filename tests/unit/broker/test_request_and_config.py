@@ -59,6 +59,18 @@ def test_broker_config_from_env_and_flags() -> None:
     assert flagged.workload_api_socket == "unix:/tmp/x.sock"
 
 
+def test_vault_allowed_mounts_and_drift_interval() -> None:
+    cfg = broker_config_from(env=ENV, scope_map="m")
+    assert cfg.vault_allowed_mounts == ("secret/",) and cfg.vault_drift_interval == 30.0
+    env = {**ENV, "CREDBROKER_VAULT_ALLOWED_MOUNTS": "kv/soc, secret/"}
+    assert broker_config_from(env=env, scope_map="m").vault_allowed_mounts == ("kv/soc/",
+                                                                               "secret/")
+    flagged = broker_config_from(env=env, scope_map="m", vault_allowed_mounts=["transit"],
+                                 vault_drift_interval=0)
+    assert flagged.vault_allowed_mounts == ("transit/",)  # flags win over the environment
+    assert flagged.vault_drift_interval == 0
+
+
 def test_vault_token_file(tmp_path: Path) -> None:
     f = tmp_path / "token"
     f.write_text("s.fromfile\n")
@@ -80,6 +92,11 @@ def test_vault_token_file(tmp_path: Path) -> None:
     (ENV, {"scope_map": "m", "checkpoint_interval": 0}, "positive number"),
     ({**ENV, "CREDBROKER_REGISTRY": ""}, {"scope_map": "m"}, "no credential registry"),
     (ENV, {"scope_map": "m", "admin_ids": ["spiffe://Admin/x"]}, "--admin-id"),
+    (ENV, {"scope_map": "m", "vault_allowed_mounts": ["sys"]}, "can never be allowed"),
+    ({**ENV, "CREDBROKER_VAULT_ALLOWED_MOUNTS": "secret,auth"}, {"scope_map": "m"},
+     "can never be allowed"),
+    (ENV, {"scope_map": "m", "vault_allowed_mounts": ["kv/*"]}, "not a mount path"),
+    (ENV, {"scope_map": "m", "vault_drift_interval": -1}, "--vault-drift-interval"),
 ])
 def test_broker_config_errors(env: dict[str, str], kw: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -139,3 +139,40 @@ def test_replay_lists_requests_whose_outcome_would_change(capsys: pytest.Capture
     audit.write_text('{"type": "decision", "time": "yesterday"}\n')
     rc, _, err = run(capsys, "scope", "replay", str(SOC), "--audit", str(audit))
     assert rc == 2 and f"{audit}:1" in err
+
+
+def test_lint_refuses_vault_control_plane_paths_and_honours_the_allow_list(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDBROKER_VAULT_ALLOWED_MOUNTS", raising=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SOC.read_text().replace("secret/data/soc/enrichment/*", "sys/policies/acl/*"))
+    rc, out, _ = run(capsys, "scope", "lint", str(bad))
+    assert rc == 1
+    assert (f"{bad}:22: action_classes.enrichment.credential.vault_policy[0].path: "
+            "'sys/policies/acl/*' could reach Vault's control plane: sys/ (policies, mounts, "
+            "audit devices), including other classes' credbroker-* policies and token roles; "
+            "write a path under an allowed mount (secret/), e.g. secret/data/<team>/*") in out
+    assert "1 problem(s)" in out
+    # no allow-list admits the control plane; the error is a usage error (exit 2)
+    rc, _, err = run(capsys, "scope", "lint", str(bad), "--vault-allowed-mount", "sys")
+    assert rc == 2 and "can never be allowed" in err
+
+    kv = tmp_path / "kv.yaml"
+    kv.write_text(SOC.read_text().replace("secret/data/soc/enrichment/*", "kv/data/soc/*"))
+    rc, out, _ = run(capsys, "scope", "lint", str(kv))
+    assert rc == 1 and f"{kv}:22: " in out and "outside the allowed Vault mounts (secret/)" in out
+    assert "--vault-allowed-mount" in out
+    rc, out, _ = run(capsys, "scope", "lint", str(kv), "--vault-allowed-mount", "secret",
+                     "--vault-allowed-mount", "kv")
+    assert rc == 0 and out.startswith("OK: 3 action classes")
+    # explain and test load maps under the same allow-list as lint and the broker
+    rc, _, err = run(capsys, "scope", "explain", str(kv), "--spiffe-id", TRIAGE,
+                     "--action-class", "enrichment")
+    assert rc == 2 and "outside the allowed Vault mounts" in err
+    monkeypatch.setenv("CREDBROKER_VAULT_ALLOWED_MOUNTS", "secret,kv")
+    rc, out, _ = run(capsys, "scope", "explain", str(kv), "--spiffe-id", TRIAGE,
+                     "--action-class", "enrichment", "--json")
+    assert rc == 0 and json.loads(out)["outcome"] == "allow"
+    rc, out, _ = run(capsys, "scope", "lint", str(kv), "--vault-allowed-mount", "kv")
+    assert rc == 1 and "(kv/)" in out  # the flag wins over the environment

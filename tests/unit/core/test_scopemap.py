@@ -9,7 +9,12 @@ import pytest
 import yaml
 
 from broker.core.models import CredentialRequest, DenyCode, InitiatingEvent, Outcome
-from broker.core.scopemap import parse_duration, parse_scope_map
+from broker.core.scopemap import (
+    normalize_allowed_mounts,
+    parse_duration,
+    parse_scope_map,
+    vault_path_problem,
+)
 from broker.core.spiffeid import SpiffeId
 from broker.errors import ScopeMapError
 
@@ -102,6 +107,100 @@ def test_each_class_rule_is_enforced_with_a_located_message(cls: dict[str, Any],
     assert hit, problems
     assert any(words in p for p in hit), hit
     assert all(p.startswith("map.yaml:") for p in problems)
+
+
+def _rule(path: str, caps: tuple[str, ...] = ("read",)) -> dict[str, Any]:
+    return _class(credential={"ttl": "1m", "max_ttl": "5m",
+                              "vault_policy": [{"path": path, "capabilities": list(caps)}]})
+
+
+@pytest.mark.parametrize(("path", "words"), [
+    ("*", "could reach Vault's control plane: sys/"),
+    ("+", "could match paths outside the allowed Vault mounts"),  # one segment: never sys/
+    ("s*", "sys/ (policies, mounts, audit devices)"),
+    ("sy*", "sys/ (policies, mounts, audit devices)"),
+    ("sys*", "sys/ (policies, mounts, audit devices)"),
+    ("sys/policies/acl/*", "sys/ (policies"),
+    ("sys/mounts", "sys/ (policies"),
+    ("+/policies/acl/x", "could reach Vault's control plane: sys/"),
+    ("+/token/create/x", "auth/ (token roles, token creation)"),
+    ("a*", "auth/ (token roles, token creation)"),
+    ("auth/token/create/x", "auth/ (token roles, token creation)"),
+    ("auth/token/create*", "auth/ (token roles, token creation)"),
+    ("auth/+/create/x", "auth/"),
+    ("identity/entity/id/*", "identity/ (entities, the kill switch)"),
+    ("i*", "identity/"),
+    ("{{identity.entity.name}}/x", "could reach Vault's control plane"),
+    # another class's managed objects: its policy, its token role, minting through it
+    ("sys/policies/acl/credbroker-containment", "other classes' credbroker-* policies"),
+    ("sys/policy/credbroker-*", "other classes' credbroker-* policies"),
+    ("auth/token/roles/credbroker-containment", "other classes' credbroker-* policies"),
+    ("auth/token/create/credbroker-containment", "other classes' credbroker-* policies"),
+    ("auth/token/+/credbroker-x", "other classes' credbroker-* policies"),
+    # mounts not on the allow-list (the default: secret/)
+    ("kv/data/soc/*", "'kv/data/soc/*' could match paths outside the allowed Vault mounts "
+                      "(secret/); start it with one of them, e.g. secret/data/<team>/*"),
+    ("transit/encrypt/soc", "is outside the allowed Vault mounts (secret/)"),
+    ("cubbyhole/x", "is outside the allowed Vault mounts"),
+    ("secret", "is outside the allowed Vault mounts"),
+    ("secret*", "could match paths outside the allowed Vault mounts"),
+    ("secretive/data/x", "is outside the allowed Vault mounts"),
+    # globs where Vault would read them literally, and path tricks
+    ("secret/data/a*b", "'*' is a glob only as the last character"),
+    ("secret/data/*/x", "'*' is a glob only as the last character"),
+    ("secret/data/a+b", "'+' matches one whole segment"),
+    ("secret/../sys/policies/acl/x", "'.' and '..' segments are not allowed"),
+    ("secret/./data", "'.' and '..' segments are not allowed"),
+    ("secret//data", "empty segments"),
+])
+def test_vault_paths_that_could_leave_the_allowed_mounts_are_refused(path: str,
+                                                                     words: str) -> None:
+    problems = _problems(_doc({"enrichment": _rule(path)}))
+    field = "action_classes.enrichment.credential.vault_policy[0].path"
+    assert [p for p in problems if field in p and words in p], problems
+
+
+@pytest.mark.parametrize("path", [
+    "secret/data/soc/*", "secret/data/soc/enrichment/ti", "secret/metadata/soc/", "secret/",
+    "secret/+/soc/*", "secret/data/+/ti", "secret/data/{{identity.entity.id}}/*",
+    "secret/data/soc/sys/x", "secret/data/auth/*",
+])
+def test_vault_paths_under_an_allowed_mount_load(path: str) -> None:
+    m = parse_scope_map([("map.yaml", _doc({"enrichment": _rule(path)}))])
+    assert m.classes["enrichment"].vault_policy[0].path == path
+
+
+def test_the_operators_allow_list_decides_which_mounts_are_reachable() -> None:
+    text = _doc({"enrichment": _rule("kv/soc/data/ti/*"), "other": _rule("secret/data/x")})
+    m = parse_scope_map([("map.yaml", text)], vault_allowed_mounts=["secret", "kv/soc"])
+    assert set(m.classes) == {"enrichment", "other"}
+    with pytest.raises(ScopeMapError) as err:
+        parse_scope_map([("map.yaml", text)], vault_allowed_mounts=["kv/soc/"])
+    assert any("other.credential.vault_policy[0].path: 'secret/data/x' is outside the allowed "
+               "Vault mounts (kv/soc/)" in p for p in err.value.problems), err.value.problems
+    # a glob before the end of an allowed multi-segment mount could reach its siblings
+    assert "could match paths outside" in vault_path_problem("kv/+/data/x", ("kv/soc/",))
+    assert "could match paths outside" in vault_path_problem("kv/so*", ("kv/soc/",))
+
+
+@pytest.mark.parametrize(("mounts", "words"), [
+    (["sys"], "control plane"), (["auth/"], "control plane"), (["identity"], "control plane"),
+    (["sys/policies"], "control plane"), (["secret/*"], "not a mount path"),
+    (["/secret"], "not a mount path"), (["+"], "not a mount path"), (["a/../sys"], "not a mount"),
+    ([], "empty"),
+])
+def test_the_allow_list_can_never_admit_the_control_plane(mounts: list[str], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        normalize_allowed_mounts(mounts)
+    assert normalize_allowed_mounts(["secret", " kv/soc/ ", "secret/"]) == ("secret/", "kv/soc/")
+
+
+def test_a_path_and_a_capability_are_both_reported() -> None:
+    problems = _problems(_doc({"enrichment": _rule("sys/*", ("sudo", "read"))}))
+    assert any("vault_policy[0].path: 'sys/*' could reach" in p for p in problems)
+    assert any("vault_policy[0].capabilities" in p and "sudo" in p for p in problems)
+    assert any("capabilities" in p and "deny" in p
+               for p in _problems(_doc({"enrichment": _rule("secret/x", ("deny",))})))
 
 
 def test_all_problems_are_reported_at_once() -> None:
