@@ -41,7 +41,8 @@ def _cert(sans: list[x509.GeneralName], *, ca: bool | None = False,
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
     builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                .public_key(key.public_key()).serial_number(7)
-               .not_valid_before(NOW - timedelta(hours=1)).not_valid_after(NOW + timedelta(hours=1)))
+               .not_valid_before(NOW - timedelta(hours=1))
+               .not_valid_after(NOW + timedelta(hours=1)))
     if ca is not None:
         builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None),
                                         critical=True)
