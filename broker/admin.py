@@ -13,6 +13,14 @@ from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.core.revocation import Freeze, Selector
 from broker.errors import InvalidRequestError, PolicyError
+from broker.inputs import (
+    ACTION_CLASS_MAX,
+    REASON_MAX,
+    SPIFFE_ID_MAX,
+    TARGET_MAX,
+    check_ids,
+    check_length,
+)
 from broker.registry import CredentialRow
 from broker.responder import Responder
 from broker.service import Authenticator, _boundary
@@ -32,7 +40,12 @@ def _ts(dt: datetime | None) -> Timestamp:
 
 
 def selector_from_proto(sel: pb.Selector) -> Selector:
-    """Raises: InvalidRequestError (empty selector, malformed pattern, since > until)."""
+    """Raises: InvalidRequestError (empty selector, a field too long or a malformed credential
+    id, malformed pattern, since > until)."""
+    check_length("selector spiffe_id", sel.spiffe_id, SPIFFE_ID_MAX)
+    check_length("selector action_class", sel.action_class, ACTION_CLASS_MAX)
+    check_length("selector target", sel.target, TARGET_MAX)
+    check_ids("selector credential_id", sel.credential_ids)
     return Selector.build(
         spiffe_id=sel.spiffe_id, action_class=sel.action_class, target=sel.target,
         since=sel.since.ToDatetime(tzinfo=UTC) if sel.HasField("since") else None,
@@ -70,10 +83,18 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
 
     @staticmethod
     def _reason(reason: str) -> str:
+        """Raises: InvalidRequestError (no reason, or longer than REASON_MAX characters)."""
+        check_length("--reason", reason, REASON_MAX)
         if not reason.strip():
             raise InvalidRequestError("--reason is required: say why, it goes into the audit "
                                       "log")
-        return reason.strip()[:1000]
+        return reason.strip()
+
+    @staticmethod
+    def _freeze_target(request: pb.FreezeRequest | pb.UnfreezeRequest) -> None:
+        """Raises: InvalidRequestError (spiffe_id or action_class too long)."""
+        check_length("spiffe_id", request.spiffe_id, SPIFFE_ID_MAX)
+        check_length("action_class", request.action_class, ACTION_CLASS_MAX)
 
     def ListCredentials(self, request: pb.Selector,
                         context: grpc.ServicerContext) -> pb.ListCredentialsResponse:
@@ -114,6 +135,7 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
                context: grpc.ServicerContext) -> pb.FreezeResponse:
         with _boundary(context, "admin", "Freeze"):
             by = self._admin(context)
+            self._freeze_target(request)
             res = self._r.freeze(
                 spiffe_id=request.spiffe_id, action_class=request.action_class,
                 reason=self._reason(request.reason), by=by)
@@ -135,6 +157,7 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
                  context: grpc.ServicerContext) -> pb.UnfreezeResponse:
         with _boundary(context, "admin", "Unfreeze"):
             by = self._admin(context)
+            self._freeze_target(request)
             lifted = self._r.unfreeze(spiffe_id=request.spiffe_id,
                                       action_class=request.action_class,
                                       reason=self._reason(request.reason), by=by)

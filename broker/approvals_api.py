@@ -12,6 +12,7 @@ from broker.approval_desk import ApprovalDesk
 from broker.approvers import ApproverTokenError, OidcVerifier
 from broker.core.approvals import Approver
 from broker.errors import PolicyError
+from broker.inputs import ID_TOKEN_MAX, REASON_MAX, check_id, check_length, is_id
 from broker.service import Authenticator, _boundary, approval_to_proto
 
 _log = logging.getLogger("credbroker.approvals")
@@ -40,8 +41,7 @@ class ApprovalsService(pb_grpc.ApprovalsServicer):  # type: ignore[misc]
                 "ID token) or as a configured approval bot")
         return caller
 
-    def _approver(self, context: grpc.ServicerContext, id_token: str) -> Approver:
-        caller = self._client(context)
+    def _approver(self, caller: str, id_token: str) -> Approver:
         bot = self._verifier.bot(caller)
         if bot is not None and not id_token:
             return bot
@@ -60,8 +60,14 @@ class ApprovalsService(pb_grpc.ApprovalsServicer):  # type: ignore[misc]
 
     def _decide(self, request: pb.ApprovalDecisionRequest, context: grpc.ServicerContext,
                 what: str) -> pb.ApprovalInfo:
-        with _boundary(context, request.approval_id, what):
-            who = self._approver(context, request.id_token)
+        label = request.approval_id if is_id(request.approval_id) else "approvals"
+        with _boundary(context, label, what):
+            caller = self._client(context)
+            # Bounded before the token is parsed or anything is logged or audited.
+            check_id("approval_id", request.approval_id, required=True)
+            check_length("reason", request.reason, REASON_MAX)
+            check_length("id_token", request.id_token, ID_TOKEN_MAX)
+            who = self._approver(caller, request.id_token)
             if what == "SignOff":
                 a = self._desk.sign_off(request.approval_id, who, request.reason)
             else:

@@ -53,10 +53,11 @@ _EXIT = [
 
 
 def _logging(verbose: bool, json_lines: bool = False) -> None:
-    handler = logging.StreamHandler()
-    if json_lines:
-        from broker.observability import JsonFormatter
+    from broker.observability import EscapeControlChars, JsonFormatter
 
+    handler = logging.StreamHandler()
+    handler.addFilter(EscapeControlChars())  # one record, one line: no forged log lines
+    if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))

@@ -120,8 +120,13 @@ class DevCA:
         ttl: timedelta,
         dns_names: tuple[str, ...] = (),
         not_before: datetime | None = None,
+        key_usage: x509.KeyUsage | None = None,
     ) -> IssuedX509:
-        """Issue an X.509-SVID (SPIFFE X509-SVID spec: one URI SAN, leaf, digitalSignature)."""
+        """Issue an X.509-SVID (SPIFFE X509-SVID spec: one URI SAN, leaf, digitalSignature).
+
+        ``key_usage`` replaces the spec's digitalSignature-only usage: tests use it to
+        issue a leaf the broker must refuse.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         serial = x509.random_serial_number()
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
@@ -140,7 +145,7 @@ class DevCA:
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
+                key_usage or x509.KeyUsage(
                     digital_signature=True, content_commitment=False, key_encipherment=False,
                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
                     crl_sign=False, encipher_only=False, decipher_only=False,

@@ -4,8 +4,10 @@ The TLS layer already required a client certificate chained to the trust
 bundle (``require_client_authentication``), so a certificate from another CA,
 an expired one, or none at all never reaches this code: the handshake is
 refused. What reaches it is checked again here, per the X509-SVID spec
-(``standards/X509-SVID.md``): a leaf (not a CA), exactly one URI SAN, a valid
-SPIFFE ID, in our trust domain, within its validity at ``now``.
+(``standards/X509-SVID.md``): a leaf (basicConstraints cA false, §4.1), a key
+usage with digitalSignature and without keyCertSign or cRLSign (§4.3, §5.2), an
+extended key usage, when present, that allows clientAuth (§4.4), exactly one URI
+SAN, a valid SPIFFE ID, in our trust domain, within its validity at ``now``.
 
 A JWT-SVID (``standards/JWT-SVID.md``) in ``authorization: Bearer`` metadata is
 validated with py-spiffe against the JWT bundle for the exact audience, and its
@@ -23,7 +25,7 @@ from datetime import datetime
 
 import jwt
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from spiffe import JwtBundle, TrustDomain
 from spiffe.svid.jwt_svid import JwtSvid
 
@@ -65,11 +67,10 @@ def _parse_svid(pem: bytes, trust_domain: str) -> tuple[SpiffeId, str, datetime,
     except ValueError:
         raise IdentityError("the client certificate could not be parsed") from None
     try:
-        bc = cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value
-        if isinstance(bc, x509.BasicConstraints) and bc.ca:
-            raise IdentityError("the client certificate is a CA certificate, not an X.509-SVID")
-    except x509.ExtensionNotFound:
-        pass
+        cert.extensions  # noqa: B018 - parsed once here, so a malformed one is refused cleanly
+    except (ValueError, x509.DuplicateExtension):
+        raise IdentityError("the client certificate's extensions could not be parsed") from None
+    _check_leaf_usage(cert)
     try:
         san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)  # type: ignore[attr-defined]
@@ -91,6 +92,46 @@ def _parse_svid(pem: bytes, trust_domain: str) -> tuple[SpiffeId, str, datetime,
         )
     return (sid, format(cert.serial_number, "x"), cert.not_valid_before_utc,
             cert.not_valid_after_utc)
+
+
+def _check_leaf_usage(cert: x509.Certificate) -> None:
+    """The X509-SVID spec's rules for a leaf used to authenticate a client.
+
+    An absent basicConstraints means cA false (RFC 5280 §4.2.1.9), so only cA true is
+    refused. keyUsage criticality (an issuing rule) is not checked: the usage is checked
+    here whatever its flag. Of the extended key usages §4.4 asks for, the one a client
+    needs, clientAuth, is required when the extension is present.
+
+    Raises:
+        IdentityError: naming the rule the certificate breaks.
+    """
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if bc.ca:
+            raise IdentityError("the client certificate is a CA certificate (basicConstraints "
+                                "cA true), not an X.509-SVID (X509-SVID spec 4.1: a leaf MUST "
+                                "set cA to false)")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise IdentityError("the client certificate has no keyUsage extension; an X.509-SVID "
+                            "MUST have one (X509-SVID spec 4.3)") from None
+    if ku.key_cert_sign or ku.crl_sign:
+        raise IdentityError("the client certificate's keyUsage includes keyCertSign or cRLSign; "
+                            "a leaf X.509-SVID MUST NOT set them (X509-SVID spec 4.3, 5.2)")
+    if not ku.digital_signature:
+        raise IdentityError("the client certificate's keyUsage lacks digitalSignature; a leaf "
+                            "X.509-SVID MUST set it (X509-SVID spec 4.3)")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise IdentityError("the client certificate's extendedKeyUsage does not include "
+                            "clientAuth; an X.509-SVID that has the extension MUST set it "
+                            "(X509-SVID spec 4.4)")
 
 
 def verify_jwt_svid(

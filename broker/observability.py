@@ -6,12 +6,15 @@
 * Prometheus metrics on their own registry (one per broker, so several brokers
   can live in one test process), served over HTTP.
 * JSON log lines for log collectors (``--log-format json``).
+* Every log record is one line, whatever a caller sent: :class:`EscapeControlChars`
+  escapes CR, LF and the other control characters, so no input can forge a log line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -121,9 +124,53 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        # The first one is the broker's own; a later one could be text a caller sent.
         for word in record.getMessage().split():
             if word.startswith("request_id="):
                 out["request_id"] = word.split("=", 1)[1]
+                break
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out)
+
+
+#: C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(m: re.Match[str]) -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control character written as a visible escape (``\\n``, ``\\x1b``)."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+class EscapeControlChars(logging.Filter):
+    """Makes each record's message a single line of printable text, for any formatter.
+
+    Attach it to a handler. The formatted message (format string and arguments: a
+    request_id, a reason, a justification, an exception message) is escaped with
+    :func:`escape_control`. A traceback keeps its lines, but each is escaped and
+    indented, so a line of a log never starts with text a caller chose.
+    """
+
+    _DONE = "_credbroker_escaped"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, self._DONE, False):
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not take the call site down
+            message = f"{record.msg!s} (log arguments could not be formatted)"
+        record.msg, record.args = escape_control(message), None
+        if record.exc_info and not record.exc_text:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = "\n".join("    " + escape_control(line)
+                                         for line in text.splitlines())
+        setattr(record, self._DONE, True)
+        return True

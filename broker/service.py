@@ -51,6 +51,15 @@ from broker.errors import (
     VaultUnavailableError,
 )
 from broker.identity import Caller, JwtSvidCache, spiffe_id_from_certificate
+from broker.inputs import (
+    ACTION_CLASS_MAX,
+    ID_MAX,
+    REASON_MAX,
+    TARGET_MAX,
+    check_id,
+    check_length,
+    is_id,
+)
 from broker.observability import Metrics
 from broker.registry import StoreError
 from broker.responder import Responder
@@ -88,8 +97,11 @@ _DENY_STATUS: dict[DenyCode, grpc.StatusCode] = {
     DenyCode.FROZEN: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
-_MAX_FIELD = {"action_class": 128, "target": 256, "justification": 2048, "request_id": 128,
-              "source": 128, "id": 256, "summary": 1024}
+#: Length limits (characters) of the IssueCredential fields, checked before anything is
+#: logged or audited; request_id and approval_id must also be ids (``broker.inputs``).
+_MAX_FIELD = {"action_class": ACTION_CLASS_MAX, "target": TARGET_MAX, "justification": 2048,
+              "request_id": ID_MAX, "approval_id": ID_MAX, "source": 128, "id": 256,
+              "summary": 1024}
 
 
 class DeniedByPolicy(Exception):
@@ -153,14 +165,18 @@ class UsageTracker:
 def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
     """Validate the wire request's shape (not its policy) and build the core value.
 
+    Every field is bounded here, before the request reaches a log line or the audit log.
+
     Raises:
-        InvalidRequestError: a field is missing, too long or out of range.
+        InvalidRequestError: a field is missing, too long or out of range, or request_id /
+            approval_id is not an id (``broker.inputs.ID_RULE``).
     """
+    for name in ("action_class", "target", "justification", "request_id", "approval_id"):
+        check_length(name, getattr(msg, name), _MAX_FIELD[name])
+    check_id("request_id", msg.request_id)
+    check_id("approval_id", msg.approval_id)
     if not msg.action_class.strip():
         raise InvalidRequestError("action_class is required, e.g. \"enrichment\"")
-    for name in ("action_class", "target", "justification", "request_id"):
-        if len(getattr(msg, name)) > _MAX_FIELD[name]:
-            raise InvalidRequestError(f"{name} is longer than {_MAX_FIELD[name]} characters")
     event = None
     if msg.HasField("initiating_event"):
         ev = msg.initiating_event
@@ -169,9 +185,7 @@ def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
                 "initiating_event needs both source and id, e.g. {\"source\": \"splunk\", "
                 "\"id\": \"NOTABLE-1234\"}")
         for name in ("source", "id", "summary"):
-            if len(getattr(ev, name)) > _MAX_FIELD[name]:
-                raise InvalidRequestError(
-                    f"initiating_event.{name} is longer than {_MAX_FIELD[name]} characters")
+            check_length(f"initiating_event.{name}", getattr(ev, name), _MAX_FIELD[name])
         event = InitiatingEvent(source=ev.source, id=ev.id, summary=ev.summary)
     if msg.ttl_seconds > HARD_MAX_TTL_SECONDS:
         raise InvalidRequestError(
@@ -307,7 +321,9 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
     def IssueCredential(
         self, request: pb.IssueCredentialRequest, context: grpc.ServicerContext
     ) -> pb.IssueCredentialResponse:
-        request_id = request.request_id or uuid.uuid4().hex
+        # A malformed request_id is refused below (after authentication); until then, and in
+        # the log line saying so, the call goes by a fresh id.
+        request_id = request.request_id if is_id(request.request_id) else uuid.uuid4().hex
         started = time.perf_counter()
         try:
             with _boundary(context, request_id, "IssueCredential"):
@@ -324,8 +340,10 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
     def AwaitApproval(
         self, request: pb.AwaitApprovalRequest, context: grpc.ServicerContext
     ) -> pb.IssueCredentialResponse:
-        with _boundary(context, request.approval_id, "AwaitApproval"):
+        label = request.approval_id if is_id(request.approval_id) else uuid.uuid4().hex
+        with _boundary(context, label, "AwaitApproval"):
             caller = self._auth.authenticate(context)
+            check_id("approval_id", request.approval_id, required=True)
             a = self._desk.get(request.approval_id)
             if a.spiffe_id != str(caller.spiffe_id):
                 raise ApprovalNotFoundError(f"{caller.spiffe_id} has no approval "
@@ -570,8 +588,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
     ) -> pb.RevokeCredentialResponse:
         with _boundary(context, uuid.uuid4().hex, "RevokeCredential"):
             caller = self._auth.authenticate(context)
-            if not request.credential_id:
-                raise InvalidRequestError("credential_id is required")
+            check_id("credential_id", request.credential_id, required=True)
+            check_length("reason", request.reason, REASON_MAX)
             row = self._store.get(request.credential_id)
             if row is None or row.spiffe_id != str(caller.spiffe_id):
                 # Same answer whether it exists or belongs to another workload.

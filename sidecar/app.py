@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import socketserver
 import threading
@@ -21,16 +22,90 @@ from pathlib import Path
 from typing import Any
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker.inputs import ID_RULE, is_id
 from sidecar.broker_client import BrokerCallError, BrokerClient, decision_to_json
 from sidecar.cache import CachedCredential, CredentialCache
 
 _log = logging.getLogger("credbroker.sidecar")
 _MAX_BODY = 64 * 1024
+#: The documented body nests two deep ({"initiating_event": {...}}); a little slack.
+_MAX_DEPTH = 8
 _PREFIX = "/v1/credentials"
+#: A connection that sends nothing for this long (no request, half a request, or an idle
+#: keep-alive) is closed.
+IDLE_TIMEOUT_SECONDS = 10.0
+#: Connections served at once; beyond it a new one is answered 503 at once and closed.
+MAX_CONNECTIONS = 128
+#: Connections the kernel queues before the sidecar accepts them (socketserver's default: 5).
+LISTEN_BACKLOG = 128
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class BadRequest(Exception):
     pass
+
+
+def _nesting_depth(text: str) -> int:
+    """How deeply ``text``'s arrays and objects nest, counted without recursion."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _has_surrogate(value: object) -> bool:
+    """True when a string anywhere in ``value`` (keys too) holds a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _reject_constant(name: str) -> object:
+    raise BadRequest(f"{name} is not a JSON number; send whole numbers only")
+
+
+def load_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it.
+
+    Raises:
+        BadRequest: the body is not UTF-8, not JSON, nests deeper than the API ever needs,
+            holds a lone surrogate (e.g. ``"\\ud800"``), or is not an object.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: it is not UTF-8 ({exc.reason} at byte "
+                         f"{exc.start})") from None
+    if _nesting_depth(text) > _MAX_DEPTH:
+        raise BadRequest(f"the body nests arrays or objects more than {_MAX_DEPTH} deep; send "
+                         'a flat JSON object, e.g. {"action_class": "enrichment"}')
+    try:
+        body = json.loads(text or "null", parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON ({exc.msg} at character {exc.pos})"
+                         ) from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of 5,000 digits
+        raise BadRequest(f"the body is not acceptable JSON ({type(exc).__name__}: "
+                         f"{str(exc)[:100]})") from None
+    if not isinstance(body, dict):
+        raise BadRequest('send a JSON object, e.g. {"action_class": "enrichment"}')
+    if _has_surrogate(body):
+        raise BadRequest("a string in the body holds a lone UTF-16 surrogate (such as "
+                         '"\\ud800"), which is not text; send valid Unicode')
+    return body
 
 
 def parse_issue_body(raw: bytes) -> pb.IssueCredentialRequest:
@@ -39,13 +114,16 @@ def parse_issue_body(raw: bytes) -> pb.IssueCredentialRequest:
     Raises:
         BadRequest: the body is not the documented JSON object; the message says what to send.
     """
-    try:
-        body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
-                         ) from None
-    if not isinstance(body, dict):
-        raise BadRequest('send a JSON object, e.g. {"action_class": "enrichment"}')
+    return parse_issue(raw)[0]
+
+
+def parse_issue(raw: bytes) -> tuple[pb.IssueCredentialRequest, int]:
+    """The request ``POST /v1/credentials`` asks for, and its ``wait_seconds``.
+
+    Raises:
+        BadRequest: the body is not the documented JSON object; the message says what to send.
+    """
+    body = load_json_object(raw)
     allowed = {"action_class", "target", "initiating_event", "justification", "ttl_seconds",
                "break_glass", "approval_id", "wait_seconds"}
     unknown = sorted(set(body) - allowed)
@@ -69,8 +147,9 @@ def parse_issue_body(raw: bytes) -> pb.IssueCredentialRequest:
         msg.break_glass = bg
     aid = body.get("approval_id")
     if aid is not None:
-        if not isinstance(aid, str) or not aid:
-            raise BadRequest("approval_id must be the id a 202 answer gave you")
+        if not isinstance(aid, str) or not is_id(aid):
+            raise BadRequest("approval_id must be the id a 202 answer gave you "
+                             f"({ID_RULE})")
         msg.approval_id = aid
     ttl = body.get("ttl_seconds")
     if ttl is not None:
@@ -88,7 +167,7 @@ def parse_issue_body(raw: bytes) -> pb.IssueCredentialRequest:
         msg.initiating_event.source = ev.get("source") or ""
         msg.initiating_event.id = ev.get("id") or ""
         msg.initiating_event.summary = ev.get("summary") or ""
-    return msg
+    return msg, wait_seconds(body.get("wait_seconds"))
 
 
 def wait_seconds(value: object) -> int:
@@ -229,6 +308,13 @@ class _Handler(BaseHTTPRequestHandler):
     server: SidecarHttpServer
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        # Every read and write on the connection times out after the idle timeout:
+        # BaseHTTPRequestHandler then drops the connection (no request, half a request,
+        # an idle keep-alive, or a client that stops reading its answer).
+        super().setup()
+        self.connection.settimeout(self.server.idle_timeout)
+
     def log_message(self, format: str, *args: Any) -> None:
         _log.debug("http %s", format % args)
 
@@ -263,6 +349,8 @@ class _Handler(BaseHTTPRequestHandler):
             approval_id = path.rsplit("/", 1)[1]
 
             def poll() -> tuple[int, dict[str, Any]]:
+                if not is_id(approval_id):
+                    raise BadRequest(f"the approval id in the path must be {ID_RULE}")
                 raw = params.get("wait", ["0"])[0]
                 if not raw.isdigit():
                     raise BadRequest("wait must be a whole number of seconds from 0 to 60")
@@ -279,22 +367,30 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, _error("not_found", f"no such endpoint POST {self.path}; "
                                                 f"use POST {_PREFIX}"))
             return
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # the body is not read: the stream is out of step
+            self._send(400, _error("bad_request", "send the body with a Content-Length; "
+                                                  "chunked bodies are not accepted"))
+            return
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
         if length < 0:
+            self.close_connection = True
             self._send(400, _error("bad_request", "Content-Length must be a non-negative number"))
             return
         if length > _MAX_BODY:
+            self.close_connection = True
             self._send(413, _error("too_large", f"body is larger than {_MAX_BODY} bytes"))
             return
-        raw = self.rfile.read(length)
+        raw = self.rfile.read(length)  # times out after the idle timeout (see setup)
+        if len(raw) < length:
+            self.close_connection = True  # the client closed its end half-way
+            return
 
         def issue() -> tuple[int, dict[str, Any]]:
-            msg = parse_issue_body(raw)
-            body = json.loads(raw)
-            return self.server.service.issue(msg, wait_seconds(body.get("wait_seconds")))
+            return self.server.service.issue(*parse_issue(raw))
 
         self._guard(issue)
 
@@ -304,16 +400,35 @@ class _Handler(BaseHTTPRequestHandler):
         if not cid or "/" in cid:
             self._send(404, _error("not_found", f"use DELETE {_PREFIX}/<credential_id>"))
             return
+        if not is_id(cid):
+            self._send(400, _error("bad_request", f"the credential id in the path must be "
+                                                  f"{ID_RULE}"))
+            return
         self._guard(lambda: self.server.service.hand_back(cid))
 
 
+_BUSY = json.dumps(_error("busy", "the sidecar is serving as many connections as it may; "
+                                  "retry in a moment")).encode()
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(_BUSY)).encode() + b"\r\nRetry-After: 1\r\n"
+                  b"Cache-Control: no-store\r\nConnection: close\r\n\r\n" + _BUSY)
+
+
 class SidecarHttpServer(socketserver.ThreadingMixIn, HTTPServer):
+    """The HTTP server on the unix socket: one thread per connection, at most
+    ``max_connections`` at once, each dropped after ``idle_timeout`` seconds of silence."""
+
     address_family = socket.AF_UNIX
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG  # parallel agent calls queue, are never refused
 
-    def __init__(self, path: Path, service: SidecarService) -> None:
+    def __init__(self, path: Path, service: SidecarService, *,
+                 idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.service = service
         self.path = path
+        self.idle_timeout = idle_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             path.unlink()
@@ -325,6 +440,38 @@ class SidecarHttpServer(socketserver.ThreadingMixIn, HTTPServer):
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = "credbroker-sidecar", 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a thread, or answer 503 at once when all slots are taken.
+
+        Runs in the accepting thread, so it never blocks: the busy answer is a few hundred
+        bytes into an empty socket buffer.
+        """
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY_RESPONSE)
+            except OSError:
+                pass
+            _log.warning("sidecar busy: a connection was answered 503 (all slots taken)")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # the thread never started
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that vanished mid-answer is not the sidecar's error; never a traceback
+        # on stderr for it.
+        _log.debug("connection dropped", exc_info=True)
 
     def serve_in_thread(self) -> threading.Thread:
         t = threading.Thread(target=self.serve_forever, name="sidecar-http", daemon=True)

@@ -10,6 +10,7 @@ import grpc
 import hvac
 import hvac.exceptions
 import pytest
+from cryptography import x509
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.config import DEFAULT_BROKER_DNS
@@ -293,3 +294,76 @@ def test_no_token_or_key_in_logs_or_errors(broker: BrokerServer, identity: Ident
     assert cred.credential_id in caplog.text  # the accessor is logged, which is the point
     for secret in secrets:
         assert secret not in text
+
+
+def test_leaf_with_cert_signing_key_usage_is_unauthenticated(
+    broker: BrokerServer, identity: Identity, vault_root: hvac.Client
+) -> None:
+    """X509-SVID spec 4.3 / 5.2: a leaf that may sign certificates is no client identity,
+    even though it chains to the bundle and passes the TLS handshake."""
+    from broker.core.spiffeid import SpiffeId
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          key_cert_sign=True, crl_sign=True, encipher_only=False,
+                          decipher_only=False)
+    bad = identity.ca.issue_x509(SpiffeId.parse(TRIAGE), now=datetime.now(UTC),
+                                 ttl=timedelta(minutes=10), key_usage=usage)
+    before = live_accessors(vault_root)
+    with pytest.raises(grpc.RpcError) as err:
+        stub(broker.port, identity.ca, bad).IssueCredential(issue_request(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "keyCertSign or cRLSign" in err.value.details()
+    assert "X509-SVID spec 4.3" in err.value.details()
+    assert live_accessors(vault_root) == before
+
+
+def test_a_megabyte_approval_id_from_a_workload_no_class_allows_costs_a_bounded_record(
+    broker: BrokerServer, identity: Identity
+) -> None:
+    s = stub(broker.port, identity.ca, svid(identity.ca, TRIAGE))
+    audit = broker.config.audit_path
+    before = audit.stat().st_size
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as err:
+            s.IssueCredential(issue_request("containment.isolate_host", target="h1",
+                                            initiating_event=EVENT,
+                                            approval_id="a" * 1_000_000), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "approval_id" in err.value.details()
+        assert len(err.value.details()) < 300  # the id is not echoed back
+    grown = audit.stat().st_size - before
+    # Refused before the decision: nothing, or at most a concurrent checkpoint, is written.
+    assert grown < 4096, grown
+    # A refusal by policy is audited, and even with every field at its limit it is small.
+    before = audit.stat().st_size
+    with pytest.raises(grpc.RpcError) as err:
+        s.IssueCredential(issue_request(
+            "containment.isolate_host", target="t" * 256, justification="j" * 2048,
+            request_id="r" * 128, approval_id="a" * 128,
+            initiating_event=pb.InitiatingEvent(source="s" * 128, id="i" * 256,
+                                                summary="x" * 1024)), timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert 0 < audit.stat().st_size - before < 16 * 1024
+
+
+def test_a_line_break_in_request_id_never_reaches_the_broker_log(
+    broker: BrokerServer, identity: Identity, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    forged = "FORGED-LINE credbroker.broker request_id=x minted credential_id=y"
+    s = stub(broker.port, identity.ca, svid(identity.ca, TRIAGE))
+    for request_id in (f"r1\n{forged}", f"r1\r\n{forged}", f"r1\x1b[2K{forged}"):
+        with pytest.raises(grpc.RpcError) as err:
+            s.IssueCredential(issue_request(request_id=request_id), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : -" \
+            in err.value.details()
+        # The refusal is logged and answered under a fresh id, never the one sent.
+        md_id = str(_md(err.value)["credbroker-request-id"])
+        assert md_id in caplog.text and "\n" not in md_id
+    assert "FORGED-LINE" not in caplog.text
+    with pytest.raises(grpc.RpcError) as err:
+        stub(broker.port, identity.ca, svid(identity.ca, TRIAGE)).AwaitApproval(
+            pb.AwaitApprovalRequest(approval_id=f"apr-1\n{forged}"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "FORGED-LINE" not in caplog.text

@@ -40,6 +40,41 @@ def test_bad_requests(msg: pb.IssueCredentialRequest, words: str) -> None:
     assert words in str(err.value)
 
 
+@pytest.mark.parametrize("field", ["request_id", "approval_id"])
+@pytest.mark.parametrize("value", [
+    "a" * 129,  # too long
+    "x" * 1_000_000,  # the attack: a megabyte of id
+    "r1\n2026-01-01 INFO credbroker.broker forged",  # a line break
+    "r1\r", "r\x00", "r 1", "r/1", "réq", "r\u2028",
+])
+def test_ids_must_match_the_strict_charset(field: str, value: str) -> None:
+    msg = pb.IssueCredentialRequest(action_class="enrichment")
+    setattr(msg, field, value)
+    with pytest.raises(InvalidRequestError) as err:
+        request_from_proto(msg)
+    message = str(err.value)
+    assert field in message
+    assert ("A-Z a-z 0-9 . _ : -" in message) or "longer than 128" in message
+    assert value not in message and "\n" not in message  # never echoed back
+
+
+@pytest.mark.parametrize("value", ["0123456789abcdef", "apr-1a2b3c", "bg-ff.01:x_y",
+                                   "A" * 128])
+def test_well_formed_ids_are_accepted(value: str) -> None:
+    request_from_proto(pb.IssueCredentialRequest(action_class="a", request_id=value,
+                                                 approval_id=value))
+
+
+@pytest.mark.parametrize(("field", "limit"), [("justification", 2048), ("target", 256)])
+def test_free_text_is_bounded(field: str, limit: int) -> None:
+    ok = pb.IssueCredentialRequest(action_class="a")
+    setattr(ok, field, "x" * limit)
+    request_from_proto(ok)
+    setattr(ok, field, "x" * (limit + 1))
+    with pytest.raises(InvalidRequestError, match=f"{field} is longer than {limit}"):
+        request_from_proto(ok)
+
+
 ENV = {"VAULT_TOKEN": "s.secret", "VAULT_ADDR": "http://127.0.0.1:8200",
        "SPIFFE_ENDPOINT_SOCKET": "unix:/run/spire/agent.sock",
        "CREDBROKER_AUDIT_LOG": "/var/lib/credbroker/audit.log",

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from sidecar.app import BadRequest, parse_issue_body
+from sidecar.app import BadRequest, parse_issue, parse_issue_body
 from sidecar.cache import CachedCredential, CredentialCache
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -72,3 +72,44 @@ def test_bad_bodies(raw: bytes, words: str) -> None:
     with pytest.raises(BadRequest) as err:
         parse_issue_body(raw)
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize(("raw", "words"), [
+    # Deep nesting is refused before json.loads could recurse (30,000 deep once gave a 500).
+    (b"[" * 30_000 + b"]" * 30_000, "more than 8 deep"),
+    (b'{"action_class": "a", "target": ' + b"[" * 30_000, "more than 8 deep"),
+    (b'{"action_class": "a", "initiating_event": ' + b'{"x": ' * 9 + b"1" + b"}" * 10,
+     "more than 8 deep"),
+    # Lone surrogates: json.loads accepts the escape, protobuf and UTF-8 cannot hold it.
+    (b'{"action_class": "\\ud800"}', "lone UTF-16 surrogate"),
+    (b'{"action_class": "a", "justification": "x\\udfffy"}', "lone UTF-16 surrogate"),
+    (b'{"action_class": "a", "initiating_event": {"source": "s", "id": "\\udbff"}}',
+     "lone UTF-16 surrogate"),
+    (b'{"\\ud800": 1}', "lone UTF-16 surrogate"),
+    # Bytes that are not UTF-8 (a lone continuation byte, an overlong encoding, CESU-8).
+    (b'{"action_class": "\x80"}', "not UTF-8"),
+    (b'{"action_class": "\xc0\xaf"}', "not UTF-8"),
+    (b'{"action_class": "\xed\xa0\x80"}', "not UTF-8"),
+    # Numbers JSON does not have, and integers too long to convert.
+    (b'{"action_class": "a", "ttl_seconds": NaN}', "not a JSON number"),
+    (b'{"action_class": "a", "ttl_seconds": Infinity}', "not a JSON number"),
+    (b'{"action_class": "a", "ttl_seconds": ' + b"9" * 5000 + b"}", "not acceptable JSON"),
+    # Non-objects at the top level, wrong types.
+    (b'"enrichment"', "JSON object"),
+    (b"null", "JSON object"),
+    (b"42", "JSON object"),
+    (b'{"action_class": ["a"]}', "action_class is required"),
+    (b'{"action_class": "a", "wait_seconds": "10"}', "wait_seconds"),
+    (b'{"action_class": "a", "approval_id": "apr-1\\nforged"}', "approval_id must be"),
+    (b'{"action_class": "a", "approval_id": "' + b"a" * 200 + b'"}', "approval_id must be"),
+])
+def test_hostile_bodies_are_bad_requests(raw: bytes, words: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_issue(raw)
+    assert words in str(err.value)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    msg, wait = parse_issue(b'{"action_class": "a", "justification": "' + b"[{" * 1000 +
+                            b'\\"]", "wait_seconds": 5}')
+    assert msg.justification.startswith("[{[{") and wait == 5
