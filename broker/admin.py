@@ -77,12 +77,15 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
         if not spiffe_id and not action_class:
             return
         scope_map = self._r.scope_map
-        held = [(r.spiffe_id, r.action_class)
-                for r in self._r.store.live(Selector(all=True), self._clock())]
-        check_known(spiffe_id=spiffe_id, action_class=action_class,
-                    classes=scope_map.classes,
-                    workloads=[w for c in scope_map.classes.values() for w in c.workloads],
-                    held=held)
+        workloads = [w for c in scope_map.classes.values() for w in c.workloads]
+        try:
+            check_known(spiffe_id=spiffe_id, action_class=action_class,
+                        classes=scope_map.classes, workloads=workloads, held=())
+        except InvalidRequestError:  # not in the map: perhaps only live credentials know it
+            held = [(r.spiffe_id, r.action_class)
+                    for r in self._r.store.live(Selector(all=True), self._clock())]
+            check_known(spiffe_id=spiffe_id, action_class=action_class,
+                        classes=scope_map.classes, workloads=workloads, held=held)
 
     @staticmethod
     def _reason(reason: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +23,14 @@ from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.cli import main
 from broker.devstack import OpenBaoDev
 from broker.server import BrokerServer
-from tests.integration.conftest import ADMIN, CONTAINMENT, TRIAGE, Identity, broker_config
+from tests.integration.conftest import (
+    ADMIN,
+    CONTAINMENT,
+    TEST_MAP,
+    TRIAGE,
+    Identity,
+    broker_config,
+)
 from tests.integration.helpers import admin_stub, svid
 from tests.integration.test_revocation import _exists, cli, mint
 
@@ -130,6 +138,28 @@ def test_the_admin_api_refuses_unknown_names_itself(server: BrokerServer,
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_class_gone_from_the_map_can_still_be_selected_while_its_credentials_live(
+        bao: OpenBaoDev, identity: Identity, vault_root: hvac.Client, short_tmp: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    scope = short_tmp / "renamed-map.yaml"
+    shutil.copy(TEST_MAP, scope)
+    s = BrokerServer(broker_config(bao, identity, scope_map_path=scope, reload_interval=0))
+    s.start()
+    try:
+        cred = mint(s, identity, TRIAGE)
+        scope.write_text(TEST_MAP.read_text().replace("  enrichment:", "  enrichment.v2:", 1))
+        assert s.reload()
+        assert cli(s, identity, "credentials", "list", "--action-class", "enrichment",
+                   "--json") == 0
+        assert [c["credential_id"] for c in json.loads(capsys.readouterr().out)] == [
+            cred.credential_id]
+        assert cli(s, identity, "revoke", "--action-class", "enrichmnt") == 2
+        assert "known: containment.isolate_host, enrichment, enrichment.v2" in \
+            capsys.readouterr().err
+    finally:
+        s.stop(grace=0)
 
 
 def test_revoke_since_a_duration_from_the_environment_as_typed(
