@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.core.revocation import Freeze, Selector
+from broker.core.revocation import Freeze, Selector, check_known
 from broker.errors import InvalidRequestError, PolicyError
 from broker.inputs import (
     ACTION_CLASS_MAX,
@@ -53,12 +53,15 @@ def selector_from_proto(sel: pb.Selector) -> Selector:
         credential_ids=list(sel.credential_ids), all=sel.all)
 
 
-def row_to_proto(r: CredentialRow) -> pb.CredentialInfo:
-    return pb.CredentialInfo(
+def row_to_proto(r: CredentialRow, event: tuple[str, str] | None = None) -> pb.CredentialInfo:
+    info = pb.CredentialInfo(
         credential_id=r.credential_id, spiffe_id=r.spiffe_id, action_class=r.action_class,
         target=r.target, request_id=r.request_id, issued_at=_ts(r.issued_at),
         expires_at=_ts(r.expires_at),
         state="revoke_pending" if r.revoke_pending else r.state)
+    if event is not None:
+        info.initiating_event.CopyFrom(pb.InitiatingEvent(source=event[0], id=event[1]))
+    return info
 
 
 def freeze_to_proto(f: Freeze) -> pb.FreezeInfo:
@@ -81,6 +84,22 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
                                 "in the broker's --admin-id list may revoke or freeze")
         return caller
 
+    def _known(self, *, spiffe_id: str, action_class: str) -> None:
+        """Raises: InvalidRequestError naming what exists, for a class or identity pattern
+        neither the scope map nor any live credential knows (a typo is not "all clear")."""
+        if not spiffe_id and not action_class:
+            return
+        scope_map = self._r.scope_map
+        workloads = [w for c in scope_map.classes.values() for w in c.workloads]
+        try:
+            check_known(spiffe_id=spiffe_id, action_class=action_class,
+                        classes=scope_map.classes, workloads=workloads, held=())
+        except InvalidRequestError:  # not in the map: perhaps only live credentials know it
+            held = [(r.spiffe_id, r.action_class)
+                    for r in self._r.store.live(Selector(all=True), self._clock())]
+            check_known(spiffe_id=spiffe_id, action_class=action_class,
+                        classes=scope_map.classes, workloads=workloads, held=held)
+
     @staticmethod
     def _reason(reason: str) -> str:
         """Raises: InvalidRequestError (no reason, or longer than REASON_MAX characters)."""
@@ -100,8 +119,12 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
                         context: grpc.ServicerContext) -> pb.ListCredentialsResponse:
         with _boundary(context, "admin", "ListCredentials"):
             self._admin(context)
-            rows = self._r.store.live(selector_from_proto(request), self._clock())
-            return pb.ListCredentialsResponse(credentials=[row_to_proto(r) for r in rows])
+            selector = selector_from_proto(request)
+            self._known(spiffe_id=request.spiffe_id, action_class=request.action_class)
+            rows = self._r.store.live(selector, self._clock())
+            events = self._r.store.initiating_events(r.credential_id for r in rows)
+            return pb.ListCredentialsResponse(credentials=[
+                row_to_proto(r, events.get(r.credential_id)) for r in rows])
         raise AssertionError("unreachable")  # pragma: no cover
 
     def RevokeCredentials(self, request: pb.RevokeCredentialsRequest,
@@ -110,6 +133,8 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
             by = self._admin(context)
             reason = self._reason(request.reason)
             selector = selector_from_proto(request.selector)
+            self._known(spiffe_id=request.selector.spiffe_id,
+                        action_class=request.selector.action_class)
             rows = self._r.store.live(selector, self._clock())
             _log.warning("%s revokes %d credential(s) selected by %s: %s", by, len(rows),
                          selector.describe(), reason)
@@ -136,6 +161,7 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
         with _boundary(context, "admin", "Freeze"):
             by = self._admin(context)
             self._freeze_target(request)
+            self._known(spiffe_id=request.spiffe_id, action_class=request.action_class)
             res = self._r.freeze(
                 spiffe_id=request.spiffe_id, action_class=request.action_class,
                 reason=self._reason(request.reason), by=by)

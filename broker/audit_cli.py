@@ -13,9 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from broker.audit import read_checkpoints, read_records
-from broker.core.auditchain import verify_chain
+from broker.core.auditchain import FORMAT_NAMES, line_format, verify_chain
 from broker.core.audittrace import to_ocsf, trace, trace_lines
 from broker.core.records import parse_time
+from broker.core.revocation import parse_when
 from broker.errors import AuditError, ConfigError
 
 
@@ -42,6 +43,28 @@ def _log_path(args: argparse.Namespace) -> Path:
     raise ConfigError("which audit log? pass its path, or --dev DIR for the dev stack")
 
 
+def require_log(path: Path, command: str, *, unknown_ok: bool = False) -> None:
+    """Refuse a file that is recognisably not the audit log (an export, checkpoints).
+
+    With ``unknown_ok`` an unrecognised first line is let through (``verify`` then
+    reports the log as not intact). An empty file is a log with no records.
+
+    Raises:
+        ConfigError: the file is an export or some other file; says what it is.
+        AuditError: the file cannot be read.
+    """
+    try:
+        with path.open("rb") as f:
+            first = next((line for line in f if line.strip()), b"")
+    except OSError as exc:
+        raise AuditError(f"cannot read the audit log {path}: {exc.strerror}") from None
+    kind = line_format(first) if first else "log"
+    if kind == "log" or (kind == "unknown" and unknown_ok):
+        return
+    raise ConfigError(f"{path} is {FORMAT_NAMES[kind]}, not the audit log; `credbroker audit "
+                      f"{command}` reads the log the broker writes (serve --audit-log)")
+
+
 def _public_key(path: str) -> Ed25519PublicKey:
     try:
         key = load_pem_public_key(Path(path).read_bytes())
@@ -65,6 +88,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.checkpoint and not checkpoints:
         raise ConfigError(f"--checkpoint {args.checkpoint} holds no checkpoint")
     key = _public_key(key_file) if key_file and checkpoints else None
+    require_log(log, "verify", unknown_ok=True)
     try:
         f = log.open("rb")
     except OSError as exc:
@@ -87,7 +111,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    t = trace(read_records(_log_path(args)), args.id)
+    log = _log_path(args)
+    require_log(log, "trace")
+    t = trace(read_records(log), args.id)
     if t is None:
         print(f"no credential, request or approval {args.id!r} in the audit log",
               file=sys.stderr)
@@ -102,13 +128,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     since = None
     if args.since:
-        try:
-            since = parse_time(args.since)
-        except ValueError as exc:
-            raise ConfigError(f"--since: {exc}") from None
+        since = parse_when(args.since, datetime.now(UTC), flag="--since")
+    log = _log_path(args)
+    require_log(log, "export")
     out = sys.stdout
     n = 0
-    for record in read_records(_log_path(args)):
+    for record in read_records(log):
         if since is not None and parse_time(str(record["time"])) < since:
             continue
         obj = to_ocsf(record) if args.format == "ocsf" else record
@@ -145,7 +170,8 @@ def add_parser(sub: Any) -> None:
 
     s = asub.add_parser("export", help="records as JSONL or OCSF JSONL for a SIEM")
     s.add_argument("--format", choices=["jsonl", "ocsf"], default="jsonl")
-    s.add_argument("--since", help="only records at or after this RFC 3339 time")
+    s.add_argument("--since", metavar="TIME", help="only records at or after this time: a "
+                   "duration back from now (10m, 2h, 1d) or RFC 3339 with a zone")
     s.add_argument("--log", help="the audit log file")
     s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
     s.set_defaults(func=cmd_export)

@@ -275,10 +275,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_run_dir(args.run_dir))
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("credbroker")
+    except PackageNotFoundError:
+        from broker import __version__
+
+        return __version__
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from broker.completion import bash_script, zsh_script
+
+    parser = build_parser()
+    print(bash_script(parser) if args.shell == "bash" else zsh_script(parser), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="credbroker",
         description="Workload-identity credential broker for autonomous SOC agents.")
+    p.add_argument("--version", action="version", version=f"credbroker {version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per log line (for log collectors)")
@@ -368,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the scripted end-to-end demo on a fresh dev stack")
     s.add_argument("--run-dir", help="where the demo's dev stack lives (default: temporary)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    s.add_argument("shell", choices=["bash", "zsh"])
+    s.set_defaults(func=cmd_completion)
     return p
 
 

@@ -112,6 +112,7 @@ class CredentialStore(Protocol):
     def live(self, selector: Selector, now: datetime) -> list[CredentialRow]: ...
     def live_ids_of(self, spiffe_id: str, now: datetime) -> list[str]: ...
     def count_live(self, now: datetime) -> int: ...
+    def initiating_events(self, credential_ids: Iterable[str]) -> dict[str, tuple[str, str]]: ...
     def entity_ids(self, pattern_matches: Selector) -> dict[str, str]: ...
     def mark_revoked(self, credential_id: str, *, by: str, reason: str, selector: str,
                      at: datetime, pending: bool, error: str = "") -> None: ...
@@ -247,6 +248,20 @@ class SqliteStore:
                 if selector.matches(credential_id=r.credential_id, spiffe_id=r.spiffe_id,
                                     action_class=r.action_class, target=r.target,
                                     issued_at=r.issued_at)]
+
+    def initiating_events(self, credential_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """credential id -> (event source, event id) of the event it was issued for (read-only;
+        credentials issued without one are left out)."""
+        ids = sorted(set(credential_ids))
+        out: dict[str, tuple[str, str]] = {}
+        for i in range(0, len(ids), 500):  # SQLite caps bound parameters per statement
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for cid, src, eid in self._exec(
+                    "SELECT credential_id, event_source, event_id FROM credentials "  # noqa: S608 - placeholders only
+                    f"WHERE event_source != '' AND credential_id IN ({marks})", tuple(chunk)):
+                out[str(cid)] = (str(src), str(eid))
+        return out
 
     def count_live(self, now: datetime) -> int:
         (row,) = self._exec("SELECT count(*) FROM credentials WHERE state='live' AND "

@@ -160,6 +160,11 @@ class Responder:
     def freezes(self) -> list[Freeze]:
         return self._freezes
 
+    @property
+    def scope_map(self) -> ScopeMap:
+        """The scope map in force now (read-only; for checking what selectors name)."""
+        return self._scope_map()
+
     # -- revocation
 
     def revoke_one(self, row: CredentialRow, *, by: str, reason: str, selector: str,

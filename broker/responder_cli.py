@@ -1,6 +1,9 @@
-"""``credbroker revoke | freeze | unfreeze``: the responder's commands (admin API over mTLS).
+"""``credbroker credentials | revoke | freeze | unfreeze | approvals``: the responders' commands.
 
-Destructive commands preview by default and act only with ``--yes``.
+They speak the admin and approvals APIs over mTLS. Destructive commands preview
+by default and act only with ``--yes``. The broker is found from ``--dev DIR``,
+or ``--broker``/``--workload-api`` (falling back to ``$CREDBROKER_BROKER`` and
+``$SPIFFE_ENDPOINT_SOCKET``, as ``bao`` falls back to ``$VAULT_ADDR``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,8 +28,8 @@ from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.audit_cli import dev_info
 from broker.config import DEFAULT_BROKER_DNS
-from broker.core.records import parse_time
-from broker.core.revocation import Selector, freeze_target
+from broker.core.records import rfc3339
+from broker.core.revocation import Selector, freeze_target, parse_when
 from broker.errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -62,6 +65,29 @@ def approvals_stub(args: argparse.Namespace) -> Iterator[pb_grpc.ApprovalsStub]:
         yield pb_grpc.ApprovalsStub(channel)
 
 
+def broker_location(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[str, str, str]:
+    """(broker host:port, Workload API socket, broker DNS name): flags, else the environment.
+
+    ``$CREDBROKER_BROKER`` (or the sidecar's ``$CREDBROKER_BROKER_ADDR``),
+    ``$SPIFFE_ENDPOINT_SOCKET`` and ``$CREDBROKER_BROKER_DNS``.
+
+    Raises:
+        ConfigError: the broker or the Workload API socket is given nowhere.
+    """
+    target = args.broker or env.get("CREDBROKER_BROKER") or env.get("CREDBROKER_BROKER_ADDR", "")
+    socket = args.workload_api or env.get("SPIFFE_ENDPOINT_SOCKET", "")
+    dns = args.broker_dns_name or env.get("CREDBROKER_BROKER_DNS") or DEFAULT_BROKER_DNS
+    if not target or not socket:
+        missing = " and ".join(w for w, v in (("the broker (--broker HOST:PORT or "
+                                               "$CREDBROKER_BROKER)", target),
+                                              ("your admin SVID's Workload API (--workload-api "
+                                               "unix:/path or $SPIFFE_ENDPOINT_SOCKET)", socket))
+                               if not v)
+        raise ConfigError(f"where is the broker? {missing} not given; or pass --dev DIR for "
+                          "the dev stack")
+    return target, socket, dns
+
+
 @contextmanager
 def broker_channel(args: argparse.Namespace) -> Iterator[grpc.Channel]:
     """A stub on an mTLS channel with the admin SVID.
@@ -74,11 +100,7 @@ def broker_channel(args: argparse.Namespace) -> Iterator[grpc.Channel]:
         target, socket = info["broker_addr"], info["workload_api_sockets"]["admin"]
         dns = info.get("broker_dns_name", DEFAULT_BROKER_DNS)
     else:
-        target, socket, dns = args.broker, args.workload_api, args.broker_dns_name
-        if not target or not socket:
-            raise ConfigError("where is the broker? pass --dev DIR for the dev stack, or "
-                              "--broker HOST:PORT and --workload-api unix:/path for your admin "
-                              "SVID")
+        target, socket, dns = broker_location(args, os.environ)
     socket = socket if socket.startswith("unix:") else "unix:" + socket
     try:
         source = X509Source(socket_path=socket, timeout_in_seconds=10)
@@ -102,34 +124,84 @@ def broker_channel(args: argparse.Namespace) -> Iterator[grpc.Channel]:
         source.close()
 
 
-def _ts(text: str | None) -> Timestamp | None:
-    if not text:
+def _ts(dt: datetime | None) -> Timestamp | None:
+    if dt is None:
         return None
-    try:
-        dt = parse_time(text)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     t = Timestamp()
     t.FromDatetime(dt)
     return t
 
 
-def _selector(args: argparse.Namespace) -> pb.Selector:
-    # Validate locally first: a malformed pattern is refused before anything is revoked.
+def _selector(args: argparse.Namespace, *, all_if_empty: bool = False) -> pb.Selector:
+    """The selector the flags describe, checked here first (a malformed pattern or time is
+    refused before the broker is asked; the broker then refuses names it does not know).
+
+    Raises:
+        InvalidRequestError: a malformed pattern or time, an empty selector.
+    """
+    now = datetime.now(UTC)
+    since = parse_when(args.since, now, flag="--since") if args.since else None
+    until = parse_when(args.until, now, flag="--until") if args.until else None
+    ids = getattr(args, "credential_id", None) or []
+    everything = getattr(args, "all", False)
+    if all_if_empty and not (args.spiffe_id or args.action_class or args.target or since
+                             or until or ids):
+        everything = True
     Selector.build(spiffe_id=args.spiffe_id or "", action_class=args.action_class or "",
-                   target=args.target or "",
-                   since=parse_time(args.since) if args.since else None,
-                   until=parse_time(args.until) if args.until else None,
-                   credential_ids=args.credential_id or [], all=args.all)
+                   target=args.target or "", since=since, until=until, credential_ids=ids,
+                   all=everything)
     sel = pb.Selector(spiffe_id=args.spiffe_id or "", action_class=args.action_class or "",
-                      target=args.target or "", credential_ids=args.credential_id or [],
-                      all=args.all)
-    since, until = _ts(args.since), _ts(args.until)
-    if since is not None:
-        sel.since.CopyFrom(since)
-    if until is not None:
-        sel.until.CopyFrom(until)
+                      target=args.target or "", credential_ids=ids, all=everything)
+    for field, value in (("since", _ts(since)), ("until", _ts(until))):
+        if value is not None:
+            getattr(sel, field).CopyFrom(value)
     return sel
+
+
+def _need_reason(args: argparse.Namespace) -> None:
+    """Acting needs a reason; previewing does not. Raises: ConfigError."""
+    if args.yes and not (args.reason or "").strip():
+        raise ConfigError("--reason is required with --yes: say why, it goes into the audit "
+                          "log")
+
+
+def _when(t: Timestamp) -> str:
+    return rfc3339(t.ToDatetime(tzinfo=UTC))
+
+
+def _credential_json(c: pb.CredentialInfo) -> dict[str, Any]:
+    ev = c.initiating_event if c.HasField("initiating_event") else None
+    return {"credential_id": c.credential_id, "spiffe_id": c.spiffe_id,
+            "action_class": c.action_class, "target": c.target, "request_id": c.request_id,
+            "initiating_event": {"source": ev.source, "id": ev.id} if ev else None,
+            "issued_at": _when(c.issued_at), "expires_at": _when(c.expires_at),
+            "state": c.state}
+
+
+def cmd_credentials_list(args: argparse.Namespace) -> int:
+    """What is live now, by selector (read-only). Raises: as broker_channel, InvalidRequestError.
+    """
+    sel = _selector(args, all_if_empty=True)
+    with admin_stub(args) as stub:
+        creds = list(stub.ListCredentials(sel, timeout=30).credentials)
+    if args.json:
+        print(json.dumps([_credential_json(c) for c in creds]))
+        return 0
+    if not creds:
+        print("no live credential matches")
+        return 0
+    rows = [(c["credential_id"], c["spiffe_id"], c["action_class"], c["target"] or "-",
+             f"{c['initiating_event']['source']}:{c['initiating_event']['id']}"
+             if c["initiating_event"] else "-", c["issued_at"][:19] + "Z",
+             c["expires_at"][:19] + "Z", c["state"])
+            for c in map(_credential_json, creds)]
+    head = ("credential", "identity", "action class", "target", "initiating event", "issued",
+            "expires", "state")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    print(f"{len(creds)} live credential(s)")
+    return 0
 
 
 def _table(creds: list[pb.CredentialInfo]) -> list[str]:
@@ -142,7 +214,10 @@ def _table(creds: list[pb.CredentialInfo]) -> list[str]:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
+    """Preview, or with --yes revoke, what the selector matches. Raises: as broker_channel,
+    ConfigError (--yes without --reason), InvalidRequestError (a bad or unknown selector)."""
     sel = _selector(args)
+    _need_reason(args)
     with admin_stub(args) as stub:
         creds = list(stub.ListCredentials(sel, timeout=30).credentials)
         if not creds:
@@ -207,9 +282,8 @@ def cmd_freeze(args: argparse.Namespace) -> int:
         for f in freezes if not args.json else []:
             print(f"{f.id}  {f.kind} {f.pattern}  by {f.by}: {f.reason}")
         return 0
-    if not args.reason:
-        raise ConfigError("--reason is required: say why, it goes into the audit log")
     sid, cls = _freeze_args(args)
+    _need_reason(args)
     with admin_stub(args) as stub:
         creds = list(stub.ListCredentials(pb.Selector(spiffe_id=sid, action_class=cls),
                                           timeout=30).credentials)
@@ -247,9 +321,8 @@ def cmd_freeze(args: argparse.Namespace) -> int:
 
 
 def cmd_unfreeze(args: argparse.Namespace) -> int:
-    if not args.reason:
-        raise ConfigError("--reason is required: say why, it goes into the audit log")
     sid, cls = _freeze_args(args)
+    _need_reason(args)
     with admin_stub(args) as stub:
         if not args.yes:
             freezes = [f for f in stub.ListFreezes(pb.ListFreezesRequest(), timeout=30).freezes
@@ -337,23 +410,40 @@ def cmd_approvals(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    def connection(p: argparse.ArgumentParser) -> None:
+    def connection(p: argparse.ArgumentParser, *, acts: bool = True) -> None:
         p.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
-        p.add_argument("--broker", help="broker host:port")
-        p.add_argument("--workload-api", help="Workload API socket serving your admin SVID")
-        p.add_argument("--broker-dns-name", default=DEFAULT_BROKER_DNS)
+        p.add_argument("--broker", metavar="HOST:PORT",
+                       help="the broker (default $CREDBROKER_BROKER)")
+        p.add_argument("--workload-api", metavar="unix:/PATH", help="Workload API socket serving "
+                       "your admin SVID (default $SPIFFE_ENDPOINT_SOCKET)")
+        p.add_argument("--broker-dns-name", help="DNS SAN of the broker's SVID (default "
+                       f"$CREDBROKER_BROKER_DNS or {DEFAULT_BROKER_DNS})")
         p.add_argument("--json", action="store_true")
-        p.add_argument("--yes", action="store_true", help="act (default: preview only)")
+        if acts:
+            p.add_argument("--yes", action="store_true", help="act (default: preview only)")
+
+    def selector(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--spiffe-id", help="SPIFFE ID pattern (scope-map semantics)")
+        p.add_argument("--action-class")
+        p.add_argument("--target", help="exact target, or a pattern with * and ?")
+        for flag, what in (("--since", "at or after"), ("--until", "at or before")):
+            p.add_argument(flag, metavar="TIME", help=f"issued {what}: a duration back from "
+                           "now (10m, 2h, 1d) or RFC 3339 with a zone (2026-11-27T03:00:00Z)")
+
+    creds = sub.add_parser("credentials", help="what credentials are live now (read-only)")
+    csub = creds.add_subparsers(dest="credentials_command", required=True, metavar="SUBCOMMAND")
+    s = csub.add_parser("list", help="live credentials by identity, class, target, time: id, "
+                                     "identity, class, target, initiating event, issued, "
+                                     "expires, state")
+    selector(s)
+    connection(s, acts=False)
+    s.set_defaults(func=cmd_credentials_list)
 
     s = sub.add_parser("revoke", help="revoke live credentials by selector (preview; --yes acts)")
-    s.add_argument("--spiffe-id", help="SPIFFE ID pattern (scope-map semantics)")
-    s.add_argument("--action-class")
-    s.add_argument("--target", help="exact target, or a pattern with * and ?")
-    s.add_argument("--since", help="issued at or after (RFC 3339)")
-    s.add_argument("--until", help="issued at or before (RFC 3339)")
+    selector(s)
     s.add_argument("--credential-id", action="append", help="repeatable")
     s.add_argument("--all", action="store_true", help="every live credential")
-    s.add_argument("--reason", required=True, help="why (goes into the audit log)")
+    s.add_argument("--reason", help="why (required with --yes; goes into the audit log)")
     connection(s)
     s.set_defaults(func=cmd_revoke)
 
@@ -382,7 +472,7 @@ def add_parsers(sub: Any) -> None:
         s = sub.add_parser(name, help=text)
         s.add_argument("--spiffe-id", help="SPIFFE ID pattern")
         s.add_argument("--action-class")
-        s.add_argument("--reason", help="why (required; goes into the audit log)")
+        s.add_argument("--reason", help="why (required with --yes; goes into the audit log)")
         if name == "freeze":
             s.add_argument("--list", action="store_true", help="list what is frozen")
         connection(s)

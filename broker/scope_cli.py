@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.config import load_scope_map, process_env, vault_allowed_mounts_from
+from broker.core.auditchain import FORMAT_NAMES, object_format
 from broker.core.models import CredentialRequest, InitiatingEvent
 from broker.core.records import decision_to_json, parse_decision_record, parse_time
 from broker.core.scopemap import ScopeMap, evaluate
@@ -159,6 +160,11 @@ def _records(path: str) -> list[Any]:
                 raise ConfigError(f"{path}:{n}: not JSON ({exc.msg})") from None
             if isinstance(obj, dict) and set(obj) == {"hash", "record"}:
                 obj = obj["record"]  # a line of the audit log itself
+            kind = object_format(obj)
+            if kind != "jsonl":
+                raise ConfigError(f"{path}:{n} is {FORMAT_NAMES[kind]}, not an audit record; "
+                                  "--audit takes the audit log or its `credbroker audit export "
+                                  "--format jsonl`")
             try:
                 rec = parse_decision_record(obj, f"{path}:{n}")
             except ValueError as exc:

@@ -77,6 +77,43 @@ def decode_line(line: bytes) -> tuple[bytes, bytes]:
     return digest, line[_BODY_START:-1]
 
 
+#: What each recognised line format is, for telling a person what they passed.
+FORMAT_NAMES = {
+    "log": "the audit log the broker writes",
+    "jsonl": "a JSONL export (`credbroker audit export --format jsonl`)",
+    "ocsf": "an OCSF export (`credbroker audit export --format ocsf`)",
+    "checkpoints": "a file of signed checkpoints",
+    "unknown": "not a credbroker audit file",
+}
+
+
+def line_format(line: bytes) -> str:
+    """Which credbroker file a line comes from: log, jsonl, ocsf, checkpoints or unknown."""
+    try:
+        decode_line(line)
+        return "log"
+    except ValueError:
+        pass
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return "unknown"
+    return object_format(obj)
+
+
+def object_format(obj: Any) -> str:
+    """jsonl (an exported record), ocsf, checkpoints or unknown, for a parsed line."""
+    if not isinstance(obj, dict):
+        return "unknown"
+    if "class_uid" in obj and "metadata" in obj:
+        return "ocsf"
+    if "signature" in obj and "size" in obj:
+        return "checkpoints"
+    if isinstance(obj.get("type"), str):
+        return "jsonl"
+    return "unknown"
+
+
 def key_id(public_key: Ed25519PublicKey) -> str:
     raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]

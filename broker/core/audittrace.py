@@ -14,6 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from broker.core.records import parse_time
+from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
+from broker.errors import InvalidSpiffeIdError
 
 
 @dataclass(slots=True, kw_only=True)
@@ -30,7 +32,14 @@ class Trace:
 
 
 def trace(records: Iterable[dict[str, Any]], ident: str) -> Trace | None:
-    """The accountability chain for a credential id, request id or approval id; None if unknown."""
+    """The accountability chain for a credential id, request id or approval id; None if unknown.
+
+    A credential ends by hand-back or single revocation (``credential.revoked``), by a
+    bulk revocation that names it (``credentials.revoked`` with ``credential_ids``), or
+    by a freeze matching its identity or class while it was live (Vault refuses it from
+    then on; the freeze's own bulk revocation follows). Each ending in ``ended`` carries
+    ``how``: handed_back, revoked, frozen or revocation_failed.
+    """
     records = list(records)
     request_id = ""
     for r in records:
@@ -41,7 +50,7 @@ def trace(records: Iterable[dict[str, Any]], ident: str) -> Trace | None:
     if not request_id:
         return None
     t = Trace(request_id=request_id)
-    credential_ids: set[str] = set()
+    minted: dict[str, dict[str, Any]] = {}
     for r in records:
         kind = r.get("type", "")
         if r.get("request_id") == request_id:
@@ -49,13 +58,98 @@ def trace(records: Iterable[dict[str, Any]], ident: str) -> Trace | None:
                 t.decision = r
             elif kind == "credential.minted":
                 t.minted.append(r)
-                credential_ids.add(str(r.get("credential_id")))
+                minted[str(r.get("credential_id"))] = r
             elif kind.startswith("approval."):
                 t.approvals.append(r)
+    freezes: dict[str, dict[str, Any]] = {}
+    gone: set[str] = set()  # ended already: a later freeze did not end them again
     for r in records:
-        if r.get("type") == "credential.revoked" and r.get("credential_id") in credential_ids:
-            t.ended.append(r)
+        kind = r.get("type")
+        if kind == "credential.revoked" and r.get("credential_id") in minted:
+            how = "handed_back" if r.get("selector") == "hand-back" else "revoked"
+            t.ended.append({**r, "how": how})
+            gone.add(str(r.get("credential_id")))
+        elif kind == "credentials.revoked":
+            failed = set(r.get("failed_ids") or [])
+            ids = r.get("credential_ids") or []
+            for cid in ids:
+                if cid in minted:
+                    t.ended.append(_bulk_end(r, str(cid), len(ids), cid in failed, freezes))
+                    if cid not in failed:
+                        gone.add(str(cid))
+        elif kind == "freeze":
+            freezes[str(r.get("freeze_id"))] = r
+            for cid, m in minted.items():
+                if cid not in gone and _froze(r, m):
+                    t.ended.append(_freeze_end(r, m))
+                    gone.add(cid)
+    t.ended.sort(key=lambda e: (e.get("seq") is None, e.get("seq") or 0))
     return t
+
+
+_ENDING_KEYS = ("type", "time", "seq", "hash", "by", "reason")
+
+
+def _bulk_end(r: dict[str, Any], cid: str, n: int, failed: bool,
+              freezes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    selector = str(r.get("selector") or "")
+    out = {k: r.get(k) for k in _ENDING_KEYS}
+    out |= {"how": "revocation_failed" if failed else "revoked", "credential_id": cid,
+            "selector": selector, "credentials_in_revocation": n,
+            "counts": r.get("counts") or {}}
+    if selector.startswith("freeze "):
+        freeze_id = selector.split(" ", 1)[1]
+        out["freeze_id"] = freeze_id
+        fz = freezes.get(freeze_id)
+        if fz is not None:
+            out["freeze"] = {"kind": fz.get("kind"), "pattern": fz.get("pattern")}
+    return out
+
+
+def _froze(fz: dict[str, Any], minted: dict[str, Any]) -> bool:
+    """Was this credential live and matched when the freeze was put in force?"""
+    try:
+        at = parse_time(str(fz.get("time")))
+        if not parse_time(str(minted.get("time"))) <= at < parse_time(
+                str(minted.get("expires_at"))):
+            return False
+    except ValueError:
+        return False
+    if fz.get("kind") == "action_class":
+        return bool(fz.get("pattern") == minted.get("action_class"))
+    try:
+        return SpiffeIdPattern.parse(str(fz.get("pattern"))).matches(
+            SpiffeId.parse(str(minted.get("spiffe_id"))))
+    except InvalidSpiffeIdError:
+        return False
+
+
+def _freeze_end(fz: dict[str, Any], minted: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: fz.get(k) for k in _ENDING_KEYS}, "how": "frozen",
+            "credential_id": minted.get("credential_id"), "freeze_id": fz.get("freeze_id"),
+            "kind": fz.get("kind"), "pattern": fz.get("pattern"),
+            "vault_error": fz.get("vault_error") or ""}
+
+
+def _ending_line(e: dict[str, Any]) -> str:
+    how, when, why = e.get("how"), e.get("time"), e.get("reason")
+    if how == "handed_back":
+        return f"handed back by the workload at {when}: {why}"
+    if how == "frozen":
+        what = f"action class {e.get('pattern')}" if e.get("kind") == "action_class" \
+            else f"identities matching {e.get('pattern')}"
+        enforced = f" (Vault could not enforce it: {e['vault_error']})" \
+            if e.get("vault_error") else "; Vault refused it from then on"
+        return f"frozen by {e.get('by')} at {when} (freeze {e.get('freeze_id')} of {what})" \
+               f"{enforced}: {why}"
+    if e.get("type") == "credentials.revoked":
+        n = e.get("credentials_in_revocation")
+        pending = (e.get("counts") or {}).get("pending")
+        note = f"; {pending} of them awaited Vault's confirmation" if pending else ""
+        head = "revocation FAILED for it" if how == "revocation_failed" else "revoked"
+        return (f"{head} in a bulk revocation by {e.get('by')} at {when} (selector "
+                f"{e.get('selector')}; {n} credential(s){note}): {why}")
+    return f"revoked by {e.get('by')} (selector {e.get('selector')}) at {when}: {why}"
 
 
 def trace_lines(t: Trace, now: datetime) -> list[str]:
@@ -113,18 +207,17 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
                      f"expires {m.get('expires_at')}")
         ends = [e for e in t.ended if e.get("credential_id") == m.get("credential_id")]
         for e in ends:
-            how_ended = "handed back by the workload" if e.get("selector") == "hand-back" \
-                else f"revoked by {e.get('by')} (selector {e.get('selector')})"
-            lines.append(f"  7. {how_ended} at {e.get('time')}: {e.get('reason')}")
-        if not ends:
+            lines.append(f"  7. {_ending_line(e)}")
+        if all(e.get("how") == "revocation_failed" for e in ends):
             expires = m.get("expires_at")
             try:
                 past = expires is not None and parse_time(str(expires)) <= now
             except ValueError:
                 past = False
-            lines.append(f"  7. expired at {expires} (no hand-back or revocation recorded)"
-                         if past else
-                         f"  7. still live until {expires} (no hand-back or revocation yet)")
+            why = "its revocation failed" if ends else \
+                f"no hand-back or revocation {'recorded' if past else 'yet'}"
+            lines.append(f"  7. expired at {expires} ({why})" if past else
+                         f"  7. still live until {expires} ({why})")
     return lines
 
 
@@ -133,6 +226,12 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
 #   decision, credential.minted  -> 3003 Authorize Session, activity 1 "Assign Privileges":
 #       a workload is granted (or refused) a set of Vault policies for a short session.
 #   credential.revoked           -> 3005 User Access Management, activity 2 "Revoke Privileges".
+#   credentials.revoked (bulk)   -> 3005 User Access Management, activity 2 "Revoke Privileges".
+#   freeze of an identity        -> 3001 Account Change, activity 5 "Disable" (its Vault
+#                                   entities are disabled); unfreeze -> activity 2 "Enable".
+#   freeze of an action class    -> 3005 User Access Management, activity 2 "Revoke
+#                                   Privileges" (the class's Vault policy grants nothing);
+#                                   unfreeze -> activity 1 "Assign Privileges".
 #   approval.*                   -> 3005 User Access Management, activity 99 "Other".
 #   broker.*, scope_map.*        -> 6002 Application Lifecycle (3 Start, 4 Stop, 8 Update).
 _OCSF: dict[str, tuple[int, int, int, str]] = {
@@ -140,6 +239,11 @@ _OCSF: dict[str, tuple[int, int, int, str]] = {
     "decision": (3, 3003, 1, "Assign Privileges"),
     "credential.minted": (3, 3003, 1, "Assign Privileges"),
     "credential.revoked": (3, 3005, 2, "Revoke Privileges"),
+    "credentials.revoked": (3, 3005, 2, "Revoke Privileges"),
+    "freeze/spiffe_id": (3, 3001, 5, "Disable"),
+    "unfreeze/spiffe_id": (3, 3001, 2, "Enable"),
+    "freeze/action_class": (3, 3005, 2, "Revoke Privileges"),
+    "unfreeze/action_class": (3, 3005, 1, "Assign Privileges"),
     "broker.started": (6, 6002, 3, "Start"),
     "broker.stopped": (6, 6002, 4, "Stop"),
     "scope_map.loaded": (6, 6002, 8, "Update"),
@@ -148,11 +252,14 @@ _OCSF: dict[str, tuple[int, int, int, str]] = {
 
 
 def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
+    """One audit record as an OCSF 1.1 event (the record itself travels in ``unmapped``)."""
     kind = str(record.get("type", ""))
+    key = f"{kind}/{record.get('kind')}" if kind in ("freeze", "unfreeze") else kind
     category, cls, activity, name = _OCSF.get(
-        kind, (3, 3005, 99, kind) if kind.startswith("approval.") else (6, 6002, 99, kind))
+        key, (3, 3005, 99, kind) if kind.startswith("approval.") else (6, 6002, 99, kind))
     dec = record.get("decision") or {}
-    failed = kind == "scope_map.rejected" or dec.get("outcome") == "deny"
+    failed = kind == "scope_map.rejected" or dec.get("outcome") == "deny" \
+        or bool((record.get("counts") or {}).get("failed")) or bool(record.get("vault_error"))
     when = parse_time(str(record.get("time")))
     out: dict[str, Any] = {
         "category_uid": category,
@@ -175,10 +282,18 @@ def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
         },
         "unmapped": record,
     }
-    if record.get("spiffe_id"):
-        out["actor"] = {"user": {"uid": record["spiffe_id"], "type": "System",
-                                 "name": record["spiffe_id"]}}
+    actor = record.get("by") or record.get("spiffe_id")  # who acted: admin, or the workload
+    if actor:
+        out["actor"] = {"user": {"uid": actor, "type": "System", "name": actor}}
+    if record.get("vault_error"):
+        out["status_detail"] = record["vault_error"]
     policies = record.get("policies") or dec.get("policies")
+    if kind in ("freeze", "unfreeze"):
+        if record.get("kind") == "spiffe_id":  # the identities whose account is (en|dis)abled
+            out["user"] = {"uid": record.get("pattern"), "name": record.get("pattern"),
+                           "type": "System"}
+        else:
+            policies = [f"credbroker-{record.get('pattern')}"]
     if policies:
         out["privileges"] = list(policies)
     return out
@@ -195,4 +310,15 @@ def _message(r: dict[str, Any]) -> str:
         return f"credential {r.get('credential_id')} minted for {r.get('spiffe_id')}"
     if kind == "credential.revoked":
         return f"credential {r.get('credential_id')} revoked ({r.get('selector')})"
+    if kind == "credentials.revoked":
+        counts = r.get("counts") or {}
+        return (f"{r.get('by')} revoked {len(r.get('credential_ids') or [])} credential(s) "
+                f"selected by {r.get('selector')} (" + ", ".join(
+                    f"{k.replace('_', ' ')} {v}" for k, v in counts.items()) +
+                f"): {r.get('reason')}")
+    if kind in ("freeze", "unfreeze"):
+        what = f"action class {r.get('pattern')}" if r.get("kind") == "action_class" \
+            else f"identities matching {r.get('pattern')}"
+        verb = "froze" if kind == "freeze" else "unfroze"
+        return f"{r.get('by')} {verb} {what}: {r.get('reason')}"
     return str(kind)

@@ -9,9 +9,10 @@ combine (all must match), and selecting everything needs ``all`` explicitly.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
 from broker.errors import InvalidRequestError, InvalidSpiffeIdError
@@ -53,6 +54,71 @@ def freeze_target(spiffe_id: str, action_class: str) -> tuple[str, str]:
             raise InvalidRequestError(str(exc)) from None
         return "spiffe_id", spiffe_id
     return "action_class", action_class
+
+
+#: What ``--since``/``--until`` accept, said the same way everywhere.
+TIME_FORMS = ("a duration back from now (30s, 10m, 2h, 1d) or an RFC 3339 time with a zone "
+              "(2026-11-27T03:00:00Z, 2026-11-27T04:00:00+01:00)")
+_AGO = re.compile(r"(\d+)([smhd])")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_when(text: str, now: datetime, *, flag: str) -> datetime:
+    """``10m``/``2h``/``1d`` (that long before ``now``) or an RFC 3339 time with a zone.
+
+    Raises:
+        InvalidRequestError: anything else, a time without a zone included; one line
+            naming ``flag`` and the accepted forms.
+    """
+    value = text.strip()
+    ago = _AGO.fullmatch(value)
+    try:
+        if ago:
+            return now - timedelta(seconds=int(ago.group(1)) * _UNIT[ago.group(2)])
+        if _RFC3339.fullmatch(value):
+            return datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except (ValueError, OverflowError):
+        pass
+    raise InvalidRequestError(f"{flag} {text!r} is not a time; write {TIME_FORMS}")
+
+
+def check_known(*, spiffe_id: str = "", action_class: str = "", classes: Iterable[str],
+                workloads: Iterable[SpiffeIdPattern], held: Iterable[tuple[str, str]]) -> None:
+    """Refuse a selector naming what does not exist, so a typo cannot look like "all clear".
+
+    ``classes`` and ``workloads`` are the scope map's; ``held`` is (SPIFFE ID, action
+    class) of each live credential, which also counts (a class or workload may have
+    left the map while its credentials live on).
+
+    Raises:
+        InvalidRequestError: the action class is unknown, or the SPIFFE ID pattern matches
+            no workload named in the scope map and no holder of a live credential; the
+            message names what exists.
+    """
+    held = list(held)
+    if action_class:
+        known = sorted(set(classes) | {c for _, c in held})
+        if action_class not in known:
+            raise InvalidRequestError(f"action class {action_class!r} is not in the scope map; "
+                                      f"known: {', '.join(known) or 'none'}")
+    if spiffe_id:
+        try:
+            pattern = SpiffeIdPattern.parse(spiffe_id)
+        except InvalidSpiffeIdError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        named = {str(w): w for w in workloads}
+        if any(pattern.overlaps(w) for w in named.values()):
+            return
+        for sid, _ in held:
+            try:
+                if pattern.matches(SpiffeId.parse(sid)):
+                    return
+            except InvalidSpiffeIdError:
+                continue
+        raise InvalidRequestError(f"{spiffe_id} matches no workload named in the scope map "
+                                  "(nor any holder of a live credential); workloads named "
+                                  f"there: {', '.join(sorted(named)) or 'none'}")
 
 
 def first_freeze(freezes: Iterable[Freeze], spiffe_id: SpiffeId,

@@ -161,5 +161,44 @@ class SpiffeIdPattern:
         assert self._regex is not None
         return self._regex.fullmatch(spiffe_id.path) is not None
 
+    def overlaps(self, other: SpiffeIdPattern) -> bool:
+        """True when some SPIFFE ID could match both this pattern and ``other``.
+
+        Exact where at least one side of each segment is literal; two wildcard
+        segments (``a*`` against ``*b``) count as overlapping when their literal
+        prefixes and suffixes are compatible, so the answer errs towards "yes"
+        and never calls two patterns disjoint that share an ID.
+        """
+        if self.trust_domain != other.trust_domain:
+            return False
+        a = _split(self.text, what="SPIFFE ID pattern", allow_wildcards=True)[1]
+        b = _split(other.text, what="SPIFFE ID pattern", allow_wildcards=True)[1]
+        a_open, b_open = bool(a) and a[-1] == "**", bool(b) and b[-1] == "**"
+        a, b = a[:-1] if a_open else a, b[:-1] if b_open else b
+        # ``**`` stands for one or more segments, so an open pattern matches longer paths only.
+        if not a_open and not b_open and len(a) != len(b):
+            return False
+        if a_open and not b_open and len(b) <= len(a):
+            return False
+        if b_open and not a_open and len(a) <= len(b):
+            return False
+        return all(_segments_overlap(x, y) for x, y in zip(a, b, strict=False))
+
     def __str__(self) -> str:
         return self.text
+
+
+def _segment_regex(seg: str) -> re.Pattern[str]:
+    if seg == "*":
+        return re.compile(r"[A-Za-z0-9._-]+")
+    return re.compile("[A-Za-z0-9._-]*".join(re.escape(p) for p in seg.split("*")))
+
+
+def _segments_overlap(x: str, y: str) -> bool:
+    if "*" not in x:
+        return _segment_regex(y).fullmatch(x) is not None
+    if "*" not in y:
+        return _segment_regex(x).fullmatch(y) is not None
+    xp, yp = x.split("*")[0], y.split("*")[0]
+    xs, ys = x.rsplit("*", 1)[1], y.rsplit("*", 1)[1]
+    return (xp.startswith(yp) or yp.startswith(xp)) and (xs.endswith(ys) or ys.endswith(xs))

@@ -135,6 +135,9 @@ def test_revoke_bad_input(make_broker: Factory, identity: Identity,
                "--reason", "x", "--yes") == 2
     assert "'..' segment" in capsys.readouterr().err
     assert cli(server, identity, "revoke", "--spiffe-id", "spiffe://example.org/nobody",
+               "--reason", "x", "--yes") == 2  # a typo is not "nothing to revoke"
+    assert "matches no workload named in the scope map" in capsys.readouterr().err
+    assert cli(server, identity, "revoke", "--spiffe-id", TRIAGE, "--target", "elsewhere",
                "--reason", "x", "--yes") == 0
     assert "no live credential matches" in capsys.readouterr().out
     assert cli(server, identity, "revoke", "--all", "--reason", "x", who="triage") == 4

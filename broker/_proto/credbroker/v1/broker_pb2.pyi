@@ -224,7 +224,7 @@ class Selector(_message.Message):
     def __init__(self, spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., target: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credential_ids: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ...) -> None: ...
 
 class CredentialInfo(_message.Message):
-    __slots__ = ("credential_id", "spiffe_id", "action_class", "target", "request_id", "issued_at", "expires_at", "state")
+    __slots__ = ("credential_id", "spiffe_id", "action_class", "target", "request_id", "issued_at", "expires_at", "state", "initiating_event")
     CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,7 @@ class CredentialInfo(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    INITIATING_EVENT_FIELD_NUMBER: _ClassVar[int]
     credential_id: str
     spiffe_id: str
     action_class: str
@@ -241,7 +242,8 @@ class CredentialInfo(_message.Message):
     issued_at: _timestamp_pb2.Timestamp
     expires_at: _timestamp_pb2.Timestamp
     state: str
-    def __init__(self, credential_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., target: _Optional[str] = ..., request_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ...) -> None: ...
+    initiating_event: InitiatingEvent
+    def __init__(self, credential_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., target: _Optional[str] = ..., request_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., initiating_event: _Optional[_Union[InitiatingEvent, _Mapping]] = ...) -> None: ...
 
 class ListCredentialsResponse(_message.Message):
     __slots__ = ("credentials",)
