@@ -431,6 +431,47 @@ class Responder:
     def frozen_classes(self) -> frozenset[str]:
         return frozenset(f.pattern for f in self._freezes if f.kind == "action_class")
 
+    # -- classes removed from the scope map
+
+    def end_removed_classes(self, scope_map: ScopeMap) -> list[str]:
+        """End the live credentials of classes ``scope_map`` no longer defines.
+
+        Their Vault policy is rewritten to grant nothing (every live token of the class
+        powerless at once), sidecars drop them, and they are revoked in the background
+        (pending and retried when Vault does not answer). Audited as
+        ``scope_map.class_removed``. Returns the classes ended. Never raises.
+        """
+        try:
+            rows = self.store.live(Selector(all=True), self._clock())
+        except CredbrokerError as exc:
+            _log.error("cannot look for credentials of removed classes: %s", exc)
+            return []
+        gone = sorted({r.action_class for r in rows} - set(scope_map.classes))
+        for name in gone:
+            mine = [r for r in rows if r.action_class == name]
+            error = ""
+            try:
+                with self.class_policy_lock:
+                    self.vault.empty_policy(f"credbroker-{name}")
+            except CredbrokerError as exc:
+                error = str(exc)
+            reason = f"action class {name} was removed from the scope map"
+            self.audit.append_or_queue("scope_map.class_removed", action_class=name,
+                                       scope_map_version=scope_map.version,
+                                       credentials_matched=len(mine),
+                                       vault_policy_emptied=not error, vault_error=error,
+                                       by="credbroker")
+            self.bus.publish(BusEvent(action_class=name, reason=reason, by="credbroker"))
+            _log.warning("%s: %d live credential(s) %s and being revoked", reason, len(mine),
+                         "powerless in Vault" if not error else
+                         f"NOT yet powerless in Vault ({error})")
+            threading.Thread(target=lambda rows=mine, reason=reason, name=name,
+                             check=bool(error): list(
+                self.revoke(rows, by="credbroker", reason=reason,
+                            selector=f"class removed {name}", check=check)),
+                name="class-removed-revoke", daemon=True).start()
+        return gone
+
     # -- reconciling the registry with Vault
 
     def reconcile(self, *, startup: bool = False, full: bool = False) -> ReconcileReport:
@@ -526,6 +567,8 @@ class Responder:
                 return
             full = time.monotonic() - last_full >= full_every
             report = self.reconcile(full=full)
+            if full:  # a class removed while Vault was down: its policy emptied now
+                self.end_removed_classes(self._scope_map())
             if full and not report.error:
                 last_full = time.monotonic()
             if report.revoked or report.cleared:

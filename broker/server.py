@@ -160,6 +160,8 @@ class BrokerServer:
         if report is None:
             threading.Thread(target=self._sync_until_done, daemon=True,
                              name="vault-sync").start()
+        else:  # a class removed while the broker was down
+            self.responder.end_removed_classes(scope_map)
         authenticator = Authenticator(
             trust_domain=me.trust_domain, audience=cfg.jwt_audience,
             jwt_bundle_for=jwt_source.get_bundle_for_trust_domain,
@@ -277,8 +279,9 @@ class BrokerServer:
     def _sync_until_done(self) -> None:
         """Retry the start-up Vault sync until Vault answers (then issuance opens)."""
         assert self.scope_maps is not None
+        assert self.responder is not None
         while not self.stopped.wait(self.config.health_interval):
-            with self._reload_lock:
+            with self._reload_lock, self.responder.class_policy_lock:
                 current = self.scope_maps.current
                 report = self._sync_vault(current)
             if report is not None:
@@ -329,11 +332,14 @@ class BrokerServer:
                                                in_force=old.version, problem=str(exc)[:4000])
                 return False
             self.scope_maps.replace(new)
-            _log.warning("scope map %s is now in force (was %s); classes %d; Vault policies "
-                         "written: %s; roles written: %s", new.version[:19], old.version[:19],
-                         len(new.classes), ",".join(report.policies_written) or "none",
-                         ",".join(report.roles_written) or "none")
-            return True
+        _log.warning("scope map %s is now in force (was %s); classes %d; Vault policies "
+                     "written: %s; roles written: %s", new.version[:19], old.version[:19],
+                     len(new.classes), ",".join(report.policies_written) or "none",
+                     ",".join(report.roles_written) or "none")
+        # A class the new map no longer has: its live credentials end now (outside the
+        # locks: emptying its policy takes the class-policy lock itself).
+        self.responder.end_removed_classes(new)
+        return True
 
     def _watch_scope_map(self) -> None:
         seen = _signature(self.config.scope_map_path)

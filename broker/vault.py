@@ -336,6 +336,12 @@ class VaultAdapter:
         with self._errors(f"freeze policy {cls.vault_policy_name}"):
             self._client.sys.create_or_update_policy(cls.vault_policy_name, FROZEN_POLICY)
 
+    def empty_policy(self, name: str) -> None:
+        """Rewrite a managed policy to grant nothing (a class removed from the map: its live
+        tokens lose their power at once). Raises: VaultUnavailableError, VaultError."""
+        with self._errors(f"empty policy {name}"):
+            self._client.sys.create_or_update_policy(name, FROZEN_POLICY)
+
     def restore_class_policy(self, cls: ActionClass) -> None:
         """Write the class's real policy back. Raises: VaultUnavailableError, VaultError."""
         with self._errors(f"restore policy {cls.vault_policy_name}"):

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import hvac
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker.audit import read_records
 from broker.devstack import OpenBaoDev
 from broker.server import BrokerServer
 from broker.service import ERROR_CODE_MD_KEY
@@ -107,3 +109,48 @@ def test_map_changes_under_a_running_broker(bao: OpenBaoDev, identity: Identity,
             s.IssueCredential(request, timeout=10)
     finally:
         server.stop(grace=0)
+
+
+def test_removing_a_class_ends_its_live_credentials(bao: OpenBaoDev, identity: Identity,
+                                                    vault_root: hvac.Client,
+                                                    short_tmp: Path) -> None:
+    path = short_tmp / "removal-map.yaml"
+    shutil.copy(TEST_MAP, path)
+    server = BrokerServer(broker_config(bao, identity, scope_map_path=path, reload_interval=0))
+    server.start()
+    try:
+        s = stub(server.port, identity.ca, svid(identity.ca, CONTAINMENT))
+        cred = s.IssueCredential(issue_request("identity.disable_account", target="user-9",
+                                               justification="disable the account",
+                                               initiating_event=EVENT), timeout=10).credential
+        kept = s.IssueCredential(issue_request(), timeout=10).credential
+        text = TEST_MAP.read_text()
+        start = text.index("  identity.disable_account:")
+        path.write_text(text[:start] + text[text.index("  identity.revoke_tokens:"):])
+        assert server.reload() is True
+        # Powerless at once (its policy grants nothing), then revoked: ask OpenBao.
+        with pytest.raises(hvac.exceptions.Forbidden):
+            hvac.Client(url=bao.addr, token=cred.token).secrets.kv.v2.read_secret_version(
+                path="soc/identity/x", raise_on_deleted_version=False)
+        _until(lambda: _dead(vault_root, cred.credential_id), "the removed class's token lives")
+        assert not _dead(vault_root, kept.credential_id)  # other classes are untouched
+        records = list(read_records(server.config.audit_path))
+        removed = [r for r in records if r["type"] == "scope_map.class_removed"]
+        assert [(r["action_class"], r["credentials_matched"], r["vault_policy_emptied"])
+                for r in removed] == [("identity.disable_account", 1, True)]
+        _until(lambda: any(r["type"] == "credentials.revoked"
+                           and cred.credential_id in r.get("credential_ids", [])
+                           for r in read_records(server.config.audit_path)),
+               "the revocation is not on the record")
+    finally:
+        path.write_text(TEST_MAP.read_text())
+        server.reload()  # the class and its real policy come back for the other tests
+        server.stop(grace=0)
+
+
+def _dead(vault_root: hvac.Client, accessor: str) -> bool:
+    try:
+        vault_root.auth.token.lookup_accessor(accessor)
+    except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden):
+        return True
+    return False
