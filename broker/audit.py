@@ -72,6 +72,13 @@ class AuditLog:
         self._broken = ""
         self.origin = origin
         self.checkpoint_path = checkpoint_path or path.with_name(path.name + ".checkpoints")
+        #: The signed checkpoint of the newest durable batch, rewritten with every batch,
+        #: so every acknowledged record is covered by a signature (with a signing key).
+        self.head_path = head_path_of(path)
+        self._head_fd = -1
+        #: Records found at start that no signature covered (written, never acknowledged,
+        #: before a crash — or appended by someone else).
+        self.unsigned_at_open = 0
         self.mirror_path = mirror_path
         self._key = signing_key
         self._clock = clock
@@ -123,6 +130,28 @@ class AuditLog:
         self._fd = fd
         self._head, self._seq = head, seq
         self._durable_seq, self._durable_head, self._durable_offset = seq, head, offset
+        if self._key is not None:
+            try:
+                self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                        0o644)
+                signed = os.pread(self._head_fd, _HEAD_SLOT, 0).rstrip(b" \n")
+            except OSError as exc:
+                os.close(fd)
+                raise AuditError(f"cannot open the audit head checkpoint {self.head_path}: "
+                                 f"{exc.strerror}") from None
+            covered = 0
+            if signed:
+                try:
+                    covered = Checkpoint.from_json(json.loads(signed)).size
+                except (ValueError, json.JSONDecodeError):
+                    _log.warning("audit head checkpoint %s is unreadable; it is rewritten "
+                                 "with the next record", self.head_path)
+            self.unsigned_at_open = max(0, seq - covered)
+            if self.unsigned_at_open:
+                _log.warning("audit log %s: the last %d record(s) were never covered by a "
+                             "signature (written before a crash, or appended by someone "
+                             "else); the next signature covers them and the log records it",
+                             self.path, self.unsigned_at_open)
 
     @property
     def size(self) -> int:
@@ -209,6 +238,7 @@ class AuditLog:
                 while written < len(data):
                     written += os.write(self._fd, data[written:])
                 os.fsync(self._fd)
+                self._sign_head(batch[-1][1], batch[-1][2])
             except OSError as exc:
                 error = exc.strerror or str(exc)
             finally:
@@ -228,12 +258,25 @@ class AuditLog:
             raise AuditError(f"the audit log {self.path} is not writable ({why}); the request "
                              "was not carried out")
 
+    def _sign_head(self, size: int, head: bytes) -> None:
+        """Sign the new durable head and make the signature durable before any record of
+        the batch is acknowledged. Raises: OSError (the batch then fails)."""
+        if self._key is None:
+            return
+        cp = sign_checkpoint(self._key, origin=self.origin, size=size, head=head,
+                             time=rfc3339(self._clock()))
+        line = json.dumps(cp.to_json(), sort_keys=True).encode()
+        # One fixed-size slot, rewritten in place: a sector-sized write, no growth.
+        os.pwrite(self._head_fd, line.ljust(_HEAD_SLOT - 1) + b"\n", 0)
+        os.fsync(self._head_fd)
+
     def _roll_back(self, batch: list[tuple[int, int, bytes, bytes]], why: str,
                    written: int) -> None:
         """A batch failed: cut the file back, fail it and everything sealed after it."""
         try:
             if written:  # part of the batch reached the file: cut it off
                 os.ftruncate(self._fd, self._durable_offset)
+                os.fsync(self._fd)
         except OSError as exc:
             # Garbage may follow the last good record: refuse every later append rather
             # than write records after it that no verification would accept.
@@ -316,6 +359,36 @@ class AuditLog:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+            if self._head_fd >= 0:
+                os.close(self._head_fd)
+                self._head_fd = -1
+
+
+_HEAD_SLOT = 512  # bytes of the head checkpoint file: one signed checkpoint, padded
+
+
+def head_path_of(log: Path) -> Path:
+    """Where the signed checkpoint of the newest batch of ``log`` is kept."""
+    return log.with_name(log.name + ".head")
+
+
+def read_head(path: Path) -> Checkpoint | None:
+    """The head checkpoint in ``path``, or None when the file does not exist.
+
+    Raises: AuditError when it cannot be read or is not a checkpoint.
+    """
+    try:
+        text = path.read_bytes().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuditError(f"cannot read the head checkpoint {path}: {exc.strerror}") from None
+    if not text:
+        return None
+    try:
+        return Checkpoint.from_json(json.loads(text))
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise AuditError(f"{path} is not a head checkpoint ({exc})") from None
 
 
 # --- reading -------------------------------------------------------------------

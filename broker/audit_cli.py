@@ -12,7 +12,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from broker.audit import read_checkpoints, read_records
+from broker.audit import head_path_of, read_checkpoints, read_head, read_records
 from broker.core.auditchain import FORMAT_NAMES, line_format, verify_chain
 from broker.core.audittrace import to_ocsf, trace, trace_lines
 from broker.core.records import parse_time
@@ -87,6 +87,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         Path(checkpoint_file).exists() else []
     if args.checkpoint and not checkpoints:
         raise ConfigError(f"--checkpoint {args.checkpoint} holds no checkpoint")
+    # The broker signs every batch into LOG.head: with it, nothing may follow the
+    # newest signature.
+    head = read_head(Path(args.head) if args.head else head_path_of(log)) \
+        if key_file else None
+    if args.head and head is None:
+        raise ConfigError(f"--head {args.head} holds no checkpoint")
+    if head is not None:
+        checkpoints.append(head)
     key = _public_key(key_file) if key_file and checkpoints else None
     require_log(log, "verify", unknown_ok=True)
     try:
@@ -94,7 +102,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise AuditError(f"cannot read the audit log {log}: {exc.strerror}") from None
     with f:
-        verdict = verify_chain(f, checkpoints, key)
+        verdict = verify_chain(f, checkpoints, key, signed_to_end=head is not None)
     if args.json:
         print(json.dumps({"ok": verdict.ok, "records": verdict.records, "head": verdict.head,
                           "checkpoints_checked": verdict.checkpoints_checked,
@@ -155,6 +163,9 @@ def add_parser(sub: Any) -> None:
     s = asub.add_parser("verify", help="prove the log is intact; exit 1 naming the first bad "
                                        "record")
     s.add_argument("log", nargs="?", help="the audit log file")
+    s.add_argument("--head", help="the signed checkpoint of the newest batch (default: "
+                   "LOG.head when it exists; with it, records after the newest signature "
+                   "fail verification)")
     s.add_argument("--checkpoint", help="file of signed checkpoints (default: LOG.checkpoints "
                                         "with --dev)")
     s.add_argument("--public-key", help="the broker's checkpoint public key (PEM)")

@@ -139,6 +139,12 @@ class BrokerServer:
         jwt_source = self._jwt
         self.audit.append("broker.started", spiffe_id=me.spiffe_id, listen=cfg.listen,
                           vault_addr=cfg.vault_addr, scope_map_version=scope_map.version)
+        if self.audit.unsigned_at_open:
+            self.audit.append("audit.unsigned_tail", records=self.audit.unsigned_at_open,
+                              first_seq=self.audit.size - self.audit.unsigned_at_open,
+                              note="records found at start that no signature covered: "
+                                   "written just before a crash, or appended by someone "
+                                   "else; now signed")
         if report is not None:
             self._audit_loaded(scope_map, report)
         recovered = self.responder.reconcile(startup=True)

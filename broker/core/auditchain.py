@@ -179,8 +179,14 @@ class Verdict:
 
 
 def verify_chain(lines: Iterable[bytes], checkpoints: Iterable[Checkpoint] = (),
-                 public_key: Ed25519PublicKey | None = None) -> Verdict:
-    """Check every record of the log, then the log against each signed checkpoint."""
+                 public_key: Ed25519PublicKey | None = None, *,
+                 signed_to_end: bool = False) -> Verdict:
+    """Check every record of the log, then the log against each signed checkpoint.
+
+    With ``signed_to_end`` (the broker signs every durable batch: the log has a head
+    checkpoint), records after the newest checkpoint were never acknowledged by the
+    broker: they fail verification as appended by someone else.
+    """
     prev = GENESIS
     heads: list[bytes] = []
     n = 0
@@ -203,6 +209,7 @@ def verify_chain(lines: Iterable[bytes], checkpoints: Iterable[Checkpoint] = (),
         heads.append(computed)
         prev = computed
     count = 0
+    checkpoints = list(checkpoints)
     for cp in checkpoints:
         count += 1
         if public_key is None:
@@ -222,4 +229,12 @@ def verify_chain(lines: Iterable[bytes], checkpoints: Iterable[Checkpoint] = (),
             return Verdict(ok=False, records=n, head=prev.hex(),
                            problem=f"the first {cp.size} records are not the ones signed at "
                                    f"{cp.time}: the chain was rewritten")
+    newest = max((cp.size for cp in checkpoints), default=0)
+    if signed_to_end and n > newest:
+        return Verdict(ok=False, records=n, head=prev.hex(), bad_record=newest + 1,
+                       checkpoints_checked=count,
+                       problem=f"records {newest + 1}..{n} are covered by no signature: the "
+                               "broker signs every batch it acknowledges, so they were appended "
+                               "by someone else (or written just before a crash; the broker "
+                               "then records audit.unsigned_tail when it starts)")
     return Verdict(ok=True, records=n, head=prev.hex(), checkpoints_checked=count)

@@ -138,3 +138,53 @@ def test_unopenable_location(tmp_path: Path) -> None:
     (tmp_path / "dir.log").mkdir()
     with pytest.raises(AuditError, match="cannot open the audit log"):
         AuditLog(tmp_path / "dir.log")
+
+
+def _forge(path: Path, record: dict[str, object]) -> None:
+    """Append a record with a correct chain hash, as anyone who can write the file could."""
+    from broker.core.auditchain import canonical, chain_hash, decode_line, encode_line
+
+    last = path.read_bytes().splitlines(keepends=True)[-1]
+    head, _ = decode_line(last)
+    body = canonical(record)
+    with path.open("ab") as f:
+        f.write(encode_line(body, chain_hash(head, body)))
+
+
+def test_every_acknowledged_batch_is_signed_so_a_forged_tail_is_caught(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from broker.audit import head_path_of, read_head
+    from broker.cli import main
+
+    path = tmp_path / "audit.log"
+    key = load_or_create_signing_key(tmp_path / "audit.key", create=True)
+    log = AuditLog(path, signing_key=key)
+    for i in range(5):
+        log.append("decision", request_id=f"r{i}")
+    head = read_head(head_path_of(path))
+    assert head is not None and head.size == 5 and head.head == log.head  # no window
+    log.close()
+    pub = str(tmp_path / "audit.pub")
+    assert main(["audit", "verify", str(path), "--public-key", pub]) == 0
+    assert "intact, 5 records" in capsys.readouterr().out
+    _forge(path, {"type": "credential.revoked", "seq": 6, "time": "2026-01-01T00:00:00Z"})
+    with path.open("rb") as f:
+        assert verify_chain(f).ok  # the chain alone cannot tell
+    assert main(["audit", "verify", str(path), "--public-key", pub]) == 1
+    assert "records 6..6 are covered by no signature" in capsys.readouterr().err
+    # The broker, reopening it, says so and signs over it only on the record.
+    again = AuditLog(path, signing_key=key)
+    assert again.unsigned_at_open == 1
+    again.close()
+
+
+def test_a_head_signature_that_cannot_be_made_durable_fails_the_batch(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, signing_key=Ed25519PrivateKey.generate())
+    log.append("decision", request_id="r0")
+    os.close(log._head_fd)  # the head file becomes unwritable under the log
+    log._head_fd = os.open(os.devnull, os.O_RDONLY)
+    with pytest.raises(AuditError, match="not writable"):
+        log.append("decision", request_id="r1")
+    log.close()
+    assert [r["request_id"] for r in read_records(path)] == ["r0"]  # cut back: never acked
