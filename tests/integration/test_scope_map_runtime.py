@@ -24,7 +24,7 @@ from tests.integration.conftest import (
     Identity,
     broker_config,
 )
-from tests.integration.helpers import EVENT, issue_request, stub, svid
+from tests.integration.helpers import EVENT, TcpProxy, issue_request, stub, svid
 
 
 def _code(err: grpc.RpcError) -> object:
@@ -154,3 +154,31 @@ def _dead(vault_root: hvac.Client, accessor: str) -> bool:
     except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden):
         return True
     return False
+
+
+def test_the_broker_starts_without_vault_and_opens_issuance_once_vault_answers(
+        bao: OpenBaoDev, identity: Identity, vault_root: hvac.Client) -> None:
+    proxy = TcpProxy(bao.port)
+    proxy.cut()  # Vault unreachable from the start
+    server = BrokerServer(broker_config(bao, identity, vault_addr=proxy.addr,
+                                        health_interval=0.2))
+    server.start()  # used to abort: "Vault ... is unreachable"
+    try:
+        s = stub(server.port, identity.ca, svid(identity.ca, TRIAGE))
+        with pytest.raises(grpc.RpcError) as err:
+            s.IssueCredential(issue_request(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert _code(err.value) == "vault_unavailable"
+        assert "not yet brought Vault in line" in err.value.details()
+        assert server.health is not None
+        assert any("Vault policies" in p for p in server.health.problems)
+        proxy.restore()
+        _until(lambda: server.scope_maps is not None and server.scope_maps.vault_synced,
+               "the scope map never reached Vault")
+        cred = s.IssueCredential(issue_request(), timeout=10).credential
+        assert vault_root.auth.token.lookup_accessor(cred.credential_id)["data"]["meta"][
+            "spiffe_id"] == TRIAGE
+        assert any(r["type"] == "scope_map.loaded" for r in read_records(server.config.audit_path))
+    finally:
+        server.stop(grace=0)
+        proxy.cut()
