@@ -513,7 +513,8 @@ def _parse_class(
         try:
             when = Condition.compile(_scalar(when_node) or "")
         except ConditionError as exc:
-            problems.add(_loc(source, when_node), f"{path}.when", str(exc))
+            for p in exc.problems:
+                problems.add(_loc(source, when_node), f"{path}.when", p)
 
     description = _scalar(_get(node, "description")) or ""
     if len(problems.found) != before or owner is None:
