@@ -17,7 +17,7 @@ from broker.core.records import (
     parse_time,
     request_from_json,
 )
-from broker.core.scopemap import ActionClass, ScopeMap, evaluate
+from broker.core.scopemap import ActionClass, ScopeMap, evaluate, yaml_error_text
 from broker.core.spiffeid import SpiffeId
 from broker.errors import InvalidSpiffeIdError
 
@@ -72,7 +72,7 @@ def run_cases(scope_map: ScopeMap, text: str, source: str, *, default_now: datet
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CasesError(f"{source}: not valid YAML: {exc}") from None
+        raise CasesError(yaml_error_text(source, text, exc)) from None
     cases = doc.get("cases") if isinstance(doc, dict) else None
     if not isinstance(cases, list) or not cases:
         raise CasesError(f"{source}: expected a mapping with a non-empty list `cases:`")

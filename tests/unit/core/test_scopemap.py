@@ -515,3 +515,21 @@ def test_type_problems_are_pure_and_say_which_subexpression() -> None:
     prog = env.program(env.compile('{"a": request.target}["a"] + 1 == 2'))
     assert sample_problems(prog)[0].startswith("fails for a request with every field present: ")
 
+
+# --- YAML errors ------------------------------------------------------------------
+
+
+def test_a_tab_in_the_indentation_is_named_as_such() -> None:
+    text = _doc({"c": _class()}).replace("  c:\n    risk: low", "  c:\n\trisk: low")
+    assert "\trisk" in text
+    assert _problems(text) == ["map.yaml:5: YAML does not allow tabs for indentation; "
+                               "use spaces"]
+    assert _problems("a:\n  b: 1\n  \tc: 1\n") == [
+        "map.yaml:3: YAML does not allow tabs for indentation; use spaces"]
+    assert _problems("a: [\n")[0].startswith("map.yaml:2: not valid YAML: ")
+    # test-case files are YAML too
+    from broker.core.scopetools import CasesError, run_cases
+
+    with pytest.raises(CasesError, match=r"^cases.yaml:2: YAML does not allow tabs for "
+                                         r"indentation; use spaces$"):
+        run_cases(MAP, "cases:\n\t- name: x\n", "cases.yaml", default_now=NOW)
