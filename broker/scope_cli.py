@@ -23,6 +23,7 @@ from broker.core.scopetools import (
     blast_radius,
     diff_maps,
     explain_lines,
+    junit_xml,
     replay,
     run_cases,
 )
@@ -101,6 +102,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     except CasesError as exc:
         raise ConfigError(str(exc)) from None
     failed = [r for r in results if not r.passed]
+    if args.junit:
+        report = junit_xml(results, suite=Path(args.cases).name, version=m.version)
+        try:
+            Path(args.junit).write_text(report)
+        except OSError as exc:
+            raise ConfigError(f"cannot write --junit {args.junit}: {exc.strerror}") from None
     if args.json:
         _print_json({"passed": len(results) - len(failed), "failed": len(failed),
                      "cases": [{"name": r.name, "passed": r.passed,
@@ -257,6 +264,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("path")
     s.add_argument("cases", help="YAML with `cases:` (see README)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--junit", metavar="FILE",
+                   help="also write the results as JUnit XML (one testcase per case) for CI")
     add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_test)
 

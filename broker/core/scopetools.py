@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -122,6 +123,31 @@ def run_cases(scope_map: ScopeMap, text: str, source: str, *, default_now: datet
         results.append(CaseResult(name=name, passed=not mismatches,
                                   mismatches=tuple(mismatches), decision=d))
     return results
+
+
+def junit_xml(results: Sequence[CaseResult], *, suite: str, version: str) -> str:
+    """The results as JUnit XML, the report CI systems read: one testcase per case.
+
+    A failing case carries a ``<failure>`` whose message is what differed and
+    whose text adds the rule and reason that decided it.
+    """
+    failures = sum(1 for r in results if not r.passed)
+    root = ET.Element("testsuites", name="credbroker scope test", tests=str(len(results)),
+                      failures=str(failures), errors="0")
+    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(results)),
+                       failures=str(failures), errors="0", skipped="0")
+    props = ET.SubElement(ts, "properties")
+    ET.SubElement(props, "property", name="scope_map_version", value=version)
+    for r in results:
+        tc = ET.SubElement(ts, "testcase", name=r.name, classname=suite)
+        if not r.passed:
+            f = ET.SubElement(tc, "failure", message="; ".join(r.mismatches),
+                              type="ScopeTestMismatch")
+            f.text = "\n".join([*r.mismatches,
+                                f"decided by {r.decision.rule}: {r.decision.reasons[0]}"])
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") \
+        + "\n"
 
 
 # --- diff ---------------------------------------------------------------------

@@ -289,3 +289,39 @@ def test_replay_fails_on_change_or_on_widening_for_ci(capsys: pytest.CaptureFixt
     rc, _, err = run(capsys, "scope", "replay", str(SOC), "--audit", str(empty))
     assert rc == 0 and "holds no decision records; nothing was replayed" in err
 
+
+def test_scope_test_writes_junit_xml(capsys: pytest.CaptureFixture[str],
+                                     tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    report = tmp_path / "report.xml"
+    rc, _, _ = run(capsys, "scope", "test", str(FULL), str(EXAMPLES / "soc-full.tests.yaml"),
+                   "--junit", str(report))
+    assert rc == 0
+    root = ET.parse(report).getroot()  # noqa: S314 - the report we just wrote
+    assert root.get("tests") == "9" and root.get("failures") == "0"
+    assert len(root.findall("testsuite/testcase")) == 9
+    assert not root.findall(".//failure")
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(
+        "cases:\n"
+        "  - name: wrong on purpose\n"
+        f"    spiffe_id: {TRIAGE}\n"
+        "    request: {action_class: containment.isolate_host}\n"
+        "    expect: {outcome: allow}\n"
+        "  - name: right\n"
+        f"    spiffe_id: {TRIAGE}\n"
+        "    request: {action_class: enrichment}\n"
+        "    expect: {outcome: allow}\n")
+    rc, out, _ = run(capsys, "scope", "test", str(SOC), str(cases), "--junit", str(report),
+                     "--json")
+    assert rc == 1 and json.loads(out)["failed"] == 1  # --json and --junit together
+    root = ET.parse(report).getroot()  # noqa: S314 - the report we just wrote
+    [failed] = [c for c in root.iter("testcase") if c.find("failure") is not None]
+    assert failed.get("name") == "wrong on purpose"
+    failure = failed.find("failure")
+    assert failure is not None
+    assert failure.get("message") == "outcome: expected 'allow', got 'deny'"
+    rc, _, err = run(capsys, "scope", "test", str(SOC), str(cases), "--junit",
+                     str(tmp_path / "no" / "such" / "dir.xml"))
+    assert rc == 2 and "cannot write --junit" in err

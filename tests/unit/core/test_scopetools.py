@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import yaml
 
 from broker.core.scopemap import ScopeMap, parse_scope_map
-from broker.core.scopetools import Change, diff_maps
+from broker.core.scopetools import Change, diff_maps, junit_xml, run_cases
 
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 JIT: dict[str, Any] = {"mode": "jit", "approvers": ["ir-leads"], "approvals_required": 2,
                        "escalate_after": "5m", "expires": "30m"}
 
@@ -180,3 +183,28 @@ def test_a_class_added_widens_and_removed_narrows() -> None:
     assert [(c.kind, c.effect) for c in diff_maps(both, m)] == [("class_removed", "narrows")]
     assert diff_maps(m, m) == []
 
+
+# --- JUnit ---------------------------------------------------------------------------
+
+
+def test_junit_xml_has_one_testcase_per_case_and_failures_say_what_differed() -> None:
+    m = _map()
+    cases = yaml.safe_dump({"cases": [
+        {"name": "triage may enrich", "spiffe_id": "spiffe://example.org/agent/triage",
+         "request": {"action_class": "c"}, "expect": {"outcome": "allow"}},
+        {"name": "wrong on purpose", "spiffe_id": "spiffe://example.org/agent/other",
+         "request": {"action_class": "c"}, "expect": {"outcome": "allow"}},
+    ]})
+    results = run_cases(m, cases, "cases.yaml", default_now=NOW)
+    report = junit_xml(results, suite="cases.yaml", version=m.version)
+    root = ET.fromstring(report)  # noqa: S314 - the report we just wrote
+    assert root.tag == "testsuites" and root.get("tests") == "2" and root.get("failures") == "1"
+    [suite] = root.findall("testsuite")
+    cases_el = suite.findall("testcase")
+    assert [c.get("name") for c in cases_el] == ["triage may enrich", "wrong on purpose"]
+    assert cases_el[0].find("failure") is None
+    failure = cases_el[1].find("failure")
+    assert failure is not None
+    assert failure.get("message") == "outcome: expected 'allow', got 'deny'"
+    assert "decided by c.workloads" in (failure.text or "")
+    assert suite.find("properties/property[@name='scope_map_version']") is not None
