@@ -15,7 +15,7 @@ from typing import Any
 
 from broker.config import load_scope_map, process_env, vault_allowed_mounts_from
 from broker.core.auditchain import FORMAT_NAMES, object_format
-from broker.core.models import CredentialRequest, InitiatingEvent
+from broker.core.models import CredentialRequest, InitiatingEvent, Outcome
 from broker.core.records import decision_to_json, parse_decision_record, parse_time
 from broker.core.scopemap import ScopeMap, evaluate
 from broker.core.scopetools import (
@@ -23,6 +23,7 @@ from broker.core.scopetools import (
     blast_radius,
     diff_maps,
     explain_lines,
+    junit_xml,
     replay,
     run_cases,
 )
@@ -101,6 +102,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     except CasesError as exc:
         raise ConfigError(str(exc)) from None
     failed = [r for r in results if not r.passed]
+    if args.junit:
+        report = junit_xml(results, suite=Path(args.cases).name, version=m.version)
+        try:
+            Path(args.junit).write_text(report)
+        except OSError as exc:
+            raise ConfigError(f"cannot write --junit {args.junit}: {exc.strerror}") from None
     if args.json:
         _print_json({"passed": len(results) - len(failed), "failed": len(failed),
                      "cases": [{"name": r.name, "passed": r.passed,
@@ -122,18 +129,21 @@ def cmd_diff(args: argparse.Namespace) -> int:
     old, new = _load(args.old, args), _load(args.new, args)
     changes = diff_maps(old, new)
     radius = blast_radius(changes, new, old)
+    fail = (args.fail_on == "widen" and any(c.widens for c in changes)) or \
+        (args.fail_on == "change" and bool(changes))
     if args.json:
         _print_json({"old_version": old.version, "new_version": new.version,
                      "changes": [{"action_class": c.action_class, "kind": c.kind,
-                                  "before": c.before, "after": c.after, "widens": c.widens}
+                                  "before": c.before, "after": c.after, "widens": c.widens,
+                                  "effect": c.effect}
                                  for c in changes],
                      "blast_radius": radius})
-        return 0
+        return 1 if fail else 0
     if not changes:
         print("no changes in what anyone may do")
         return 0
     print(f"{len(changes)} change(s) from {old.version[:19]} to {new.version[:19]} "
-          "(+ widens power or loosens oversight, - narrows):")
+          "(+ widens power or loosens oversight, - narrows, ~ needs a reviewer's judgement):")
     for c in changes:
         print(f"  {c.text()}")
     print("\nblast radius by workload:")
@@ -141,7 +151,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(f"  {who}")
         for w in what:
             print(f"    {w}")
-    return 0
+    if fail:
+        widening = sum(c.widens for c in changes)
+        print(f"\nscope diff: failing (--fail-on {args.fail_on}): "
+              + (f"{widening} change(s) widen" if args.fail_on == "widen"
+                 else f"{len(changes)} change(s)"), file=sys.stderr)
+    return 1 if fail else 0
 
 
 def _records(path: str) -> list[Any]:
@@ -174,9 +189,20 @@ def _records(path: str) -> list[Any]:
     return out
 
 
+#: Outcomes from most to least restrictive: a change up this order widens.
+_PERMISSIVENESS = {Outcome.DENY: 0, Outcome.NEEDS_APPROVAL: 1, Outcome.ALLOW: 2}
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     m: ScopeMap = _load(args.path, args)
     result = replay(m, _records(args.audit))
+    widened = [c for c in result.changed
+               if _PERMISSIVENESS[c.new.outcome] > _PERMISSIVENESS[c.record.outcome]]
+    fail = (args.fail_on == "change" and bool(result.changed)) or \
+        (args.fail_on == "widen" and bool(widened))
+    if result.total == 0:
+        print(f"scope replay: {args.audit} holds no decision records; nothing was replayed",
+              file=sys.stderr)
     if args.json:
         _print_json({"version": m.version, "replayed": result.total,
                      "changed": [{"time": c.record.time.isoformat(),
@@ -188,7 +214,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                   "would_be": c.new.outcome.value,
                                   "rule": c.new.rule, "reasons": list(c.new.reasons)}
                                  for c in result.changed]})
-        return 0
+        return 1 if fail else 0
     for c in result.changed:
         r = c.record
         print(f"{r.time.isoformat()}  {r.request_id or '-'}  {r.spiffe_id}  "
@@ -196,8 +222,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
               f": {r.outcome.value} → {c.new.outcome.value}")
         print(f"    {c.new.reasons[0]}")
     print(f"\n{result.total} recorded request(s) replayed under {m.version[:19]}: "
-          f"{len(result.changed)} would be decided differently")
-    return 0
+          f"{len(result.changed)} would be decided differently"
+          + (f", {len(widened)} more permissively" if widened else ""))
+    if fail:
+        print(f"scope replay: failing (--fail-on {args.fail_on})", file=sys.stderr)
+    return 1 if fail else 0
 
 
 def add_vault_allowed_mount(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +264,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("path")
     s.add_argument("cases", help="YAML with `cases:` (see README)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--junit", metavar="FILE",
+                   help="also write the results as JUnit XML (one testcase per case) for CI")
     add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_test)
 
@@ -242,6 +273,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("old")
     s.add_argument("new")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--fail-on", choices=("widen", "change"),
+                   help="exit 1 when any change widens (or when anything changes): a CI gate")
     add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_diff)
 
@@ -250,5 +283,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--audit", required=True,
                    help="the audit log, or its JSONL export (- for stdin)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--fail-on", choices=("change", "widen"),
+                   help="exit 1 when any outcome would change (or become more permissive: "
+                        "deny → needs_approval → allow): a CI gate")
     add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_replay)

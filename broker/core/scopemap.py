@@ -351,6 +351,24 @@ def _scalar(node: yaml.Node | None) -> str | None:
     return None
 
 
+def yaml_error_text(source: str, text: str, exc: yaml.YAMLError) -> str:
+    """``file:line: what is wrong`` for a YAML error, saying so plainly when a tab caused it.
+
+    PyYAML says "found character '\\t' that cannot start any token"; what the
+    author needs to hear is that indentation must be spaces.
+    """
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"{source}: not valid YAML: {getattr(exc, 'problem', None) or exc}"
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    indent = line[:len(line) - len(line.lstrip(" \t"))]
+    if "\t" in indent or "'\\t'" in str(getattr(exc, "problem", "")):
+        return (f"{source}:{mark.line + 1}: YAML does not allow tabs for indentation; "
+                "use spaces")
+    return f"{source}:{mark.line + 1}: not valid YAML: {getattr(exc, 'problem', None) or exc}"
+
+
 def parse_duration(text: str) -> int:
     """``"90s"``, ``"5m"``, ``"1h"`` or a plain number of seconds → seconds.
 
@@ -394,9 +412,7 @@ def parse_scope_map(
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            problems.note(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}")
+            problems.note(yaml_error_text(source, text, exc))
             continue
         if not isinstance(root, yaml.MappingNode):
             problems.note(f"{source}:1: the document must be a mapping with apiVersion, "
@@ -513,7 +529,8 @@ def _parse_class(
         try:
             when = Condition.compile(_scalar(when_node) or "")
         except ConditionError as exc:
-            problems.add(_loc(source, when_node), f"{path}.when", str(exc))
+            for p in exc.problems:
+                problems.add(_loc(source, when_node), f"{path}.when", p)
 
     description = _scalar(_get(node, "description")) or ""
     if len(problems.found) != before or owner is None:

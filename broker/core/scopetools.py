@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,7 +18,13 @@ from broker.core.records import (
     parse_time,
     request_from_json,
 )
-from broker.core.scopemap import ActionClass, ScopeMap, evaluate
+from broker.core.scopemap import (
+    ActionClass,
+    BreakGlass,
+    ScopeMap,
+    evaluate,
+    yaml_error_text,
+)
 from broker.core.spiffeid import SpiffeId
 from broker.errors import InvalidSpiffeIdError
 
@@ -72,7 +79,7 @@ def run_cases(scope_map: ScopeMap, text: str, source: str, *, default_now: datet
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CasesError(f"{source}: not valid YAML: {exc}") from None
+        raise CasesError(yaml_error_text(source, text, exc)) from None
     cases = doc.get("cases") if isinstance(doc, dict) else None
     if not isinstance(cases, list) or not cases:
         raise CasesError(f"{source}: expected a mapping with a non-empty list `cases:`")
@@ -118,37 +125,81 @@ def run_cases(scope_map: ScopeMap, text: str, source: str, *, default_now: datet
     return results
 
 
+def junit_xml(results: Sequence[CaseResult], *, suite: str, version: str) -> str:
+    """The results as JUnit XML, the report CI systems read: one testcase per case.
+
+    A failing case carries a ``<failure>`` whose message is what differed and
+    whose text adds the rule and reason that decided it.
+    """
+    failures = sum(1 for r in results if not r.passed)
+    root = ET.Element("testsuites", name="credbroker scope test", tests=str(len(results)),
+                      failures=str(failures), errors="0")
+    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(results)),
+                       failures=str(failures), errors="0", skipped="0")
+    props = ET.SubElement(ts, "properties")
+    ET.SubElement(props, "property", name="scope_map_version", value=version)
+    for r in results:
+        tc = ET.SubElement(ts, "testcase", name=r.name, classname=suite)
+        if not r.passed:
+            f = ET.SubElement(tc, "failure", message="; ".join(r.mismatches),
+                              type="ScopeTestMismatch")
+            f.text = "\n".join([*r.mismatches,
+                                f"decided by {r.decision.rule}: {r.decision.reasons[0]}"])
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") \
+        + "\n"
+
+
 # --- diff ---------------------------------------------------------------------
+
+WIDENS, NARROWS, REVIEW = "widens", "narrows", "review"
+_SIGNS = {WIDENS: "+", NARROWS: "-", REVIEW: "~"}
+_LIST_KINDS = ("workloads_gained", "workloads_lost", "targets_gained", "targets_lost",
+               "policy_rules_added", "policy_rules_removed", "approvers_gained",
+               "approvers_lost")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Change:
+    """One change between two maps, and what it does to power and oversight.
+
+    ``effect`` is :data:`WIDENS` (someone gets more power or less oversight),
+    :data:`NARROWS` (the opposite) or :data:`REVIEW` (neither can be said: a
+    changed ``when``, a new owner, a reordered escalation path).
+    """
+
     action_class: str
-    kind: str  # class_added, class_removed, workloads_gained, workloads_lost, risk, ...
+    kind: str  # class_added, workloads_gained, targets_restricted, approval, when, ...
     before: Any
     after: Any
-    widens: bool  # True when the change gives someone more power or less oversight
+    effect: str
+
+    @property
+    def widens(self) -> bool:
+        return self.effect == WIDENS
 
     def text(self) -> str:
-        sign = "+" if self.widens else "-"
+        sign = _SIGNS[self.effect]
+        what = self.kind.replace("_", " ")
+        if self.effect == REVIEW:
+            what += " (review)"
         if self.kind == "class_added":
             return f"{sign} {self.action_class}: new class, requestable by {', '.join(self.after)}"
         if self.kind == "class_removed":
             return f"{sign} {self.action_class}: class removed (was requestable by " \
                    f"{', '.join(self.before)})"
-        if self.kind in ("workloads_gained", "workloads_lost", "targets_gained",
-                         "targets_lost", "policy_rules_added", "policy_rules_removed"):
+        if self.kind in _LIST_KINDS:
             items = self.after if self.kind.endswith(("gained", "added")) else self.before
-            return f"{sign} {self.action_class}: {self.kind.replace('_', ' ')}: {', '.join(items)}"
-        return f"{sign} {self.action_class}: {self.kind.replace('_', ' ')}: " \
-               f"{self.before} → {self.after}"
+            return f"{sign} {self.action_class}: {what}: {', '.join(items)}"
+        if self.kind in ("capabilities_gained", "capabilities_lost"):
+            return f"{sign} {self.action_class}: {what} on {self.before}: {', '.join(self.after)}"
+        if self.kind == "escalation":
+            return f"{sign} {self.action_class}: escalation path changed: " \
+                   f"{' → '.join(self.before)}  ⇒  {' → '.join(self.after)}"
+        return f"{sign} {self.action_class}: {what}: {self.before} → {self.after}"
 
 
 _RISK = {"low": 0, "high": 1, "destructive": 2}
-
-
-def _rules(c: ActionClass) -> set[str]:
-    return {f"{r.path} [{','.join(r.capabilities)}]" for r in c.vault_policy}
 
 
 def _approval(c: ActionClass) -> str:
@@ -158,69 +209,168 @@ def _approval(c: ActionClass) -> str:
     return f"jit({a.approvals_required} of {','.join(a.approvers)})"
 
 
+def _more(x: float, y: float) -> str:
+    """The effect of a limit going from ``x`` to ``y`` where more is looser."""
+    return WIDENS if y > x else NARROWS
+
+
+def _break_glass(c: ActionClass) -> BreakGlass | None:
+    bg = c.approval.break_glass if c.approval is not None else None
+    return bg if bg is not None and bg.allowed else None
+
+
+def _approval_changes(name: str, a: ActionClass, b: ActionClass) -> list[Change]:
+    out: list[Change] = []
+
+    def add(kind: str, x: Any, y: Any, effect: str) -> None:
+        if x != y:
+            out.append(Change(action_class=name, kind=kind, before=x, after=y, effect=effect))
+
+    if (a.approval is None) != (b.approval is None):
+        add("approval", _approval(a), _approval(b), WIDENS if b.approval is None else NARROWS)
+    elif a.approval is not None and b.approval is not None:
+        x, y = a.approval, b.approval
+        add("approvals_required", x.approvals_required, y.approvals_required,
+            _more(y.approvals_required, x.approvals_required))
+        gained = [g for g in y.approvers if g not in x.approvers]
+        lost = [g for g in x.approvers if g not in y.approvers]
+        if gained:  # more groups can approve: approval is easier to get
+            out.append(Change(action_class=name, kind="approvers_gained", before=list(x.approvers),
+                              after=gained, effect=WIDENS))
+        if lost:
+            out.append(Change(action_class=name, kind="approvers_lost", before=lost,
+                              after=list(y.approvers), effect=NARROWS))
+        add("approval_expires", f"{x.expires_seconds}s", f"{y.expires_seconds}s",
+            _more(x.expires_seconds, y.expires_seconds))
+        add("escalate_after", f"{x.escalate_after_seconds}s", f"{y.escalate_after_seconds}s",
+            REVIEW)
+    p, q = _break_glass(a), _break_glass(b)
+    if (p is None) != (q is None):
+        add("break_glass", "allowed" if p else "not allowed", "allowed" if q else "not allowed",
+            WIDENS if q is not None else NARROWS)
+    elif p is not None and q is not None:
+        add("break_glass_max_ttl", f"{p.max_ttl_seconds}s", f"{q.max_ttl_seconds}s",
+            _more(p.max_ttl_seconds, q.max_ttl_seconds))
+        add("break_glass_limit", p.limit.text, q.limit.text,
+            _more(p.limit.count / p.limit.window_seconds, q.limit.count / q.limit.window_seconds))
+        add("break_glass_reviewers", ", ".join(p.reviewers), ", ".join(q.reviewers), REVIEW)
+    return out
+
+
+def _escalation_effect(a: tuple[str, ...], b: tuple[str, ...]) -> str:
+    if set(b) < set(a) and [e for e in a if e in b] == list(b):
+        return WIDENS  # people dropped from the path: less oversight
+    if set(a) < set(b) and [e for e in b if e in a] == list(a):
+        return NARROWS
+    return REVIEW
+
+
+def _policy_changes(name: str, a: ActionClass, b: ActionClass) -> list[Change]:
+    """Paths added or removed, and capabilities gained or lost on a path both hold."""
+    ap = {r.path: set(r.capabilities) for r in a.vault_policy}
+    bp = {r.path: set(r.capabilities) for r in b.vault_policy}
+    rule = {p: f"{p} [{','.join(sorted(c))}]" for p, c in (*ap.items(), *bp.items())}
+    out = []
+    added = sorted(rule[p] for p in bp.keys() - ap.keys())
+    removed = sorted(f"{p} [{','.join(sorted(ap[p]))}]" for p in ap.keys() - bp.keys())
+    if added:
+        out.append(Change(action_class=name, kind="policy_rules_added",
+                          before=sorted(rule[p] for p in ap), after=added, effect=WIDENS))
+    if removed:
+        out.append(Change(action_class=name, kind="policy_rules_removed", before=removed,
+                          after=sorted(rule[p] for p in bp), effect=NARROWS))
+    for path in sorted(ap.keys() & bp.keys()):
+        if bp[path] - ap[path]:
+            out.append(Change(action_class=name, kind="capabilities_gained", before=path,
+                              after=sorted(bp[path] - ap[path]), effect=WIDENS))
+        if ap[path] - bp[path]:
+            out.append(Change(action_class=name, kind="capabilities_lost", before=path,
+                              after=sorted(ap[path] - bp[path]), effect=NARROWS))
+    return out
+
+
+def _target_changes(name: str, a: ActionClass, b: ActionClass) -> list[Change]:
+    """No ``targets`` means any target: adding the first pattern narrows, removing all widens."""
+    at, bt = list(a.targets), list(b.targets)
+    if set(at) == set(bt):
+        return []
+    if not at:
+        return [Change(action_class=name, kind="targets_restricted", before="any target",
+                       after=", ".join(bt), effect=NARROWS)]
+    if not bt:
+        return [Change(action_class=name, kind="targets_unrestricted", before=", ".join(at),
+                       after="any target", effect=WIDENS)]
+    out = []
+    gained, lost = [t for t in bt if t not in at], [t for t in at if t not in bt]
+    if gained:
+        out.append(Change(action_class=name, kind="targets_gained", before=at, after=gained,
+                          effect=WIDENS))
+    if lost:
+        out.append(Change(action_class=name, kind="targets_lost", before=lost, after=bt,
+                          effect=NARROWS))
+    return out
+
+
 def diff_maps(old: ScopeMap, new: ScopeMap) -> list[Change]:
-    """Every change from ``old`` to ``new``, with whether it widens power or narrows oversight."""
+    """Every change from ``old`` to ``new``, each marked as widening, narrowing or for review.
+
+    Widening: a new class, workloads added, fewer ``requires``, targets added or
+    removed altogether (no ``targets`` is any target), a longer ``ttl`` or
+    ``max_ttl``, a higher or removed budget, a removed ``when``, Vault paths or
+    capabilities added, and looser approval (none instead of JIT, fewer approvals,
+    more approver groups, a longer expiry, break-glass allowed, a longer
+    break-glass TTL or a higher break-glass limit). The reverse of each narrows.
+    A changed ``when``, owner, ``escalate_after`` or break-glass reviewers, and a
+    reordered escalation path, are for review.
+    """
     out: list[Change] = []
     for name in sorted(set(old.classes) | set(new.classes)):
         a, b = old.classes.get(name), new.classes.get(name)
         if a is None and b is not None:
             out.append(Change(action_class=name, kind="class_added", before=None,
-                              after=[p.text for p in b.workloads], widens=True))
+                              after=[p.text for p in b.workloads], effect=WIDENS))
             continue
         if b is None and a is not None:
             out.append(Change(action_class=name, kind="class_removed",
-                              before=[p.text for p in a.workloads], after=None, widens=False))
+                              before=[p.text for p in a.workloads], after=None, effect=NARROWS))
             continue
         assert a is not None and b is not None
         aw, bw = [p.text for p in a.workloads], [p.text for p in b.workloads]
         gained, lost = [w for w in bw if w not in aw], [w for w in aw if w not in bw]
         if gained:
             out.append(Change(action_class=name, kind="workloads_gained", before=aw,
-                              after=gained, widens=True))
+                              after=gained, effect=WIDENS))
         if lost:
             out.append(Change(action_class=name, kind="workloads_lost", before=lost, after=bw,
-                              widens=False))
+                              effect=NARROWS))
 
-        def scalar(kind: str, x: Any, y: Any, widens: bool, name: str = name) -> None:
+        def scalar(kind: str, x: Any, y: Any, effect: str, name: str = name) -> None:
             if x != y:
                 out.append(Change(action_class=name, kind=kind, before=x, after=y,
-                                  widens=widens))
+                                  effect=effect))
 
-        scalar("risk", a.risk, b.risk, _RISK[b.risk] < _RISK[a.risk])
-        scalar("ttl", f"{a.ttl_seconds}s", f"{b.ttl_seconds}s", b.ttl_seconds > a.ttl_seconds)
+        scalar("risk", a.risk, b.risk, _more(_RISK[b.risk], _RISK[a.risk]))
+        scalar("ttl", f"{a.ttl_seconds}s", f"{b.ttl_seconds}s",
+               _more(a.ttl_seconds, b.ttl_seconds))
         scalar("max_ttl", f"{a.max_ttl_seconds}s", f"{b.max_ttl_seconds}s",
-               b.max_ttl_seconds > a.max_ttl_seconds)
-        scalar("approval", _approval(a), _approval(b),
-               a.approval is not None and (b.approval is None or
-                                           b.approval.approvals_required
-                                           < a.approval.approvals_required))
+               _more(a.max_ttl_seconds, b.max_ttl_seconds))
+        out.extend(_approval_changes(name, a, b))
         scalar("owner", f"{a.owner.team} <{a.owner.contact}>",
-               f"{b.owner.team} <{b.owner.contact}>", False)
-        scalar("escalation", " → ".join(a.escalation), " → ".join(b.escalation), False)
+               f"{b.owner.team} <{b.owner.contact}>", REVIEW)
+        if a.escalation != b.escalation:
+            out.append(Change(action_class=name, kind="escalation", before=list(a.escalation),
+                              after=list(b.escalation),
+                              effect=_escalation_effect(a.escalation, b.escalation)))
         scalar("requires", ",".join(a.requires) or "nothing", ",".join(b.requires) or "nothing",
-               not set(a.requires) <= set(b.requires))
-        scalar("limits", a.budget.text if a.budget else "none",
-               b.budget.text if b.budget else "none",
-               a.budget is not None and (b.budget is None or
-                                         b.budget.count / b.budget.window_seconds
-                                         > a.budget.count / a.budget.window_seconds))
+               NARROWS if set(a.requires) <= set(b.requires) else WIDENS)
+        ab, bb = a.budget, b.budget
+        scalar("limits", ab.text if ab else "none", bb.text if bb else "none",
+               NARROWS if bb is not None and (ab is None or bb.count / bb.window_seconds
+                                              <= ab.count / ab.window_seconds) else WIDENS)
         scalar("when", a.when.text if a.when else "none", b.when.text if b.when else "none",
-               a.when is not None)
-        at, bt = set(a.targets), set(b.targets)
-        if at != bt:
-            if bt - at or (at and not bt):
-                out.append(Change(action_class=name, kind="targets_gained", before=sorted(at),
-                                  after=sorted(bt - at) or ["(any target)"], widens=True))
-            if at - bt:
-                out.append(Change(action_class=name, kind="targets_lost",
-                                  before=sorted(at - bt), after=sorted(bt), widens=False))
-        ar, br = _rules(a), _rules(b)
-        if br - ar:
-            out.append(Change(action_class=name, kind="policy_rules_added", before=sorted(ar),
-                              after=sorted(br - ar), widens=True))
-        if ar - br:
-            out.append(Change(action_class=name, kind="policy_rules_removed",
-                              before=sorted(ar - br), after=sorted(br), widens=False))
+               NARROWS if a.when is None else WIDENS if b.when is None else REVIEW)
+        out.extend(_target_changes(name, a, b))
+        out.extend(_policy_changes(name, a, b))
     return out
 
 

@@ -99,11 +99,12 @@ def test_diff_shows_the_blast_radius(capsys: pytest.CaptureFixture[str], tmp_pat
     assert rc == 0
     assert "+ containment.isolate_host: workloads gained: spiffe://example.org/agent/*" in out
     assert "+ containment.isolate_host: max ttl: 600s → 1800s" in out
-    assert "- identity.disable_account: owner: identity-security" in out
+    assert "~ identity.disable_account: owner (review): identity-security" in out
     assert "spiffe://example.org/agent/*\n    + containment.isolate_host (destructive)" in out
     rc, out, _ = run(capsys, "scope", "diff", str(SOC), str(new), "--json")
-    kinds = {c["kind"] for c in json.loads(out)["changes"]}
-    assert kinds == {"workloads_gained", "max_ttl", "owner"}
+    changes = json.loads(out)["changes"]
+    assert {c["kind"] for c in changes} == {"workloads_gained", "max_ttl", "owner"}
+    assert {c["kind"]: (c["effect"], c["widens"]) for c in changes}["owner"] == ("review", False)
     rc, out, _ = run(capsys, "scope", "diff", str(SOC), str(SOC))
     assert "no changes" in out
 
@@ -176,3 +177,151 @@ def test_lint_refuses_vault_control_plane_paths_and_honours_the_allow_list(
     assert rc == 0 and json.loads(out)["outcome"] == "allow"
     rc, out, _ = run(capsys, "scope", "lint", str(kv), "--vault-allowed-mount", "kv")
     assert rc == 1 and "(kv/)" in out  # the flag wins over the environment
+
+
+# --- issue #11: findings from using the tools ----------------------------------------
+
+
+def test_lint_reports_a_mistyped_condition_naming_the_fields_that_exist(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SOC.read_text().replace(
+        "    approval: none\n",
+        "    approval: none\n    when: request.initiating_event.sorce == \"splunk\"\n", 1))
+    rc, out, _ = run(capsys, "scope", "lint", str(bad))
+    assert rc == 1
+    assert (f"{bad}:25: action_classes.enrichment.when: request.initiating_event.sorce is not "
+            "a field (did you mean request.initiating_event.source?); the fields that exist are "
+            "request.initiating_event.source, request.initiating_event.id, "
+            "request.initiating_event.summary") in out
+    bad.write_text(SOC.read_text().replace(
+        "    approval: none\n", "    approval: none\n    when: request.ttl_seconds\n", 1))
+    rc, out, _ = run(capsys, "scope", "lint", str(bad), "--json")
+    assert rc == 1
+    [problem] = json.loads(out)["problems"]
+    assert problem.startswith(f"{bad}:25: action_classes.enrichment.when: must be true or false")
+
+
+def test_lint_names_tabs_in_the_indentation(capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    bad = tmp_path / "tabs.yaml"
+    bad.write_text(SOC.read_text().replace("    risk: low\n", "\trisk: low\n", 1))
+    rc, out, _ = run(capsys, "scope", "lint", str(bad))
+    assert rc == 1
+    assert f"{bad}:12: YAML does not allow tabs for indentation; use spaces" in out
+
+
+def test_diff_shows_a_new_target_restriction_as_narrowing_and_fails_on_widening(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    narrowed = tmp_path / "narrowed.yaml"
+    narrowed.write_text(SOC.read_text().replace(
+        "    approval: none\n", "    approval: none\n    targets: [\"ws-*\"]\n", 1))
+    rc, out, err = run(capsys, "scope", "diff", str(SOC), str(narrowed), "--fail-on", "widen")
+    assert rc == 0, err
+    assert "- enrichment: targets restricted: any target → ws-*" in out
+    assert "targets gained" not in out
+    # the reverse widens, and the CI gate fails on it, in text and in JSON
+    rc, out, err = run(capsys, "scope", "diff", str(narrowed), str(SOC), "--fail-on", "widen")
+    assert rc == 1
+    assert "+ enrichment: targets unrestricted: ws-* → any target" in out
+    assert "failing (--fail-on widen): 1 change(s) widen" in err
+    rc, out, _ = run(capsys, "scope", "diff", str(narrowed), str(SOC), "--fail-on", "widen",
+                     "--json")
+    assert rc == 1 and [c["effect"] for c in json.loads(out)["changes"]] == ["widens"]
+    rc, _, _ = run(capsys, "scope", "diff", str(narrowed), str(SOC))
+    assert rc == 0  # without --fail-on, diff reports and succeeds
+    rc, _, _ = run(capsys, "scope", "diff", str(SOC), str(narrowed), "--fail-on", "change")
+    assert rc == 1
+    rc, _, _ = run(capsys, "scope", "diff", str(SOC), str(SOC), "--fail-on", "change")
+    assert rc == 0
+
+
+def _audit(tmp_path: Path) -> Path:
+    old = load_scope_map(SOC)
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    lines = []
+    for i, (who, cls) in enumerate([(TRIAGE, "enrichment"),
+                                    (TRIAGE, "containment.isolate_host")]):
+        sid = SpiffeId.parse(who)
+        req = CredentialRequest(action_class=cls, target="ws-1",
+                                initiating_event=InitiatingEvent(source="splunk", id="N"))
+        lines.append(json.dumps(decision_record(time=now, request_id=f"r{i}", spiffe_id=sid,
+                                                request=req,
+                                                decision=evaluate(old, sid, req, now))))
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text("\n".join(lines) + "\n")
+    return audit
+
+
+def test_replay_fails_on_change_or_on_widening_for_ci(capsys: pytest.CaptureFixture[str],
+                                                     tmp_path: Path) -> None:
+    audit = _audit(tmp_path)
+    rc, out, _ = run(capsys, "scope", "replay", str(SOC), "--audit", str(audit),
+                     "--fail-on", "change")
+    assert rc == 0 and "0 would be decided differently" in out
+    narrower = tmp_path / "narrower.yaml"
+    narrower.write_text(SOC.read_text().replace(
+        "      - spiffe://example.org/agent/triage\n      - spiffe://example.org/agent/containment",
+        "      - spiffe://example.org/agent/containment", 1))
+    rc, _, err = run(capsys, "scope", "replay", str(narrower), "--audit", str(audit),
+                     "--fail-on", "change")
+    assert rc == 1 and "failing (--fail-on change)" in err
+    rc, _, _ = run(capsys, "scope", "replay", str(narrower), "--audit", str(audit),
+                   "--fail-on", "change", "--json")
+    assert rc == 1
+    rc, _, _ = run(capsys, "scope", "replay", str(narrower), "--audit", str(audit),
+                   "--fail-on", "widen")
+    assert rc == 0  # allow → deny is a change, not a widening
+    wider = tmp_path / "wider.yaml"
+    wider.write_text(SOC.read_text().replace(
+        "    workloads:\n      - spiffe://example.org/agent/containment\n    credential:\n"
+        "      ttl: 5m\n      max_ttl: 10m",
+        "    workloads:\n      - spiffe://example.org/agent/*\n    credential:\n"
+        "      ttl: 5m\n      max_ttl: 10m", 1))
+    rc, out, _ = run(capsys, "scope", "replay", str(wider), "--audit", str(audit),
+                     "--fail-on", "widen")
+    assert rc == 1
+    assert "r1  spiffe://example.org/agent/triage  containment.isolate_host on ws-1: " \
+        "deny → needs_approval" in out and "1 more permissively" in out
+    # an audit file without decisions replays nothing, and says so
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"type": "credential.minted", "credential_id": "x"}) + "\n")
+    rc, _, err = run(capsys, "scope", "replay", str(SOC), "--audit", str(empty))
+    assert rc == 0 and "holds no decision records; nothing was replayed" in err
+
+
+def test_scope_test_writes_junit_xml(capsys: pytest.CaptureFixture[str],
+                                     tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    report = tmp_path / "report.xml"
+    rc, _, _ = run(capsys, "scope", "test", str(FULL), str(EXAMPLES / "soc-full.tests.yaml"),
+                   "--junit", str(report))
+    assert rc == 0
+    root = ET.parse(report).getroot()  # noqa: S314 - the report we just wrote
+    assert root.get("tests") == "9" and root.get("failures") == "0"
+    assert len(root.findall("testsuite/testcase")) == 9
+    assert not root.findall(".//failure")
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(
+        "cases:\n"
+        "  - name: wrong on purpose\n"
+        f"    spiffe_id: {TRIAGE}\n"
+        "    request: {action_class: containment.isolate_host}\n"
+        "    expect: {outcome: allow}\n"
+        "  - name: right\n"
+        f"    spiffe_id: {TRIAGE}\n"
+        "    request: {action_class: enrichment}\n"
+        "    expect: {outcome: allow}\n")
+    rc, out, _ = run(capsys, "scope", "test", str(SOC), str(cases), "--junit", str(report),
+                     "--json")
+    assert rc == 1 and json.loads(out)["failed"] == 1  # --json and --junit together
+    root = ET.parse(report).getroot()  # noqa: S314 - the report we just wrote
+    [failed] = [c for c in root.iter("testcase") if c.find("failure") is not None]
+    assert failed.get("name") == "wrong on purpose"
+    failure = failed.find("failure")
+    assert failure is not None
+    assert failure.get("message") == "outcome: expected 'allow', got 'deny'"
+    rc, _, err = run(capsys, "scope", "test", str(SOC), str(cases), "--junit",
+                     str(tmp_path / "no" / "such" / "dir.xml"))
+    assert rc == 2 and "cannot write --junit" in err

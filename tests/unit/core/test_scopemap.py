@@ -332,7 +332,8 @@ RICH = parse_scope_map([("rich.yaml", _doc({
         limits={"per_workload": "2/h"},
         when='request.has_initiating_event && identity.segments[0] == "agent"'),
     "night.only": _class(when='now.getHours("UTC") >= 22'),
-    "broken.cond": _class(when="request.target.size() > request.nonexistent"),
+    # well typed, but fails on a real request: an index out of range
+    "broken.cond": _class(when='identity.segments[5] == "x"'),
     "jit.class": _class(approval={"mode": "jit", "approvers": ["ir-leads"],
                                   "approvals_required": 2, "escalate_after": "5m",
                                   "expires": "30m",
@@ -418,3 +419,117 @@ def test_published_schema_is_valid_and_examples_pass_it() -> None:
     examples = Path(__file__).parents[3] / "broker" / "examples"
     assert load_scope_map(examples / "soc-scope-map.yaml").classes
     assert len(load_scope_map(examples / "soc-full").classes) == 4
+
+
+# --- `when` is type-checked at load (issue #11: typos used to deny every request) ---
+
+
+@pytest.mark.parametrize(("when", "words"), [
+    # the findings: a typo and a non-boolean used to load, then deny everything
+    ('request.initiating_event.sorce == "splunk"',
+     "request.initiating_event.sorce is not a field (did you mean "
+     "request.initiating_event.source?); the fields that exist are "
+     "request.initiating_event.source, request.initiating_event.id, "
+     "request.initiating_event.summary"),
+    ("request.ttl_seconds", "must be true or false, but `request.ttl_seconds` is an int; write "
+                            "a test such as `request.ttl_seconds <= 300`"),
+    # unknown members, variables and functions
+    ('request.nonexistent == "x"', "the fields that exist are request.action_class, "
+                                   "request.target, request.justification"),
+    ('identity.segmnts[0] == "agent"', "did you mean identity.segments?"),
+    ('reqest.target == "a"', "reqest is not a variable (did you mean request?); the variables "
+                             "that exist are request, identity, now"),
+    ('request.target.lowerAscii() == "a"', "lowerAscii() is not a function conditions can call"),
+    ('request.target.sorce == "a"', "request.target is a string; it has no field sorce"),
+    # wrong types
+    ('request.ttl_seconds == "300"', '`request.ttl_seconds == "300"` compares an int with a '
+                                     'string; == needs two values of the same type (write a '
+                                     'number without quotes: 300, not "300")'),
+    ("request.target + 1 == 2", "`request.target + 1` applies + to a string and an int"),
+    ("request.ttl_seconds > 1.0", "CEL does not mix number types"),
+    ("request.target.startsWith(1)", "1 is an int; startsWith() takes a string"),
+    ("request.target && true", "request.target is a string; both sides of && must be true"),
+    ("!request.ttl_seconds", "`!` needs true or false"),
+    ('request.target in request.justification', "`in` needs a list or a map (for a substring "
+                                                "write request.justification.contains("),
+    ('1 in identity.segments', "`in` never finds an int there"),
+    ('now.getHours(22) < 3', 'takes a time zone name, e.g. "UTC"'),
+    ('request.target.getHours() < 3', "getHours() is for timestamps (now)"),
+    ('request.target[0] == "w"', "only lists and maps can be indexed"),
+    ('request.target == "a" ? 1 : "b"', "are an int and a string; both must be of one type"),
+    ('identity.segments.exists(s, s.size())', "the test in exists() must be true or false"),
+    ('identity.segments.map(s, s.size())', "must be true or false, but"),
+    ('request.target', 'write a test such as `request.target == "..."`'),
+])
+def test_when_is_type_checked_against_the_request_fields(when: str, words: str) -> None:
+    problems = _problems(_doc({"c": _class(when=when)}))
+    hit = [p for p in problems if p.startswith("map.yaml:") and "action_classes.c.when: " in p]
+    assert any(words in p for p in hit), problems
+
+
+@pytest.mark.parametrize("when", [
+    'request.initiating_event.source == "splunk" && request.ttl_seconds <= 300',
+    'request.has_initiating_event && identity.segments[0] == "agent"',
+    'identity.segments.exists(s, s == "agent") && identity.trust_domain == "example.org"',
+    'now.getHours("UTC") >= 22 || now.getDayOfWeek("UTC") == 0',
+    'now - timestamp("2026-01-01T00:00:00Z") < duration("24h")',
+    'has(request.target) && request.target in ["ws-1", "ws-2"]',
+    'request.target.startsWith("ws-") && size(request.justification) > 10',
+    'request.target.matches("^ws-[0-9]+$") ? request.ttl_seconds <= 300 : false',
+    'int(request.target) > 0',  # well typed; fails on a real target and then denies
+    'identity.segments.filter(s, s != "").size() >= 2',
+    '{"ws-1": true}[request.target] == true',  # map lookups are not typed: allowed
+])
+def test_well_typed_conditions_load(when: str) -> None:
+    m = parse_scope_map([("map.yaml", _doc({"c": _class(when=when)}))])
+    assert m.classes["c"].when is not None
+
+
+def test_a_cel_syntax_error_is_shown_whole_with_a_caret() -> None:
+    problems = _problems(_doc({"c": _class(when="request.target ==")}))
+    assert problems == ["map.yaml:21: action_classes.c.when: is not a valid CEL expression "
+                        "(column 18): the expression ends too early\n"
+                        "    request.target ==\n"
+                        "                     ^"], problems
+    problems = _problems(_doc({"c": _class(when="request.target @ 1")}))
+    assert "unexpected character '@'\n    request.target @ 1\n                   ^" \
+        in problems[0]
+
+
+def test_type_problems_are_pure_and_say_which_subexpression() -> None:
+    import celpy
+
+    from broker.core.celcheck import sample_problems, type_problems
+
+    text = 'request.target == "a" && request.initiating_event.sorce == "b"'
+    assert type_problems(text, celpy.Environment().compile(text)) == [
+        "request.initiating_event.sorce is not a field (did you mean "
+        "request.initiating_event.source?); the fields that exist are "
+        "request.initiating_event.source, request.initiating_event.id, "
+        "request.initiating_event.summary"]
+    # the sample evaluation is a backstop for what the walk cannot know
+    env = celpy.Environment()
+    prog = env.program(env.compile('{"a": 1}["a"]'))  # a map value: typed only at run time
+    assert sample_problems(prog) == ["must be true or false, but for a request with every "
+                                     "field present it evaluates to IntType(1)"]
+    prog = env.program(env.compile('{"a": request.target}["a"] + 1 == 2'))
+    assert sample_problems(prog)[0].startswith("fails for a request with every field present: ")
+
+
+# --- YAML errors ------------------------------------------------------------------
+
+
+def test_a_tab_in_the_indentation_is_named_as_such() -> None:
+    text = _doc({"c": _class()}).replace("  c:\n    risk: low", "  c:\n\trisk: low")
+    assert "\trisk" in text
+    assert _problems(text) == ["map.yaml:5: YAML does not allow tabs for indentation; "
+                               "use spaces"]
+    assert _problems("a:\n  b: 1\n  \tc: 1\n") == [
+        "map.yaml:3: YAML does not allow tabs for indentation; use spaces"]
+    assert _problems("a: [\n")[0].startswith("map.yaml:2: not valid YAML: ")
+    # test-case files are YAML too
+    from broker.core.scopetools import CasesError, run_cases
+
+    with pytest.raises(CasesError, match=r"^cases.yaml:2: YAML does not allow tabs for "
+                                         r"indentation; use spaces$"):
+        run_cases(MAP, "cases:\n\t- name: x\n", "cases.yaml", default_now=NOW)
