@@ -106,10 +106,6 @@ class HitReporter:
                 delay = min(delay * 2, MAX_RETRY)
         while self.pending and self.flush_once():
             pass
-        if self.pending:
-            _log.error("%d cache hit(s) could not be reported to the broker before the "
-                       "sidecar stopped: those requests are not in the audit log",
-                       self.pending)
 
     def start(self, stop: threading.Event) -> threading.Thread:
         self._thread = threading.Thread(target=self.run, args=(stop,), name="report-hits",
@@ -117,7 +113,13 @@ class HitReporter:
         self._thread.start()
         return self._thread
 
-    def join(self, timeout: float) -> None:
-        """Wait (up to ``timeout`` seconds) for the reporting thread to end."""
+    def join(self, timeout: float) -> int:
+        """Wait (up to ``timeout`` seconds) for the reporting thread to end; log loudly what
+        is left unreported. Returns how many hits that is."""
         if self._thread is not None:
             self._thread.join(timeout)
+        left = self.pending
+        if left:
+            _log.error("%d cache hit(s) could not be reported to the broker before the "
+                       "sidecar stopped: those requests are not in the audit log", left)
+        return left
