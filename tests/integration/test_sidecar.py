@@ -23,6 +23,7 @@ from broker.cli import main as cli_main
 from broker.devspiffe import DevCA, DevWorkloadApi
 from broker.devstack import OpenBaoDev, free_port
 from broker.server import BrokerServer
+from sidecar.broker_client import BrokerCallError
 from sidecar.client import SidecarError
 from tests.integration.conftest import (
     TEST_MAP,
@@ -385,3 +386,19 @@ def test_a_scope_map_reload_drops_the_sidecar_cache(recorded: Recorded) -> None:
     assert fresh["decision"]["escalation"] == ["soc-oncall", "soc-lead"]
     assert c.request_credential("enrichment", target="t-reload",
                                 initiating_event=ALERT)["cached"] is True
+
+
+def test_a_resent_batch_is_recorded_once_and_batches_are_bounded(recorded: Recorded) -> None:
+    mine = recorded.triage.client.request_credential("enrichment", target="t-resend")
+    hit = pb.CacheHit(credential_id=mine["credential_id"], request_id="resent-1",
+                      request=pb.IssueCredentialRequest(action_class="enrichment",
+                                                        target="t-resend"))
+    client = recorded.triage.service.client
+    assert client.report_cache_hits([hit]).recorded == 1
+    again = client.report_cache_hits([hit])  # its answer was lost: the sidecar sends it again
+    assert (again.recorded, again.duplicates) == (0, 1)
+    assert len([r for r in recorded.records("credential.reused")
+                if r["request_id"] == "resent-1"]) == 1
+    with pytest.raises(BrokerCallError) as err:
+        client.report_cache_hits([hit] * 101)
+    assert err.value.http_status == 400 and "at most 100" in err.value.message
