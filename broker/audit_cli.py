@@ -173,7 +173,7 @@ def add_parser(sub: Any) -> None:
     s.set_defaults(func=cmd_verify)
 
     s = asub.add_parser("trace", help="the accountability chain of one credential, request or "
-                                      "approval")
+                                      "approval, and every request the credential served")
     s.add_argument("id", help="credential id (Vault accessor), request id or approval id")
     s.add_argument("--log", help="the audit log file")
     common(s)

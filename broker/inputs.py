@@ -26,6 +26,7 @@ ACTION_CLASS_MAX = 128
 TARGET_MAX = 256
 ID_TOKEN_MAX = 16 * 1024  # an OIDC ID token (a JWT): generous, still bounded
 SELECTOR_IDS_MAX = 1000  # credential ids one selector may name
+CACHE_HITS_MAX = 100  # cache hits one ReportCacheHits call may carry
 
 
 def is_id(value: str) -> bool:

@@ -41,13 +41,15 @@ _log = logging.getLogger("credbroker.responder")
 
 @dataclass(frozen=True, slots=True)
 class BusEvent:
-    """What a sidecar must drop: credential ids, a whole class, or everything of identities."""
+    """What a sidecar must drop: credential ids, a whole class, everything of identities, or
+    (``scope_map_version``: a new map is in force) everything decided under another map."""
 
     credential_ids: tuple[str, ...] = ()
     action_class: str = ""
     identity_pattern: str = ""
     reason: str = ""
     by: str = ""
+    scope_map_version: str = ""
 
 
 #: A sidecar needs one stream; a few more allow for restarts overlapping.
@@ -85,7 +87,9 @@ class RevocationBus:
         pattern = SpiffeIdPattern.parse(event.identity_pattern) if event.identity_pattern \
             else None
         for spiffe_id, q in subs:
-            if event.credential_ids:
+            if event.scope_map_version:
+                q.put(event)  # every sidecar: its cache was decided under the old map
+            elif event.credential_ids:
                 mine = tuple(c for c in event.credential_ids
                              if owners is None or owners.get(c) == spiffe_id)
                 if mine:

@@ -33,7 +33,7 @@ from broker.errors import (
 )
 from broker.observability import HealthMonitor, Metrics
 from broker.registry import SqliteStore
-from broker.responder import Responder, RevocationBus
+from broker.responder import BusEvent, Responder, RevocationBus
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
 from broker.tls import SERVER_KEEPALIVE, pem_material, server_credentials
 from broker.vault import SyncReport, VaultAdapter
@@ -338,6 +338,9 @@ class BrokerServer:
                                                in_force=old.version, problem=str(exc)[:4000])
                 return False
             self.scope_maps.replace(new)
+            # Sidecars drop what they cached under the old map: an identical request is
+            # decided again under the new one.
+            self.responder.bus.publish(BusEvent(scope_map_version=new.version))
         _log.warning("scope map %s is now in force (was %s); classes %d; Vault policies "
                      "written: %s; roles written: %s", new.version[:19], old.version[:19],
                      len(new.classes), ",".join(report.policies_written) or "none",

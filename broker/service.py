@@ -13,10 +13,10 @@ import queue
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -35,7 +35,7 @@ from broker.core.models import (
     InitiatingEvent,
     Outcome,
 )
-from broker.core.records import decision_record, rfc3339
+from broker.core.records import decision_record, request_to_json, rfc3339
 from broker.core.revocation import first_freeze
 from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ActionClass, ScopeMap, evaluate
 from broker.errors import (
@@ -53,6 +53,7 @@ from broker.errors import (
 from broker.identity import Caller, JwtSvidCache, spiffe_id_from_certificate
 from broker.inputs import (
     ACTION_CLASS_MAX,
+    CACHE_HITS_MAX,
     ID_MAX,
     REASON_MAX,
     TARGET_MAX,
@@ -102,6 +103,11 @@ _DENY_STATUS: dict[DenyCode, grpc.StatusCode] = {
 _MAX_FIELD = {"action_class": ACTION_CLASS_MAX, "target": TARGET_MAX, "justification": 2048,
               "request_id": ID_MAX, "approval_id": ID_MAX, "source": 128, "id": 256,
               "summary": 1024}
+
+
+#: Cache hits (credential id, request id) recorded lately: a batch a sidecar sends again
+#: (its answer was lost) is not recorded twice.
+RECORDED_HITS_REMEMBERED = 100_000
 
 
 class DeniedByPolicy(Exception):
@@ -317,6 +323,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self._auth = authenticator
         self._clock = clock
         self._usage = UsageTracker()
+        self._hits_lock = threading.Lock()
+        self._recorded_hits: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def IssueCredential(
         self, request: pb.IssueCredentialRequest, context: grpc.ServicerContext
@@ -533,7 +541,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             yield pb.RevocationEvent(sync=pb.RevocationEvent.Sync(
                 live_credential_ids=self._store.live_ids_of(me, self._clock()),
                 frozen=frozen is not None and frozen.kind == "spiffe_id",
-                reason=frozen.describe() if frozen else ""))
+                reason=frozen.describe() if frozen else "",
+                scope_map_version=self._maps.current.version))
             while context.is_active():
                 try:
                     ev = events.get(timeout=1.0)
@@ -541,7 +550,10 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                     continue
                 if ev is None:
                     return
-                if ev.credential_ids:
+                if ev.scope_map_version:
+                    yield pb.RevocationEvent(scope_map=pb.RevocationEvent.ScopeMapInForce(
+                        version=ev.scope_map_version))
+                elif ev.credential_ids:
                     yield pb.RevocationEvent(revoked=pb.RevocationEvent.Revoked(
                         credential_ids=list(ev.credential_ids)))
                 else:
@@ -618,6 +630,79 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             return pb.RevokeCredentialResponse(credential_id=request.credential_id,
                                                already_dead=outcome.result == "already_dead")
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+
+
+    def ReportCacheHits(
+        self, request: pb.ReportCacheHitsRequest, context: grpc.ServicerContext
+    ) -> pb.ReportCacheHitsResponse:
+        with _boundary(context, uuid.uuid4().hex, "ReportCacheHits"):
+            caller = self._auth.authenticate(context)
+            if len(request.hits) > CACHE_HITS_MAX:
+                raise InvalidRequestError(f"{len(request.hits)} cache hits in one call; at most "
+                                          f"{CACHE_HITS_MAX}")
+            return self._record_hits(caller, request.hits)
+        raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+
+    def _record_hits(self, caller: Caller, hits: Iterable[pb.CacheHit]
+                     ) -> pb.ReportCacheHitsResponse:
+        """Append one ``credential.reused`` record per acceptable hit, in order.
+
+        Raises: AuditError (hits before the failing one are recorded, and remembered, so
+            a resent batch records each exactly once).
+        """
+        me = str(caller.spiffe_id)
+        out = pb.ReportCacheHitsResponse()
+        with self._hits_lock:  # a resent batch must not race its own first attempt
+            for index, hit in enumerate(hits):
+                try:
+                    fields = self._reuse_fields(me, hit)
+                except CredbrokerError as exc:
+                    out.rejected.add(index=index, reason=str(exc))
+                    continue
+                key = (hit.credential_id, hit.request_id)
+                if key in self._recorded_hits:
+                    out.duplicates += 1
+                    continue
+                self._audit.append("credential.reused", **fields,
+                                   proof={"x509_serial": caller.x509_serial,
+                                          "jwt_id": caller.jwt_id})
+                self._recorded_hits[key] = None
+                while len(self._recorded_hits) > RECORDED_HITS_REMEMBERED:
+                    self._recorded_hits.popitem(last=False)
+                out.recorded += 1
+        if out.rejected:
+            _log.warning("%s reported %d cache hit(s) the broker did not record: %s", me,
+                         len(out.rejected), "; ".join(f"#{r.index}: {r.reason}"
+                                                      for r in out.rejected[:5]))
+        return out
+
+    def _reuse_fields(self, me: str, hit: pb.CacheHit) -> dict[str, object]:
+        """The audit fields of one reported cache hit.
+
+        Raises:
+            InvalidRequestError: an id or a request field is malformed or too long, or
+                served_at is not a time.
+            NotFoundError: the credential is not the caller's, or was minted for another
+                class or target than the request names.
+        """
+        check_id("credential_id", hit.credential_id, required=True)
+        check_id("request_id", hit.request_id, required=True)
+        req = request_from_proto(hit.request)
+        try:
+            served = hit.served_at.ToDatetime(tzinfo=UTC) if hit.HasField("served_at") \
+                else self._clock()
+        except (ValueError, OverflowError):
+            raise InvalidRequestError("served_at is not a valid time") from None
+        row = self._store.get(hit.credential_id)
+        if row is None or row.spiffe_id != me:
+            raise NotFoundError(f"{me} holds no credential {hit.credential_id}")
+        if (req.action_class, req.target) != (row.action_class, row.target):
+            raise NotFoundError(f"credential {hit.credential_id} was not minted for the action "
+                                "class and target the request names")
+        return {"request_id": hit.request_id, "credential_id": hit.credential_id,
+                "minted_request_id": row.request_id, "spiffe_id": me,
+                "action_class": row.action_class, "target": row.target,
+                "request": request_to_json(req), "served_at": rfc3339(served)}
 
 
 def _fields(record: dict[str, object]) -> dict[str, object]:

@@ -15,16 +15,20 @@ import socket
 import socketserver
 import threading
 import urllib.parse
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.inputs import ID_RULE, is_id
 from sidecar.broker_client import BrokerCallError, BrokerClient, decision_to_json
-from sidecar.cache import CachedCredential, CredentialCache
+from sidecar.cache import CachedCredential, CredentialCache, request_key
+from sidecar.hits import HitReporter
 
 _log = logging.getLogger("credbroker.sidecar")
 _MAX_BODY = 64 * 1024
@@ -179,32 +183,50 @@ def wait_seconds(value: object) -> int:
     return value
 
 
+def _timestamp(dt: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
 def _rfc3339(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class SidecarService:
-    """The sidecar's behaviour, independent of HTTP plumbing."""
+    """The sidecar's behaviour, independent of HTTP plumbing.
+
+    Only a request identical to the one a cached credential was minted for is answered
+    from the cache (``sidecar.cache``); each such answer is reported to the broker
+    (``sidecar.hits``), which records it as ``credential.reused``.
+    """
 
     def __init__(self, client: BrokerClient, *,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 reporter: HitReporter | None = None) -> None:
         self.client = client
         self.cache = CredentialCache()
+        self.reporter = reporter or HitReporter(client.report_cache_hits)
         self._clock = clock
         self.synced = threading.Event()  # set once the first revocation sync arrived
         self._stop = threading.Event()
 
     def start_watching(self) -> None:
-        """Follow the broker's revocations: cached credentials that died are dropped."""
+        """Follow the broker's revocations and scope-map changes (cached credentials that
+        died, or were decided under another map, are dropped) and report cache hits."""
         self.client.watch(self.on_revocation_event, self._stop)
+        self.reporter.start(self._stop)
 
-    def stop_watching(self) -> None:
+    def stop_watching(self, timeout: float = 5.0) -> None:
+        """Stop both; wait up to ``timeout`` seconds for the last cache hits to be reported."""
         self._stop.set()
+        self.reporter.join(timeout)
 
     def on_revocation_event(self, event: pb.RevocationEvent) -> None:
         kind = event.WhichOneof("event")
         if kind == "sync":
             dropped = self.cache.keep_only(set(event.sync.live_credential_ids))
+            dropped += self.cache.set_version(event.sync.scope_map_version)
             if event.sync.frozen:
                 self.cache.clear()
             self.synced.set()
@@ -221,29 +243,45 @@ class SidecarService:
                 self.cache.drop_class(event.frozen.action_class)
             _log.warning("freeze by %s: %s; cached credentials dropped", event.frozen.by,
                          event.frozen.reason)
+        elif kind == "scope_map":
+            dropped = self.cache.set_version(event.scope_map.version)
+            _log.warning("scope map %s is now in force; %d cached credential(s) decided under "
+                         "another dropped", event.scope_map.version[:19], dropped)
 
     def issue(self, msg: pb.IssueCredentialRequest, wait: int = 0) -> tuple[int, dict[str, Any]]:
         now = self._clock()
-        plain = not msg.approval_id and not msg.break_glass
-        cached = self.cache.get(msg.action_class, msg.target, now) if plain else None
+        # Only plain requests use the cache: a credential released by one person's
+        # approval (or break-glass) is for that exact request, never a later one.
+        key = request_key(msg) if not msg.approval_id and not msg.break_glass else ""
+        cached = self.cache.get(key, now, msg.ttl_seconds) if key else None
         if cached is not None:
-            return 200, {**cached.body, "cached": True}
+            request_id = uuid.uuid4().hex
+            hit = pb.CacheHit(credential_id=cached.credential_id, request_id=request_id,
+                              request=msg, served_at=_timestamp(now))
+            if self.reporter.offer(hit):
+                _log.info("served cached credential_id=%s request_id=%s",
+                          cached.credential_id, request_id)
+                return 200, {**cached.body, "request_id": request_id,
+                             "minted_request_id": cached.body["request_id"], "cached": True}
+            _log.warning("%d cache hits await reporting to the broker: asking the broker "
+                         "instead of answering from the cache", self.reporter.pending)
         resp = self.client.issue(msg)
         if not resp.HasField("credential") and resp.HasField("approval"):
             if wait:
                 return self.await_approval(resp.approval.id, wait)
             return 202, _pending(resp)
-        return self._credential(resp, msg.action_class, msg.target, now)
+        return self._credential(resp, key, now)
 
     def await_approval(self, approval_id: str, wait: int) -> tuple[int, dict[str, Any]]:
         resp = self.client.await_approval(approval_id, wait)
         if not resp.HasField("credential"):
             return 202, _pending(resp)
-        req = resp.approval.request
-        return self._credential(resp, req.action_class, req.target, self._clock())
+        return self._credential(resp, "", self._clock())
 
-    def _credential(self, resp: pb.IssueCredentialResponse, action_class: str, target: str,
+    def _credential(self, resp: pb.IssueCredentialResponse, key: str,
                     now: datetime) -> tuple[int, dict[str, Any]]:
+        """The 200 body; cached under ``key`` (when not empty) unless an approval or
+        break-glass released it."""
         cred = resp.credential
         expires = cred.expires_at.ToDatetime(tzinfo=UTC)
         body = {
@@ -258,16 +296,21 @@ class SidecarService:
         }
         if resp.HasField("approval"):
             body["approval"] = _approval_json(resp.approval)
-        else:
-            # Only plain issuances are cached: a credential released by one person's
-            # approval (or break-glass) is for that exact request, never a later one.
-            self.cache.put(action_class, target, CachedCredential(
-                credential_id=cred.credential_id, issued_at=now, expires_at=expires, body=body))
+        elif key:
+            self.cache.put(key, CachedCredential(
+                credential_id=cred.credential_id, issued_at=now, expires_at=expires, body=body,
+                action_class=resp.decision.action_class,
+                scope_map_version=resp.decision.scope_map_version))
         _log.info("issued credential_id=%s action_class=%s request_id=%s", cred.credential_id,
                   resp.decision.action_class, resp.request_id)
         return 200, {**body, "cached": False}
 
     def hand_back(self, credential_id: str) -> tuple[int, dict[str, Any]]:
+        """Revoke the credential, and forget it first: identical requests answered with the
+        same cached credential lose it too, and the next one gets a fresh credential.
+
+        Raises: BrokerCallError.
+        """
         self.cache.drop(credential_id)
         resp = self.client.revoke(credential_id, "handed back by the agent")
         _log.info("handed back credential_id=%s already_dead=%s", credential_id,
@@ -281,7 +324,8 @@ class SidecarService:
         except Exception as exc:
             return 503, _error("workload_api_unavailable",
                                f"no SVID from the Workload API ({type(exc).__name__})")
-        return 200, {"status": "ok", "spiffe_id": sid, "cached_credentials": len(self.cache)}
+        return 200, {"status": "ok", "spiffe_id": sid, "cached_credentials": len(self.cache),
+                     "unreported_cache_hits": self.reporter.pending}
 
 
 def _approval_json(a: pb.ApprovalInfo) -> dict[str, Any]:

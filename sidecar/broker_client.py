@@ -131,6 +131,12 @@ class BrokerClient:
             self._cfg.broker_timeout)
         return resp
 
+    def report_cache_hits(self, hits: list[pb.CacheHit]) -> pb.ReportCacheHitsResponse:
+        """Raises: BrokerCallError."""
+        resp: pb.ReportCacheHitsResponse = self._call(
+            "ReportCacheHits", pb.ReportCacheHitsRequest(hits=hits), self._cfg.broker_timeout)
+        return resp
+
     def _translate(self, err: grpc.RpcError) -> BrokerCallError:
         code: grpc.StatusCode = err.code()
         details: str = err.details() or ""

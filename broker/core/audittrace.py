@@ -3,7 +3,9 @@
 ``trace`` answers, for one credential or request: what started it, which
 workload asked, which class it was and who owns it and who should have
 intervened, which scope-map version and rule decided, who approved (or which
-rule said no approval was needed), what was minted, and how it ended.
+rule said no approval was needed), what was minted, every request the credential
+served (the one that minted it, then each identical request a sidecar answered
+from its cache: ``credential.reused``), and how it ended.
 """
 
 from __future__ import annotations
@@ -25,10 +27,32 @@ class Trace:
     minted: list[dict[str, Any]] = field(default_factory=list)
     ended: list[dict[str, Any]] = field(default_factory=list)
     approvals: list[dict[str, Any]] = field(default_factory=list)
+    reused: list[dict[str, Any]] = field(default_factory=list)  # credential.reused, in order
+
+    def served(self) -> list[dict[str, Any]]:
+        """Every request a credential of this trace served: the minting request first, then
+        each reuse; ``how`` is minted or reused."""
+        out: list[dict[str, Any]] = []
+        req = (self.decision or {}).get("request") or {}
+        for m in self.minted:
+            out.append({"how": "minted", "credential_id": m.get("credential_id"),
+                        "time": m.get("time"), "request_id": self.request_id,
+                        "initiating_event": req.get("initiating_event"),
+                        "justification": req.get("justification") or ""})
+            for r in self.reused:
+                if r.get("credential_id") == m.get("credential_id"):
+                    rreq = r.get("request") or {}
+                    out.append({"how": "reused", "credential_id": r.get("credential_id"),
+                                "time": r.get("served_at") or r.get("time"),
+                                "recorded_at": r.get("time"), "request_id": r.get("request_id"),
+                                "initiating_event": rreq.get("initiating_event"),
+                                "justification": rreq.get("justification") or ""})
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {"request_id": self.request_id, "decision": self.decision,
-                "credentials": self.minted, "approvals": self.approvals, "ended": self.ended}
+                "credentials": self.minted, "approvals": self.approvals, "ended": self.ended,
+                "served": self.served(), "reused": self.reused}
 
 
 def trace(records: Iterable[dict[str, Any]], ident: str) -> Trace | None:
@@ -44,7 +68,9 @@ def trace(records: Iterable[dict[str, Any]], ident: str) -> Trace | None:
     request_id = ""
     for r in records:
         if ident in (r.get("request_id"), r.get("credential_id"), r.get("approval_id")):
-            request_id = str(r.get("request_id") or "")
+            # A reuse names the request it served; the trace is of the one that minted.
+            request_id = str((r.get("minted_request_id") if r.get("type") ==
+                              "credential.reused" else r.get("request_id")) or "")
             if request_id:
                 break
     if not request_id:
@@ -63,9 +89,14 @@ def trace(records: Iterable[dict[str, Any]], ident: str) -> Trace | None:
                 t.approvals.append(r)
     freezes: dict[str, dict[str, Any]] = {}
     gone: set[str] = set()  # ended already: a later freeze did not end them again
+    reuses: set[str] = set()
     for r in records:
         kind = r.get("type")
-        if kind == "credential.revoked" and r.get("credential_id") in minted:
+        if kind == "credential.reused" and r.get("credential_id") in minted:
+            if str(r.get("request_id")) not in reuses:  # a hit reported twice counts once
+                reuses.add(str(r.get("request_id")))
+                t.reused.append(r)
+        elif kind == "credential.revoked" and r.get("credential_id") in minted:
             how = "handed_back" if r.get("selector") == "hand-back" else "revoked"
             t.ended.append({**r, "how": how})
             gone.add(str(r.get("credential_id")))
@@ -152,6 +183,17 @@ def _ending_line(e: dict[str, Any]) -> str:
     return f"revoked by {e.get('by')} (selector {e.get('selector')}) at {when}: {why}"
 
 
+def _served_line(x: dict[str, Any]) -> str:
+    ev = x.get("initiating_event") or {}
+    event = f"{ev.get('source')} {ev.get('id')}" if ev else "none"
+    if ev.get("summary"):
+        event += f" — {ev.get('summary')}"
+    how = "minted for" if x["how"] == "minted" else "reused from the sidecar cache for"
+    just = x.get("justification") or "none"
+    return (f"{x.get('time')} {how} request {x.get('request_id')}; event: {event}; "
+            f"justification: {just}")
+
+
 def trace_lines(t: Trace, now: datetime) -> list[str]:
     """The trace in plain language, one step per line."""
     lines = [f"Accountability trace for request {t.request_id}"]
@@ -205,6 +247,11 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
         lines.append(f"  6. credential {m.get('credential_id')} minted at {m.get('time')}, TTL "
                      f"{m.get('ttl_seconds')}s, policies {', '.join(m.get('policies') or [])}, "
                      f"expires {m.get('expires_at')}")
+        served = [x for x in t.served() if x["credential_id"] == m.get("credential_id")]
+        if len(served) > 1:
+            lines.append(f"     served {len(served)} requests:")
+            for x in served:
+                lines.append(f"       {_served_line(x)}")
         ends = [e for e in t.ended if e.get("credential_id") == m.get("credential_id")]
         for e in ends:
             lines.append(f"  7. {_ending_line(e)}")
@@ -225,6 +272,8 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
 # OCSF 1.1 classes (https://schema.ocsf.io):
 #   decision, credential.minted  -> 3003 Authorize Session, activity 1 "Assign Privileges":
 #       a workload is granted (or refused) a set of Vault policies for a short session.
+#   credential.reused            -> 3003 Authorize Session, activity 99 "Other": a sidecar
+#                                   answered an identical request with a cached credential.
 #   credential.revoked           -> 3005 User Access Management, activity 2 "Revoke Privileges".
 #   credentials.revoked (bulk)   -> 3005 User Access Management, activity 2 "Revoke Privileges".
 #   freeze of an identity        -> 3001 Account Change, activity 5 "Disable" (its Vault
@@ -238,6 +287,7 @@ _OCSF: dict[str, tuple[int, int, int, str]] = {
     # type: (category_uid, class_uid, activity_id, activity_name)
     "decision": (3, 3003, 1, "Assign Privileges"),
     "credential.minted": (3, 3003, 1, "Assign Privileges"),
+    "credential.reused": (3, 3003, 99, "Other"),
     "credential.revoked": (3, 3005, 2, "Revoke Privileges"),
     "credentials.revoked": (3, 3005, 2, "Revoke Privileges"),
     "freeze/spiffe_id": (3, 3001, 5, "Disable"),
@@ -308,6 +358,9 @@ def _message(r: dict[str, Any]) -> str:
                 f"{d.get('outcome')} by {d.get('rule')}")
     if kind == "credential.minted":
         return f"credential {r.get('credential_id')} minted for {r.get('spiffe_id')}"
+    if kind == "credential.reused":
+        return (f"credential {r.get('credential_id')} reused from the sidecar cache for "
+                f"{r.get('spiffe_id')} (request {r.get('request_id')})")
     if kind == "credential.revoked":
         return f"credential {r.get('credential_id')} revoked ({r.get('selector')})"
     if kind == "credentials.revoked":

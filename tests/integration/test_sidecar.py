@@ -4,18 +4,35 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import hvac
 import hvac.exceptions
 import pytest
 
+from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker.audit import read_records
+from broker.cli import main as cli_main
 from broker.devspiffe import DevCA, DevWorkloadApi
 from broker.devstack import OpenBaoDev, free_port
 from broker.server import BrokerServer
+from sidecar.broker_client import BrokerCallError
 from sidecar.client import SidecarError
-from tests.integration.conftest import TRIAGE, Identity, Sidecar, start_sidecar, vault_as
+from tests.integration.conftest import (
+    TEST_MAP,
+    TRIAGE,
+    Identity,
+    Sidecar,
+    start_sidecar,
+    vault_as,
+)
 
 ALERT = {"source": "splunk", "id": "NOTABLE-7", "summary": "beaconing"}
 
@@ -53,8 +70,10 @@ def test_issue_returns_the_documented_body_and_caches(sidecars: dict[str, Sideca
     assert body["decision"]["outcome"] == "allow"
     assert body["decision"]["owner"] == {"team": "soc-platform",
                                          "contact": "soc-platform@example.org"}
-    again = c.request_credential("enrichment", target="t-cache")
+    again = c.request_credential("enrichment", target="t-cache", initiating_event=ALERT,
+                                 justification="enrich")
     assert again["cached"] is True and again["credential_id"] == body["credential_id"]
+    assert again["minted_request_id"] == body["request_id"] != again["request_id"]
     other_target = c.request_credential("enrichment", target="t-other")
     assert other_target["credential_id"] != body["credential_id"]
     assert vault_as(bao, body["token"]).secrets.kv.v2.read_secret_version(
@@ -194,3 +213,192 @@ def test_sidecar_logs_no_token(sidecars: dict[str, Sidecar],
     sidecars["triage"].client.hand_back(body["credential_id"])
     assert body["credential_id"] in caplog.text
     assert body["token"] not in caplog.text
+
+
+# --- every request an agent makes is on the record (issue #11 item 2) ----------------------
+
+
+@dataclass
+class Recorded:
+    server: BrokerServer
+    map_path: Path
+    triage: Sidecar
+    containment: Sidecar
+
+    def records(self, kind: str) -> list[dict[str, Any]]:
+        """The audit file's records of ``kind``, read from disk."""
+        assert self.server.audit is not None
+        return [r for r in read_records(self.server.audit.path) if r["type"] == kind]
+
+    def decision_of(self, request_id: str) -> dict[str, Any]:
+        found = [r for r in self.records("decision") if r["request_id"] == request_id]
+        assert len(found) == 1, f"{len(found)} decision records for request {request_id}"
+        return found[0]
+
+
+@pytest.fixture(scope="module")
+def recorded(bao: OpenBaoDev, identity: Identity, vault_root: hvac.Client, short_tmp: Path
+             ) -> Iterator[Recorded]:
+    """A broker of its own (its scope map is a copy these tests may change) and two sidecars."""
+    from tests.integration.conftest import broker_config
+
+    path = short_tmp / "record-map.yaml"
+    shutil.copy(TEST_MAP, path)
+    server = BrokerServer(broker_config(bao, identity, scope_map_path=path))
+    server.start()
+    addr = f"127.0.0.1:{server.port}"
+    scs = [start_sidecar(identity, name, addr, short_tmp / f"sc-rec-{name}.sock")
+           for name in ("triage", "containment")]
+    for sc in scs:
+        assert sc.service.synced.wait(5)
+    yield Recorded(server=server, map_path=path, triage=scs[0], containment=scs[1])
+    for sc in scs:
+        sc.http.close()
+        sc.service.stop_watching()
+        sc.service.client.close()
+    server.stop(grace=1)
+
+
+def _until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_another_initiating_event_gets_its_own_decision(recorded: Recorded) -> None:
+    c = recorded.triage.client
+    first = c.request_credential("enrichment", target="t-ev", initiating_event=ALERT,
+                                 justification="enrich")
+    other = {"source": "splunk", "id": "NOTABLE-8", "summary": "beaconing"}
+    second = c.request_credential("enrichment", target="t-ev", initiating_event=other,
+                                  justification="enrich")
+    assert second["cached"] is False and second["credential_id"] != first["credential_id"]
+    assert recorded.decision_of(second["request_id"])["request"]["initiating_event"] == other
+    assert recorded.decision_of(first["request_id"])["request"]["initiating_event"] == ALERT
+    # Another justification alone is another request too.
+    third = c.request_credential("enrichment", target="t-ev", initiating_event=ALERT,
+                                 justification="enrich again")
+    assert third["cached"] is False
+    assert recorded.decision_of(third["request_id"])["request"]["justification"] == \
+        "enrich again"
+
+
+def test_a_longer_ttl_is_not_answered_from_the_cache(recorded: Recorded) -> None:
+    c = recorded.triage.client
+    first = c.request_credential("enrichment", target="t-ttl", initiating_event=ALERT)
+    assert first["ttl_seconds"] == 120
+    with pytest.raises(SidecarError) as err:  # the class allows at most 5 minutes
+        c.request_credential("enrichment", target="t-ttl", initiating_event=ALERT,
+                             ttl_seconds=3600)
+    assert err.value.status == 400 and err.value.code == "ttl_above_max"
+    denied = [r for r in recorded.records("decision")
+              if r["request"]["target"] == "t-ttl" and r["request"]["ttl_seconds"] == 3600]
+    assert [r["decision"]["outcome"] for r in denied] == ["deny"]
+    # A TTL the class allows gets a credential of that TTL, not the cached one.
+    longer = c.request_credential("enrichment", target="t-ttl", initiating_event=ALERT,
+                                  ttl_seconds=240)
+    assert longer["cached"] is False and longer["ttl_seconds"] == 240
+
+
+def test_a_request_the_when_condition_denies_is_denied_though_the_class_is_cached(
+        recorded: Recorded) -> None:
+    c = recorded.containment.client
+    ok = c.request_credential("identity.disable_account", target="user-7",
+                              initiating_event=ALERT, justification="account beaconing to C2")
+    assert ok["cached"] is False
+    with pytest.raises(SidecarError) as err:  # when: justification of 10 characters or more
+        c.request_credential("identity.disable_account", target="user-7",
+                             initiating_event=ALERT, justification="short")
+    assert err.value.status == 403 and err.value.code == "condition_false"
+    assert err.value.body["error"]["decision"]["outcome"] == "deny"
+    refused = [r for r in recorded.records("decision")
+               if r["request"]["action_class"] == "identity.disable_account"
+               and r["request"]["justification"] == "short"]
+    assert [r["decision"]["deny_code"] for r in refused] == ["condition_false"]
+
+
+def test_an_identical_request_is_cached_and_on_the_record(
+        recorded: Recorded, capsys: pytest.CaptureFixture[str]) -> None:
+    c = recorded.triage.client
+    first = c.request_credential("enrichment", target="t-same", initiating_event=ALERT,
+                                 justification="enrich")
+    again = c.request_credential("enrichment", target="t-same", initiating_event=ALERT,
+                                 justification="enrich")
+    assert again["cached"] is True and again["credential_id"] == first["credential_id"]
+    assert again["request_id"] != first["request_id"]
+
+    def reused() -> list[dict[str, Any]]:
+        return [r for r in recorded.records("credential.reused")
+                if r["request_id"] == again["request_id"]]
+
+    _until(lambda: bool(reused()), "no credential.reused record within 5 s")
+    (record,) = reused()
+    assert record["credential_id"] == first["credential_id"]
+    assert record["minted_request_id"] == first["request_id"]
+    assert record["spiffe_id"] == TRIAGE
+    assert record["request"] == {"action_class": "enrichment", "target": "t-same",
+                                 "initiating_event": ALERT, "justification": "enrich",
+                                 "ttl_seconds": 0}
+    assert record["served_at"].endswith("Z") and record["proof"]["x509_serial"]
+    assert first["token"] not in json.dumps(record)
+    assert recorded.triage.service.reporter.pending == 0
+    # `credbroker audit trace` lists both requests the credential served.
+    assert recorded.server.audit is not None
+    log = str(recorded.server.audit.path)
+    assert cli_main(["audit", "trace", first["credential_id"], "--log", log]) == 0
+    text = capsys.readouterr().out
+    assert "served 2 requests:" in text
+    assert f"minted for request {first['request_id']}" in text
+    assert f"reused from the sidecar cache for request {again['request_id']}; event: splunk " \
+           "NOTABLE-7 — beaconing; justification: enrich" in text
+    assert cli_main(["audit", "trace", again["request_id"], "--log", log, "--json"]) == 0
+    served = json.loads(capsys.readouterr().out)["served"]
+    assert [(s["how"], s["request_id"]) for s in served] == [
+        ("minted", first["request_id"]), ("reused", again["request_id"])]
+
+
+def test_a_hit_for_another_workloads_credential_is_not_recorded(recorded: Recorded) -> None:
+    theirs = recorded.containment.client.request_credential("enrichment", target="t-theirs")
+    hit = pb.CacheHit(credential_id=theirs["credential_id"], request_id="forged-1",
+                      request=pb.IssueCredentialRequest(action_class="enrichment",
+                                                        target="t-theirs"))
+    resp = recorded.triage.service.client.report_cache_hits([hit])
+    assert resp.recorded == 0 and [r.index for r in resp.rejected] == [0]
+    assert not [r for r in recorded.records("credential.reused")
+                if r["request_id"] == "forged-1"]
+
+
+def test_a_scope_map_reload_drops_the_sidecar_cache(recorded: Recorded) -> None:
+    c, service = recorded.triage.client, recorded.triage.service
+    first = c.request_credential("enrichment", target="t-reload", initiating_event=ALERT)
+    assert c.request_credential("enrichment", target="t-reload",
+                                initiating_event=ALERT)["cached"] is True
+    old = first["decision"]["scope_map_version"]
+    recorded.map_path.write_text(recorded.map_path.read_text().replace(
+        "escalation: [soc-oncall]", "escalation: [soc-oncall, soc-lead]"))
+    assert recorded.server.reload() is True
+    _until(lambda: not service.cache.holds(first["credential_id"]),
+           "the sidecar kept its cache after a new scope map was put in force")
+    fresh = c.request_credential("enrichment", target="t-reload", initiating_event=ALERT)
+    assert fresh["cached"] is False and fresh["credential_id"] != first["credential_id"]
+    assert fresh["decision"]["scope_map_version"] != old
+    assert fresh["decision"]["escalation"] == ["soc-oncall", "soc-lead"]
+    assert c.request_credential("enrichment", target="t-reload",
+                                initiating_event=ALERT)["cached"] is True
+
+
+def test_a_resent_batch_is_recorded_once_and_batches_are_bounded(recorded: Recorded) -> None:
+    mine = recorded.triage.client.request_credential("enrichment", target="t-resend")
+    hit = pb.CacheHit(credential_id=mine["credential_id"], request_id="resent-1",
+                      request=pb.IssueCredentialRequest(action_class="enrichment",
+                                                        target="t-resend"))
+    client = recorded.triage.service.client
+    assert client.report_cache_hits([hit]).recorded == 1
+    again = client.report_cache_hits([hit])  # its answer was lost: the sidecar sends it again
+    assert (again.recorded, again.duplicates) == (0, 1)
+    assert len([r for r in recorded.records("credential.reused")
+                if r["request_id"] == "resent-1"]) == 1
+    with pytest.raises(BrokerCallError) as err:
+        client.report_cache_hits([hit] * 101)
+    assert err.value.http_status == 400 and "at most 100" in err.value.message

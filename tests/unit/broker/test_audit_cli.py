@@ -152,3 +152,36 @@ def test_export_since_takes_a_duration(log: Path, capsys: pytest.CaptureFixture[
     assert len(capsys.readouterr().out.splitlines()) == len(list(read_records(log)))
     assert main(["audit", "export", "--log", str(log), "--since", "2026-11-27T00:00:00"]) == 2
     assert "is not a time; write a duration" in capsys.readouterr().err
+
+
+def test_trace_lists_every_request_a_credential_served(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "audit.log"
+    a = AuditLog(path)
+    cid = minted(a, 5)
+    for n, rid in enumerate(("hit-1", "hit-2", "hit-1")):  # hit-1 reported twice: once
+        a.append("credential.reused", request_id=rid, credential_id=cid,
+                 minted_request_id="req-5", spiffe_id=TRIAGE, action_class="enrichment",
+                 target="h", request={"action_class": "enrichment", "target": "h",
+                                      "initiating_event": {"source": "splunk", "id": "N-9",
+                                                           "summary": ""},
+                                      "justification": "same again", "ttl_seconds": 0},
+                 served_at=f"2026-11-27T12:00:0{n}Z", proof={"x509_serial": "1"})
+    a.close()
+    for ident in (cid, "req-5", "hit-2"):  # a reuse's request id leads to the same trace
+        text = trace(capsys, path, ident)
+        assert "Accountability trace for request req-5" in text
+        assert "served 3 requests:" in text
+        assert "minted for request req-5; event: none; justification: none" in text
+        assert ("2026-11-27T12:00:01Z reused from the sidecar cache for request hit-2; "
+                "event: splunk N-9; justification: same again") in text
+        assert text.count("request hit-1") == 1
+    served = json.loads(trace(capsys, path, cid, "--json"))["served"]
+    assert [(s["how"], s["request_id"]) for s in served] == [
+        ("minted", "req-5"), ("reused", "hit-1"), ("reused", "hit-2")]
+    assert served[2]["initiating_event"]["id"] == "N-9"
+    assert served[2]["justification"] == "same again"
+    assert served[2]["time"] == "2026-11-27T12:00:01Z"
+    ocsf = to_ocsf(next(r for r in read_records(path) if r["type"] == "credential.reused"))
+    assert (ocsf["class_uid"], ocsf["activity_id"]) == (3003, 99)
+    assert ocsf["metadata"]["correlation_uid"] == "hit-1" and "reused" in ocsf["message"]

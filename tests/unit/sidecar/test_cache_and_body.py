@@ -1,4 +1,5 @@
-"""The sidecar's cache rule (more than 20% of life left) and request-body validation."""
+"""The sidecar's cache rule (identical requests only, more than 20% of life left, a requested
+TTL must fit, dropped on a new scope map) and request-body validation."""
 
 from __future__ import annotations
 
@@ -6,40 +7,117 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from broker._proto.credbroker.v1 import broker_pb2 as pb
 from sidecar.app import BadRequest, parse_issue, parse_issue_body
-from sidecar.cache import CachedCredential, CredentialCache
+from sidecar.cache import CachedCredential, CredentialCache, request_key
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+V1, V2 = "sha256:one", "sha256:two"
 
 
-def _entry(cid: str = "acc1", life: int = 100) -> CachedCredential:
+def _entry(cid: str = "acc1", life: int = 100, version: str = V1,
+           action_class: str = "enrichment") -> CachedCredential:
     return CachedCredential(credential_id=cid, issued_at=T0,
-                            expires_at=T0 + timedelta(seconds=life), body={"token": "x"})
+                            expires_at=T0 + timedelta(seconds=life), body={"token": "x"},
+                            action_class=action_class, scope_map_version=version)
+
+
+def _req(**fields: object) -> pb.IssueCredentialRequest:
+    base: dict[str, object] = {
+        "action_class": "enrichment", "target": "h1", "justification": "enrich the alert",
+        "initiating_event": pb.InitiatingEvent(source="splunk", id="N-1", summary="beacon"),
+        "ttl_seconds": 0}
+    base.update(fields)
+    return pb.IssueCredentialRequest(**base)  # type: ignore[arg-type]
 
 
 def test_cached_only_while_more_than_20_percent_of_life_is_left() -> None:
     cache = CredentialCache()
-    cache.put("enrichment", "", _entry())
-    assert cache.get("enrichment", "", T0 + timedelta(seconds=79)) is not None
-    assert cache.get("enrichment", "", T0 + timedelta(seconds=80)) is None  # exactly 20% left
+    cache.put("k", _entry())
+    assert cache.get("k", T0 + timedelta(seconds=79)) is not None
+    assert cache.get("k", T0 + timedelta(seconds=80)) is None  # exactly 20% left
     assert len(cache) == 0  # the stale entry was dropped
 
 
-def test_keyed_by_class_and_target() -> None:
+@pytest.mark.parametrize("change", [
+    {"action_class": "containment.isolate_host"},
+    {"target": "h2"},
+    {"target": ""},
+    {"justification": "enrich the alert!"},
+    {"justification": ""},
+    {"initiating_event": pb.InitiatingEvent(source="crowdstrike", id="N-1", summary="beacon")},
+    {"initiating_event": pb.InitiatingEvent(source="splunk", id="N-2", summary="beacon")},
+    {"initiating_event": pb.InitiatingEvent(source="splunk", id="N-1", summary="other")},
+    {"initiating_event": pb.InitiatingEvent(source="splunk", id="N-1")},
+    {"initiating_event": None},
+    {"ttl_seconds": 60},
+    {"ttl_seconds": 3600},
+])
+def test_every_request_field_is_part_of_the_key(change: dict[str, object]) -> None:
+    assert request_key(_req(**change)) != request_key(_req())
+
+
+def test_the_key_is_canonical_and_ignores_what_never_changes_the_decision() -> None:
+    assert request_key(_req()) == request_key(_req())
+    # Fields do not run into each other: ("ab", "") and ("a", "b") differ.
+    assert request_key(_req(target="ab", justification="")) != \
+        request_key(_req(target="a", justification="b"))
+    # The correlation id the broker assigns is not part of what was asked.
+    assert request_key(_req(request_id="r1")) == request_key(_req(request_id="r2"))
+    assert len(request_key(_req())) == 64
+
+
+def test_a_requested_ttl_must_fit_in_what_is_left() -> None:
     cache = CredentialCache()
-    cache.put("enrichment", "h1", _entry("a"))
-    assert cache.get("enrichment", "h2", T0) is None
-    assert cache.get("containment.isolate_host", "h1", T0) is None
-    entry = cache.get("enrichment", "h1", T0)
+    cache.put("k", _entry(life=100))
+    at = T0 + timedelta(seconds=30)  # 70 s left
+    assert cache.get("k", at, 70) is not None
+    assert cache.get("k", at, 71) is None
+    assert len(cache) == 1  # still good for a request that fits
+    assert cache.get("k", at) is not None
+
+
+def test_keyed_by_the_whole_request() -> None:
+    cache = CredentialCache()
+    cache.put(request_key(_req()), _entry("a"))
+    assert cache.get(request_key(_req(target="h2")), T0) is None
+    assert cache.get(request_key(_req(justification="other")), T0) is None
+    entry = cache.get(request_key(_req()), T0)
     assert entry is not None and entry.credential_id == "a"
 
 
 def test_drop_by_credential_id() -> None:
     cache = CredentialCache()
-    cache.put("a", "", _entry("one"))
-    cache.put("b", "", _entry("two"))
+    cache.put("a", _entry("one"))
+    cache.put("b", _entry("two"))
+    assert cache.holds("one")
     assert cache.drop("one") and not cache.drop("one")
-    assert cache.get("a", "", T0) is None and cache.get("b", "", T0) is not None
+    assert cache.get("a", T0) is None and cache.get("b", T0) is not None
+    assert not cache.holds("one")
+
+
+def test_drop_class_uses_the_class_the_broker_decided() -> None:
+    cache = CredentialCache()
+    cache.put("a", _entry("one", action_class="enrichment"))
+    cache.put("b", _entry("two", action_class="containment.isolate_host"))
+    assert cache.drop_class("enrichment") == 1
+    assert not cache.holds("one") and cache.holds("two")
+
+
+def test_a_new_scope_map_version_drops_what_another_decided() -> None:
+    cache = CredentialCache()
+    assert cache.set_version("") == 0 and cache.version == ""  # an older broker: no say
+    cache.put("a", _entry("one", version=V1))
+    cache.put("b", _entry("two", version=V2))
+    assert cache.set_version(V1) == 1  # the sync names V1: V2's entry goes
+    assert cache.holds("one") and not cache.holds("two")
+    assert cache.set_version(V2) == 1
+    assert len(cache) == 0
+    # A credential decided under the old map (answer in flight during the reload) is
+    # not cached once the new one is known.
+    assert not cache.put("c", _entry("three", version=V1))
+    assert cache.put("d", _entry("four", version=V2))
+    assert cache.holds("four") and not cache.holds("three")
 
 
 def test_zero_length_life_is_never_fresh() -> None:

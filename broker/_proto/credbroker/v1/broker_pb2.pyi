@@ -223,6 +223,42 @@ class Selector(_message.Message):
     all: bool
     def __init__(self, spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., target: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credential_ids: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ...) -> None: ...
 
+class CacheHit(_message.Message):
+    __slots__ = ("credential_id", "request_id", "request", "served_at")
+    CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SERVED_AT_FIELD_NUMBER: _ClassVar[int]
+    credential_id: str
+    request_id: str
+    request: IssueCredentialRequest
+    served_at: _timestamp_pb2.Timestamp
+    def __init__(self, credential_id: _Optional[str] = ..., request_id: _Optional[str] = ..., request: _Optional[_Union[IssueCredentialRequest, _Mapping]] = ..., served_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ReportCacheHitsRequest(_message.Message):
+    __slots__ = ("hits",)
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[CacheHit]
+    def __init__(self, hits: _Optional[_Iterable[_Union[CacheHit, _Mapping]]] = ...) -> None: ...
+
+class RejectedCacheHit(_message.Message):
+    __slots__ = ("index", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReportCacheHitsResponse(_message.Message):
+    __slots__ = ("recorded", "duplicates", "rejected")
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    recorded: int
+    duplicates: int
+    rejected: _containers.RepeatedCompositeFieldContainer[RejectedCacheHit]
+    def __init__(self, recorded: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[RejectedCacheHit, _Mapping]]] = ...) -> None: ...
+
 class CredentialInfo(_message.Message):
     __slots__ = ("credential_id", "spiffe_id", "action_class", "target", "request_id", "issued_at", "expires_at", "state", "initiating_event")
     CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -364,16 +400,18 @@ class WatchRevocationsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RevocationEvent(_message.Message):
-    __slots__ = ("sync", "revoked", "frozen")
+    __slots__ = ("sync", "revoked", "frozen", "scope_map")
     class Sync(_message.Message):
-        __slots__ = ("live_credential_ids", "frozen", "reason")
+        __slots__ = ("live_credential_ids", "frozen", "reason", "scope_map_version")
         LIVE_CREDENTIAL_IDS_FIELD_NUMBER: _ClassVar[int]
         FROZEN_FIELD_NUMBER: _ClassVar[int]
         REASON_FIELD_NUMBER: _ClassVar[int]
+        SCOPE_MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
         live_credential_ids: _containers.RepeatedScalarFieldContainer[str]
         frozen: bool
         reason: str
-        def __init__(self, live_credential_ids: _Optional[_Iterable[str]] = ..., frozen: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+        scope_map_version: str
+        def __init__(self, live_credential_ids: _Optional[_Iterable[str]] = ..., frozen: _Optional[bool] = ..., reason: _Optional[str] = ..., scope_map_version: _Optional[str] = ...) -> None: ...
     class Revoked(_message.Message):
         __slots__ = ("credential_ids",)
         CREDENTIAL_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -390,10 +428,17 @@ class RevocationEvent(_message.Message):
         reason: str
         by: str
         def __init__(self, action_class: _Optional[str] = ..., identity: _Optional[bool] = ..., reason: _Optional[str] = ..., by: _Optional[str] = ...) -> None: ...
+    class ScopeMapInForce(_message.Message):
+        __slots__ = ("version",)
+        VERSION_FIELD_NUMBER: _ClassVar[int]
+        version: str
+        def __init__(self, version: _Optional[str] = ...) -> None: ...
     SYNC_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_MAP_FIELD_NUMBER: _ClassVar[int]
     sync: RevocationEvent.Sync
     revoked: RevocationEvent.Revoked
     frozen: RevocationEvent.Frozen
-    def __init__(self, sync: _Optional[_Union[RevocationEvent.Sync, _Mapping]] = ..., revoked: _Optional[_Union[RevocationEvent.Revoked, _Mapping]] = ..., frozen: _Optional[_Union[RevocationEvent.Frozen, _Mapping]] = ...) -> None: ...
+    scope_map: RevocationEvent.ScopeMapInForce
+    def __init__(self, sync: _Optional[_Union[RevocationEvent.Sync, _Mapping]] = ..., revoked: _Optional[_Union[RevocationEvent.Revoked, _Mapping]] = ..., frozen: _Optional[_Union[RevocationEvent.Frozen, _Mapping]] = ..., scope_map: _Optional[_Union[RevocationEvent.ScopeMapInForce, _Mapping]] = ...) -> None: ...

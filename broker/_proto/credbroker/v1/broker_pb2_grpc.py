@@ -54,6 +54,11 @@ class CredentialBrokerStub:
                 request_serializer=credbroker_dot_v1_dot_broker__pb2.AwaitApprovalRequest.SerializeToString,
                 response_deserializer=credbroker_dot_v1_dot_broker__pb2.IssueCredentialResponse.FromString,
                 _registered_method=True)
+        self.ReportCacheHits = channel.unary_unary(
+                '/credbroker.v1.CredentialBroker/ReportCacheHits',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -79,9 +84,10 @@ class CredentialBrokerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchRevocations(self, request, context):
-        """A stream of revocations and freezes that concern the caller. The first
-        message is always a `sync` listing the caller's live credentials (a
-        reconnecting sidecar drops any cached credential not in it).
+        """A stream of revocations and freezes that concern the caller, and of scope-map
+        changes. The first message is always a `sync` listing the caller's live
+        credentials and the scope-map version in force (a reconnecting sidecar drops
+        any cached credential not in it, or decided under another version).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +98,21 @@ class CredentialBrokerServicer:
         Approved: the credential is minted for exactly the approved request and
         returned (an approval is used once). Still pending: the approval, no
         credential. Denied or expired: PERMISSION_DENIED with the reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportCacheHits(self, request, context):
+        """Requests the caller's sidecar answered from its cache, with a credential the
+        broker minted for an identical earlier request. Each hit is appended to the
+        audit log as `credential.reused`. A hit for a credential the caller does not
+        hold (or for another class or target than the credential's), or with a
+        malformed field, is not recorded and comes back in `rejected`; a hit already
+        recorded (same credential and request id: a resent batch) counts as
+        `duplicates`. INVALID_ARGUMENT: more than 100 hits in one call.
+        UNAVAILABLE: the audit log is not writable (nothing after the first failing
+        hit is recorded; resend the batch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,6 +140,11 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.AwaitApproval,
                     request_deserializer=credbroker_dot_v1_dot_broker__pb2.AwaitApprovalRequest.FromString,
                     response_serializer=credbroker_dot_v1_dot_broker__pb2.IssueCredentialResponse.SerializeToString,
+            ),
+            'ReportCacheHits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportCacheHits,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +255,33 @@ class CredentialBroker:
             '/credbroker.v1.CredentialBroker/AwaitApproval',
             credbroker_dot_v1_dot_broker__pb2.AwaitApprovalRequest.SerializeToString,
             credbroker_dot_v1_dot_broker__pb2.IssueCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportCacheHits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.CredentialBroker/ReportCacheHits',
+            credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
