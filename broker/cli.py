@@ -1,7 +1,8 @@
 """``credbroker`` command line. Errors become one clear line on stderr and an exit code.
 
-Exit codes: 0 ok; 1 the thing checked failed (e.g. the demo); 2 usage or
-configuration error; 3 identity; 4 policy; 5 Vault or broker unreachable.
+Exit codes: 0 ok; 1 the thing checked failed (e.g. the demo); otherwise the
+exit code of the error's code in ``broker.errors.ERRORS`` (2 usage or
+configuration error; 3 identity; 4 policy; 5 Vault or broker unreachable).
 """
 
 from __future__ import annotations
@@ -26,30 +27,7 @@ from broker.config import (
     vault_allowed_mounts_from,
     vault_settings,
 )
-from broker.errors import (
-    AuditError,
-    BrokerUnavailableError,
-    ConfigError,
-    CredbrokerError,
-    IdentityError,
-    InvalidRequestError,
-    InvalidSpiffeIdError,
-    PolicyError,
-    ScopeMapError,
-    VaultUnavailableError,
-)
-
-_EXIT = [
-    (InvalidSpiffeIdError, 2),
-    (InvalidRequestError, 2),
-    (ConfigError, 2),
-    (ScopeMapError, 2),
-    (IdentityError, 3),
-    (PolicyError, 4),
-    (VaultUnavailableError, 5),
-    (AuditError, 5),
-    (BrokerUnavailableError, 5),
-]
+from broker.errors import ConfigError, CredbrokerError, exit_code_for
 
 
 def _logging(verbose: bool, json_lines: bool = False) -> None:
@@ -408,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     except CredbrokerError as exc:
         print(f"credbroker {args.command}: {exc}", file=sys.stderr)
-        return next((code for cls, code in _EXIT if isinstance(exc, cls)), 1)
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         return 130
 
