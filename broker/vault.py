@@ -5,7 +5,7 @@ Vault identity entity: ``auth/token/create/credbroker-<class>`` with
 ``entity_alias=<SPIFFE ID>``. Vault creates (once) an entity alias named by the
 SPIFFE ID on the token auth mount, so every credential of one workload belongs
 to one entity; disabling that entity makes all of them refused at once and
-blocks new ones (measured: DESIGN.md "O(1) kill switch"). Token roles also give
+blocks new ones (measured: bench/bench_freeze.py, README "Benchmarks"). Token roles also give
 what the JWT-login alternative cannot: truly non-renewable tokens
 (``renewable=false``) and metadata set directly at creation, with no second
 signing key for Vault to trust.
