@@ -158,3 +158,36 @@ def test_a_spent_budget_says_when_it_frees_up() -> None:
     assert evaluate(m, sid, req, now, three).retry_after_seconds == 30 * 60
     ok = evaluate(m, sid, req, now, recent[:1])
     assert ok.outcome is Outcome.ALLOW and ok.retry_after_seconds == 0
+
+
+def test_a_429_the_broker_gave_no_time_for_carries_the_default_retry_after(
+        tmp_path: Path) -> None:
+    """Through the real sidecar HTTP server, with a stand-in for the broker client."""
+    import http.client
+    import socket
+    from typing import Any, cast
+
+    from broker.errors import DEFAULT_RETRY_AFTER_SECONDS
+    from sidecar.app import SidecarHttpServer, SidecarService
+    from sidecar.broker_client import BrokerCallError, http_status
+
+    class Spent:
+        def issue(self, msg: object, wait: int = 0) -> tuple[int, dict[str, Any]]:
+            raise BrokerCallError(http_status("budget_exhausted"), "budget_exhausted",
+                                  "budget spent")
+
+    server = SidecarHttpServer(tmp_path / "s.sock", cast(SidecarService, Spent()))
+    server.serve_in_thread()
+    try:
+        conn = http.client.HTTPConnection("sidecar", timeout=10)
+        conn.sock = socket.socket(socket.AF_UNIX)
+        conn.sock.connect(str(tmp_path / "s.sock"))
+        conn.request("POST", "/v1/credentials", body=b'{"action_class": "enrichment"}')
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+    finally:
+        server.close()
+    assert resp.status == 429
+    assert resp.getheader("Retry-After") == str(DEFAULT_RETRY_AFTER_SECONDS)
+    assert b'"retry_after_seconds": 30' in body
