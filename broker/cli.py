@@ -1,7 +1,8 @@
 """``credbroker`` command line. Errors become one clear line on stderr and an exit code.
 
-Exit codes: 0 ok; 1 the thing checked failed (e.g. the demo); 2 usage or
-configuration error; 3 identity; 4 policy; 5 Vault or broker unreachable.
+Exit codes: 0 ok; 1 the thing checked failed (e.g. the demo); otherwise the
+exit code of the error's code in ``broker.errors.ERRORS`` (2 usage or
+configuration error; 3 identity; 4 policy; 5 Vault or broker unreachable).
 """
 
 from __future__ import annotations
@@ -24,32 +25,10 @@ from broker.config import (
     process_env,
     sidecar_config_from,
     vault_allowed_mounts_from,
+    vault_ca_cert_from,
     vault_settings,
 )
-from broker.errors import (
-    AuditError,
-    BrokerUnavailableError,
-    ConfigError,
-    CredbrokerError,
-    IdentityError,
-    InvalidRequestError,
-    InvalidSpiffeIdError,
-    PolicyError,
-    ScopeMapError,
-    VaultUnavailableError,
-)
-
-_EXIT = [
-    (InvalidSpiffeIdError, 2),
-    (InvalidRequestError, 2),
-    (ConfigError, 2),
-    (ScopeMapError, 2),
-    (IdentityError, 3),
-    (PolicyError, 4),
-    (VaultUnavailableError, 5),
-    (AuditError, 5),
-    (BrokerUnavailableError, 5),
-]
+from broker.errors import ConfigError, CredbrokerError, exit_code_for
 
 
 def _logging(verbose: bool, json_lines: bool = False) -> None:
@@ -143,7 +122,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = broker_config_from(
         env=process_env(), listen=args.listen, workload_api=args.workload_api,
         scope_map=args.scope_map, vault_addr=args.vault_addr,
-        vault_token_file=args.vault_token_file, jwt_audience=args.audience,
+        vault_token_file=args.vault_token_file, vault_ca_cert=args.vault_ca_cert,
+        jwt_audience=args.audience,
         require_jwt_svid=args.require_jwt_svid, ready_file=args.ready_file,
         audit_log=args.audit_log, audit_key=args.audit_key,
         checkpoint_mirror=args.checkpoint_mirror, checkpoint_interval=args.checkpoint_interval,
@@ -198,7 +178,8 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
         store = SqliteStore(Path(args.registry))
         frozen = frozenset(f.pattern for f in store.freezes() if f.kind == "action_class")
         store.close()
-    report = VaultAdapter(addr=addr, token=token).sync_scope_map(
+    ca_cert = vault_ca_cert_from(env=env, flag=args.vault_ca_cert)
+    report = VaultAdapter(addr=addr, token=token, ca_cert=ca_cert).sync_scope_map(
         scope_map, frozen)
     if args.json:
         print(json.dumps({"scope_map_version": scope_map.version,
@@ -313,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vault-addr", help="Vault/OpenBao address (default $VAULT_ADDR)")
     s.add_argument("--vault-token-file", help="file holding the broker's Vault token "
                                               "(default: $VAULT_TOKEN)")
+    s.add_argument("--vault-ca-cert", metavar="PATH",
+                   help="PEM CA certificate Vault's TLS certificate chains to (default "
+                        "$VAULT_CACERT, then $BAO_CACERT, then the system's)")
     s.add_argument("--audience", help=f"JWT-SVID audience (default {DEFAULT_AUDIENCE})")
     s.add_argument("--require-jwt-svid", action="store_true",
                    help="refuse callers that do not also present a JWT-SVID")
@@ -375,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scope-map", help="scope-map file or directory ($CREDBROKER_SCOPE_MAP)")
     s.add_argument("--vault-addr", help="default $VAULT_ADDR")
     s.add_argument("--vault-token-file", help="default: $VAULT_TOKEN")
+    s.add_argument("--vault-ca-cert", metavar="PATH",
+                   help="PEM CA certificate of Vault's TLS (default $VAULT_CACERT, then "
+                        "$BAO_CACERT)")
     s.add_argument("--registry", help="keep classes frozen in this registry frozen")
     scope_cli.add_vault_allowed_mount(s)
     s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
@@ -408,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     except CredbrokerError as exc:
         print(f"credbroker {args.command}: {exc}", file=sys.stderr)
-        return next((code for cls, code in _EXIT if isinstance(exc, cls)), 1)
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         return 130
 

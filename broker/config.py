@@ -35,6 +35,7 @@ class BrokerConfig:
     vault_addr: str
     vault_token: str  # secret: never log it (repr hides it)
     vault_token_file: Path | None = None  # re-read when it changes (Vault Agent sink)
+    vault_ca_cert: Path | None = None  # PEM CA bundle that Vault's TLS certificate chains to
     jwt_audience: str = DEFAULT_AUDIENCE
     require_jwt_svid: bool = False
     ready_file: Path | None = None
@@ -112,6 +113,29 @@ def vault_settings(*, env: Mapping[str, str], vault_addr: str | None,
     return addr.rstrip("/"), token
 
 
+def vault_ca_cert_from(*, env: Mapping[str, str], flag: str | None) -> Path | None:
+    """The CA bundle to verify Vault's TLS certificate with, like ``bao`` finds it:
+    ``--vault-ca-cert``, else ``VAULT_CACERT``, else ``BAO_CACERT``; None: the system's.
+
+    Raises:
+        ConfigError: the file named cannot be read.
+    """
+    given = flag or env.get("VAULT_CACERT", "") or env.get("BAO_CACERT", "")
+    if not given:
+        return None
+    path = Path(given)
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the Vault CA certificate {given} (--vault-ca-cert / "
+                          f"VAULT_CACERT): {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in head:
+        raise ConfigError(f"the Vault CA certificate {given} (--vault-ca-cert / VAULT_CACERT) "
+                          "is not a PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return path
+
+
 def vault_allowed_mounts_from(*, env: Mapping[str, str],
                               flags: list[str] | None) -> tuple[str, ...]:
     """The Vault mounts scope maps may reach: the flags, else the environment, else the default.
@@ -138,6 +162,7 @@ def broker_config_from(
     scope_map: str | None = None,
     vault_addr: str | None = None,
     vault_token_file: str | None = None,
+    vault_ca_cert: str | None = None,
     jwt_audience: str | None = None,
     require_jwt_svid: bool = False,
     ready_file: str | None = None,
@@ -211,6 +236,7 @@ def broker_config_from(
         vault_addr=addr,
         vault_token_file=Path(vault_token_file) if vault_token_file else None,
         vault_token=token,
+        vault_ca_cert=vault_ca_cert_from(env=env, flag=vault_ca_cert),
         jwt_audience=jwt_audience or env.get("CREDBROKER_AUDIENCE", DEFAULT_AUDIENCE),
         require_jwt_svid=require_jwt_svid,
         ready_file=Path(ready_file) if ready_file else None,

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -132,14 +133,20 @@ def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str],
 
 
 class OpenBaoDev:
-    """A real ``bao server -dev`` on a loopback port, with a random root token."""
+    """A real ``bao server -dev`` on a loopback port, with a random root token.
 
-    def __init__(self, run_dir: Path, *, port: int | None = None) -> None:
+    ``tls=True`` serves HTTPS (``-dev-tls``): OpenBao generates a CA and a certificate for
+    127.0.0.1 into ``run_dir/openbao-tls``; :attr:`ca_cert` is that CA.
+    """
+
+    def __init__(self, run_dir: Path, *, port: int | None = None, tls: bool = False) -> None:
         self.port = port or free_port()
-        self.addr = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.addr = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.root_token = "dev-" + secrets.token_urlsafe(18)  # secret: never printed
         self.run_dir = run_dir
         self.child: Child | None = None
+        self.ca_cert: Path | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         """Raises: DevStackError when the server does not become healthy in time."""
@@ -147,16 +154,28 @@ class OpenBaoDev:
                "VAULT_DEV_ROOT_TOKEN_ID": self.root_token}
         env.pop("BAO_ADDR", None)
         env.pop("VAULT_ADDR", None)
-        self.child = spawn("openbao", [find_bao(), "server", "-dev",
-                                       f"-dev-listen-address=127.0.0.1:{self.port}"],
-                           self.run_dir / "openbao.log", env,
+        args = [find_bao(), "server", "-dev", f"-dev-listen-address=127.0.0.1:{self.port}"]
+        tls_context = None
+        if self.tls:
+            cert_dir = self.run_dir / f"openbao-tls-{self.port}"
+            cert_dir.mkdir(parents=True, exist_ok=True)
+            args += ["-dev-tls", f"-dev-tls-cert-dir={cert_dir}"]
+            self.ca_cert = cert_dir / "vault-ca.pem"
+        self.child = spawn("openbao", args, self.run_dir / "openbao.log", env,
                            secrets_to_redact=(self.root_token,))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.child.proc.poll() is not None:
                 raise DevStackError(f"OpenBao exited at start:\n{self.child.tail()}")
+            if self.ca_cert is not None and tls_context is None:
+                try:  # written by OpenBao as it starts
+                    tls_context = ssl.create_default_context(cafile=str(self.ca_cert))
+                except (OSError, ssl.SSLError):
+                    time.sleep(0.1)
+                    continue
             try:
-                with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=1) as r:  # noqa: S310
+                with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=1,  # noqa: S310
+                                            context=tls_context) as r:
                     if r.status == 200:
                         return
             except (urllib.error.URLError, OSError):

@@ -31,6 +31,7 @@ from broker.config import DEFAULT_BROKER_DNS
 from broker.core.records import rfc3339
 from broker.core.revocation import Selector, freeze_target, parse_when
 from broker.errors import (
+    ERROR_CODE_MD_KEY,
     BrokerUnavailableError,
     ConfigError,
     CredbrokerError,
@@ -118,7 +119,10 @@ def broker_channel(args: argparse.Namespace) -> Iterator[grpc.Channel]:
                 raise IdentityError(refused) from None
             raise BrokerUnavailableError(f"the broker at {target} is unreachable ({details})"
                                          ) from None
-        raise _CODES.get(code, CredbrokerError)(details) from None
+        error = _CODES.get(code, CredbrokerError)(details)
+        # The broker's stable code (README, "Errors") decides the exit code, not the status.
+        error.code = str(dict(err.trailing_metadata() or ()).get(ERROR_CODE_MD_KEY, error.code))
+        raise error from None
     finally:
         channel.close()
         source.close()

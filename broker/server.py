@@ -111,7 +111,7 @@ class BrokerServer:
         scope_map = load_scope_map(cfg.scope_map_path,
                                    vault_allowed_mounts=cfg.vault_allowed_mounts)
         vault = VaultAdapter(addr=cfg.vault_addr, token=cfg.vault_token,
-                             token_file=cfg.vault_token_file)
+                             token_file=cfg.vault_token_file, ca_cert=cfg.vault_ca_cert)
         self.scope_maps = ScopeMapHolder(scope_map)
         holder = self.scope_maps
         self.responder = Responder(store=self.store, vault=vault, audit=self.audit,

@@ -27,11 +27,10 @@ from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.approval_desk import ApprovalDesk
 from broker.audit import AuditLog
 from broker.core import approvals as ap
-from broker.core.approvals import ApprovalError, ApprovalNotFoundError, BreakGlassLimitError
+from broker.core.approvals import ApprovalError, ApprovalNotFoundError
 from broker.core.models import (
     CredentialRequest,
     Decision,
-    DenyCode,
     InitiatingEvent,
     Outcome,
 )
@@ -39,16 +38,17 @@ from broker.core.records import decision_record, request_to_json, rfc3339
 from broker.core.revocation import first_freeze
 from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ActionClass, ScopeMap, evaluate
 from broker.errors import (
+    ERROR_CODE_MD_KEY,
+    RETRY_AFTER_MD_KEY,
     AuditError,
     CredbrokerError,
     IdentityError,
     InvalidRequestError,
     NotFoundError,
-    PolicyError,
-    UnknownActionClassError,
     VaultError,
     VaultPermissionError,
     VaultUnavailableError,
+    spec_for,
 )
 from broker.identity import Caller, JwtSvidCache, spiffe_id_from_certificate
 from broker.inputs import (
@@ -62,41 +62,19 @@ from broker.inputs import (
     is_id,
 )
 from broker.observability import Metrics
-from broker.registry import StoreError
 from broker.responder import Responder
 from broker.vault import MintedToken, VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
 
 DECISION_MD_KEY = "credbroker-decision-bin"
-ERROR_CODE_MD_KEY = "credbroker-error-code"
 
-_STATUS: list[tuple[type[CredbrokerError], grpc.StatusCode]] = [
-    (IdentityError, grpc.StatusCode.UNAUTHENTICATED),
-    (ApprovalNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (BreakGlassLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ApprovalError, grpc.StatusCode.PERMISSION_DENIED),
-    (UnknownActionClassError, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (PolicyError, grpc.StatusCode.PERMISSION_DENIED),
-    (VaultUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (AuditError, grpc.StatusCode.UNAVAILABLE),
-    (StoreError, grpc.StatusCode.UNAVAILABLE),
-    (VaultError, grpc.StatusCode.INTERNAL),
-]
-#: A denial the agent can fix by changing its request is INVALID_ARGUMENT; a denial
-#: of who it is, PERMISSION_DENIED.
-_DENY_STATUS: dict[DenyCode, grpc.StatusCode] = {
-    DenyCode.UNKNOWN_ACTION_CLASS: grpc.StatusCode.INVALID_ARGUMENT,
-    DenyCode.WORKLOAD_NOT_ALLOWED: grpc.StatusCode.PERMISSION_DENIED,
-    DenyCode.MISSING_FIELD: grpc.StatusCode.INVALID_ARGUMENT,
-    DenyCode.TARGET_NOT_ALLOWED: grpc.StatusCode.PERMISSION_DENIED,
-    DenyCode.TTL_TOO_LONG: grpc.StatusCode.INVALID_ARGUMENT,
-    DenyCode.CONDITION_FALSE: grpc.StatusCode.PERMISSION_DENIED,
-    DenyCode.BUDGET_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DenyCode.FROZEN: grpc.StatusCode.FAILED_PRECONDITION,
-}
+
+def grpc_status(code: str) -> grpc.StatusCode:
+    """The gRPC status of an error code (``broker.errors.ERRORS``); INTERNAL if it has none."""
+    name = spec_for(code).grpc_status
+    return grpc.StatusCode[name] if name else grpc.StatusCode.INTERNAL
+
 
 #: Length limits (characters) of the IssueCredential fields, checked before anything is
 #: logged or audited; request_id and approval_id must also be ids (``broker.inputs``).
@@ -712,27 +690,34 @@ def _fields(record: dict[str, object]) -> dict[str, object]:
 
 @contextmanager
 def _boundary(context: grpc.ServicerContext, request_id: str, method: str) -> Iterator[None]:
-    """Translate our errors into gRPC statuses, once. Unexpected errors become INTERNAL."""
+    """Translate our errors into gRPC statuses, once (``broker.errors.ERRORS``).
+
+    The trailing metadata carries the stable code (``credbroker-error-code``), the request
+    id, and, when the error or decision knows it, ``credbroker-retry-after`` (seconds).
+    Unexpected errors become INTERNAL.
+    """
     try:
         yield
     except DeniedByPolicy as denied:
         d = denied.decision
         assert d.deny_code is not None  # only denials are raised; approvals answer 202
-        status, code, message = _DENY_STATUS[d.deny_code], d.deny_code.value, \
-            "; ".join(d.reasons)
-        context.set_trailing_metadata((
+        code = d.deny_code.value
+        trailer: list[tuple[str, str | bytes]] = [
             (DECISION_MD_KEY, decision_to_proto(d).SerializeToString()),
             (ERROR_CODE_MD_KEY, code),
             ("credbroker-request-id", request_id),
-        ))
-        context.abort(status, message)
+        ]
+        if d.retry_after_seconds:
+            trailer.append((RETRY_AFTER_MD_KEY, str(d.retry_after_seconds)))
+        context.set_trailing_metadata(tuple(trailer))
+        context.abort(grpc_status(code), "; ".join(d.reasons))
     except CredbrokerError as exc:
-        status = next((s for cls, s in _STATUS if isinstance(exc, cls)),
-                      grpc.StatusCode.INTERNAL)
         _log.warning("request_id=%s %s failed: %s: %s", request_id, method, exc.code, exc)
-        context.set_trailing_metadata(((ERROR_CODE_MD_KEY, exc.code),
-                                       ("credbroker-request-id", request_id)))
-        context.abort(status, str(exc))
+        trailer = [(ERROR_CODE_MD_KEY, exc.code), ("credbroker-request-id", request_id)]
+        if exc.retry_after_seconds:
+            trailer.append((RETRY_AFTER_MD_KEY, str(exc.retry_after_seconds)))
+        context.set_trailing_metadata(tuple(trailer))
+        context.abort(grpc_status(exc.code), str(exc))
     except Exception:
         _log.exception("request_id=%s %s failed unexpectedly", request_id, method)
         context.set_trailing_metadata(((ERROR_CODE_MD_KEY, "internal"),

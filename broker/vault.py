@@ -5,7 +5,7 @@ Vault identity entity: ``auth/token/create/credbroker-<class>`` with
 ``entity_alias=<SPIFFE ID>``. Vault creates (once) an entity alias named by the
 SPIFFE ID on the token auth mount, so every credential of one workload belongs
 to one entity; disabling that entity makes all of them refused at once and
-blocks new ones (measured: DESIGN.md "O(1) kill switch"). Token roles also give
+blocks new ones (measured: bench/bench_freeze.py, README "Benchmarks"). Token roles also give
 what the JWT-login alternative cannot: truly non-renewable tokens
 (``renewable=false``) and metadata set directly at creation, with no second
 signing key for Vault to trust.
@@ -86,9 +86,13 @@ class VaultAdapter:
     """Everything the broker asks of Vault/OpenBao."""
 
     def __init__(self, *, addr: str, token: str, timeout: float = 5.0,
-                 token_file: Path | None = None) -> None:
+                 token_file: Path | None = None, ca_cert: Path | None = None) -> None:
+        """``ca_cert``: the PEM CA bundle Vault's TLS certificate must chain to (None: the
+        system's trust store)."""
         self.addr = addr
-        self._client = hvac.Client(url=addr, token=token, timeout=timeout)
+        self.ca_cert = ca_cert
+        self._client = hvac.Client(url=addr, token=token, timeout=timeout,
+                                   verify=str(ca_cert) if ca_cert is not None else True)
         self._token_file = token_file
         self._token_stamp: tuple[int, int] | None = None
         #: True once :meth:`check_capabilities` found the token able to do everything.
@@ -116,6 +120,14 @@ class VaultAdapter:
         self._fresh_token()
         try:
             yield
+        except requests.exceptions.SSLError as exc:
+            trust = (f"the CA certificate {self.ca_cert}" if self.ca_cert is not None
+                     else "the system's trust store")
+            raise VaultUnavailableError(
+                f"Vault at {self.addr}: TLS failed while trying to {what}: its certificate is "
+                f"not trusted by {trust} ({_tls_reason(exc)}); pass --vault-ca-cert PATH or "
+                "set VAULT_CACERT to the CA that signed Vault's certificate"
+            ) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise VaultUnavailableError(
                 f"Vault at {self.addr} is unreachable while trying to {what} "
@@ -425,3 +437,10 @@ def _first_line(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
+def _tls_reason(exc: Exception) -> str:
+    """The TLS library's reason, e.g. ``CERTIFICATE_VERIFY_FAILED``, without the URL noise."""
+    text = str(exc)
+    for reason in ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "hostname mismatch"):
+        if reason in text:
+            return reason
+    return type(exc).__name__

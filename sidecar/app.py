@@ -1,7 +1,8 @@
-"""The agent-facing HTTP/JSON API on a unix socket (DESIGN.md, "Sidecar HTTP API").
+"""The agent-facing HTTP/JSON API on a unix socket (README, "The sidecar HTTP API").
 
 ``POST /v1/credentials``, ``DELETE /v1/credentials/{id}``, ``GET /healthz``.
-Every error body is ``{"error": {"code", "message", ...}}``. Tokens are
+Every error body is ``{"error": {"code", "message", ...}}``, its status the code's in
+``broker.errors.ERRORS``; a 429 carries ``Retry-After``. Tokens are
 returned to the agent in the 200 body and never logged.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker.errors import DEFAULT_RETRY_AFTER_SECONDS
 from broker.inputs import ID_RULE, is_id
 from sidecar.broker_client import BrokerCallError, BrokerClient, decision_to_json
 from sidecar.cache import CachedCredential, CredentialCache, request_key
@@ -362,12 +364,15 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         _log.debug("http %s", format % args)
 
-    def _send(self, status: int, body: dict[str, Any]) -> None:
+    def _send(self, status: int, body: dict[str, Any],
+              headers: tuple[tuple[str, str], ...] = ()) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in headers:
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -377,8 +382,13 @@ class _Handler(BaseHTTPRequestHandler):
         except BadRequest as exc:
             self._send(400, _error("bad_request", str(exc)))
         except BrokerCallError as exc:
-            extra = {"decision": exc.decision} if exc.decision else {}
-            self._send(exc.http_status, _error(exc.code, exc.message, **extra))
+            extra: dict[str, Any] = {"decision": exc.decision} if exc.decision else {}
+            headers: tuple[tuple[str, str], ...] = ()
+            if exc.http_status == 429:  # say when: from the broker, else a default
+                retry = exc.retry_after or DEFAULT_RETRY_AFTER_SECONDS
+                extra["retry_after_seconds"] = retry
+                headers = (("Retry-After", str(retry)),)
+            self._send(exc.http_status, _error(exc.code, exc.message, **extra), headers)
         except Exception:
             _log.exception("unexpected sidecar error")
             self._send(500, _error("internal", "the sidecar failed unexpectedly; its log has "

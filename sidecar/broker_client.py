@@ -1,7 +1,9 @@
 """The sidecar's gRPC client to the broker: mTLS with our X.509-SVID, plus a JWT-SVID.
 
 Translates gRPC failures into :class:`BrokerCallError`, which carries the HTTP
-status and stable code the agent sees (DESIGN.md, Sidecar HTTP API).
+status and stable code the agent sees: the code from the broker's
+``credbroker-error-code`` trailer, its HTTP status from ``broker.errors.ERRORS``
+(README, "Errors").
 """
 
 from __future__ import annotations
@@ -19,22 +21,24 @@ from spiffe import JwtSource, X509Source
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import SidecarConfig
-from broker.errors import WorkloadApiError
-from broker.service import DECISION_MD_KEY, ERROR_CODE_MD_KEY
+from broker.errors import (
+    ERROR_CODE_MD_KEY,
+    ERRORS,
+    FALLBACK_CODES,
+    RETRY_AFTER_MD_KEY,
+    WorkloadApiError,
+)
+from broker.service import DECISION_MD_KEY
 from broker.tls import RotatingChannel, diagnose_handshake, pem_material
 
 _log = logging.getLogger("credbroker.sidecar")
 
-_HTTP = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "bad_request"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthenticated"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "denied"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found"),
-    grpc.StatusCode.FAILED_PRECONDITION: (409, "frozen"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "budget_exhausted"),
-    grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (503, "broker_timeout"),
-}
+
+
+def http_status(code: str) -> int:
+    """The HTTP status the agent gets for an error code (500 for one the table lacks)."""
+    spec = ERRORS.get(code)
+    return spec.http_status if spec is not None and spec.http_status is not None else 500
 
 
 @dataclass
@@ -43,6 +47,8 @@ class BrokerCallError(Exception):
     code: str
     message: str
     decision: dict[str, Any] | None = field(default=None)
+    #: Seconds until a retry may succeed, when the broker said (``credbroker-retry-after``).
+    retry_after: int | None = field(default=None)
 
     def __str__(self) -> str:
         return self.message
@@ -141,8 +147,9 @@ class BrokerClient:
         code: grpc.StatusCode = err.code()
         details: str = err.details() or ""
         trailing = dict(err.trailing_metadata() or ())
-        status, default_code = _HTTP.get(code, (500, "internal"))
-        error_code = str(trailing.get(ERROR_CODE_MD_KEY, default_code))
+        error_code = str(trailing.get(ERROR_CODE_MD_KEY) or FALLBACK_CODES.get(code.name,
+                                                                              "internal"))
+        retry = str(trailing.get(RETRY_AFTER_MD_KEY, ""))
         decision = None
         raw = trailing.get(DECISION_MD_KEY)
         if isinstance(raw, bytes):
@@ -161,7 +168,8 @@ class BrokerClient:
                 503, "broker_unavailable",
                 f"the broker at {self._cfg.broker_addr} is unreachable ({_short(details)}); "
                 "retry, and if it persists tell the platform on-call")
-        return BrokerCallError(status, error_code, details, decision)
+        return BrokerCallError(http_status(error_code), error_code, details, decision,
+                               int(retry) if retry.isdigit() else None)
 
     def watch(self, on_event: Callable[[pb.RevocationEvent], None],
               stop: threading.Event) -> threading.Thread:

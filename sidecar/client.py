@@ -1,7 +1,7 @@
 """A small Python client for agents: talk to the sidecar's unix socket.
 
     from sidecar.client import SidecarClient
-    c = SidecarClient("/run/credbroker/sidecar.sock")
+    c = SidecarClient.from_env()  # $CREDBROKER_SIDECAR_SOCKET, e.g. /run/credbroker/sidecar.sock
     cred = c.request_credential("enrichment", initiating_event={"source": "splunk", "id": "N-1"})
     ... use cred["token"] with Vault ...
     c.hand_back(cred["credential_id"])
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -38,10 +40,26 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+#: The agent container's environment variable naming the sidecar's socket (the same name
+#: the sidecar takes its ``--listen`` socket from).
+SOCKET_ENV = "CREDBROKER_SIDECAR_SOCKET"
+
+
 class SidecarClient:
     def __init__(self, socket_path: str, *, timeout: float = 30.0) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *,
+                 timeout: float = 30.0) -> SidecarClient:
+        """The client for the socket ``$CREDBROKER_SIDECAR_SOCKET`` names (``env``: the
+        process environment when not given). Raises: ValueError when it is not set."""
+        path = (os.environ if env is None else env).get(SOCKET_ENV, "")
+        if not path:
+            raise ValueError(f"{SOCKET_ENV} is not set: set it to the sidecar's socket, e.g. "
+                             "/run/credbroker/sidecar.sock")
+        return cls(path.removeprefix("unix:"), timeout=timeout)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) \
             -> tuple[int, dict[str, Any]]:

@@ -72,6 +72,9 @@ class Decision:
     risk: str = ""
     ttl_seconds: int = 0
     policies: tuple[str, ...] = field(default=())
+    #: For a denial that passes with time (``budget_exhausted``): seconds until the
+    #: request would be allowed again, as far as the decision can tell; 0 otherwise.
+    retry_after_seconds: int = 0
 
     @property
     def allowed(self) -> bool:

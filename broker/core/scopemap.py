@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import PurePath
 
@@ -820,11 +821,17 @@ def evaluate(
                         f"(rule {cls.name}.when at {cls.source})")
     if cls.budget is not None:
         since = now - timedelta(seconds=cls.budget.window_seconds)
-        used = sum(1 for t in recent_issuances if since < t <= now)
-        if used >= cls.budget.count:
-            return deny(DenyCode.BUDGET_EXHAUSTED, f"{cls.name}.limits.per_workload",
-                        f"{spiffe_id} has used its budget of {cls.budget.text} for {cls.name} "
-                        f"({used} issued in the window; rule {cls.name}.limits at {cls.source})")
+        counted = sorted(t for t in recent_issuances if since < t <= now)
+        if len(counted) >= cls.budget.count:
+            # Allowed again once enough of the counted issuances have left the window.
+            frees = counted[len(counted) - cls.budget.count] + timedelta(
+                seconds=cls.budget.window_seconds)
+            return replace(
+                deny(DenyCode.BUDGET_EXHAUSTED, f"{cls.name}.limits.per_workload",
+                     f"{spiffe_id} has used its budget of {cls.budget.text} for {cls.name} "
+                     f"({len(counted)} issued in the window; rule {cls.name}.limits at "
+                     f"{cls.source})"),
+                retry_after_seconds=max(1, math.ceil((frees - now).total_seconds())))
     rule = f"{cls.name}.workloads[{matched}]"
     if cls.approval is not None:
         a = cls.approval

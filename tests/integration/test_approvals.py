@@ -246,6 +246,7 @@ def test_break_glass_is_rate_limited_and_every_use_reaches_the_escalation_path(
     assert status == 200, first
     status, body = ask(env, break_glass=True, target="ws-8")  # the map's default: 1/h
     assert status == 429 and body["error"]["code"] == "break_glass_limited", body
+    assert 3500 <= body["error"]["retry_after_seconds"] <= 3601  # also the Retry-After header
     assert "ask for approval instead" in body["error"]["message"]
     records = list(read_records(env.server.config.audit_path))
     refused = [r for r in records if r["type"] == "approval.break_glass_refused"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import urllib.parse
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +135,122 @@ def test_dev_overlay_takes_its_token_from_a_secret() -> None:
     assert deploy["spec"]["replicas"] == 1
 
 
-def test_the_shipped_scope_map_is_the_example_and_is_valid() -> None:
+def test_the_shipped_scope_map_is_the_examples_classes_for_kubernetes_identities() -> None:
     from broker.config import load_scope_map
 
-    shipped = ROOT / "k8s" / "base" / "scope-map.yaml"
-    assert shipped.read_text() == (ROOT / "broker" / "examples" / "soc-scope-map.yaml").read_text()
-    assert load_scope_map(shipped).classes
+    shipped = load_scope_map(ROOT / "k8s" / "base" / "scope-map.yaml")
+    example = load_scope_map(ROOT / "broker" / "examples" / "soc-scope-map.yaml")
+    assert list(shipped.classes) == list(example.classes)
+    for name, cls in shipped.classes.items():
+        assert cls.vault_policy == example.classes[name].vault_policy, name
+        assert cls.approval == example.classes[name].approval, name
+        assert all("/ns/" in str(w) and "/sa/" in str(w) for w in cls.workloads), name
+
+
+def _scope_map_of(objs: list[dict[str, Any]]) -> Any:
+    from broker.core.scopemap import parse_scope_map
+
+    cm = next(o for o in objs if o["kind"] == "ConfigMap"
+              and o["metadata"]["name"] == "credbroker-scope-map")
+    return parse_scope_map(sorted(cm["data"].items()))
+
+
+def test_every_example_agent_is_allowed_its_intended_classes(
+        objects: tuple[str, list[dict[str, Any]]]) -> None:
+    """What ClusterSPIFFEID names each agent pod is what the shipped scope map allows."""
+    from broker.core.models import CredentialRequest, InitiatingEvent, Outcome
+    from broker.core.scopemap import evaluate
+    from broker.core.spiffeid import SpiffeId
+
+    _, objs = objects
+    scope_map = _scope_map_of(objs)
+    registration = next(o for o in objs if o["kind"] == "ClusterSPIFFEID"
+                        and o["metadata"]["name"] == "credbroker-agents")
+    template = registration["spec"]["spiffeIDTemplate"]
+    pod_labels = registration["spec"]["podSelector"]["matchLabels"]
+    ns_labels = registration["spec"]["namespaceSelector"]["matchLabels"]
+    namespaces = {o["metadata"]["name"]: o["metadata"].get("labels", {})
+                  for o in objs if o["kind"] == "Namespace"}
+    accounts = {(o["metadata"]["namespace"], o["metadata"]["name"])
+                for o in objs if o["kind"] == "ServiceAccount"}
+    agents = [o for o in objs if o["kind"] == "Deployment"
+              and pod_labels.items() <= o["spec"]["template"]["metadata"]["labels"].items()]
+    assert [a["metadata"]["name"] for a in agents] == ["triage-agent"]
+    for agent in agents:
+        ns, sa = agent["metadata"]["namespace"], agent["spec"]["template"]["spec"][
+            "serviceAccountName"]
+        assert ns_labels.items() <= namespaces[ns].items(), ns  # SPIRE registers it
+        assert (ns, sa) in accounts
+        sid = SpiffeId.parse(template.replace("{{ .TrustDomain }}", "example.org")
+                             .replace("{{ .PodMeta.Namespace }}", ns)
+                             .replace("{{ .PodSpec.ServiceAccountName }}", sa))
+        intended = agent["metadata"]["annotations"]["credbroker.dev/action-classes"].split(",")
+        for name in intended:
+            request = CredentialRequest(
+                action_class=name.strip(), target="host-1", justification="triage",
+                initiating_event=InitiatingEvent(source="splunk", id="NOTABLE-1"))
+            decision = evaluate(scope_map, sid, request, datetime.now(UTC))
+            assert decision.outcome is not Outcome.DENY, (sid, name, decision.reasons)
+
+
+def _credbroker_containers(objs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Containers that run credbroker or talk to its sidecar."""
+    for _name, spec in pod_specs(objs):
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            if c["image"].startswith("credbroker:") or "/run/credbroker" in mounts:
+                yield c
+
+
+_ENV_NAME = re.compile(r"\b(?:CREDBROKER|VAULT|BAO|SPIFFE)_[A-Z0-9_]*[A-Z0-9]\b")
+
+
+def _names_the_code_reads() -> set[str]:
+    text = "".join(p.read_text() for d in ("broker", "sidecar") for p in (ROOT / d).glob("*.py"))
+    return set(re.findall(r'"((?:CREDBROKER|VAULT|BAO|SPIFFE)_[A-Z0-9_]*[A-Z0-9])"', text))
+
+
+def test_environment_names_agree_between_manifests_code_and_docs(
+        objects: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objs = objects
+    code = _names_the_code_reads()
+    assert {"CREDBROKER_SIDECAR_SOCKET", "VAULT_ADDR", "VAULT_CACERT"} <= code
+    readme = (ROOT / "README.md").read_text()
+    docs = readme + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    set_in_manifests = {e["name"] for c in _credbroker_containers(objs) for e in c.get("env", [])}
+    assert "CREDBROKER_SIDECAR_SOCKET" in set_in_manifests
+    for name in set_in_manifests:
+        assert name in code, f"{name} is set in k8s/ but credbroker never reads it"
+        assert f"`{name}`" in readme, f"{name} is set in k8s/ but the README never names it"
+    mentioned = set(_ENV_NAME.findall(docs)) | set(_ENV_NAME.findall(
+        "".join(p.read_text() for p in (ROOT / "k8s").rglob("*") if p.is_file())))
+    unknown = sorted(n for n in mentioned - code if n.startswith("CREDBROKER_"))
+    assert not unknown, f"docs or manifests name variables the code does not read: {unknown}"
+    from broker import config
+
+    for name in set(re.findall(r'env\.get\(\s*"([A-Z0-9_]+)"', Path(config.__file__).read_text())):
+        assert f"`{name}`" in readme, f"broker/config.py reads {name}; the README must say so"
+
+
+def test_the_dev_overlay_holds_the_openbao_its_broker_uses() -> None:
+    objs = build("dev")
+    deploy = next(o for o in objs if o["kind"] == "Deployment"
+                  and o["metadata"]["name"] == "credbroker-broker")
+    env = {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    addr = urllib.parse.urlsplit(env["VAULT_ADDR"]["value"])
+    service, namespace = addr.hostname.split(".")[:2]  # type: ignore[union-attr]
+    svc = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == service
+               and o["metadata"]["namespace"] == namespace)
+    assert addr.port in [p["port"] for p in svc["spec"]["ports"]]
+    server = next(o for o in objs if o["kind"] == "Deployment"
+                  and o["metadata"]["namespace"] == namespace
+                  and svc["spec"]["selector"].items()
+                  <= o["spec"]["template"]["metadata"]["labels"].items())
+    bao = server["spec"]["template"]["spec"]["containers"][0]
+    assert "openbao" in bao["image"] and "-dev" in bao["command"]
+    assert any(o["kind"] == "Namespace" and o["metadata"]["name"] == namespace for o in objs)
+    doc = (ROOT / "docs" / "deploy-kubernetes.md").read_text()
+    assert "in-cluster OpenBao dev server" in doc and "openbao-dev-root-token" in doc
 
 
 def test_broker_config_file_keys_are_known() -> None:

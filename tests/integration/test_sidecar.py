@@ -402,3 +402,46 @@ def test_a_resent_batch_is_recorded_once_and_batches_are_bounded(recorded: Recor
     with pytest.raises(BrokerCallError) as err:
         client.report_cache_hits([hit] * 101)
     assert err.value.http_status == 400 and "at most 100" in err.value.message
+
+
+def test_a_spent_budget_is_429_with_retry_after(identity: Identity, bao: OpenBaoDev,
+                                                short_tmp: Path) -> None:
+    """identity.disable_account allows 2/h: the third is 429, free again in about an hour."""
+    import http.client
+
+    from tests.integration.conftest import broker_config
+
+    server = BrokerServer(broker_config(bao, identity))  # its own, unspent budgets
+    server.start()
+    sock = short_tmp / "sc-budget.sock"
+    sc = start_sidecar(identity, "containment", f"127.0.0.1:{server.port}", sock)
+
+    def ask(target: str) -> tuple[int, dict[str, str], dict[str, object]]:
+        conn = http.client.HTTPConnection("sidecar", timeout=30)
+        conn.sock = socket.socket(socket.AF_UNIX)
+        conn.sock.connect(str(sock))
+        try:
+            conn.request("POST", "/v1/credentials", body=json.dumps({
+                "action_class": "identity.disable_account", "target": target,
+                "initiating_event": ALERT, "justification": "disable the phished account"}))
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), json.loads(resp.read())
+        finally:
+            conn.close()
+
+    try:
+        assert ask("user-a")[0] == 200
+        assert ask("user-b")[0] == 200
+        status, headers, body = ask("user-c")
+        assert status == 429, body
+        error = body["error"]
+        assert isinstance(error, dict) and error["code"] == "budget_exhausted"
+        assert "budget of 2/h" in error["message"]
+        assert 3500 <= int(headers["Retry-After"]) <= 3601, headers
+        assert error["retry_after_seconds"] == int(headers["Retry-After"])
+        assert error["decision"]["rule"] == "identity.disable_account.limits.per_workload"
+    finally:
+        sc.http.close()
+        sc.service.stop_watching()
+        sc.service.client.close()
+        server.stop(grace=0)
