@@ -150,6 +150,8 @@ class Responder:
         self._foreign: set[str] = set()
         self.last_freeze_revocation: threading.Thread | None = None
         self._freeze_lock = threading.Lock()
+        #: One scan at a time: two would revoke, record and audit the same orphans twice.
+        self._reconcile_lock = threading.Lock()
         self.metrics: Metrics | None = None
 
     @property
@@ -435,6 +437,10 @@ class Responder:
         Never raises: when Vault or the registry cannot be asked, the work stays for
         the next round and the report says so.
         """
+        with self._reconcile_lock:  # a direct call waits for the loop's scan, and vice versa
+            return self._reconcile(startup=startup, full=full)
+
+    def _reconcile(self, *, startup: bool, full: bool) -> ReconcileReport:
         report = ReconcileReport()
         try:
             now = self._clock()

@@ -3,6 +3,7 @@ audits, keeps and drops."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +29,7 @@ class ScriptedVault:
         self.revoked: list[str] = []
         self.down = False
         self.on_list: Callable[[], None] | None = None
+        self.on_revoke: Callable[[], None] | None = None
 
     def managed_accessors(self, instance_id: str, *, skip: set[str] | frozenset[str] = frozenset(),
                           foreign: set[str] | None = None) -> dict[str, dict[str, str]]:
@@ -41,6 +43,8 @@ class ScriptedVault:
     def revoke_accessor(self, accessor: str, *, check: bool = True) -> bool:
         if self.down:
             raise VaultUnavailableError("Vault is unreachable (scripted)")
+        if self.on_revoke is not None:
+            self.on_revoke()
         self.revoked.append(accessor)
         return self.tokens.pop(accessor, None) is not None
 
@@ -194,3 +198,32 @@ def test_vault_unreachable_postpones_and_never_raises(w: World) -> None:
     assert w.state("lost") == "ambiguous"
     w.vault.down = False
     assert w.responder.reconcile().revoked == 1
+
+
+def test_a_direct_scan_during_the_loops_scan_does_not_revoke_and_audit_twice(w: World) -> None:
+    """``reconcile(full=True)`` may be called while the reconcile loop is scanning."""
+    for i in range(3):
+        w.intent(f"lost-{i}")
+        w.minted_in_vault(f"acc-{i}", f"lost-{i}")
+        w.store.mark_ambiguous(f"lost-{i}")
+    revoking = threading.Event()
+    go_on = threading.Event()
+
+    def first_scan_pauses_in_its_first_revocation() -> None:
+        if not revoking.is_set():
+            revoking.set()
+            go_on.wait(5)
+
+    w.vault.on_revoke = first_scan_pauses_in_its_first_revocation
+    loop = threading.Thread(target=w.responder.reconcile)
+    loop.start()
+    assert revoking.wait(5)
+    direct = threading.Thread(target=lambda: w.responder.reconcile(full=True))
+    direct.start()
+    direct.join(0.5)  # a second scan now would find the same three tokens
+    go_on.set()
+    loop.join(5)
+    direct.join(5)
+    audited = [r["credential_id"] for r in read_records(w.audit_path)
+               if r["type"] == "credential.revoked"]
+    assert sorted(audited) == ["acc-0", "acc-1", "acc-2"]
