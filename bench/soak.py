@@ -15,7 +15,8 @@ the invariant is checked from outside, against OpenBao's own list of tokens:
 * lost audit records: credentials handed to agents that the audit log does not record
   as minted (must be 0);
 * handed out, not in the registry (must be 0);
-* handed out, then revoked by the reconcile scan as an orphan (must be 0).
+* handed out, then revoked by the reconcile scan as an orphan (must be 0);
+* orphans revoked and audited more than once (must be 0).
 
 Not part of ``make test``; exits 1 when any of these is not 0.
 """
@@ -204,8 +205,11 @@ def main() -> int:
         v = verdict(view, [BrokerFiles(registry=cfg.registry_path, audit=cfg.audit_path)],
                     handed)
         records = audit_records(cfg.audit_path)
-        reconciled = {str(r.get("credential_id")) for r in records
-                      if r["type"] == "credential.revoked" and r.get("selector") == "reconcile"}
+        by_reconcile = Counter(str(r.get("credential_id")) for r in records
+                               if r["type"] == "credential.revoked"
+                               and r.get("selector") == "reconcile")
+        reconciled = set(by_reconcile)
+        twice = sum(1 for n in by_reconcile.values() if n > 1)
         handed_then_reconciled = set(handed) & reconciled
         rows = registry_rows(cfg.registry_path)
         states = Counter(("revoke_pending" if r["revoke_pending"] else str(r["state"]))
@@ -226,8 +230,9 @@ def main() -> int:
         print(f"handed out, not in the registry: {len(v.not_registered)}")
         print(f"handed out, then revoked by reconcile as an orphan: "
               f"{len(handed_then_reconciled)}")
+        print(f"orphans revoked and audited more than once: {twice}")
         bad = len(v.untracked) + len(v.not_audited) + len(v.not_registered) \
-            + len(handed_then_reconciled)
+            + len(handed_then_reconciled) + twice
         print("INVARIANT " + ("HOLDS" if bad == 0 else "VIOLATED"))
         return 0 if bad == 0 else 1
     finally:
