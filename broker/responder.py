@@ -158,6 +158,8 @@ class Responder:
         #: by whoever syncs policies from frozen_classes() (reload, drift check): a sync can
         #: then never write a frozen state that a freeze or unfreeze has since changed.
         self.class_policy_lock = threading.Lock()
+        #: One scan at a time: two would revoke, record and audit the same orphans twice.
+        self._reconcile_lock = threading.Lock()
         self.metrics: Metrics | None = None
 
     @property
@@ -493,6 +495,10 @@ class Responder:
         Never raises: when Vault or the registry cannot be asked, the work stays for
         the next round and the report says so.
         """
+        with self._reconcile_lock:  # a direct call waits for the loop's scan, and vice versa
+            return self._reconcile(startup=startup, full=full)
+
+    def _reconcile(self, *, startup: bool, full: bool) -> ReconcileReport:
         report = ReconcileReport()
         try:
             now = self._clock()
@@ -507,12 +513,23 @@ class Responder:
             known = self.store.known_credential_ids()
             managed = self.vault.managed_accessors(self.store.instance_id, skip=known,
                                                    foreign=self._foreign)
+            if managed:
+                # An issuance may have begun and minted since the registry was read above:
+                # every token listed had its intent recorded before Vault listed it, so
+                # read again before calling anything an orphan.
+                known = self.store.known_credential_ids()
+                rows = {i.request_id: i for i in self.store.intents()}
+                in_flight = {rid for rid, i in rows.items()
+                             if not (startup or i.state == "ambiguous"
+                                     or i.issued_at <= now - STALE_INTENT)}
+            else:
+                rows = {}
             found: set[str] = set()
             for accessor, meta in managed.items():
                 rid = meta.get("request_id", "")
-                if rid in in_flight:
-                    continue  # being recorded by its request right now
-                self._revoke_orphan(accessor, meta, wanted.get(rid))
+                if rid in in_flight or accessor in known:
+                    continue  # recorded, or being recorded by its request right now
+                self._revoke_orphan(accessor, meta, wanted.get(rid) or rows.get(rid))
                 found.add(rid)
                 report.revoked += 1
             for rid, intent in wanted.items():

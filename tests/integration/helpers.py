@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -64,8 +65,19 @@ class TcpProxy:
     ``cut()`` refuses new connections and drops open ones (a partition);
     ``restore()`` listens again on the same port; ``hold()`` keeps Vault's answers
     from reaching the broker (Vault has acted, the broker has not heard) until
-    ``release()``.
+    ``release()``. ``stall(marker)`` holds back only the requests carrying ``marker``
+    (Vault has not acted) until ``unstall()``.
+
+    For HTTP (the broker's side of Vault): ``fail_answers(marker)`` forwards each
+    request carrying ``marker`` (every request with ``b""``) to Vault, waits for Vault's
+    answer, and sends the client ``HTTP/1.1 502 Bad Gateway`` instead, then closes (the
+    request reached Vault; the client cannot know what Vault did); ``blackhole()`` drops
+    open connections and then accepts and reads but never forwards nor answers;
+    ``slow(delay)`` waits ``delay`` seconds before relaying each chunk, both ways.
     """
+
+    BAD_GATEWAY = (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n"
+                   b"Content-Length: 11\r\nConnection: close\r\n\r\nbad gateway")
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream = upstream_port
@@ -76,6 +88,11 @@ class TcpProxy:
         self._unstalled = threading.Event()
         self._unstalled.set()
         self.stalled = 0  # requests held by stall() right now
+        self._fail_marker: bytes | None = None
+        self.failed = 0  # answers replaced by a 502 so far
+        self._blackholed = False
+        self.swallowed = 0  # connections the black hole took in
+        self.delay = 0.0
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
@@ -86,6 +103,9 @@ class TcpProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def restore(self) -> None:
+        """Listen again (on the same port); a no-op while listening."""
+        if self._listener is not None:
+            return
         lst = socket.socket()
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lst.bind(("127.0.0.1", self.port))
@@ -103,6 +123,11 @@ class TcpProxy:
                     pass
                 self._listener.close()
                 self._listener = None
+        self.drop()
+
+    def drop(self) -> None:
+        """Close every open connection (the listener stays)."""
+        with self._lock:
             for c in self._conns:
                 try:
                     c.shutdown(socket.SHUT_RDWR)
@@ -127,6 +152,29 @@ class TcpProxy:
             self._stall_marker = None
             self._unstalled.set()
 
+    def fail_answers(self, marker: bytes = b"") -> None:
+        """Answer each request carrying ``marker`` with a 502 once Vault has answered it."""
+        with self._lock:
+            self._fail_marker = marker
+
+    def stop_failing(self) -> None:
+        with self._lock:
+            self._fail_marker = None
+
+    def blackhole(self) -> None:
+        with self._lock:
+            self._blackholed = True
+        self.drop()
+
+    def unblackhole(self) -> None:
+        with self._lock:
+            self._blackholed = False
+        self.drop()
+
+    def slow(self, delay: float) -> None:
+        """Wait ``delay`` seconds before relaying each chunk (0: full speed again)."""
+        self.delay = delay
+
     def _maybe_stall(self, data: bytes) -> None:
         with self._lock:
             marker = self._stall_marker
@@ -143,6 +191,14 @@ class TcpProxy:
                 client, _ = lst.accept()
             except OSError:
                 return
+            with self._lock:
+                blackholed = self._blackholed
+                if blackholed:
+                    self.swallowed += 1
+                    self._conns.append(client)
+            if blackholed:
+                threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.upstream))
             except OSError:
@@ -150,25 +206,51 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns += [client, server]
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+            state = {"fail": False}
+            threading.Thread(target=self._pipe, args=(client, server, False, state),
+                             daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True, state),
+                             daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+    @staticmethod
+    def _swallow(client: socket.socket) -> None:
+        try:
+            while client.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool,
+              state: dict[str, bool]) -> None:
         try:
             while data := src.recv(65536):
+                if self.delay:
+                    time.sleep(self.delay)
                 if answers:
                     self._held.wait()
+                    if state["fail"]:  # Vault answered; the client hears a 502 instead
+                        with self._lock:
+                            self.failed += 1
+                        dst.sendall(self.BAD_GATEWAY)
+                        return
                 else:
                     self._maybe_stall(data)
+                    with self._lock:
+                        marker = self._fail_marker
+                    if marker is not None and marker in data:
+                        state["fail"] = True
                 dst.sendall(data)
         except OSError:
             pass
         finally:
             for s in (src, dst):
-                try:
-                    s.close()
+                try:  # shutdown wakes the other direction's recv()
+                    s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                s.close()
 
 
 def approvals_stub(port: int, trust_ca: DevCA, client: IssuedX509) -> pb_grpc.ApprovalsStub:
