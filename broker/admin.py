@@ -1,4 +1,9 @@
-"""The CredentialAdmin gRPC service: list, mass-revoke, freeze, unfreeze. Administrators only."""
+"""The CredentialAdmin gRPC service: list, mass-revoke, freeze, unfreeze. Administrators only.
+
+Listing needs only an admin SVID. Revoking, freezing and unfreezing also need a
+person in a responder group (their ID token in ``authorization-person``), or a
+caller configured as automation: see :mod:`broker.people`.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from broker.inputs import (
     check_ids,
     check_length,
 )
+from broker.people import Actor, ResponderGate
 from broker.registry import CredentialRow
 from broker.responder import Responder
 from broker.service import Authenticator, _boundary
@@ -71,18 +77,28 @@ def freeze_to_proto(f: Freeze) -> pb.FreezeInfo:
 
 class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
     def __init__(self, *, responder: Responder, authenticator: Authenticator,
-                 admins: frozenset[str], clock: Callable[[], datetime]) -> None:
+                 admins: frozenset[str], clock: Callable[[], datetime],
+                 gate: ResponderGate) -> None:
         self._r = responder
         self._auth = authenticator
         self._admins = admins
         self._clock = clock
+        self._gate = gate
 
     def _admin(self, context: grpc.ServicerContext) -> str:
+        """The caller's SPIFFE ID: an administrator or configured automation.
+
+        Raises: IdentityError (not an acceptable workload), NotAdminError.
+        """
         caller = str(self._auth.authenticate(context).spiffe_id)
-        if caller not in self._admins:
+        if caller not in self._admins and caller not in self._gate.automation:
             raise NotAdminError(f"{caller} is not a credbroker administrator; only the SPIFFE IDs "
                                 "in the broker's --admin-id list may revoke or freeze")
         return caller
+
+    def _actor(self, context: grpc.ServicerContext, what: str) -> Actor:
+        """Who this act is recorded as. Raises: as _admin and ResponderGate.actor."""
+        return self._gate.actor(context, self._admin(context), what)
 
     def _known(self, *, spiffe_id: str, action_class: str) -> None:
         """Raises: InvalidRequestError naming what exists, for a class or identity pattern
@@ -130,17 +146,19 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
     def RevokeCredentials(self, request: pb.RevokeCredentialsRequest,
                           context: grpc.ServicerContext) -> Iterator[pb.RevokeProgress]:
         with _boundary(context, "admin", "RevokeCredentials"):
-            by = self._admin(context)
+            actor = self._actor(context, "revoke credentials")
+            by = actor.by
             reason = self._reason(request.reason)
             selector = selector_from_proto(request.selector)
             self._known(spiffe_id=request.selector.spiffe_id,
                         action_class=request.selector.action_class)
             rows = self._r.store.live(selector, self._clock())
-            _log.warning("%s revokes %d credential(s) selected by %s: %s", by, len(rows),
-                         selector.describe(), reason)
+            _log.warning("%s (via %s) revokes %d credential(s) selected by %s: %s", by,
+                         actor.client, len(rows), selector.describe(), reason)
             summary = pb.RevokeSummary()
             for done, o in enumerate(self._r.revoke(rows, by=by, reason=reason,
-                                                    selector=selector.describe()), 1):
+                                                    selector=selector.describe(),
+                                                    actor=actor.audit()), 1):
                 if o.result == "revoked":
                     summary.revoked += 1
                 elif o.result == "already_dead":
@@ -159,12 +177,13 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
     def Freeze(self, request: pb.FreezeRequest,
                context: grpc.ServicerContext) -> pb.FreezeResponse:
         with _boundary(context, "admin", "Freeze"):
-            by = self._admin(context)
+            actor = self._actor(context, "freeze")
+            by = actor.by
             self._freeze_target(request)
             self._known(spiffe_id=request.spiffe_id, action_class=request.action_class)
             res = self._r.freeze(
                 spiffe_id=request.spiffe_id, action_class=request.action_class,
-                reason=self._reason(request.reason), by=by)
+                reason=self._reason(request.reason), by=by, actor=actor.audit())
             fz = res.freeze
             _log.warning("%s froze %s %s (%d live credentials; %s): %s", by, fz.kind,
                          fz.pattern, res.credentials_matched,
@@ -182,11 +201,12 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
     def Unfreeze(self, request: pb.UnfreezeRequest,
                  context: grpc.ServicerContext) -> pb.UnfreezeResponse:
         with _boundary(context, "admin", "Unfreeze"):
-            by = self._admin(context)
+            actor = self._actor(context, "unfreeze")
             self._freeze_target(request)
             lifted = self._r.unfreeze(spiffe_id=request.spiffe_id,
                                       action_class=request.action_class,
-                                      reason=self._reason(request.reason), by=by)
+                                      reason=self._reason(request.reason), by=actor.by,
+                                      actor=actor.audit())
             return pb.UnfreezeResponse(lifted=[freeze_to_proto(f) for f in lifted])
         raise AssertionError("unreachable")  # pragma: no cover
 

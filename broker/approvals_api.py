@@ -1,4 +1,11 @@
-"""The Approvals gRPC service: list, approve, deny, and sign off break-glass uses."""
+"""The Approvals gRPC service: list, approve, deny, and sign off break-glass uses.
+
+Listing needs only an admin SVID (or an approval bot's). Approving, denying and
+signing off need a person: their ID token in ``authorization-person`` metadata
+(as the CLI sends it) or in the request's ``id_token`` field; an approval bot
+without a token approves as itself. Who may decide is the approval rule's
+business (approver groups, break-glass reviewers).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,9 @@ from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.approval_desk import ApprovalDesk
 from broker.approvers import ApproverTokenError, OidcVerifier
 from broker.core.approvals import Approver
-from broker.errors import PolicyError
+from broker.errors import InvalidRequestError, PolicyError
 from broker.inputs import ID_TOKEN_MAX, REASON_MAX, check_id, check_length, is_id
+from broker.people import LOGIN_HINT, PERSON_MD_KEY, person_token, verify_person
 from broker.service import Authenticator, _boundary, approval_to_proto
 
 _log = logging.getLogger("credbroker.approvals")
@@ -41,14 +49,31 @@ class ApprovalsService(pb_grpc.ApprovalsServicer):  # type: ignore[misc]
                 "ID token) or as a configured approval bot")
         return caller
 
-    def _approver(self, caller: str, id_token: str) -> Approver:
+    def _approver(self, caller: str, id_token: str, what: str) -> Approver:
+        """The person (or approval bot) deciding.
+
+        Raises: ApproverTokenError (no ID token from a person's tool, or a refused one;
+        UNAUTHENTICATED with the login hint).
+        """
         bot = self._verifier.bot(caller)
         if bot is not None and not id_token:
             return bot
         if not id_token:
-            raise ApproverTokenError("approving needs your OIDC ID token (--id-token-file, or "
-                                     "--as USER with --dev)")
-        return self._verifier.verify(id_token)
+            raise ApproverTokenError(f"to {what}, the broker needs to know who you are: "
+                                     f"{LOGIN_HINT}")
+        return verify_person(self._verifier, id_token)
+
+    @staticmethod
+    def _token(request: pb.ApprovalDecisionRequest, context: grpc.ServicerContext) -> str:
+        """The person's ID token: metadata or the request field (one of them, or both equal).
+
+        Raises: InvalidRequestError (malformed metadata, or two different tokens).
+        """
+        from_md = person_token(context)
+        if from_md and request.id_token and from_md != request.id_token:
+            raise InvalidRequestError(f"two different ID tokens ({PERSON_MD_KEY} metadata and "
+                                      "the id_token field): send one")
+        return from_md or str(request.id_token)
 
     def ListApprovals(self, request: pb.ListApprovalsRequest,
                       context: grpc.ServicerContext) -> pb.ListApprovalsResponse:
@@ -67,7 +92,9 @@ class ApprovalsService(pb_grpc.ApprovalsServicer):  # type: ignore[misc]
             check_id("approval_id", request.approval_id, required=True)
             check_length("reason", request.reason, REASON_MAX)
             check_length("id_token", request.id_token, ID_TOKEN_MAX)
-            who = self._approver(caller, request.id_token)
+            what_text = {"Approve": "approve", "Deny": "deny",
+                         "SignOff": "sign off a break-glass use"}[what]
+            who = self._approver(caller, self._token(request, context), what_text)
             if what == "SignOff":
                 a = self._desk.sign_off(request.approval_id, who, request.reason)
             else:

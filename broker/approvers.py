@@ -61,7 +61,10 @@ class OidcVerifier:
                                   ) from None
 
     def verify(self, token: str) -> Approver:
-        """Raises: ApproverTokenError with a message a person can act on."""
+        """The person an ID token names, with their groups (claim plus static mapping).
+
+        Raises: ApproverTokenError with a message a person can act on (never the token).
+        """
         if not self._cfg.issuer:
             raise ApproverTokenError("this broker has no OIDC issuer configured for approvers "
                                      "(--approver-issuer and --approver-jwks)")
@@ -79,7 +82,8 @@ class OidcVerifier:
                 audience=self._cfg.audience, issuer=self._cfg.issuer,
                 options={"require": ["exp", "iat", "sub", "iss", "aud"]})
         except jwt.ExpiredSignatureError:
-            raise ApproverTokenError("the ID token has expired; log in again") from None
+            raise ApproverTokenError("the ID token has expired; run `credbroker login` again"
+                                     ) from None
         except jwt.InvalidIssuerError:
             raise ApproverTokenError(f"the ID token was issued by someone else; approvals "
                                      f"accept only {self._cfg.issuer}") from None
@@ -109,17 +113,23 @@ class OidcVerifier:
 
 
 class DevIssuer:
-    """The dev stack's OIDC issuer: signs ID tokens for named dev users (never in production)."""
+    """The dev stack's OIDC issuer: signs ID tokens for named dev users (never in production).
+
+    ``issuer`` is the ``iss`` it signs: :data:`ISSUER` for tests that sign tokens in
+    process, the loopback URL of :class:`broker.devidp.DevIdp` when served over HTTP.
+    """
 
     ISSUER = "https://dev-idp.credbroker.invalid"
+    #: Dev users and their groups: alice and dave may also revoke and freeze (responders).
     USERS: Mapping[str, tuple[str, ...]] = {
-        "alice@example.org": ("ir-leads",),
+        "alice@example.org": ("ir-leads", "responders"),
         "bob@example.org": ("ir-leads", "ciso-office"),
         "carol@example.org": ("iam-leads",),
-        "dave@example.org": ("soc-analysts",),
+        "dave@example.org": ("soc-analysts", "responders"),
     }
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, issuer: str = ISSUER) -> None:
+        self.issuer = issuer
         self.key_path = directory / "dev-idp.key"
         self.jwks_path = directory / "dev-idp.jwks.json"
         if self.key_path.exists():
@@ -149,7 +159,7 @@ class DevIssuer:
                                   f"knows {', '.join(self.USERS)}")
             groups = self.USERS[subject]
         now = int(time.time())
-        return jwt.encode({"iss": issuer or self.ISSUER, "sub": subject, "email": subject,
+        return jwt.encode({"iss": issuer or self.issuer, "sub": subject, "email": subject,
                            "email_verified": True,
                            "aud": audience, "iat": now, "exp": now + ttl,
                            "groups": list(groups), "jti": secrets.token_hex(8)},

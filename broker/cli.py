@@ -134,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         owner_team_cannot_approve=args.owner_team_cannot_approve,
         escalation_webhook=args.escalation_webhook, metrics_listen=args.metrics_listen,
         health_listen=args.health_listen, vault_allowed_mounts=args.vault_allowed_mount,
-        vault_drift_interval=args.vault_drift_interval)
+        vault_drift_interval=args.vault_drift_interval,
+        responder_groups=args.responder_group, automation_ids=args.automation_id)
     # A full disk or file-size limit must fail the write (and so the request), not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     server = BrokerServer(cfg)
@@ -310,7 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--admin-id", action="append", metavar="SPIFFE_ID",
                    help="a SPIFFE ID allowed to revoke and freeze (repeatable; also "
                         "$CREDBROKER_ADMIN_IDS, comma-separated)")
-    s.add_argument("--approver-issuer", help="OIDC issuer of approvers' ID tokens")
+    s.add_argument("--responder-group", action="append", metavar="GROUP",
+                   help="people in this ID-token group may revoke, freeze and unfreeze "
+                        "(repeatable; $CREDBROKER_RESPONDER_GROUPS, comma-separated; "
+                        "default responders)")
+    s.add_argument("--automation-id", action="append", metavar="SPIFFE_ID",
+                   help="a workload that may revoke, freeze and unfreeze without a person, "
+                        "recorded as automation:SPIFFE_ID (repeatable; "
+                        "$CREDBROKER_AUTOMATION_IDS, comma-separated)")
+    s.add_argument("--approver-issuer", help="OIDC issuer of people's ID tokens (approvers "
+                                             "and responders)")
     s.add_argument("--approver-jwks", help="that issuer's JWKS (a JSON file)")
     s.add_argument("--approver-audience", help="ID-token audience (default "
                                                "credbroker-approvals)")
@@ -373,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     from broker import responder_cli  # imports grpc: after main() configured it
 
     responder_cli.add_parsers(sub)
+    from broker import login
+
+    login.add_parsers(sub)
 
     s = sub.add_parser("demo", help="run the scripted end-to-end demo on a fresh dev stack")
     s.add_argument("--run-dir", help="where the demo's dev stack lives (default: temporary)")

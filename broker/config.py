@@ -25,6 +25,7 @@ from broker.errors import ConfigError, InvalidSpiffeIdError
 
 DEFAULT_AUDIENCE = "credbroker"
 DEFAULT_BROKER_DNS = "broker.credbroker.internal"
+DEFAULT_RESPONDER_GROUPS = ("responders",)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,6 +44,10 @@ class BrokerConfig:
     audit_path: Path
     registry_path: Path
     admin_ids: tuple[str, ...] = ()
+    #: People (ID-token groups) who may revoke, freeze and unfreeze.
+    responder_groups: tuple[str, ...] = DEFAULT_RESPONDER_GROUPS
+    #: SPIFFE IDs that may revoke, freeze and unfreeze with no person (``automation:<id>``).
+    automation_ids: tuple[str, ...] = ()
     max_workers: int = 64
     approvers: ApproverConfig = field(default_factory=ApproverConfig)
     metrics_listen: str = ""  # host:port for /metrics; empty: no metrics server
@@ -183,6 +188,8 @@ def broker_config_from(
     health_listen: str | None = None,
     vault_allowed_mounts: list[str] | None = None,
     vault_drift_interval: float | None = None,
+    responder_groups: list[str] | None = None,
+    automation_ids: list[str] | None = None,
 ) -> BrokerConfig:
     """Build and validate broker configuration.
 
@@ -216,6 +223,15 @@ def broker_config_from(
             SpiffeId.parse(a.strip())
         except InvalidSpiffeIdError as exc:
             raise ConfigError(f"--admin-id: {exc}") from None
+    automation = list(automation_ids or []) or [
+        a for a in env.get("CREDBROKER_AUTOMATION_IDS", "").split(",") if a.strip()]
+    for a in automation:
+        try:
+            SpiffeId.parse(a.strip())
+        except InvalidSpiffeIdError as exc:
+            raise ConfigError(f"--automation-id: {exc}") from None
+    groups = [g.strip() for g in (responder_groups or env.get(
+        "CREDBROKER_RESPONDER_GROUPS", "").split(",")) if g.strip()]
     approvers = _approver_config(
         issuer=approver_issuer or env.get("CREDBROKER_APPROVER_ISSUER", ""),
         jwks=approver_jwks or env.get("CREDBROKER_APPROVER_JWKS", ""),
@@ -243,6 +259,8 @@ def broker_config_from(
         audit_path=Path(audit),
         registry_path=Path(reg),
         admin_ids=tuple(a.strip() for a in admins),
+        responder_groups=tuple(dict.fromkeys(groups)) or DEFAULT_RESPONDER_GROUPS,
+        automation_ids=tuple(a.strip() for a in automation),
         approvers=approvers,
         metrics_listen=_hostport(metrics_listen, "--metrics-listen") if metrics_listen else "",
         health_listen=_hostport(health_listen, "--health-listen") if health_listen else "",

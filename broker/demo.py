@@ -185,7 +185,7 @@ def _story(stack: DevStack) -> int:
     story.step("the handed-back token is tried against Vault", dead_after_hand_back)
     def freeze_triage() -> str:
         out = _cli("freeze", "--spiffe-id", tid, "--reason", "demo: triage agent misbehaves",
-                   "--yes", "--dev", str(stack.run_dir))
+                   "--yes", "--as", "dave@example.org", "--dev", str(stack.run_dir))
         try:
             read(held["enrichment"]["token"], "soc/enrichment/threat-intel")
         except hvac.exceptions.Forbidden:
@@ -200,12 +200,17 @@ def _story(stack: DevStack) -> int:
             refused = f"{exc.status} {exc.code}: {exc.message}"
         else:
             raise AssertionError("a frozen agent was issued a credential")
-        _cli("unfreeze", "--spiffe-id", tid, "--reason", "demo: contained", "--yes", "--dev",
-             str(stack.run_dir))
+        _cli("unfreeze", "--spiffe-id", tid, "--reason", "demo: contained", "--yes", "--as",
+             "dave@example.org", "--dev", str(stack.run_dir))
         again = triage.request_credential("enrichment", target="after-unfreeze")
+        acts = [(r["type"], r["by"]) for r in read_records(Path(info["audit_path"]))
+                if r["type"] in ("freeze", "unfreeze")]
+        if acts != [("freeze", "dave@example.org"), ("unfreeze", "dave@example.org")]:
+            raise AssertionError(f"the freeze is not on record as dave's: {acts}")
         return (f"{out.strip()}\n        its enrichment credential is now refused by Vault; it "
                 f"asks again: {refused}\n        after `credbroker unfreeze` it is issued "
-                f"{again['credential_id']}")
+                f"{again['credential_id']}\n        the audit log records both as "
+                "by dave@example.org, the person, not the admin tool's SPIFFE ID")
 
     def audit_trace() -> str:
         t = trace(read_records(Path(info["audit_path"])), held["isolate"]["credential_id"])
@@ -228,8 +233,8 @@ def _story(stack: DevStack) -> int:
             raise AssertionError(verdict.problem)
         return f"credbroker audit verify: intact, {verdict.records} records"
 
-    story.step("a responder freezes the triage agent: `credbroker freeze --spiffe-id ... --yes`",
-               freeze_triage)
+    story.step("a responder (dave, in group responders) freezes the triage agent: "
+               "`credbroker freeze --spiffe-id ... --yes`", freeze_triage)
     story.step("the responder asks the audit log who is accountable for that credential",
                audit_trace)
     story.step("the auditor checks that the log is intact", audit_intact)

@@ -32,6 +32,7 @@ from broker.approvers import DevIssuer
 from broker.audit import load_or_create_signing_key
 from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
+from broker.devidp import DevIdp
 from broker.devspiffe import DevCA, DevWorkloadApi
 from broker.errors import ConfigError, CredbrokerError
 
@@ -220,6 +221,7 @@ class DevStack:
         self.svid_ttl = svid_ttl
         self.bao: OpenBaoDev | None = None
         self.wlapi: DevWorkloadApi | None = None
+        self.idp: DevIdp | None = None
         self.children: list[Child] = []
         self.broker_addr = ""
         self.sidecars: dict[str, dict[str, str]] = {}
@@ -295,7 +297,9 @@ class DevStack:
 
         cli = [sys.executable, "-m", "broker.cli"]
         load_or_create_signing_key(self.audit_key, create=True)
-        idp = DevIssuer(self.run_dir)
+        # The dev identity provider (OIDC discovery, device grant) for `credbroker login`.
+        idp = self.idp = DevIdp(self.run_dir)
+        idp.start()
         ready = self.run_dir / "broker.addr"
         ready.unlink(missing_ok=True)
         env = {**os.environ, "VAULT_TOKEN": self.bao.root_token}
@@ -307,7 +311,7 @@ class DevStack:
                                   "--audit-key", str(self.audit_key),
                                   "--registry", str(self.run_dir / "registry.db"),
                                   "--admin-id", self.admin_id,
-                                  "--approver-issuer", DevIssuer.ISSUER,
+                                  "--approver-issuer", idp.issuer,
                                   "--approver-jwks", str(idp.jwks_path),
                                   "--checkpoint-interval", "10"],
                        self.run_dir / "broker.log", env)
@@ -345,7 +349,10 @@ class DevStack:
                                      for n in ["broker", "admin", *self.workloads]},
             "admin_spiffe_id": self.admin_id,
             "registry_path": str(self.run_dir / "registry.db"),
-            "dev_idp": {"issuer": DevIssuer.ISSUER, "key": str(self.run_dir / "dev-idp.key"),
+            "dev_idp": {"issuer": self.idp.issuer if self.idp else DevIssuer.ISSUER,
+                        "url": self.idp.issuer if self.idp else "",
+                        "client_id": self.idp.client_id if self.idp else "",
+                        "key": str(self.run_dir / "dev-idp.key"),
                         "users": {u: list(g) for u, g in DevIssuer.USERS.items()}},
             "logs": {c.name: str(c.log_path) for c in self.children},
         }
@@ -370,9 +377,11 @@ class DevStack:
         lines.append(f"  logs           {self.run_dir}/*.log")
         lines.append(f"  responder      {self.admin_id}: credbroker revoke|freeze|approvals ... "
                      f"--dev {self.run_dir}")
-        lines.append("  approvers      dev identity provider users "
-                     + ", ".join(f"{u} ({'/'.join(g)})" for u, g in DevIssuer.USERS.items())
-                     + "; use --as USER")
+        lines.append(f"  identity       dev OIDC provider {self.idp.issuer if self.idp else '-'}"
+                     " (device flow): users "
+                     + ", ".join(f"{u} ({'/'.join(g)})" for u, g in DevIssuer.USERS.items()))
+        lines.append(f"  people         credbroker login --dev {self.run_dir} [--as USER], or "
+                     "--as USER on each command; revoke/freeze need group responders")
         name = next(iter(self.sidecars), "triage")
         lines.append("try:  curl --unix-socket "
                      f"{self.sidecars.get(name, {}).get('socket', '')} -X POST "
@@ -386,6 +395,9 @@ class DevStack:
         if self.wlapi is not None:
             self.wlapi.stop()
             self.wlapi = None
+        if self.idp is not None:
+            self.idp.stop()
+            self.idp = None
         if self.bao is not None:
             self.bao.stop()
             self.bao = None

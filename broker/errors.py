@@ -181,6 +181,10 @@ ERRORS: Mapping[str, ErrorSpec] = {
                           "no acceptable SVID, or the mTLS handshake was refused"),
     "invalid_spiffe_id": _e("UNAUTHENTICATED", 401, 2, "a string is not a valid SPIFFE ID"),
     "bad_id_token": _e("UNAUTHENTICATED", 401, 3, "an approver's OIDC ID token is not valid"),
+    "person_required": _e("UNAUTHENTICATED", None, 3,
+                          "a responder or approver act came without a person's ID token: run "
+                          "`credbroker login`"),
+    "login": _e(None, None, 3, "logging in failed, or the cached login cannot be used"),
     "workload_api_unavailable": _e("UNAVAILABLE", 503, 3,
                                    "no SVID from the SPIFFE Workload API"),
     # policy: the scope map's decisions (DenyCode) first
@@ -201,6 +205,9 @@ ERRORS: Mapping[str, ErrorSpec] = {
     "policy": _e("PERMISSION_DENIED", 403, 4, "refused by policy"),
     "not_admin": _e("PERMISSION_DENIED", 403, 4,
                     "the caller is not an administrator (or approver client)"),
+    "not_responder": _e("PERMISSION_DENIED", None, 4,
+                        "the person is in none of the groups that may revoke, freeze and "
+                        "unfreeze"),
     "approval_refused": _e("PERMISSION_DENIED", 403, 4,
                            "the approval may not be used or given (the message says why)"),
     "approval_denied": _e("PERMISSION_DENIED", 403, 4, "an approver denied the request"),

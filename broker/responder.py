@@ -22,10 +22,11 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from broker.audit import AuditLog
 from broker.core.revocation import Freeze, Selector, freeze_target
@@ -37,6 +38,11 @@ from broker.registry import CredentialRow, CredentialStore
 from broker.vault import VaultAdapter
 
 _log = logging.getLogger("credbroker.responder")
+
+
+def _actor_field(actor: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{"actor": {...}}`` for an audit record, or nothing when the caller gave none."""
+    return {"actor": dict(actor)} if actor else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +211,13 @@ class Responder:
         return outcome
 
     def revoke(self, rows: list[CredentialRow], *, by: str, reason: str, selector: str,
-               check: bool = True) -> Iterator[Outcome]:
-        """Revoke ``rows`` in parallel; yields each outcome as it completes, then audits."""
+               check: bool = True, actor: Mapping[str, Any] | None = None
+               ) -> Iterator[Outcome]:
+        """Revoke ``rows`` in parallel; yields each outcome as it completes, then audits.
+
+        ``actor`` (who ``by`` is and how it was proven, :meth:`broker.people.Actor.audit`)
+        goes into the audit record as ``actor``.
+        """
         futures = [self._pool.submit(self.revoke_one, r, by=by, reason=reason,
                                      selector=selector, check=check, record=False)
                    for r in rows]
@@ -234,7 +245,8 @@ class Responder:
                     confirmed.append(o.credential_id)
             if confirmed:
                 self._record_revoked(confirmed, by, reason, selector)
-            self._announce(outcomes, rows, by=by, reason=reason, selector=selector)
+            self._announce(outcomes, rows, by=by, reason=reason, selector=selector,
+                           actor=actor)
 
     def _record_revoked(self, ids: list[str], by: str, reason: str, selector: str) -> None:
         try:
@@ -245,7 +257,7 @@ class Responder:
                        len(ids), exc)
 
     def _announce(self, outcomes: list[Outcome], rows: list[CredentialRow], *, by: str,
-                  reason: str, selector: str) -> None:
+                  reason: str, selector: str, actor: Mapping[str, Any] | None = None) -> None:
         gone = [o.credential_id for o in outcomes if o.result in ("revoked", "already_dead",
                                                                    "pending")]
         self.bus.publish(BusEvent(credential_ids=tuple(gone), reason=reason, by=by),
@@ -255,7 +267,8 @@ class Responder:
             credential_ids=[o.credential_id for o in outcomes],
             counts={k: sum(1 for o in outcomes if o.result == k)
                     for k in ("revoked", "already_dead", "pending", "failed")},
-            failed_ids=[o.credential_id for o in outcomes if o.result == "failed"])
+            failed_ids=[o.credential_id for o in outcomes if o.result == "failed"],
+            **_actor_field(actor))
 
     def retry_pending(self) -> int:
         """Retry revocations Vault did not confirm. Returns how many are still pending."""
@@ -279,8 +292,8 @@ class Responder:
 
     # -- freeze
 
-    def freeze(self, *, spiffe_id: str, action_class: str, reason: str, by: str
-               ) -> FreezeResult:
+    def freeze(self, *, spiffe_id: str, action_class: str, reason: str, by: str,
+               actor: Mapping[str, Any] | None = None) -> FreezeResult:
         """Freeze: recorded first (in force for issuance when this returns, whatever Vault
         does), pushed to sidecars, then enforced by Vault and the credentials revoked.
 
@@ -320,7 +333,7 @@ class Responder:
                                    vault_policy_frozen=enforced and kind == "action_class",
                                    vault_enforced=enforced,
                                    vault_enforced_ms=round(enforced_ms, 3) if enforced else None,
-                                   vault_error=error)
+                                   vault_error=error, **_actor_field(actor))
         if not enforced:
             _log.error("freeze %s of %s %s is in force for issuance, but Vault does not "
                        "enforce it yet (%s); retried until it does", fz.id, kind, pattern, error)
@@ -329,7 +342,8 @@ class Responder:
         # pending revocations, retried until done.
         self.last_freeze_revocation = threading.Thread(
             target=lambda: list(self.revoke(rows, by=by, reason=reason,
-                                            selector=f"freeze {fz.id}", check=not enforced)),
+                                            selector=f"freeze {fz.id}", check=not enforced,
+                                            actor=actor)),
             name="freeze-revoke", daemon=True)
         self.last_freeze_revocation.start()
         return FreezeResult(freeze=fz, credentials_matched=len(rows),
@@ -387,8 +401,8 @@ class Responder:
                          fz.pattern)
         return left
 
-    def unfreeze(self, *, spiffe_id: str, action_class: str, reason: str, by: str
-                 ) -> list[Freeze]:
+    def unfreeze(self, *, spiffe_id: str, action_class: str, reason: str, by: str,
+                 actor: Mapping[str, Any] | None = None) -> list[Freeze]:
         """Lift the freezes of exactly this pattern or class: on record first, then Vault
         gives the power back, then the freeze is lifted for issuance.
 
@@ -404,7 +418,8 @@ class Responder:
             raise NotFoundError(f"nothing is frozen as {kind.replace('_', ' ')} {pattern!r}; "
                                 "see `credbroker freeze --list`")
         # Giving power back is on record first (fail closed: no record, no unfreeze).
-        self.audit.append("unfreeze", kind=kind, pattern=pattern, reason=reason, by=by)
+        self.audit.append("unfreeze", kind=kind, pattern=pattern, reason=reason, by=by,
+                          **_actor_field(actor))
         still = {e for f, es in active if not (f.kind == kind and f.pattern == pattern)
                  for e in es}
         # Held until the freeze is lifted in the registry, so a policy sync (reload, drift
@@ -424,7 +439,7 @@ class Responder:
                     self.store.set_freeze_enforcement(f.id, entity_ids=entities,
                                                       enforced=False, error=str(exc))
                 self.audit.append_or_queue("unfreeze.failed", kind=kind, pattern=pattern,
-                                           by=by, error=str(exc))
+                                           by=by, error=str(exc), **_actor_field(actor))
                 raise VaultUnavailableError(
                     f"the freeze of {pattern} stays in force: Vault did not give the power "
                     f"back ({exc}); run unfreeze again once Vault is reachable") from None

@@ -242,7 +242,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         summary = pb.RevokeSummary()
         for p in stub.RevokeCredentials(pb.RevokeCredentialsRequest(selector=sel,
                                                                     reason=args.reason),
-                                        timeout=600):
+                                        timeout=600, metadata=person_metadata(
+                                            person_token(args))):
             if p.HasField("summary"):
                 summary = p.summary
             elif tty and p.total:
@@ -300,7 +301,7 @@ def cmd_freeze(args: argparse.Namespace) -> int:
             print("preview only: run again with --yes to freeze")
             return 0
         resp = stub.Freeze(pb.FreezeRequest(spiffe_id=sid, action_class=cls, reason=args.reason),
-                           timeout=60)
+                           timeout=60, metadata=person_metadata(person_token(args)))
     if args.json:
         print(json.dumps({"freeze": _freeze_json(resp.freeze),
                           "credentials_matched": resp.credentials_matched,
@@ -339,7 +340,8 @@ def cmd_unfreeze(args: argparse.Namespace) -> int:
             print("preview only: run again with --yes to unfreeze")
             return 0
         resp = stub.Unfreeze(pb.UnfreezeRequest(spiffe_id=sid, action_class=cls,
-                                                reason=args.reason), timeout=60)
+                                                reason=args.reason), timeout=60,
+                             metadata=person_metadata(person_token(args)))
     if args.json:
         print(json.dumps({"lifted": [_freeze_json(f) for f in resp.lifted]}))
     else:
@@ -348,22 +350,40 @@ def cmd_unfreeze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _id_token(args: argparse.Namespace) -> str:
-    """The approver's OIDC ID token: --as USER (dev issuer, --dev only) or --id-token-file."""
-    if args.as_user:
+def person_token(args: argparse.Namespace) -> str:
+    """The acting person's OIDC ID token, or ``""`` (then only automation may act).
+
+    In order: ``--as USER`` (``--dev`` only: the dev identity provider signs that user in),
+    ``--id-token-file`` (or ``$CREDBROKER_ID_TOKEN_FILE``), the login cached by
+    ``credbroker login``.
+
+    Raises:
+        ConfigError: --as without --dev, an unreadable token file.
+        LoginError: the cached login expired or is unsafe (run `credbroker login`); the dev
+            identity provider refused.
+    """
+    from broker.login import TokenCache, dev_id_token
+
+    if getattr(args, "as_user", None):
         if not args.dev:
             raise ConfigError("--as USER only works with --dev DIR (the dev identity provider); "
-                              "pass --id-token-file with a real ID token")
-        from broker.approvers import DevIssuer
+                              "run `credbroker login` or pass --id-token-file")
+        return dev_id_token(args.dev, args.as_user)
+    path = getattr(args, "id_token_file", None) or os.environ.get("CREDBROKER_ID_TOKEN_FILE",
+                                                                  "")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --id-token-file {path}: {exc.strerror}") from None
+    return TokenCache.from_env(os.environ).valid_token(datetime.now(UTC))
 
-        return DevIssuer(Path(args.dev)).id_token(args.as_user)
-    path = args.id_token_file or os.environ.get("CREDBROKER_ID_TOKEN_FILE", "")
-    if not path:
-        return ""  # an approval bot needs none
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read --id-token-file {path}: {exc.strerror}") from None
+
+def person_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
+    """gRPC metadata carrying the person's ID token (``authorization-person``), or None."""
+    from broker.people import PERSON_MD_KEY
+
+    return ((PERSON_MD_KEY, f"Bearer {token}"),) if token else None
 
 
 def _approval_line(a: pb.ApprovalInfo, now: datetime) -> str:
@@ -402,10 +422,9 @@ def cmd_approvals(args: argparse.Namespace) -> int:
             return 0
         if not args.reason:
             raise ConfigError("--reason is required: it goes into the audit log")
-        request = pb.ApprovalDecisionRequest(approval_id=args.id, reason=args.reason,
-                                             id_token=_id_token(args))
+        request = pb.ApprovalDecisionRequest(approval_id=args.id, reason=args.reason)
         call = {"approve": stub.Approve, "deny": stub.Deny, "review": stub.SignOff}[action]
-        a = call(request, timeout=30)
+        a = call(request, timeout=30, metadata=person_metadata(person_token(args)))
     if args.json:
         print(json.dumps(_approval_json(a)))
     else:
@@ -425,6 +444,12 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--json", action="store_true")
         if acts:
             p.add_argument("--yes", action="store_true", help="act (default: preview only)")
+
+    def person(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--as", dest="as_user", metavar="USER",
+                       help="with --dev: act as this dev identity-provider user")
+        p.add_argument("--id-token-file", help="your OIDC ID token ($CREDBROKER_ID_TOKEN_FILE; "
+                       "default: the one `credbroker login` cached)")
 
     def selector(p: argparse.ArgumentParser) -> None:
         p.add_argument("--spiffe-id", help="SPIFFE ID pattern (scope-map semantics)")
@@ -448,6 +473,7 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--credential-id", action="append", help="repeatable")
     s.add_argument("--all", action="store_true", help="every live credential")
     s.add_argument("--reason", help="why (required with --yes; goes into the audit log)")
+    person(s)
     connection(s)
     s.set_defaults(func=cmd_revoke)
 
@@ -464,9 +490,7 @@ def add_parsers(sub: Any) -> None:
             p.add_argument("id", nargs="?", help="sign off this break-glass use")
         if name != "list":
             p.add_argument("--reason", help="why (required to decide; audited)")
-        p.add_argument("--as", dest="as_user", metavar="USER",
-                       help="with --dev: act as this dev identity-provider user")
-        p.add_argument("--id-token-file", help="your OIDC ID token ($CREDBROKER_ID_TOKEN_FILE)")
+        person(p)
         connection(p)
         p.set_defaults(func=cmd_approvals)
 
@@ -479,5 +503,6 @@ def add_parsers(sub: Any) -> None:
         s.add_argument("--reason", help="why (required with --yes; goes into the audit log)")
         if name == "freeze":
             s.add_argument("--list", action="store_true", help="list what is frozen")
+        person(s)
         connection(s)
         s.set_defaults(func=fn)

@@ -32,6 +32,7 @@ from broker.errors import (
     WorkloadApiError,
 )
 from broker.observability import HealthMonitor, Metrics
+from broker.people import ResponderGate
 from broker.registry import SqliteStore
 from broker.responder import BusEvent, Responder, RevocationBus
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
@@ -175,6 +176,14 @@ class BrokerServer:
         self.desk = ApprovalDesk(store=self.store, audit=self.audit, config=cfg.approvers,
                                  clock=self._clock)
         verifier = OidcVerifier(cfg.approvers)
+        if not cfg.approvers.issuer and not cfg.automation_ids:
+            _log.warning("no OIDC issuer (--approver-issuer) and no --automation-id: nobody can "
+                         "revoke, freeze or unfreeze through this broker")
+        else:
+            _log.info("revoke/freeze/unfreeze: people in %s (ID tokens from %s)%s",
+                      ", ".join(cfg.responder_groups), cfg.approvers.issuer or "no issuer",
+                      "; automation " + ", ".join(cfg.automation_ids)
+                      if cfg.automation_ids else "")
         threading.Thread(target=self.desk.run_ticker, daemon=True, name="approvals").start()
         service = BrokerService(scope_maps=self.scope_maps, audit=self.audit, vault=vault,
                                 responder=self.responder, desk=self.desk,
@@ -206,7 +215,9 @@ class BrokerServer:
         approvals = ApprovalsService(desk=self.desk, authenticator=authenticator,
                                      verifier=verifier, admins=frozenset(cfg.admin_ids))
         admin = AdminService(responder=self.responder, authenticator=authenticator,
-                             admins=frozenset(cfg.admin_ids), clock=self._clock)
+                             admins=frozenset(cfg.admin_ids), clock=self._clock,
+                             gate=ResponderGate(verifier=verifier, groups=cfg.responder_groups,
+                                                automation=cfg.automation_ids))
         # Each sidecar holds one WatchRevocations stream, which pins a worker of this
         # sync server: size the pool for the sidecars it serves (grpc.aio would not need to).
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,

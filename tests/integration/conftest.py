@@ -83,6 +83,9 @@ def broker_config(bao: OpenBaoDev, identity: Identity, **overrides: object) -> B
         "audit_path": own / "audit.log",
         "registry_path": own / "registry.db",
         "admin_ids": (ADMIN,),
+        # The test admin SVID acts as configured automation (recorded "automation:<ADMIN>"),
+        # so revocation tests need no person; the tests of people override this with ().
+        "automation_ids": (ADMIN,),
         "audit_key_path": own / "audit.key",
         "listen": "127.0.0.1:0",
         "workload_api_socket": identity.socket("broker"),

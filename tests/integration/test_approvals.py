@@ -326,3 +326,34 @@ def test_a_released_credential_is_never_served_from_the_cache(env: Env) -> None:
     status, body = ask(env, initiating_event={"source": "splunk", "id": "OTHER"})
     assert status == 202 and body["approval_id"] != pending["approval_id"]
     assert len(env.sidecar.service.cache) == 0
+
+
+def test_deciding_needs_a_person_whose_token_may_come_in_metadata(env: Env) -> None:
+    from broker.people import PERSON_MD_KEY
+
+    _, pending = ask(env)
+    request = pb.ApprovalDecisionRequest(approval_id=pending["approval_id"], reason="C2 seen")
+    with pytest.raises(grpc.RpcError) as err:  # the admin SVID alone is not a person
+        env.api().Approve(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "run `credbroker login`" in err.value.details()
+    expired = env.idp.id_token("alice@example.org", ttl=-5)
+    with pytest.raises(grpc.RpcError) as err:
+        env.api().Approve(request, timeout=10,
+                          metadata=((PERSON_MD_KEY, f"Bearer {expired}"),))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "expired; run `credbroker login` again" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # two different people at once
+        env.api().Approve(pb.ApprovalDecisionRequest(
+            approval_id=pending["approval_id"], reason="x",
+            id_token=env.idp.id_token("bob@example.org")), timeout=10, metadata=(
+                (PERSON_MD_KEY, f"Bearer {env.idp.id_token('alice@example.org')}"),))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    token = env.idp.id_token("alice@example.org")
+    info = env.api().Approve(request, timeout=10, metadata=((PERSON_MD_KEY, f"Bearer {token}"),))
+    assert info.state == "approved" and info.votes[0].subject == "alice@example.org"
+    approved = [r for r in read_records(env.server.config.audit_path)
+                if r["type"] == "approval.approved"]
+    assert approved[-1]["approver"] == "alice@example.org" and approved[-1]["via"] == "oidc"
+    leaked = token in env.server.config.audit_path.read_text()
+    assert not leaked, "the ID token reached the audit log"

@@ -213,16 +213,16 @@ def test_trace_and_export_tell_how_credentials_ended(
 
     assert main(["audit", "trace", revoked.credential_id, "--log", log]) == 0
     text = capsys.readouterr().out
-    assert f"revoked in a bulk revocation by {ADMIN}" in text and "incident 9" in text
+    assert f"revoked in a bulk revocation by automation:{ADMIN}" in text and "incident 9" in text
     assert f"selector spiffe_id={TRIAGE}" in text and "still live" not in text
     assert main(["audit", "trace", revoked.credential_id, "--log", log, "--json"]) == 0
     (end,) = json.loads(capsys.readouterr().out)["ended"]
     assert (end["how"], end["by"], end["reason"], end["type"]) == (
-        "revoked", ADMIN, "incident 9", "credentials.revoked")
+        "revoked", f"automation:{ADMIN}", "incident 9", "credentials.revoked")
 
     assert main(["audit", "trace", frozen.credential_id, "--log", log]) == 0
     text = capsys.readouterr().out
-    assert f"frozen by {ADMIN}" in text and f"of action class {ISOLATE}" in text
+    assert f"frozen by automation:{ADMIN}" in text and f"of action class {ISOLATE}" in text
     assert "bad playbook" in text and "selector freeze " in text and "still live" not in text
     assert main(["audit", "trace", frozen.credential_id, "--log", log, "--json"]) == 0
     ended = json.loads(capsys.readouterr().out)["ended"]

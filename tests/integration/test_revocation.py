@@ -184,7 +184,8 @@ def test_freeze_identity_refuses_its_tokens_before_returning(
     assert works(bao, mint(server, identity, CONTAINMENT))
     records = list(read_records(server.config.audit_path))
     freeze = next(r for r in records if r["type"] == "freeze")
-    assert freeze["by"] == ADMIN and freeze["reason"] == "rogue agent"
+    assert freeze["by"] == f"automation:{ADMIN}" and freeze["reason"] == "rogue agent"
+    assert freeze["actor"] == {"kind": "automation", "client": ADMIN}
     assert freeze["credentials_matched"] == 3 and len(freeze["vault_entities_disabled"]) == 1
     unfreeze = next(r for r in records if r["type"] == "unfreeze")
     assert unfreeze["reason"] == "contained"

@@ -106,6 +106,22 @@ def test_vault_allowed_mounts_and_drift_interval() -> None:
     assert flagged.vault_drift_interval == 0
 
 
+def test_responder_groups_and_automation_ids() -> None:
+    cfg = broker_config_from(env=ENV, scope_map="m")
+    assert cfg.responder_groups == ("responders",) and cfg.automation_ids == ()
+    env = {**ENV, "CREDBROKER_RESPONDER_GROUPS": "ir-oncall, soc-leads",
+           "CREDBROKER_AUTOMATION_IDS": "spiffe://example.org/soar"}
+    cfg = broker_config_from(env=env, scope_map="m")
+    assert cfg.responder_groups == ("ir-oncall", "soc-leads")
+    assert cfg.automation_ids == ("spiffe://example.org/soar",)
+    flagged = broker_config_from(env=env, scope_map="m", responder_groups=["sre"],
+                                 automation_ids=["spiffe://example.org/other"])
+    assert flagged.responder_groups == ("sre",)  # flags win over the environment
+    assert flagged.automation_ids == ("spiffe://example.org/other",)
+    with pytest.raises(ConfigError, match="--automation-id"):
+        broker_config_from(env=ENV, scope_map="m", automation_ids=["spiffe://Bad/x"])
+
+
 def test_vault_token_file(tmp_path: Path) -> None:
     f = tmp_path / "token"
     f.write_text("s.fromfile\n")
