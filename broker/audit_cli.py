@@ -14,6 +14,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from broker.audit import head_path_of, read_checkpoints, read_head, read_records
 from broker.core.auditchain import FORMAT_NAMES, line_format, verify_chain
+from broker.core.auditreport import (
+    DEFAULT_RUBBER_STAMP_SECONDS,
+    build_report,
+    to_html,
+    to_json,
+    to_markdown,
+)
 from broker.core.audittrace import to_ocsf, trace, trace_lines
 from broker.core.records import parse_time
 from broker.core.revocation import parse_when
@@ -133,6 +140,26 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    since = parse_when(args.since, now, flag="--since")
+    until = parse_when(args.until, now, flag="--until") if args.until else None
+    log = _log_path(args)
+    require_log(log, "report")
+    try:
+        report = build_report(read_records(log), since=since, until=until,
+                              rubber_stamp_seconds=args.rubber_stamp_seconds)
+    except ValueError as exc:
+        raise AuditError(f"{log}: {exc}") from None
+    if args.format == "json":
+        print(json.dumps(to_json(report), indent=2))
+    elif args.format == "html":
+        sys.stdout.write(to_html(report))
+    else:
+        sys.stdout.write(to_markdown(report))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     since = None
     if args.since:
@@ -178,6 +205,19 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--log", help="the audit log file")
     common(s)
     s.set_defaults(func=cmd_trace)
+
+    s = asub.add_parser("report", help="governance report: per class and owner, issuances, "
+                                       "denials, approvals (who, how fast), break-glass and "
+                                       "reviews outstanding, freezes and who lifted them")
+    s.add_argument("--since", metavar="TIME", default="7d", help="start of the window: a "
+                   "duration back from now (7d, 24h) or RFC 3339 with a zone (default 7d)")
+    s.add_argument("--until", metavar="TIME", help="end of the window (default: now)")
+    s.add_argument("--format", choices=["md", "html", "json"], default="md")
+    s.add_argument("--rubber-stamp-seconds", type=int, default=DEFAULT_RUBBER_STAMP_SECONDS,
+                   help="flag approvals decided faster than this (default %(default)s)")
+    s.add_argument("--log", help="the audit log file")
+    s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
+    s.set_defaults(func=cmd_report)
 
     s = asub.add_parser("export", help="records as JSONL or OCSF JSONL for a SIEM")
     s.add_argument("--format", choices=["jsonl", "ocsf"], default="jsonl")
