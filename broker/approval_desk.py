@@ -44,6 +44,8 @@ class ApprovalDesk:
             a = ap.approval_from_json(json.loads(data))
             self._items[a.id] = a
         self._stop = threading.Event()
+        #: When the escalation path last heard of a refused break-glass, per (identity, class).
+        self._refusals_notified: dict[tuple[str, str], datetime] = {}
 
     # -- reading
 
@@ -175,7 +177,15 @@ class ApprovalDesk:
                 self._audit.append_or_queue(
                     "approval.break_glass_refused", request_id=request_id,
                     spiffe_id=spiffe_id, action_class=cls.name, reason=str(exc))
-                self._notify_break_glass(spiffe_id, cls, request, refused=str(exc))
+                # The escalation path hears once per window, not once per attempt: an agent
+                # looping on break-glass must not flood it.
+                key, now = (spiffe_id, cls.name), self._clock()
+                last = self._refusals_notified.get(key)
+                window = cls.approval.break_glass.limit.window_seconds \
+                    if cls.approval.break_glass else 3600
+                if last is None or (now - last).total_seconds() >= window:
+                    self._refusals_notified[key] = now
+                    self._notify_break_glass(spiffe_id, cls, request, refused=str(exc))
                 raise
             self._save(a, "approval.break_glass", reason=request.justification,
                        reviewers=list(a.break_glass.reviewers) if a.break_glass else [],

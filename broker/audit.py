@@ -194,6 +194,29 @@ class AuditLog:
                 _log.warning("audit log: %d queued record(s) written", len(queued))
             return Appended(seq=seq, hash=digest)
 
+    def append_many(self, events: list[tuple[str, dict[str, Any]]]) -> list[Appended]:
+        """Append several records at once (one group commit) and return once all are
+        durable, in order.
+
+        Raises:
+            AuditError: they could not be made durable (then none of them is).
+        """
+        if not events:
+            return []
+        now = rfc3339(self._clock())
+        with self._cond:
+            sealed = [self._seal({"type": event, "time": now, **fields})
+                      for event, fields in events]
+            error: AuditError | None = None
+            for ticket, _, _ in sealed:
+                try:
+                    self._wait_durable(ticket)
+                except AuditError as exc:
+                    error = error or exc
+            if error is not None:
+                raise error
+            return [Appended(seq=seq, hash=digest) for _, seq, digest in sealed]
+
     def append_or_queue(self, event: str, **fields: Any) -> Appended | None:
         """For actions that must happen even when the log cannot be written (revocations):
         try to append; if that fails, keep the event for the next successful append and

@@ -96,10 +96,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise ConfigError(f"--checkpoint {args.checkpoint} holds no checkpoint")
     # The broker signs every batch into LOG.head: with it, nothing may follow the
     # newest signature.
-    head = read_head(Path(args.head) if args.head else head_path_of(log)) \
-        if key_file else None
-    if args.head and head is None:
-        raise ConfigError(f"--head {args.head} holds no checkpoint")
+    head_file = Path(args.head) if args.head else head_path_of(log)
+    head = read_head(head_file) if key_file and not args.no_head else None
+    if key_file and not args.no_head and head is None:
+        # Deleting the head must not switch the check off: without it, records could be
+        # appended after (or cut from) the newest periodic checkpoint unnoticed.
+        print(f"{log}: NOT PROVEN INTACT: {head_file} (the signature of the newest batch) "
+              "is missing or empty: it was deleted, or the log predates per-batch signing; "
+              "pass --no-head to verify against the periodic checkpoints only",
+              file=sys.stderr)
+        return 1
     if head is not None:
         checkpoints.append(head)
     key = _public_key(key_file) if key_file and checkpoints else None
@@ -193,6 +199,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--head", help="the signed checkpoint of the newest batch (default: "
                    "LOG.head when it exists; with it, records after the newest signature "
                    "fail verification)")
+    s.add_argument("--no-head", action="store_true", help="verify a log written before "
+                   "per-batch signing: against the periodic checkpoints only")
     s.add_argument("--checkpoint", help="file of signed checkpoints (default: LOG.checkpoints "
                                         "with --dev)")
     s.add_argument("--public-key", help="the broker's checkpoint public key (PEM)")

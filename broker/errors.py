@@ -86,6 +86,12 @@ class RequestDeniedError(PolicyError):
     code = "denied"
 
 
+class FrozenError(PolicyError):
+    """The identity or the class was frozen (e.g. while its credential was being minted)."""
+
+    code = "frozen"
+
+
 class InvalidRequestError(CredbrokerError):
     """A request is malformed (a field missing, out of range or of the wrong type)."""
 

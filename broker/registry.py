@@ -194,9 +194,24 @@ class SqliteStore:
 
     def record_minted(self, *, request_id: str, credential_id: str, expires_at: datetime,
                       entity_id: str) -> None:
-        self._exec("UPDATE credentials SET credential_id=?, expires_at=?, entity_id=?, "
-                   "state='live' WHERE request_id=?",
-                   (credential_id, _ts(expires_at), entity_id, request_id))
+        """Complete the intent with the minted credential.
+
+        Raises: StoreError, also when the intent is gone (reconcile dropped it as stale):
+        the caller then revokes the credential rather than hand out one the registry
+        does not know.
+        """
+        try:
+            with self._lock:
+                cur = self._db.execute(
+                    "UPDATE credentials SET credential_id=?, expires_at=?, entity_id=?, "
+                    "state='live' WHERE request_id=? AND state IN ('intent', 'ambiguous')",
+                    (credential_id, _ts(expires_at), entity_id, request_id))
+                changed = cur.rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"the credential registry {self.path} failed: {exc}") from None
+        if changed != 1:
+            raise StoreError(f"the issuance {request_id} is no longer pending in the registry "
+                             "(it took longer than the reconcile loop waits); try again")
 
     def forget_intent(self, request_id: str) -> None:
         """Vault certainly minted nothing for this intent (it refused, or a scan found no

@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -158,6 +158,9 @@ class Responder:
         self._wake = threading.Event()
         #: Accessors known not to be this broker's (their metadata never changes).
         self._foreign: set[str] = set()
+        #: Removed classes whose policy is emptied, and the credentials already being ended.
+        self._emptied: set[str] = set()
+        self._ended: dict[str, set[str]] = {}
         self.last_freeze_revocation: threading.Thread | None = None
         self._freeze_lock = threading.Lock()
         #: Held around every write of a class policy that follows a freeze or unfreeze, and
@@ -200,6 +203,9 @@ class Responder:
             return Outcome(row.credential_id, "pending", str(exc))
         except CredbrokerError as exc:
             return Outcome(row.credential_id, "failed", str(exc))
+        except Exception as exc:  # never raises: an unexpected failure is a failed outcome
+            _log.exception("credential_id=%s: revocation failed unexpectedly", row.credential_id)
+            return Outcome(row.credential_id, "failed", f"unexpected: {type(exc).__name__}")
         outcome = Outcome(row.credential_id, "revoked" if revoked else "already_dead")
         if record:
             try:
@@ -289,6 +295,8 @@ class Responder:
                 self.retry_pending()
             except CredbrokerError as exc:
                 _log.warning("retrying pending freezes and revocations failed: %s", exc)
+            except Exception:  # the loop must outlive any one failure
+                _log.exception("retrying pending freezes and revocations failed unexpectedly")
 
     # -- freeze
 
@@ -319,21 +327,30 @@ class Responder:
                     created_at=now)
         with self._freeze_lock:
             self.store.add_freeze(fz, entities)  # durable first: new issuance stops here
-            self._freezes = self.store.freezes()
-        rows = self.store.live(selector, now)
+            try:
+                self._freezes = self.store.freezes()
+            except CredbrokerError:  # recorded: in force from the registry's next read
+                self._freezes = [*self._freezes, fz]
+        # Who froze what and why is on record before Vault is asked (which can take long).
+        self.audit.append_or_queue("freeze", freeze_id=fz.id, kind=kind, pattern=pattern,
+                                   reason=reason, by=by, **_actor_field(actor))
+        try:
+            rows = self.store.live(selector, now)
+        except CredbrokerError as exc:  # the leftovers pass revokes them once it can read
+            _log.error("freeze %s: cannot list its live credentials yet: %s", fz.id, exc)
+            rows = []
         # Sidecars drop what they cache for it now, whatever Vault does next.
         self.bus.publish(BusEvent(action_class=pattern if kind == "action_class" else "",
                                   identity_pattern=pattern if kind == "spiffe_id" else "",
                                   reason=reason, by=by))
         enforced, found, error = self._enforce(fz, set(entities))
         enforced_ms = (time.perf_counter() - started) * 1000
-        self.audit.append_or_queue("freeze", freeze_id=fz.id, kind=kind, pattern=pattern,
-                                   reason=reason, by=by, credentials_matched=len(rows),
-                                   vault_entities_disabled=sorted(found) if enforced else [],
-                                   vault_policy_frozen=enforced and kind == "action_class",
-                                   vault_enforced=enforced,
-                                   vault_enforced_ms=round(enforced_ms, 3) if enforced else None,
-                                   vault_error=error, **_actor_field(actor))
+        self.audit.append_or_queue(
+            "freeze.enforced" if enforced else "freeze.enforcement_pending", freeze_id=fz.id,
+            kind=kind, pattern=pattern, by=by, credentials_matched=len(rows),
+            vault_entities_disabled=sorted(found) if enforced else [],
+            vault_policy_frozen=enforced and kind == "action_class",
+            vault_enforced_ms=round(enforced_ms, 3) if enforced else None, vault_error=error)
         if not enforced:
             _log.error("freeze %s of %s %s is in force for issuance, but Vault does not "
                        "enforce it yet (%s); retried until it does", fz.id, kind, pattern, error)
@@ -373,6 +390,9 @@ class Responder:
                         self.vault.freeze_class_policy(cls)
         except CredbrokerError as exc:
             error = str(exc)
+        except Exception as exc:  # never raises: retried by the loop like any failure
+            _log.exception("freeze %s: Vault enforcement failed unexpectedly", fz.id)
+            error = f"unexpected: {type(exc).__name__}"
         try:
             self.store.set_freeze_enforcement(fz.id, entity_ids=entities, enforced=not error,
                                               error=error)
@@ -400,6 +420,32 @@ class Responder:
             _log.warning("freeze %s of %s %s is now enforced by Vault", fz.id, fz.kind,
                          fz.pattern)
         return left
+
+    def revoke_frozen_leftovers(self, min_age: timedelta = timedelta(minutes=2)) -> int:
+        """Live credentials that an active freeze matches (left by a crash during a freeze, or
+        minted in a race with one): disable entities the freeze does not cover yet, and
+        revoke them. Freezes younger than ``min_age`` are left to their own revocation.
+        Returns how many were found. Raises: StoreError.
+        """
+        now = self._clock()
+        found = 0
+        for fz, entities in self.store.active_freezes():
+            if fz.created_at > now - min_age:
+                continue
+            selector = Selector.build(spiffe_id=fz.pattern if fz.kind == "spiffe_id" else "",
+                                      action_class=fz.pattern if fz.kind == "action_class"
+                                      else "")
+            rows = [r for r in self.store.live(selector, now) if not r.revoke_pending]
+            if not rows:
+                continue
+            found += len(rows)
+            new_entities = {r.entity_id for r in rows if r.entity_id} - set(entities)
+            if fz.kind == "spiffe_id" and new_entities:
+                self._enforce(fz, set(entities) | new_entities)
+            _log.warning("freeze %s: %d live credential(s) it matches are revoked now", fz.id,
+                         len(rows))
+            list(self.revoke(rows, by=fz.by, reason=fz.reason, selector=f"freeze {fz.id}"))
+        return found
 
     def unfreeze(self, *, spiffe_id: str, action_class: str, reason: str, by: str,
                  actor: Mapping[str, Any] | None = None) -> list[Freeze]:
@@ -443,10 +489,22 @@ class Responder:
                 raise VaultUnavailableError(
                     f"the freeze of {pattern} stays in force: Vault did not give the power "
                     f"back ({exc}); run unfreeze again once Vault is reachable") from None
-            with self._freeze_lock:
-                lifted = self.store.lift_freezes(kind, pattern, by=by, reason=reason,
-                                                 at=self._clock())
-                self._freezes = self.store.freezes()
+            try:
+                with self._freeze_lock:
+                    lifted = self.store.lift_freezes(kind, pattern, by=by, reason=reason,
+                                                     at=self._clock())
+                    self._freezes = self.store.freezes()
+            except CredbrokerError:
+                # Vault gave the power back but the freeze is still recorded: enforce it
+                # again (retried) rather than leave it in force for issuance only.
+                for f, entities in mine:
+                    try:
+                        self.store.set_freeze_enforcement(f.id, entity_ids=entities,
+                                                          enforced=False, error="unfreeze "
+                                                          "could not be recorded")
+                    except CredbrokerError:
+                        pass
+                raise
         return [f for f, _ in lifted]
 
     def frozen_classes(self) -> frozenset[str]:
@@ -454,44 +512,62 @@ class Responder:
 
     # -- classes removed from the scope map
 
-    def end_removed_classes(self, scope_map: ScopeMap) -> list[str]:
+    def end_removed_classes(self, scope_map: ScopeMap,
+                            removed: Iterable[str] = ()) -> list[str]:
         """End the live credentials of classes ``scope_map`` no longer defines.
 
-        Their Vault policy is rewritten to grant nothing (every live token of the class
-        powerless at once), sidecars drop them, and they are revoked in the background
-        (pending and retried when Vault does not answer). Audited as
-        ``scope_map.class_removed``. Returns the classes ended. Never raises.
+        ``removed``: classes a reload just dropped (their policy is emptied even when no
+        credential of theirs is live: one minted in a race with the reload is then
+        powerless too). Their Vault policy is rewritten to grant nothing (every live token
+        of the class powerless at once), sidecars drop them, and they are revoked in the
+        background (pending and retried when Vault does not answer). Each class and each
+        credential is handled once (audited as ``scope_map.class_removed``); later passes
+        only pick up what is new. Returns the classes acted on. Never raises.
         """
         try:
             rows = self.store.live(Selector(all=True), self._clock())
         except CredbrokerError as exc:
             _log.error("cannot look for credentials of removed classes: %s", exc)
             return []
-        gone = sorted({r.action_class for r in rows} - set(scope_map.classes))
-        for name in gone:
-            mine = [r for r in rows if r.action_class == name]
+        gone = ({r.action_class for r in rows} | set(removed)) - set(scope_map.classes)
+        acted: list[str] = []
+        for name in sorted(gone):
+            handled = self._ended.setdefault(name, set())
+            mine = [r for r in rows if r.action_class == name
+                    and r.credential_id not in handled]
+            emptied = name in self._emptied
+            if emptied and not mine:
+                continue
+            acted.append(name)
             error = ""
-            try:
-                with self.class_policy_lock:
-                    self.vault.empty_policy(f"credbroker-{name}")
-            except CredbrokerError as exc:
-                error = str(exc)
+            if not emptied:
+                try:
+                    with self.class_policy_lock:
+                        self.vault.empty_policy(f"credbroker-{name}")
+                    self._emptied.add(name)
+                except CredbrokerError as exc:
+                    error = str(exc)
+            handled.update(r.credential_id for r in mine)
             reason = f"action class {name} was removed from the scope map"
             self.audit.append_or_queue("scope_map.class_removed", action_class=name,
                                        scope_map_version=scope_map.version,
                                        credentials_matched=len(mine),
-                                       vault_policy_emptied=not error, vault_error=error,
-                                       by="credbroker")
+                                       vault_policy_emptied=name in self._emptied,
+                                       vault_error=error, by="credbroker")
             self.bus.publish(BusEvent(action_class=name, reason=reason, by="credbroker"))
             _log.warning("%s: %d live credential(s) %s and being revoked", reason, len(mine),
-                         "powerless in Vault" if not error else
+                         "powerless in Vault" if name in self._emptied else
                          f"NOT yet powerless in Vault ({error})")
-            threading.Thread(target=lambda rows=mine, reason=reason, name=name,
-                             check=bool(error): list(
-                self.revoke(rows, by="credbroker", reason=reason,
-                            selector=f"class removed {name}", check=check)),
-                name="class-removed-revoke", daemon=True).start()
-        return gone
+            if mine:
+                threading.Thread(target=lambda rows=mine, reason=reason, name=name,
+                                 check=bool(error): list(
+                    self.revoke(rows, by="credbroker", reason=reason,
+                                selector=f"class removed {name}", check=check)),
+                    name="class-removed-revoke", daemon=True).start()
+        for name in set(scope_map.classes) & (set(self._ended) | self._emptied):
+            self._ended.pop(name, None)  # the class is back (its policy was rewritten)
+            self._emptied.discard(name)
+        return acted
 
     # -- reconciling the registry with Vault
 
@@ -558,6 +634,9 @@ class Responder:
         except CredbrokerError as exc:
             report.error = str(exc)
             _log.warning("reconcile with Vault postponed: %s", exc)
+        except Exception as exc:  # never raises: the loop must outlive any one failure
+            report.error = f"unexpected: {type(exc).__name__}"
+            _log.exception("reconcile failed unexpectedly; retried next round")
         return report
 
     def _revoke_orphan(self, accessor: str, meta: dict[str, str],
@@ -604,7 +683,11 @@ class Responder:
             full = time.monotonic() - last_full >= full_every
             report = self.reconcile(full=full)
             if full:  # a class removed while Vault was down: its policy emptied now
-                self.end_removed_classes(self._scope_map())
+                try:
+                    self.end_removed_classes(self._scope_map())
+                    self.revoke_frozen_leftovers()
+                except Exception:  # the loop must outlive any one failure
+                    _log.exception("ending removed classes failed; retried next round")
             if full and not report.error:
                 last_full = time.monotonic()
             if report.revoked or report.cleared:

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,7 @@ class BrokerServer:
         try:
             self.responder.enforce_pending_freezes()
             self.responder.retry_pending()
+            self.responder.revoke_frozen_leftovers(min_age=timedelta(0))
         except CredbrokerError as exc:
             _log.error("pending freezes and revocations: retried in the background (%s)", exc)
         threading.Thread(target=self.responder.run_retry_loop, daemon=True,
@@ -273,7 +274,7 @@ class BrokerServer:
         frozen = self.responder.frozen_classes() if self.responder else frozenset()
         try:
             report = self._vault.sync_scope_map(scope_map, frozen)
-        except VaultUnavailableError as exc:
+        except CredbrokerError as exc:  # unreachable, or refused: retried, health says why
             self.scope_maps.vault_synced = False
             _log.error("scope map %s is not yet in Vault (%s); issuance is refused until it is; "
                        "retrying", scope_map.version[:19], exc)
@@ -298,9 +299,13 @@ class BrokerServer:
         assert self.scope_maps is not None
         assert self.responder is not None
         while not self.stopped.wait(self.config.health_interval):
-            with self._reload_lock, self.responder.class_policy_lock:
-                current = self.scope_maps.current
-                report = self._sync_vault(current)
+            try:
+                with self._reload_lock, self.responder.class_policy_lock:
+                    current = self.scope_maps.current
+                    report = self._sync_vault(current)
+            except Exception:  # e.g. Vault refusing (4xx): keep trying, health says why
+                _log.exception("bringing Vault in line with the scope map failed; retrying")
+                continue
             if report is not None:
                 self._audit_loaded(current, report)
                 _log.warning("scope map %s is now in Vault: issuance open",
@@ -349,6 +354,7 @@ class BrokerServer:
                                                in_force=old.version, problem=str(exc)[:4000])
                 return False
             self.scope_maps.replace(new)
+            self.scope_maps.vault_synced = True  # the whole new map is in Vault
             # Sidecars drop what they cached under the old map: an identical request is
             # decided again under the new one.
             self.responder.bus.publish(BusEvent(scope_map_version=new.version))
@@ -358,7 +364,7 @@ class BrokerServer:
                      ",".join(report.roles_written) or "none")
         # A class the new map no longer has: its live credentials end now (outside the
         # locks: emptying its policy takes the class-policy lock itself).
-        self.responder.end_removed_classes(new)
+        self.responder.end_removed_classes(new, removed=set(old.classes) - set(new.classes))
         return True
 
     def _watch_scope_map(self) -> None:

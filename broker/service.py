@@ -42,6 +42,7 @@ from broker.errors import (
     RETRY_AFTER_MD_KEY,
     AuditError,
     CredbrokerError,
+    FrozenError,
     IdentityError,
     InvalidRequestError,
     NotFoundError,
@@ -86,6 +87,11 @@ _MAX_FIELD = {"action_class": ACTION_CLASS_MAX, "target": TARGET_MAX, "justifica
 #: Cache hits (credential id, request id) recorded lately: a batch a sidecar sends again
 #: (its answer was lost) is not recorded twice.
 RECORDED_HITS_REMEMBERED = 100_000
+#: Reuses recorded per credential at most (a minutes-long credential served from a cache
+#: this often is not an agent's normal work; past it, the sidecar asks the broker again).
+HITS_PER_CREDENTIAL = 1_000
+#: How far a reported serving time may lie ahead of the broker's clock (clock skew).
+HIT_CLOCK_SKEW = timedelta(seconds=30)
 
 
 class DeniedByPolicy(Exception):
@@ -228,6 +234,7 @@ def decision_to_proto(d: Decision) -> pb.Decision:
         action_class=d.action_class, rule=d.rule, reasons=list(d.reasons),
         escalation=list(d.escalation), scope_map_version=d.scope_map_version,
         source=d.source, risk=d.risk, spiffe_id=str(d.spiffe_id),
+        not_reusable=not d.reusable,
     )
     if d.owner is not None:
         out.owner.team, out.owner.contact = d.owner.team, d.owner.contact
@@ -303,6 +310,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self._usage = UsageTracker()
         self._hits_lock = threading.Lock()
         self._recorded_hits: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._hits_per_credential: OrderedDict[str, int] = OrderedDict()
 
     def IssueCredential(
         self, request: pb.IssueCredentialRequest, context: grpc.ServicerContext
@@ -454,7 +462,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self._store.record_intent(request_id=request_id, spiffe_id=str(caller.spiffe_id),
                                   action_class=cls.name, target=req.target,
                                   event_source=ev.source if ev else "",
-                                  event_id=ev.id if ev else "", at=now)
+                                  event_id=ev.id if ev else "",
+                                  at=self._clock())  # its age is the mint's, not the request's
         try:
             minted = self._vault.mint(
                 cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=ttl,
@@ -495,6 +504,14 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             self._revoke_unrecorded(minted.accessor, request_id,
                                     "the audit log could not record it")
             raise
+        # A freeze made while this was minting: it either sees this credential in the
+        # registry (its list comes after its record; ours after our record), or we see it.
+        frozen = first_freeze(self._responder.freezes, caller.spiffe_id, cls.name)
+        if frozen is not None:
+            self._revoke_unrecorded(minted.accessor, request_id,
+                                    f"frozen while it was minted: {frozen.describe()}")
+            raise FrozenError(f"{frozen.describe()}; the credential minted meanwhile was "
+                              "revoked")
         _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s", request_id,
                   minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
         return minted
@@ -630,6 +647,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         """
         me = str(caller.spiffe_id)
         out = pb.ReportCacheHitsResponse()
+        batch: list[tuple[str, dict[str, object]]] = []
+        keys: list[tuple[str, str]] = []
         with self._hits_lock:  # a resent batch must not race its own first attempt
             for index, hit in enumerate(hits):
                 try:
@@ -641,13 +660,33 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 if key in self._recorded_hits:
                     out.duplicates += 1
                     continue
-                self._audit.append("credential.reused", **fields,
-                                   proof={"x509_serial": caller.x509_serial,
-                                          "jwt_id": caller.jwt_id})
-                self._recorded_hits[key] = None
-                while len(self._recorded_hits) > RECORDED_HITS_REMEMBERED:
-                    self._recorded_hits.popitem(last=False)
-                out.recorded += 1
+                used = self._hits_per_credential.get(hit.credential_id, 0)
+                if used >= HITS_PER_CREDENTIAL:
+                    out.rejected.add(index=index, reason=(
+                        f"credential {hit.credential_id} already has {used} reuses on record; "
+                        "ask the broker for a new credential"))
+                    continue
+                self._hits_per_credential[hit.credential_id] = used + 1
+                self._recorded_hits[key] = None  # claimed: given back below if not written
+                keys.append(key)
+                batch.append(("credential.reused", {
+                    **fields, "proof": {"x509_serial": caller.x509_serial,
+                                        "jwt_id": caller.jwt_id}}))
+            while len(self._recorded_hits) > RECORDED_HITS_REMEMBERED:
+                self._recorded_hits.popitem(last=False)
+            while len(self._hits_per_credential) > RECORDED_HITS_REMEMBERED:
+                self._hits_per_credential.popitem(last=False)
+        try:  # one group commit for the batch, outside the lock
+            self._audit.append_many(batch)
+        except AuditError:
+            with self._hits_lock:
+                for key in keys:
+                    self._recorded_hits.pop(key, None)
+                    n = self._hits_per_credential.get(key[0], 0)
+                    if n:
+                        self._hits_per_credential[key[0]] = n - 1
+            raise
+        out.recorded += len(batch)
         if out.rejected:
             _log.warning("%s reported %d cache hit(s) the broker did not record: %s", me,
                          len(out.rejected), "; ".join(f"#{r.index}: {r.reason}"
@@ -672,8 +711,14 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         except (ValueError, OverflowError):
             raise InvalidRequestError("served_at is not a valid time") from None
         row = self._store.get(hit.credential_id)
-        if row is None or row.spiffe_id != me:
+        if row is None or row.spiffe_id != me or row.state not in ("live", "revoked"):
             raise NotFoundError(f"{me} holds no credential {hit.credential_id}")
+        if row.expires_at is None or not (
+                row.issued_at - HIT_CLOCK_SKEW <= served <= row.expires_at
+                and served <= self._clock() + HIT_CLOCK_SKEW):
+            raise InvalidRequestError(
+                f"served_at {rfc3339(served)} is outside the life of credential "
+                f"{hit.credential_id}: a cache serves a credential only while it lives")
         if (req.action_class, req.target) != (row.action_class, row.target):
             raise NotFoundError(f"credential {hit.credential_id} was not minted for the action "
                                 "class and target the request names")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import requests
 
 from broker.core.scopemap import ActionClass, ScopeMap
 from broker.core.spiffeid import SpiffeId
-from broker.errors import VaultError, VaultPermissionError, VaultUnavailableError
+from broker.errors import CredbrokerError, VaultError, VaultPermissionError, VaultUnavailableError
 
 _log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ FROZEN_POLICY = ('# managed by credbroker: this action class is FROZEN\n'
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MintedToken:
-    token: str  # secret: never log it
+    token: str = field(repr=False)  # secret: never log it
     accessor: str
     policies: tuple[str, ...]
     ttl_seconds: int
@@ -147,6 +147,21 @@ class VaultAdapter:
             ) from None
         except hvac.exceptions.VaultError as exc:
             raise VaultError(f"Vault at {self.addr} failed to {what}: {_first_line(exc)}") from None
+        except CredbrokerError:
+            raise
+        except requests.RequestException as exc:
+            # e.g. an answer cut off mid-body (ChunkedEncodingError): Vault may have acted.
+            raise VaultUnavailableError(
+                f"Vault's answer at {self.addr} was lost while trying to {what} "
+                f"({type(exc).__name__}); check the network path to Vault/OpenBao"
+            ) from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A 200 that is not Vault's JSON (a proxy's page, a truncated body): what Vault
+            # did is unknown, so it is handled like a lost answer.
+            raise VaultUnavailableError(
+                f"Vault at {self.addr} gave an answer the broker cannot read while trying to "
+                f"{what} ({type(exc).__name__}); is something other than Vault answering?"
+            ) from None
 
     def check_capabilities(self) -> list[str]:
         """What the broker's own token cannot do of what the broker needs (empty: all good).
@@ -178,6 +193,16 @@ class VaultAdapter:
                 missing.append(f"{','.join(lacking)} on {path} ({why})")
         self._capabilities_ok = not missing
         return [f"the broker's Vault token lacks {m}" for m in missing]
+
+    def _forbidden_means_gone(self) -> bool:
+        """After a 403 for one accessor: is the broker's own token fine (then the accessor's
+        token does not exist)? Asks Vault again rather than trust an earlier answer."""
+        if not self._capabilities_ok:
+            return False
+        try:
+            return not self.check_capabilities()
+        except CredbrokerError:
+            return False
 
     def health(self) -> None:
         """Raises: VaultUnavailableError if Vault is unreachable, sealed or uninitialised."""
@@ -277,15 +302,15 @@ class VaultAdapter:
                 display_name=cls.name,
                 meta=meta,
             )
-        auth = resp["auth"]
-        return MintedToken(
-            token=auth["client_token"],
-            accessor=auth["accessor"],
-            policies=tuple(auth["token_policies"]),
-            ttl_seconds=int(auth["lease_duration"]),
-            expires_at=now + timedelta(seconds=int(auth["lease_duration"])),
-            entity_id=auth.get("entity_id") or "",
-        )
+            auth = resp["auth"]
+            return MintedToken(
+                token=auth["client_token"],
+                accessor=auth["accessor"],
+                policies=tuple(auth["token_policies"]),
+                ttl_seconds=int(auth["lease_duration"]),
+                expires_at=now + timedelta(seconds=int(auth["lease_duration"])),
+                entity_id=auth.get("entity_id") or "",
+            )
 
     def lookup_accessor(self, accessor: str) -> TokenInfo | None:
         """The live token behind ``accessor``, or None when it is expired, revoked or unknown.
@@ -300,19 +325,19 @@ class VaultAdapter:
                 return None  # Vault answers 400 "invalid accessor" for dead tokens
             except hvac.exceptions.Forbidden:
                 # OpenBao answers 403 for an accessor whose token never came to exist (a
-                # mint interrupted by a crash). Only once our own capabilities are known
-                # good may that be read as "not live".
-                if self._capabilities_ok:
+                # mint interrupted by a crash). Only when our own token is good right now
+                # may that be read as "not live" (a revoked broker token gets 403 too).
+                if self._forbidden_means_gone():
                     return None
                 raise
-        return TokenInfo(
-            accessor=data["accessor"],
-            policies=tuple(data.get("policies") or ()),
-            metadata=dict(data.get("meta") or {}),
-            ttl_seconds=int(data.get("ttl") or 0),
-            renewable=bool(data.get("renewable")),
-            entity_id=data.get("entity_id") or "",
-        )
+            return TokenInfo(
+                accessor=data["accessor"],
+                policies=tuple(data.get("policies") or ()),
+                metadata=dict(data.get("meta") or {}),
+                ttl_seconds=int(data.get("ttl") or 0),
+                renewable=bool(data.get("renewable")),
+                entity_id=data.get("entity_id") or "",
+            )
 
     # -- kill switches
 
@@ -341,7 +366,7 @@ class VaultAdapter:
                                           alias_mount_accessor=accessor)
             except hvac.exceptions.InvalidPath:
                 return None
-        return str(resp["data"]["id"]) if resp and resp.get("data") else None
+            return str(resp["data"]["id"]) if resp and resp.get("data") else None
 
     def freeze_class_policy(self, cls: ActionClass) -> None:
         """Rewrite the class policy to grant nothing. Raises: VaultUnavailableError, VaultError."""
@@ -368,7 +393,7 @@ class VaultAdapter:
         """
         with self._errors("list token accessors"):
             resp = self._client.list("auth/token/accessors")
-        return set((resp or {}).get("data", {}).get("keys", []))
+            return set((resp or {}).get("data", {}).get("keys", []))
 
     def managed_accessors(self, instance_id: str, *, skip: set[str] | frozenset[str] = frozenset(),
                           foreign: set[str] | None = None) -> dict[str, dict[str, str]]:
@@ -415,7 +440,7 @@ class VaultAdapter:
             except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
                 return False
             except hvac.exceptions.Forbidden:
-                if self._capabilities_ok:  # a token that never came to exist (see lookup)
+                if self._forbidden_means_gone():  # a token that never came to exist
                     return False
                 raise
         return True

@@ -45,8 +45,6 @@ MAX_CONNECTIONS = 128
 #: Connections the kernel queues before the sidecar accepts them (socketserver's default: 5).
 LISTEN_BACKLOG = 128
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(r"[\[\]{}]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -55,11 +53,25 @@ class BadRequest(Exception):
 
 
 def _nesting_depth(text: str) -> int:
-    """How deeply ``text``'s arrays and objects nest, counted without recursion."""
+    """How deeply ``text``'s arrays and objects nest, counted without recursion, in one
+    linear pass (brackets inside strings do not count)."""
     depth = deepest = 0
-    for m in _BRACKET.finditer(_JSON_STRING.sub("", text)):
-        depth += 1 if m.group() in "[{" else -1
-        deepest = max(deepest, depth)
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
     return deepest
 
 
@@ -298,7 +310,7 @@ class SidecarService:
         }
         if resp.HasField("approval"):
             body["approval"] = _approval_json(resp.approval)
-        elif key:
+        elif key and not resp.decision.not_reusable:  # a time-dependent decision is not
             self.cache.put(key, CachedCredential(
                 credential_id=cred.credential_id, issued_at=now, expires_at=expires, body=body,
                 action_class=resp.decision.action_class,

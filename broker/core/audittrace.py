@@ -281,6 +281,9 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
 #   freeze of an action class    -> 3005 User Access Management, activity 2 "Revoke
 #                                   Privileges" (the class's Vault policy grants nothing);
 #                                   unfreeze -> activity 1 "Assign Privileges".
+#   freeze.enforced, freeze.enforcement_pending, unfreeze.failed -> as freeze / unfreeze.
+#   scope_map.class_removed      -> 3005 User Access Management, activity 2 "Revoke
+#                                   Privileges" (the class's policy grants nothing).
 #   approval.*                   -> 3005 User Access Management, activity 99 "Other".
 #   broker.*, scope_map.*        -> 6002 Application Lifecycle (3 Start, 4 Stop, 8 Update).
 _OCSF: dict[str, tuple[int, int, int, str]] = {
@@ -294,6 +297,18 @@ _OCSF: dict[str, tuple[int, int, int, str]] = {
     "unfreeze/spiffe_id": (3, 3001, 2, "Enable"),
     "freeze/action_class": (3, 3005, 2, "Revoke Privileges"),
     "unfreeze/action_class": (3, 3005, 1, "Assign Privileges"),
+    # Vault's enforcement of a freeze (or why it is still pending), and a failed unfreeze:
+    # the same classes and activities as the freeze itself.
+    "freeze.enforced/spiffe_id": (3, 3001, 5, "Disable"),
+    "freeze.enforcement_pending/spiffe_id": (3, 3001, 5, "Disable"),
+    "unfreeze.failed/spiffe_id": (3, 3001, 2, "Enable"),
+    "freeze.enforced/action_class": (3, 3005, 2, "Revoke Privileges"),
+    "freeze.enforcement_pending/action_class": (3, 3005, 2, "Revoke Privileges"),
+    "unfreeze.failed/action_class": (3, 3005, 1, "Assign Privileges"),
+    # A class removed from the map: its credentials lose their privileges.
+    "scope_map.class_removed": (3, 3005, 2, "Revoke Privileges"),
+    "vault.drift_corrected": (6, 6002, 8, "Update"),
+    "audit.unsigned_tail": (6, 6002, 99, "Other"),
     "broker.started": (6, 6002, 3, "Start"),
     "broker.stopped": (6, 6002, 4, "Stop"),
     "scope_map.loaded": (6, 6002, 8, "Update"),
@@ -304,7 +319,9 @@ _OCSF: dict[str, tuple[int, int, int, str]] = {
 def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
     """One audit record as an OCSF 1.1 event (the record itself travels in ``unmapped``)."""
     kind = str(record.get("type", ""))
-    key = f"{kind}/{record.get('kind')}" if kind in ("freeze", "unfreeze") else kind
+    key = f"{kind}/{record.get('kind')}" if kind in (
+        "freeze", "unfreeze", "freeze.enforced", "freeze.enforcement_pending",
+        "unfreeze.failed") else kind
     category, cls, activity, name = _OCSF.get(
         key, (3, 3005, 99, kind) if kind.startswith("approval.") else (6, 6002, 99, kind))
     dec = record.get("decision") or {}

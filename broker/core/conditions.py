@@ -17,6 +17,7 @@ denies.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -50,6 +51,11 @@ class ConditionError(ValueError):
 class Condition:
     text: str
     _program: Any = field(repr=False)
+
+    @property
+    def uses_time(self) -> bool:
+        """The condition reads ``now`` (so its answer changes with the time)."""
+        return re.search(r"\bnow\b", self.text) is not None
 
     @classmethod
     def compile(cls, text: str) -> Condition:

@@ -75,6 +75,9 @@ class Decision:
     #: For a denial that passes with time (``budget_exhausted``): seconds until the
     #: request would be allowed again, as far as the decision can tell; 0 otherwise.
     retry_after_seconds: int = 0
+    #: False when the decision depends on the time (a ``when`` using ``now``): the same
+    #: request later may be decided differently, so a cache must not answer it.
+    reusable: bool = True
 
     @property
     def allowed(self) -> bool:

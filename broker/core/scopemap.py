@@ -851,4 +851,5 @@ def evaluate(
                  "no approval required (approval: none)",),
         scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
         source=cls.source, risk=cls.risk, ttl_seconds=ttl, policies=(cls.vault_policy_name,),
+        reusable=cls.when is None or not cls.when.uses_time,
     )

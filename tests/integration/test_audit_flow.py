@@ -156,6 +156,7 @@ def test_cli_verify_names_the_first_bad_record(flow: dict[str, object], tmp_path
         lines = lines[:-2]
     copy = tmp_path / "audit.log"
     copy.write_bytes(b"".join(lines))
+    (tmp_path / "audit.log.head").write_bytes(Path(str(src) + ".head").read_bytes())
     pub = str(cfg.audit_key_path.with_suffix(".pub"))  # type: ignore[attr-defined]
     rc = main(["audit", "verify", str(copy), "--checkpoint", str(src) + ".checkpoints",
                "--public-key", pub])
@@ -164,6 +165,9 @@ def test_cli_verify_names_the_first_bad_record(flow: dict[str, object], tmp_path
     expected = {"edit": "record 3 does not match", "delete": "record 4 does not match",
                 "truncate": "truncated"}[tamper]
     assert expected in err, err
+    (tmp_path / "audit.log.head").unlink()  # deleting the newest signature does not help
+    assert main(["audit", "verify", str(copy), "--public-key", pub]) == 1
+    assert "is missing or empty" in capsys.readouterr().err
 
 
 def test_a_read_only_audit_location_stops_the_broker_from_starting(

@@ -186,7 +186,11 @@ def test_freeze_identity_refuses_its_tokens_before_returning(
     freeze = next(r for r in records if r["type"] == "freeze")
     assert freeze["by"] == f"automation:{ADMIN}" and freeze["reason"] == "rogue agent"
     assert freeze["actor"] == {"kind": "automation", "client": ADMIN}
-    assert freeze["credentials_matched"] == 3 and len(freeze["vault_entities_disabled"]) == 1
+    # who and why are on record before Vault is asked; what Vault did follows
+    enforced = next(r for r in records if r["type"] == "freeze.enforced")
+    assert enforced["freeze_id"] == freeze["freeze_id"] and enforced["seq"] > freeze["seq"]
+    assert enforced["credentials_matched"] == 3
+    assert len(enforced["vault_entities_disabled"]) == 1
     unfreeze = next(r for r in records if r["type"] == "unfreeze")
     assert unfreeze["reason"] == "contained"
     bulk = next(r for r in records if r["type"] == "credentials.revoked")

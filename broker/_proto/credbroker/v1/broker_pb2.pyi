@@ -74,7 +74,7 @@ class Owner(_message.Message):
     def __init__(self, team: _Optional[str] = ..., contact: _Optional[str] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("outcome", "action_class", "rule", "reasons", "owner", "escalation", "scope_map_version", "source", "risk", "spiffe_id")
+    __slots__ = ("outcome", "action_class", "rule", "reasons", "owner", "escalation", "scope_map_version", "source", "risk", "spiffe_id", "not_reusable")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class Decision(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     RISK_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    NOT_REUSABLE_FIELD_NUMBER: _ClassVar[int]
     outcome: Outcome
     action_class: str
     rule: str
@@ -95,7 +96,8 @@ class Decision(_message.Message):
     source: str
     risk: str
     spiffe_id: str
-    def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., action_class: _Optional[str] = ..., rule: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., owner: _Optional[_Union[Owner, _Mapping]] = ..., escalation: _Optional[_Iterable[str]] = ..., scope_map_version: _Optional[str] = ..., source: _Optional[str] = ..., risk: _Optional[str] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
+    not_reusable: bool
+    def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., action_class: _Optional[str] = ..., rule: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., owner: _Optional[_Union[Owner, _Mapping]] = ..., escalation: _Optional[_Iterable[str]] = ..., scope_map_version: _Optional[str] = ..., source: _Optional[str] = ..., risk: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., not_reusable: _Optional[bool] = ...) -> None: ...
 
 class IssueCredentialResponse(_message.Message):
     __slots__ = ("request_id", "credential", "decision", "approval")
