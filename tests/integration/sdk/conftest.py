@@ -68,10 +68,6 @@ class Stack:
             approval_id=approval_id, reason=f"{user}: no", id_token=self.idp.id_token(user)),
             timeout=10)
 
-    def freeze_class(self, action_class: str) -> None:
-        admin_stub(self.broker.port, self.identity.ca, svid(self.identity.ca, ADMIN)).Freeze(
-            pb.FreezeRequest(action_class=action_class, reason="sdk test"), timeout=10)
-
     def _approvals(self):  # type: ignore[no-untyped-def]
         return approvals_stub(self.broker.port, self.identity.ca,
                               svid(self.identity.ca, ADMIN, ttl=timedelta(hours=1)))
@@ -91,6 +87,9 @@ def stack(bao: OpenBaoDev, identity: Identity, vault_root: hvac.Client,
         issuer=DevIssuer.ISSUER, jwks_path=idp.jwks_path))
     server = BrokerServer(cfg)
     server.start()
+    admin_stub(server.port, identity.ca, svid(identity.ca, ADMIN)).Freeze(
+        pb.FreezeRequest(action_class="sdk.frozen", reason="frozen for the SDK tests"),
+        timeout=10)
     sidecars = {name: start_sidecar(identity, name, f"127.0.0.1:{server.port}",
                                     d / f"{name[:3]}.sock")
                 for name in ("triage", "containment")}
