@@ -135,10 +135,14 @@ def _refused_for_other_call(approval_id: str) -> ApprovalRefusedError:
         "incident); call without it to ask for approval of this one", code="approval_refused")
 
 
+OnPending = Callable[[PendingApproval], Any]
+
+
 def acquire(client: Client, spec: ActionSpec, arguments: Mapping[str, Any], *,
             approval_id: str | None = None, on_approval: OnApproval = "raise",
-            approval_timeout: float = 300.0) -> Credential:
-    """One call's credential. Raises: :class:`ApprovalRequired` (``on_approval="raise"``),
+            approval_timeout: float = 300.0, on_pending: OnPending | None = None) -> Credential:
+    """One call's credential. ``on_pending`` is told of a pending approval before it is
+    waited for. Raises: :class:`ApprovalRequired` (``on_approval="raise"``),
     :class:`ApprovalTimeout`, the error code's exception."""
     fields = spec.fields(arguments)
     result: Credential | PendingApproval
@@ -155,13 +159,16 @@ def acquire(client: Client, spec: ActionSpec, arguments: Mapping[str, Any], *,
     if isinstance(result, Credential):
         return result
     if on_approval == "wait":
+        if on_pending is not None:
+            on_pending(result)
         return client.wait_for_approval(result.approval_id, approval_timeout)
     raise ApprovalRequired(result)
 
 
 async def acquire_async(client: AsyncClient, spec: ActionSpec, arguments: Mapping[str, Any], *,
                         approval_id: str | None = None, on_approval: OnApproval = "raise",
-                        approval_timeout: float = 300.0) -> Credential:
+                        approval_timeout: float = 300.0,
+                        on_pending: OnPending | None = None) -> Credential:
     """See :func:`acquire`."""
     fields = spec.fields(arguments)
     result: Credential | PendingApproval
@@ -178,6 +185,10 @@ async def acquire_async(client: AsyncClient, spec: ActionSpec, arguments: Mappin
     if isinstance(result, Credential):
         return result
     if on_approval == "wait":
+        if on_pending is not None:
+            told = on_pending(result)
+            if inspect.isawaitable(told):
+                await told
         return await client.wait_for_approval(result.approval_id, approval_timeout)
     raise ApprovalRequired(result)
 
@@ -210,14 +221,17 @@ def requires_action(action_class: str, *, target: TargetSpec = None,
                     justification: JustificationSpec = None, ttl_seconds: int | None = None,
                     on_approval: OnApproval = "raise", approval_timeout: float = 300.0,
                     client: Client | AsyncClient | None = None, name: str | None = None,
-                    credential_param: str = "credential") -> Callable[[F], F]:
+                    credential_param: str = "credential",
+                    on_pending: OnPending | None = None) -> Callable[[F], F]:
     """Give each call of the decorated function (sync or async) its own credential.
 
     ``target``/``justification``: a string, or a function of the tool's arguments (called
     with them by name, e.g. ``lambda host, **_: host``). ``on_approval``: ``"raise"``
     :class:`ApprovalRequired` (retry later inside :func:`using_approval`) or ``"wait"`` up
-    to ``approval_timeout`` seconds. ``client``: a :class:`Client` for sync functions, an
-    :class:`AsyncClient` for async ones; by default one from ``$CREDBROKER_SIDECAR_SOCKET``.
+    to ``approval_timeout`` seconds, first telling ``on_pending`` (e.g. to page a person
+    with the approval id; it may be async for async functions). ``client``: a
+    :class:`Client` for sync functions, an :class:`AsyncClient` for async ones; by default
+    one from ``$CREDBROKER_SIDECAR_SOCKET``.
     The credential is passed as the keyword ``credential_param`` and handed back when the
     function returns or raises.
     """
@@ -235,7 +249,8 @@ def requires_action(action_class: str, *, target: TargetSpec = None,
                 try:
                     cred = await acquire_async(c, spec, named, approval_id=_approval.get(),
                                                on_approval=on_approval,
-                                               approval_timeout=approval_timeout)
+                                               approval_timeout=approval_timeout,
+                                               on_pending=on_pending)
                     try:
                         return await fn(*bound.args, **bound.kwargs, **{credential_param: cred})
                     finally:
@@ -258,7 +273,8 @@ def requires_action(action_class: str, *, target: TargetSpec = None,
                         lazy.append(Client())
                     c = lazy[0]
                 cred = acquire(c, spec, named, approval_id=_approval.get(),
-                               on_approval=on_approval, approval_timeout=approval_timeout)
+                               on_approval=on_approval, approval_timeout=approval_timeout,
+                               on_pending=on_pending)
                 try:
                     return fn(*bound.args, **bound.kwargs, **{credential_param: cred})
                 finally:
