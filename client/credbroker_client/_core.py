@@ -143,7 +143,7 @@ class RetryPolicy:
             return None
         backoff = min(self.max_delay, self.base_delay * 2 ** attempt)
         jittered = backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
-        return max(jittered, retry_after or 0.0)
+        return float(max(jittered, retry_after or 0.0))
 
 
 class ApprovalBook:

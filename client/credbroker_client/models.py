@@ -101,7 +101,8 @@ class Credential:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Credential:
         dec = d.get("decision")
-        approval = d.get("approval") if isinstance(d.get("approval"), dict) else {}
+        raw = d.get("approval")
+        approval: dict[str, Any] = raw if isinstance(raw, dict) else {}
         return cls(credential_id=str(d["credential_id"]), token=str(d["token"]),
                    expires_at=_time(d.get("expires_at")),
                    ttl_seconds=int(d.get("ttl_seconds") or 0),
