@@ -241,11 +241,17 @@ def requires_action(action_class: str, *, target: TargetSpec = None,
                           justification=justification, ttl_seconds=ttl_seconds)
 
         if inspect.iscoroutinefunction(fn):
+            book = _core.ApprovalBook()  # shared by the per-call clients made below
+
             @functools.wraps(fn)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
                 bound, named = bind_arguments(sig, args, kwargs)
                 own = client is None
-                c = cast(AsyncClient, client) if client is not None else AsyncClient()
+                if client is not None:
+                    c = cast(AsyncClient, client)
+                else:  # one per call: an AsyncClient belongs to one event loop
+                    c = AsyncClient()
+                    c.approvals = book
                 try:
                     cred = await acquire_async(c, spec, named, approval_id=_approval.get(),
                                                on_approval=on_approval,

@@ -148,3 +148,27 @@ def test_wait_mode_waits_for_the_approver(stack: Stack) -> None:
         return out
 
     assert asyncio.run(main()) == "isolated ws-300 with containment.isolate_host"
+
+
+def test_async_tool_with_the_default_client_retries_with_its_approval(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CREDBROKER_SIDECAR_SOCKET", stack.socket("containment"))
+
+    @requires_action("containment.isolate_host", target=lambda host, **_: host,
+                     justification="C2 confirmed")
+    async def isolate(host: str, *, credential: Credential) -> str:
+        return f"isolated {host}"
+
+    async def main() -> str:
+        with incident("splunk", "NOTABLE-400"):
+            try:
+                await isolate("ws-400")
+            except ApprovalRequired as pending:
+                approval_id = pending.approval_id
+            with using_approval(approval_id):
+                with pytest.raises(ApprovalRequired):  # pending: told again, not refused
+                    await isolate("ws-400")
+                await asyncio.to_thread(stack.approve, approval_id)
+                return await isolate("ws-400")
+
+    assert asyncio.run(main()) == "isolated ws-400"
