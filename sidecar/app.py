@@ -1,6 +1,7 @@
 """The agent-facing HTTP/JSON API on a unix socket (README, "The sidecar HTTP API").
 
-``POST /v1/credentials``, ``DELETE /v1/credentials/{id}``, ``GET /healthz``.
+``POST /v1/credentials``, ``DELETE /v1/credentials/{id}``, ``GET /healthz``, and
+``GET /openapi.json`` (the committed OpenAPI 3.1 document of this API, ``sidecar/openapi.json``).
 Every error body is ``{"error": {"code", "message", ...}}``, its status the code's in
 ``broker.errors.ERRORS``; a 429 carries ``Retry-After``. Tokens are
 returned to the agent in the 200 body and never logged.
@@ -37,6 +38,8 @@ _MAX_BODY = 64 * 1024
 #: The documented body nests two deep ({"initiating_event": {...}}); a little slack.
 _MAX_DEPTH = 8
 _PREFIX = "/v1/credentials"
+#: The OpenAPI 3.1 document of this API (client/scripts/generate_openapi.py writes it).
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 #: A connection that sends nothing for this long (no request, half a request, or an idle
 #: keep-alive) is closed.
 IDLE_TIMEOUT_SECONDS = 10.0
@@ -410,6 +413,8 @@ class _Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         if self.path == "/healthz":
             self._guard(self.server.service.health)
+        elif self.path == "/openapi.json":
+            self._guard(lambda: (200, json.loads(OPENAPI_PATH.read_text())))
         elif path.startswith("/v1/approvals/") and path.count("/") == 3:
             params = urllib.parse.parse_qs(query)
             approval_id = path.rsplit("/", 1)[1]
