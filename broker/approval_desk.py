@@ -7,6 +7,7 @@ the escalation webhook.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -25,10 +26,14 @@ from broker.core import approvals as ap
 from broker.core.models import CredentialRequest
 from broker.core.records import rfc3339
 from broker.core.scopemap import ActionClass
-from broker.errors import CredbrokerError
+from broker.errors import CredbrokerError, TooManyWaitsError
 from broker.registry import CredentialStore
 
 _log = logging.getLogger("credbroker.approvals")
+
+#: Approval waits (``AwaitApproval``) one workload may hold at once. A wait costs no
+#: thread, but one agent must not hold the broker's capacity for everyone else.
+MAX_WAITS_PER_IDENTITY = 16
 
 
 class ApprovalDesk:
@@ -46,13 +51,16 @@ class ApprovalDesk:
         self._stop = threading.Event()
         #: When the escalation path last heard of a refused break-glass, per (identity, class).
         self._refusals_notified: dict[tuple[str, str], datetime] = {}
+        #: Coroutines waiting for an approval to leave PENDING: woken on their own loop.
+        self._wait_lock = threading.Lock()
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._waits: dict[str, int] = {}
 
     # -- reading
 
     def get(self, approval_id: str) -> ap.Approval:
-        """Raises: ApprovalNotFoundError."""
-        with self._cond:
-            a = self._items.get(approval_id)
+        """Raises: ApprovalNotFoundError. Never blocks (one dict read)."""
+        a = self._items.get(approval_id)
         if a is None:
             raise ap.ApprovalNotFoundError(f"no approval {approval_id!r}; "
                                            "`credbroker approvals list` shows pending ones")
@@ -93,6 +101,20 @@ class ApprovalDesk:
             raise
         self._items[a.id] = a
         self._cond.notify_all()
+        self._wake(a.id)
+
+    def _wake(self, approval_id: str | None) -> None:
+        """Wake the coroutines waiting for ``approval_id`` (None: all of them)."""
+        with self._wait_lock:
+            if approval_id is None:
+                waiting = [w for ws in self._waiters.values() for w in ws]
+            else:
+                waiting = list(self._waiters.get(approval_id, ()))
+        for loop, event in waiting:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # its loop is closed
+                pass
 
     def open(self, *, request_id: str, spiffe_id: str, request: CredentialRequest,
              cls: ActionClass) -> ap.Approval:
@@ -205,12 +227,53 @@ class ApprovalDesk:
                        reason=reason)
             return new
 
-    def wait(self, approval_id: str, timeout: float) -> ap.Approval:
-        """Block until the approval is no longer pending, or ``timeout`` seconds pass."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._items[approval_id].state != ap.PENDING
-                                or self._stop.is_set(), timeout=timeout)
-            return self._items[approval_id]
+    async def wait(self, approval_id: str, timeout: float, *, spiffe_id: str) -> ap.Approval:
+        """Until the approval is no longer pending, or ``timeout`` seconds pass. Costs no
+        thread: an :class:`asyncio.Event` that :meth:`_save` sets from whichever thread
+        changed the approval.
+
+        Raises: TooManyWaitsError (``spiffe_id`` already holds MAX_WAITS_PER_IDENTITY waits).
+        """
+        a = self._items[approval_id]
+        if a.state != ap.PENDING or self._stop.is_set() or timeout <= 0:
+            return a
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        with self._wait_lock:
+            if self._waits.get(spiffe_id, 0) >= MAX_WAITS_PER_IDENTITY:
+                raise TooManyWaitsError(
+                    f"{spiffe_id} already waits for {MAX_WAITS_PER_IDENTITY} approvals; wait "
+                    "for fewer at once (poll without wait_seconds for the others)")
+            self._waits[spiffe_id] = self._waits.get(spiffe_id, 0) + 1
+        try:
+            while True:
+                event = asyncio.Event()
+                entry = (loop, event)
+                with self._wait_lock:  # registered before the state is read: no lost wake-up
+                    self._waiters.setdefault(approval_id, []).append(entry)
+                try:
+                    a = self._items[approval_id]
+                    left = deadline - loop.time()
+                    if a.state != ap.PENDING or self._stop.is_set() or left <= 0:
+                        return a
+                    try:
+                        await asyncio.wait_for(event.wait(), left)
+                    except TimeoutError:
+                        return self._items[approval_id]
+                finally:
+                    with self._wait_lock:
+                        waiting = self._waiters.get(approval_id, [])
+                        if entry in waiting:
+                            waiting.remove(entry)
+                        if not waiting:
+                            self._waiters.pop(approval_id, None)
+        finally:
+            with self._wait_lock:
+                left_waits = self._waits.get(spiffe_id, 1) - 1
+                if left_waits > 0:
+                    self._waits[spiffe_id] = left_waits
+                else:
+                    self._waits.pop(spiffe_id, None)
 
     # -- time
 
@@ -289,3 +352,4 @@ class ApprovalDesk:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        self._wake(None)

@@ -48,6 +48,8 @@ class BrokerConfig:
     responder_groups: tuple[str, ...] = DEFAULT_RESPONDER_GROUPS
     #: SPIFFE IDs that may revoke, freeze and unfreeze with no person (``automation:<id>``).
     automation_ids: tuple[str, ...] = ()
+    #: Threads for blocking work (Vault, sqlite, the audit log's fsync). Revocation streams
+    #: and approval waits hold none of them (they wait on the asyncio loop).
     max_workers: int = 64
     approvers: ApproverConfig = field(default_factory=ApproverConfig)
     metrics_listen: str = ""  # host:port for /metrics; empty: no metrics server

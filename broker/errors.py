@@ -127,6 +127,14 @@ class VaultPermissionError(VaultUnavailableError):
     """
 
 
+class TooManyWaitsError(CredbrokerError):
+    """The caller already holds as many revocation streams or approval waits as one
+    workload may: it must not take the broker's capacity from every other workload."""
+
+    code = "too_many_waits"
+    retry_after_seconds = 5
+
+
 class BrokerUnavailableError(CredbrokerError):
     """The broker could not be reached (raised by clients of the broker)."""
 
@@ -222,6 +230,9 @@ ERRORS: Mapping[str, ErrorSpec] = {
     "break_glass_limited": _e("RESOURCE_EXHAUSTED", 429, 4,
                               "break-glass was used as often as its limit allows; see "
                               "Retry-After"),
+    "too_many_waits": _e("RESOURCE_EXHAUSTED", 429, 5,
+                         "the identity holds as many revocation streams or approval waits "
+                         "as one workload may; see Retry-After"),
     # outages
     "busy": _e(None, 503, None, "the sidecar serves as many connections as it may"),
     "broker_unavailable": _e("UNAVAILABLE", 503, 5, "the broker cannot be reached"),

@@ -17,8 +17,8 @@ through :class:`RevocationBus` (``WatchRevocations``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -62,29 +62,73 @@ class BusEvent:
 MAX_STREAMS_PER_IDENTITY = 4
 
 
+class Subscription:
+    """One watching stream: events arrive in an :class:`asyncio.Queue` of its event loop.
+
+    ``None`` in the queue means the bus closed (the broker is stopping).
+    """
+
+    __slots__ = ("id", "loop", "queue", "spiffe_id")
+
+    def __init__(self, sub_id: int, spiffe_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.id = sub_id
+        self.spiffe_id = spiffe_id
+        self.loop = loop
+        self.queue: asyncio.Queue[BusEvent | None] = asyncio.Queue()
+
+
+def _deliver(batch: list[tuple[Subscription, BusEvent | None]]) -> None:
+    for sub, event in batch:
+        sub.queue.put_nowait(event)
+
+
 class RevocationBus:
-    """Fan-out of revocation events to every watching sidecar."""
+    """Fan-out of revocation events to every watching sidecar.
+
+    Publishers are threads (responder, reload, the gRPC worker pool); subscribers are
+    coroutines awaiting an :class:`asyncio.Queue`, which costs no thread per stream. One
+    publish wakes each event loop once (``call_soon_threadsafe`` with the whole batch),
+    however many streams it serves.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._subs: dict[int, tuple[str, queue.Queue[BusEvent | None]]] = {}
+        self._subs: dict[int, Subscription] = {}
+        self._per_identity: dict[str, int] = {}
         self._next = 0
+        self._closed = False
 
-    def subscribe(self, spiffe_id: str) -> tuple[int, queue.Queue[BusEvent | None]] | None:
-        """A new subscription, or None when ``spiffe_id`` already holds its share of streams
-        (each pins a worker of the sync gRPC server: one workload must not take them all)."""
-        q: queue.Queue[BusEvent | None] = queue.Queue()
+    def subscribe(self, spiffe_id: str, loop: asyncio.AbstractEventLoop | None = None
+                  ) -> Subscription | None:
+        """A new subscription delivered on ``loop`` (default: the running loop), or None when
+        ``spiffe_id`` already holds its share of streams (one workload must not take them
+        all)."""
+        loop = loop or asyncio.get_running_loop()
         with self._lock:
-            if sum(1 for sid, _ in self._subs.values() if sid == spiffe_id) \
-                    >= MAX_STREAMS_PER_IDENTITY:
+            if self._per_identity.get(spiffe_id, 0) >= MAX_STREAMS_PER_IDENTITY:
                 return None
             self._next += 1
-            self._subs[self._next] = (spiffe_id, q)
-            return self._next, q
+            sub = Subscription(self._next, spiffe_id, loop)
+            self._subs[sub.id] = sub
+            self._per_identity[spiffe_id] = self._per_identity.get(spiffe_id, 0) + 1
+            if self._closed:
+                sub.queue.put_nowait(None)
+            return sub
 
     def unsubscribe(self, sub_id: int) -> None:
         with self._lock:
-            self._subs.pop(sub_id, None)
+            sub = self._subs.pop(sub_id, None)
+            if sub is not None:
+                left = self._per_identity.get(sub.spiffe_id, 1) - 1
+                if left > 0:
+                    self._per_identity[sub.spiffe_id] = left
+                else:
+                    self._per_identity.pop(sub.spiffe_id, None)
+
+    @property
+    def streams(self) -> int:
+        with self._lock:
+            return len(self._subs)
 
     def publish(self, event: BusEvent, owners: dict[str, str] | None = None) -> None:
         """``owners`` maps credential id -> SPIFFE ID, so each sidecar hears only its own."""
@@ -92,23 +136,46 @@ class RevocationBus:
             subs = list(self._subs.values())
         pattern = SpiffeIdPattern.parse(event.identity_pattern) if event.identity_pattern \
             else None
-        for spiffe_id, q in subs:
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[Subscription, BusEvent | None]]] = {}
+        matches: dict[str, bool] = {}
+        for sub in subs:
+            out: BusEvent | None = None
             if event.scope_map_version:
-                q.put(event)  # every sidecar: its cache was decided under the old map
+                out = event  # every sidecar: its cache was decided under the old map
             elif event.credential_ids:
                 mine = tuple(c for c in event.credential_ids
-                             if owners is None or owners.get(c) == spiffe_id)
+                             if owners is None or owners.get(c) == sub.spiffe_id)
                 if mine:
-                    q.put(BusEvent(credential_ids=mine, reason=event.reason, by=event.by))
+                    out = BusEvent(credential_ids=mine, reason=event.reason, by=event.by)
             elif event.action_class:
-                q.put(event)
-            elif pattern is not None and pattern.matches(SpiffeId.parse(spiffe_id)):
-                q.put(event)
+                out = event
+            elif pattern is not None:
+                hit = matches.get(sub.spiffe_id)
+                if hit is None:
+                    hit = matches[sub.spiffe_id] = pattern.matches(SpiffeId.parse(sub.spiffe_id))
+                if hit:
+                    out = event
+            if out is not None:
+                batches.setdefault(sub.loop, []).append((sub, out))
+        self._send(batches)
+
+    @staticmethod
+    def _send(batches: dict[asyncio.AbstractEventLoop,
+                            list[tuple[Subscription, BusEvent | None]]]) -> None:
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop is closed: its streams are gone
+                pass
 
     def close(self) -> None:
         with self._lock:
-            for _, q in self._subs.values():
-                q.put(None)
+            self._closed = True
+            subs = list(self._subs.values())
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[Subscription, BusEvent | None]]] = {}
+        for sub in subs:
+            batches.setdefault(sub.loop, []).append((sub, None))
+        self._send(batches)
 
 
 #: An issuance still unresolved after this long is no longer in flight (the mint's

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health
@@ -42,8 +43,46 @@ from broker.vault import SyncReport, VaultAdapter
 _log = logging.getLogger("credbroker.broker")
 
 
+_T = TypeVar("_T")
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class LoopThread:
+    """An asyncio event loop running in its own (daemon) thread, driven from sync code."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
+        """Run ``coro`` on the loop; block until it is done and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Cancel what still runs, stop the loop and join its thread."""
+        async def cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self.loop.is_running():
+            try:
+                self.run(cancel_rest(), timeout=5)
+            except Exception as exc:  # stopping must go on
+                _log.debug("cancelling the loop's tasks: %s", exc)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 def _signature(path: Path) -> tuple[object, ...]:
@@ -63,7 +102,7 @@ class BrokerServer:
     def __init__(self, config: BrokerConfig, *, clock: Callable[[], datetime] = utc_now) -> None:
         self.config = config
         self._clock = clock
-        self._server: grpc.Server | None = None
+        self._server: grpc.aio.Server | None = None
         self._x509: X509Source | None = None
         self._jwt: JwtSource | None = None
         self.port = 0
@@ -77,6 +116,8 @@ class BrokerServer:
         self.desk: ApprovalDesk | None = None
         self.health: HealthMonitor | None = None
         self._metrics_server: Any = None
+        self._aio: LoopThread | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
         self._health_server: grpc.Server | None = None
         self.health_port = 0
         self._watcher: threading.Thread | None = None
@@ -101,6 +142,7 @@ class BrokerServer:
             self.store = SqliteStore(cfg.registry_path)
             self._start(cfg)
         except BaseException:
+            self._stop_serving(0)
             self.audit.close()
             if self.store is not None:
                 self.store.close()
@@ -186,10 +228,15 @@ class BrokerServer:
                       "; automation " + ", ".join(cfg.automation_ids)
                       if cfg.automation_ids else "")
         threading.Thread(target=self.desk.run_ticker, daemon=True, name="approvals").start()
+        # Blocking work (hvac, sqlite, the audit log's fsync) runs in this bounded pool: the
+        # sync gRPC methods run in it whole; the async ones (revocation streams, approval
+        # waits) wait on the event loop at no thread's cost and use it only to issue.
+        self._pool = futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
+                                                thread_name_prefix="broker")
         service = BrokerService(scope_maps=self.scope_maps, audit=self.audit, vault=vault,
                                 responder=self.responder, desk=self.desk,
                                 authenticator=authenticator, clock=self._clock,
-                                metrics=self.metrics)
+                                metrics=self.metrics, executor=self._pool)
         self.responder.metrics = self.metrics
         store, desk, audit = self.store, self.desk, self.audit
 
@@ -219,22 +266,37 @@ class BrokerServer:
                              admins=frozenset(cfg.admin_ids), clock=self._clock,
                              gate=ResponderGate(verifier=verifier, groups=cfg.responder_groups,
                                                 automation=cfg.automation_ids))
-        # Each sidecar holds one WatchRevocations stream, which pins a worker of this
-        # sync server: size the pool for the sidecars it serves (grpc.aio would not need to).
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
-                                                        thread_name_prefix="broker"),
-                             options=list(SERVER_KEEPALIVE))
-        pb_grpc.add_CredentialBrokerServicer_to_server(service, server)
-        pb_grpc.add_CredentialAdminServicer_to_server(admin, server)
-        pb_grpc.add_ApprovalsServicer_to_server(approvals, server)
-        self.health.add_to(server)
         self.health.check_now()
         threading.Thread(target=self.health.run, daemon=True, name="health").start()
-        # grpcurl and friends discover the API through reflection.
-        reflection.enable_server_reflection([
-            pb.DESCRIPTOR.services_by_name[name].full_name
-            for name in ("CredentialBroker", "CredentialAdmin", "Approvals")
-        ] + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        pool, health_monitor = self._pool, self.health
+        credentials = server_credentials(self._x509)
+
+        async def serve() -> tuple[grpc.aio.Server, int]:
+            server = grpc.aio.server(migration_thread_pool=pool,
+                                     options=list(SERVER_KEEPALIVE))
+            pb_grpc.add_CredentialBrokerServicer_to_server(service, server)
+            pb_grpc.add_CredentialAdminServicer_to_server(admin, server)
+            pb_grpc.add_ApprovalsServicer_to_server(approvals, server)
+            health_monitor.add_to(server)
+            # grpcurl and friends discover the API through reflection.
+            reflection.enable_server_reflection([
+                pb.DESCRIPTOR.services_by_name[name].full_name
+                for name in ("CredentialBroker", "CredentialAdmin", "Approvals")
+            ] + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+            try:
+                port = server.add_secure_port(cfg.listen, credentials)
+            except RuntimeError:
+                port = 0
+            if port:
+                await server.start()
+            return server, port
+
+        # The gRPC server is asyncio (grpc.aio) on its own loop thread.
+        self._aio = LoopThread("broker-aio")
+        server, self.port = self._aio.run(serve())
+        if self.port == 0:
+            raise WorkloadApiError(f"cannot listen on {cfg.listen}")
+        self._server = server
         if cfg.metrics_listen:
             self._metrics_server = self.metrics.serve(cfg.metrics_listen)
         if cfg.health_listen:
@@ -243,11 +305,6 @@ class BrokerServer:
             self.health.add_to(self._health_server)
             self.health_port = self._health_server.add_insecure_port(cfg.health_listen)
             self._health_server.start()
-        self.port = server.add_secure_port(cfg.listen, server_credentials(self._x509))
-        if self.port == 0:
-            raise WorkloadApiError(f"cannot listen on {cfg.listen}")
-        server.start()
-        self._server = server
         host = cfg.listen.rpartition(":")[0]
         _log.info("broker %s serving on %s:%d (mTLS, trust domain %s)", me.spiffe_id, host,
                   self.port, me.trust_domain)
@@ -458,8 +515,7 @@ class BrokerServer:
             self.responder.bus.close()
         if self.desk is not None:
             self.desk.close()
-        if self._server is not None:
-            self._server.stop(grace).wait()
+        self._stop_serving(grace)
         if self.responder is not None:
             self.responder.close()
         self._close_sources()
@@ -470,6 +526,21 @@ class BrokerServer:
             self.audit.close()
         if self.store is not None:
             self.store.close()
+
+    def _stop_serving(self, grace: float) -> None:
+        """Stop the gRPC server (in-flight calls get ``grace`` seconds), its loop and pool."""
+        if self._aio is not None:
+            if self._server is not None:
+                try:
+                    self._aio.run(self._server.stop(grace), timeout=grace + 10)
+                except Exception as exc:  # stopping must go on
+                    _log.warning("the gRPC server did not stop cleanly: %s", exc)
+                self._server = None
+            self._aio.close()
+            self._aio = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def _close_sources(self) -> None:
         for src in (self._x509, self._jwt):

@@ -8,15 +8,18 @@ metadata key ``credbroker-decision-bin`` and our stable error code in
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-import queue
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -46,6 +49,8 @@ from broker.errors import (
     IdentityError,
     InvalidRequestError,
     NotFoundError,
+    PolicyError,
+    TooManyWaitsError,
     VaultError,
     VaultPermissionError,
     VaultUnavailableError,
@@ -63,12 +68,14 @@ from broker.inputs import (
     is_id,
 )
 from broker.observability import Metrics
-from broker.responder import Responder
+from broker.responder import BusEvent, Responder
 from broker.vault import MintedToken, VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
 
 DECISION_MD_KEY = "credbroker-decision-bin"
+
+_T = TypeVar("_T")
 
 
 def grpc_status(code: str) -> grpc.StatusCode:
@@ -123,33 +130,48 @@ class ScopeMapHolder:
 class UsageTracker:
     """Recent issuance times per (identity, class), for ``limits`` budgets.
 
-    In memory: a broker restart forgets them (the credential registry will
-    hold them durably).
+    Each key has its own lock: a decision waits only for decisions of the same identity
+    and class (which must not race past their shared budget), never for anyone else's.
+    In memory: a broker restart forgets them (the credential registry will hold them
+    durably).
     """
 
     def __init__(self, *, horizon: timedelta = timedelta(days=1)) -> None:
-        self._lock = threading.Lock()
-        self._times: dict[tuple[str, str], deque[datetime]] = {}
+        self._guard = threading.Lock()  # held only to find or create a key's slot
+        self._slots: dict[tuple[str, str], tuple[threading.Lock, deque[datetime]]] = {}
         self._horizon = horizon
+
+    def _slot(self, key: tuple[str, str]) -> tuple[threading.Lock, deque[datetime]]:
+        with self._guard:
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = (threading.Lock(), deque())
+            return slot
 
     @contextmanager
     def reserve(self, key: tuple[str, str], now: datetime) -> Iterator[tuple[datetime, ...]]:
         """Hold the key's lock: yield its recent times; the caller calls :meth:`record`."""
-        with self._lock:
-            times = self._times.setdefault(key, deque())
+        lock, times = self._slot(key)
+        with lock:
             while times and times[0] <= now - self._horizon:
                 times.popleft()
             yield tuple(times)
 
     def record(self, key: tuple[str, str], when: datetime) -> None:
         """Count an issuance (call while holding :meth:`reserve`)."""
-        self._times.setdefault(key, deque()).append(when)
+        self._slot(key)[1].append(when)
 
     def forget(self, key: tuple[str, str], when: datetime) -> None:
-        with self._lock:
-            times = self._times.get(key)
-            if times is not None and when in times:
+        lock, times = self._slot(key)
+        with lock:
+            if when in times:
                 times.remove(when)
+
+
+class NoClassAllowsError(PolicyError):
+    """No action class of the scope map in force lists the caller: it gets no stream."""
+
+    code = "workload_not_allowed"
 
 
 def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
@@ -297,8 +319,11 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         desk: ApprovalDesk,
         clock: Callable[[], datetime],
         metrics: Metrics | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
+        #: Where the blocking parts of the async methods run (Vault, sqlite, audit fsync).
+        self._executor = executor
         self._desk = desk
         self._maps = scope_maps
         self._audit = audit
@@ -331,18 +356,20 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             self._metrics.issuance_seconds.labels(label).observe(time.perf_counter() - started)
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
 
-    def AwaitApproval(
-        self, request: pb.AwaitApprovalRequest, context: grpc.ServicerContext
+    async def AwaitApproval(
+        self, request: pb.AwaitApprovalRequest, context: grpc.aio.ServicerContext
     ) -> pb.IssueCredentialResponse:
+        """Waits on an asyncio event (no thread); only the issuance itself uses the pool."""
         label = request.approval_id if is_id(request.approval_id) else uuid.uuid4().hex
-        with _boundary(context, label, "AwaitApproval"):
+        async with _aboundary(context, label, "AwaitApproval"):
             caller = self._auth.authenticate(context)
             check_id("approval_id", request.approval_id, required=True)
             a = self._desk.get(request.approval_id)
             if a.spiffe_id != str(caller.spiffe_id):
                 raise ApprovalNotFoundError(f"{caller.spiffe_id} has no approval "
                                             f"{request.approval_id!r}")
-            a = self._desk.wait(a.id, min(float(request.wait_seconds), 60.0))
+            a = await self._desk.wait(a.id, min(float(request.wait_seconds), 60.0),
+                                      spiffe_id=str(caller.spiffe_id))
             if a.state == ap.PENDING:
                 return pb.IssueCredentialResponse(request_id=a.request_id,
                                                   approval=approval_to_proto(a))
@@ -352,9 +379,15 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 raise ApprovalClosedError(f"approval {a.id} was {a.state} ({why}); nothing was "
                                           "issued", state=a.state)
             # Approved: decided again under the scope map and freezes in force right now.
-            return self._issue(caller, a.request, a.request_id, approval_id=a.id,
-                               break_glass=False)
-        raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+            return await self._blocking(self._issue, caller, a.request, a.request_id,
+                                        approval_id=a.id, break_glass=False)
+        raise AssertionError("unreachable: _aboundary aborts")  # pragma: no cover
+
+    async def _blocking(self, fn: Callable[..., _T], *args: object, **kwargs: object) -> _T:
+        """Run blocking work (Vault, sqlite, the audit log's fsync) in the bounded pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor,
+                                          functools.partial(fn, *args, **kwargs))
 
     def _issue(self, caller: Caller, req: CredentialRequest, request_id: str, *,
                approval_id: str, break_glass: bool) -> pb.IssueCredentialResponse:
@@ -516,47 +549,39 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                   minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
         return minted
 
-    def WatchRevocations(
-        self, request: pb.WatchRevocationsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.RevocationEvent]:
-        try:
+    async def WatchRevocations(
+        self, request: pb.WatchRevocationsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RevocationEvent]:
+        """An async generator awaiting an asyncio queue: a held stream costs no thread."""
+        async with _aboundary(context, uuid.uuid4().hex, "WatchRevocations"):
             caller = self._auth.authenticate(context)
-        except IdentityError as exc:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        me = str(caller.spiffe_id)
-        subscription = self._responder.bus.subscribe(me)
-        if subscription is None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{me} already holds the most revocation streams one workload may; "
-                          "close the others (one per sidecar is enough)")
-            return
-        sub_id, events = subscription
-        try:
-            frozen = first_freeze(self._responder.freezes, caller.spiffe_id, "")
-            yield pb.RevocationEvent(sync=pb.RevocationEvent.Sync(
-                live_credential_ids=self._store.live_ids_of(me, self._clock()),
-                frozen=frozen is not None and frozen.kind == "spiffe_id",
-                reason=frozen.describe() if frozen else "",
-                scope_map_version=self._maps.current.version))
-            while context.is_active():
-                try:
-                    ev = events.get(timeout=1.0)
-                except queue.Empty:
-                    continue
-                if ev is None:
-                    return
-                if ev.scope_map_version:
-                    yield pb.RevocationEvent(scope_map=pb.RevocationEvent.ScopeMapInForce(
-                        version=ev.scope_map_version))
-                elif ev.credential_ids:
-                    yield pb.RevocationEvent(revoked=pb.RevocationEvent.Revoked(
-                        credential_ids=list(ev.credential_ids)))
-                else:
-                    yield pb.RevocationEvent(frozen=pb.RevocationEvent.Frozen(
-                        action_class=ev.action_class, identity=bool(ev.identity_pattern),
-                        reason=ev.reason, by=ev.by))
-        finally:
-            self._responder.bus.unsubscribe(sub_id)
+            me = str(caller.spiffe_id)
+            scope_map = self._maps.current
+            if not any(p.matches(caller.spiffe_id) for cls in scope_map.classes.values()
+                       for p in cls.workloads):
+                raise NoClassAllowsError(f"no action class of scope map "
+                                         f"{scope_map.version[:19]} lists {me}: it has nothing "
+                                         "to watch")
+            subscription = self._responder.bus.subscribe(me)
+            if subscription is None:
+                raise TooManyWaitsError(f"{me} already holds the most revocation streams one "
+                                        "workload may; close the others (one per sidecar is "
+                                        "enough)")
+            try:
+                frozen = first_freeze(self._responder.freezes, caller.spiffe_id, "")
+                live = await self._blocking(self._store.live_ids_of, me, self._clock())
+                yield pb.RevocationEvent(sync=pb.RevocationEvent.Sync(
+                    live_credential_ids=live,
+                    frozen=frozen is not None and frozen.kind == "spiffe_id",
+                    reason=frozen.describe() if frozen else "",
+                    scope_map_version=self._maps.current.version))
+                while True:
+                    ev = await subscription.queue.get()
+                    if ev is None:
+                        return
+                    yield _revocation_event(ev)
+            finally:
+                self._responder.bus.unsubscribe(subscription.id)
 
     def _revoke_unrecorded(self, accessor: str, request_id: str, why: str) -> None:
         """A minted credential cannot be handed out: kill it now. Never raises.
@@ -728,23 +753,28 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 "request": request_to_json(req), "served_at": rfc3339(served)}
 
 
+def _revocation_event(ev: BusEvent) -> pb.RevocationEvent:
+    if ev.scope_map_version:
+        return pb.RevocationEvent(scope_map=pb.RevocationEvent.ScopeMapInForce(
+            version=ev.scope_map_version))
+    if ev.credential_ids:
+        return pb.RevocationEvent(revoked=pb.RevocationEvent.Revoked(
+            credential_ids=list(ev.credential_ids)))
+    return pb.RevocationEvent(frozen=pb.RevocationEvent.Frozen(
+        action_class=ev.action_class, identity=bool(ev.identity_pattern), reason=ev.reason,
+        by=ev.by))
+
+
 def _fields(record: dict[str, object]) -> dict[str, object]:
     """A record's fields without the ones AuditLog.append sets itself."""
     return {k: v for k, v in record.items() if k not in ("type", "time")}
 
 
-@contextmanager
-def _boundary(context: grpc.ServicerContext, request_id: str, method: str) -> Iterator[None]:
-    """Translate our errors into gRPC statuses, once (``broker.errors.ERRORS``).
-
-    The trailing metadata carries the stable code (``credbroker-error-code``), the request
-    id, and, when the error or decision knows it, ``credbroker-retry-after`` (seconds).
-    Unexpected errors become INTERNAL.
-    """
-    try:
-        yield
-    except DeniedByPolicy as denied:
-        d = denied.decision
+def _failure(exc: Exception, request_id: str, method: str
+             ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
+    """The gRPC status, details and trailing metadata that answer ``exc`` (logged here)."""
+    if isinstance(exc, DeniedByPolicy):
+        d = exc.decision
         assert d.deny_code is not None  # only denials are raised; approvals answer 202
         code = d.deny_code.value
         trailer: list[tuple[str, str | bytes]] = [
@@ -754,18 +784,42 @@ def _boundary(context: grpc.ServicerContext, request_id: str, method: str) -> It
         ]
         if d.retry_after_seconds:
             trailer.append((RETRY_AFTER_MD_KEY, str(d.retry_after_seconds)))
-        context.set_trailing_metadata(tuple(trailer))
-        context.abort(grpc_status(code), "; ".join(d.reasons))
-    except CredbrokerError as exc:
+        return grpc_status(code), "; ".join(d.reasons), tuple(trailer)
+    if isinstance(exc, CredbrokerError):
         _log.warning("request_id=%s %s failed: %s: %s", request_id, method, exc.code, exc)
         trailer = [(ERROR_CODE_MD_KEY, exc.code), ("credbroker-request-id", request_id)]
         if exc.retry_after_seconds:
             trailer.append((RETRY_AFTER_MD_KEY, str(exc.retry_after_seconds)))
-        context.set_trailing_metadata(tuple(trailer))
-        context.abort(grpc_status(exc.code), str(exc))
-    except Exception:
-        _log.exception("request_id=%s %s failed unexpectedly", request_id, method)
-        context.set_trailing_metadata(((ERROR_CODE_MD_KEY, "internal"),
-                                       ("credbroker-request-id", request_id)))
-        context.abort(grpc.StatusCode.INTERNAL,
-                      f"the broker failed unexpectedly; request id {request_id} is in its log")
+        return grpc_status(exc.code), str(exc), tuple(trailer)
+    _log.error("request_id=%s %s failed unexpectedly", request_id, method, exc_info=exc)
+    return (grpc.StatusCode.INTERNAL,
+            f"the broker failed unexpectedly; request id {request_id} is in its log",
+            ((ERROR_CODE_MD_KEY, "internal"), ("credbroker-request-id", request_id)))
+
+
+@contextmanager
+def _boundary(context: grpc.ServicerContext, request_id: str, method: str) -> Iterator[None]:
+    """Translate our errors into gRPC statuses, once (``broker.errors.ERRORS``).
+
+    The trailing metadata carries the stable code (``credbroker-error-code``), the request
+    id, and, when the error or decision knows it, ``credbroker-retry-after`` (seconds).
+    Unexpected errors become INTERNAL. For the methods that run in the worker pool.
+    """
+    try:
+        yield
+    except Exception as exc:
+        status, details, trailer = _failure(exc, request_id, method)
+        context.set_trailing_metadata(trailer)
+        context.abort(status, details)
+
+
+@asynccontextmanager
+async def _aboundary(context: grpc.aio.ServicerContext, request_id: str, method: str
+                     ) -> AsyncIterator[None]:
+    """:func:`_boundary` for the async methods (same answers)."""
+    try:
+        yield
+    except Exception as exc:
+        status, details, trailer = _failure(exc, request_id, method)
+        context.set_trailing_metadata(trailer)
+        await context.abort(status, details)

@@ -9,22 +9,27 @@ returned to the agent in the 200 body and never logged.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import json
 import logging
 import os
 import re
-import socket
-import socketserver
 import threading
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
+from aiohttp import hdrs, web
+from aiohttp.http_parser import HttpRequestParserPy
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from google.protobuf.timestamp_pb2 import Timestamp
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.errors import DEFAULT_RETRY_AFTER_SECONDS
@@ -45,7 +50,7 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 IDLE_TIMEOUT_SECONDS = 10.0
 #: Connections served at once; beyond it a new one is answered 503 at once and closed.
 MAX_CONNECTIONS = 128
-#: Connections the kernel queues before the sidecar accepts them (socketserver's default: 5).
+#: Connections the kernel queues before the sidecar accepts them.
 LISTEN_BACKLOG = 128
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -365,117 +370,15 @@ def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: SidecarHttpServer
-    protocol_version = "HTTP/1.1"
-
-    def setup(self) -> None:
-        # Every read and write on the connection times out after the idle timeout:
-        # BaseHTTPRequestHandler then drops the connection (no request, half a request,
-        # an idle keep-alive, or a client that stops reading its answer).
-        super().setup()
-        self.connection.settimeout(self.server.idle_timeout)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        _log.debug("http %s", format % args)
-
-    def _send(self, status: int, body: dict[str, Any],
-              headers: tuple[tuple[str, str], ...] = ()) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _guard(self, fn: Callable[[], tuple[int, dict[str, Any]]]) -> None:
-        try:
-            self._send(*fn())
-        except BadRequest as exc:
-            self._send(400, _error("bad_request", str(exc)))
-        except BrokerCallError as exc:
-            extra: dict[str, Any] = {"decision": exc.decision} if exc.decision else {}
-            headers: tuple[tuple[str, str], ...] = ()
-            if exc.http_status == 429:  # say when: from the broker, else a default
-                retry = exc.retry_after or DEFAULT_RETRY_AFTER_SECONDS
-                extra["retry_after_seconds"] = retry
-                headers = (("Retry-After", str(retry)),)
-            self._send(exc.http_status, _error(exc.code, exc.message, **extra), headers)
-        except Exception:
-            _log.exception("unexpected sidecar error")
-            self._send(500, _error("internal", "the sidecar failed unexpectedly; its log has "
-                                               "the details"))
-
-    def do_GET(self) -> None:
-        path, _, query = self.path.partition("?")
-        if self.path == "/healthz":
-            self._guard(self.server.service.health)
-        elif self.path == "/openapi.json":
-            self._guard(lambda: (200, json.loads(OPENAPI_PATH.read_text())))
-        elif path.startswith("/v1/approvals/") and path.count("/") == 3:
-            params = urllib.parse.parse_qs(query)
-            approval_id = path.rsplit("/", 1)[1]
-
-            def poll() -> tuple[int, dict[str, Any]]:
-                if not is_id(approval_id):
-                    raise BadRequest(f"the approval id in the path must be {ID_RULE}")
-                raw = params.get("wait", ["0"])[0]
-                if not raw.isdigit():
-                    raise BadRequest("wait must be a whole number of seconds from 0 to 60")
-                return self.server.service.await_approval(approval_id,
-                                                          wait_seconds(int(raw)))
-
-            self._guard(poll)
-        else:
-            self._send(404, _error("not_found", f"no such endpoint GET {self.path}; "
-                                                "try POST /v1/credentials or GET /healthz"))
-
-    def do_POST(self) -> None:
-        if self.path != _PREFIX:
-            self._send(404, _error("not_found", f"no such endpoint POST {self.path}; "
-                                                f"use POST {_PREFIX}"))
-            return
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True  # the body is not read: the stream is out of step
-            self._send(400, _error("bad_request", "send the body with a Content-Length; "
-                                                  "chunked bodies are not accepted"))
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            self._send(400, _error("bad_request", "Content-Length must be a non-negative number"))
-            return
-        if length > _MAX_BODY:
-            self.close_connection = True
-            self._send(413, _error("too_large", f"body is larger than {_MAX_BODY} bytes"))
-            return
-        raw = self.rfile.read(length)  # times out after the idle timeout (see setup)
-        if len(raw) < length:
-            self.close_connection = True  # the client closed its end half-way
-            return
-
-        def issue() -> tuple[int, dict[str, Any]]:
-            return self.server.service.issue(*parse_issue(raw))
-
-        self._guard(issue)
-
-    def do_DELETE(self) -> None:
-        prefix = _PREFIX + "/"
-        cid = self.path[len(prefix):] if self.path.startswith(prefix) else ""
-        if not cid or "/" in cid:
-            self._send(404, _error("not_found", f"use DELETE {_PREFIX}/<credential_id>"))
-            return
-        if not is_id(cid):
-            self._send(400, _error("bad_request", f"the credential id in the path must be "
-                                                  f"{ID_RULE}"))
-            return
-        self._guard(lambda: self.server.service.hand_back(cid))
+def _json_response(status: int, body: dict[str, Any],
+                   headers: tuple[tuple[str, str], ...] = (), *,
+                   close: bool = False) -> web.Response:
+    resp = web.Response(status=status, body=json.dumps(body).encode(),
+                        headers={"Content-Type": "application/json",
+                                 "Cache-Control": "no-store", **dict(headers)})
+    if close:
+        resp.force_close()
+    return resp
 
 
 _BUSY = json.dumps(_error("busy", "the sidecar is serving as many connections as it may; "
@@ -484,14 +387,82 @@ _BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: applicatio
                   b"Content-Length: " + str(len(_BUSY)).encode() + b"\r\nRetry-After: 1\r\n"
                   b"Cache-Control: no-store\r\nConnection: close\r\n\r\n" + _BUSY)
 
+Answer = tuple[int, dict[str, Any]]
 
-class SidecarHttpServer(socketserver.ThreadingMixIn, HTTPServer):
-    """The HTTP server on the unix socket: one thread per connection, at most
-    ``max_connections`` at once, each dropped after ``idle_timeout`` seconds of silence."""
 
-    address_family = socket.AF_UNIX
-    daemon_threads = True
-    request_queue_size = LISTEN_BACKLOG  # parallel agent calls queue, are never refused
+class _HostOptionalParser(HttpRequestParserPy):
+    """aiohttp's request parser, taking an HTTP/1.1 request without ``Host`` as for this host.
+
+    On a unix socket the Host header names nothing, and agents' minimal HTTP clients (and
+    the sidecar's contract so far) leave it out; aiohttp would refuse such a request.
+    """
+
+    def parse_headers(self, lines: list[bytes]) -> Any:
+        headers, raw, *rest = super().parse_headers(lines)
+        if hdrs.HOST not in headers:
+            headers = CIMultiDictProxy(CIMultiDict([*headers.items(), (hdrs.HOST, "sidecar")]))
+        return (headers, raw, *rest)
+
+
+class _Connection(RequestHandler):
+    """One HTTP connection: a request the HTTP parser refuses gets our JSON error body too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parser = _HostOptionalParser(
+            self, self._loop, self._read_bufsize, payload_exception=RequestPayloadError,
+            max_msg_queue_size=self._max_msg_queue_size)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None
+                     ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # part of an answer is out: nothing to add
+            raise ConnectionError("an answer was being sent; the connection is dropped")
+        if status >= 500:
+            _log.error("unexpected sidecar error", exc_info=exc)
+            body = _error("internal", "the sidecar failed unexpectedly; its log has the "
+                                      "details")
+        else:
+            reason = getattr(exc, "message", None) or message or str(exc)
+            _log.debug("malformed HTTP request: %s", reason)
+            body = _error("bad_request", f"malformed HTTP request ({' '.join(reason.split())}"
+                                         "); send HTTP/1.1 with a Host header, and a body with "
+                                         "a Content-Length (chunked bodies are not accepted)")
+        return _json_response(status if 400 <= status < 600 else 400, body, close=True)
+
+
+class _BoundedServer(web.Server):
+    """aiohttp's low-level server, answering 503 at once beyond ``max_connections``."""
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], *,
+                 max_connections: int, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._max_connections = max_connections
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport
+                        ) -> None:
+        # A connection holds its slot until its handler task has finished (aiohttp drops it
+        # from ``_connections`` then), as a thread of the sync server held it.
+        if len(self._connections) >= self._max_connections:
+            transport.write(_BUSY_RESPONSE)  # a few hundred bytes into an empty buffer
+            transport.close()
+            _log.warning("sidecar busy: a connection was answered 503 (all slots taken)")
+            return
+        super().connection_made(handler, transport)
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class SidecarHttpServer:
+    """The HTTP server on the unix socket: aiohttp on an asyncio loop of its own thread.
+
+    At most ``max_connections`` connections at once (beyond, a quick 503 ``busy``); a
+    connection that sends nothing for ``idle_timeout`` seconds (no request, half the
+    headers, half a body, an idle keep-alive) is closed. Service methods that are
+    coroutines are awaited on the loop; plain ones run in a pool of ``max_connections``
+    threads.
+    """
 
     def __init__(self, path: Path, service: SidecarService, *,
                  idle_timeout: float = IDLE_TIMEOUT_SECONDS,
@@ -499,60 +470,159 @@ class SidecarHttpServer(socketserver.ThreadingMixIn, HTTPServer):
         self.service = service
         self.path = path
         self.idle_timeout = idle_timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        self._pool = ThreadPoolExecutor(max_workers=max(1, max_connections),
+                                        thread_name_prefix="sidecar-http")
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._runner: web.ServerRunner | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             path.unlink()
         except FileNotFoundError:
             pass
-        super().__init__(str(path), _Handler)  # type: ignore[arg-type]
+        # Bound now (as the socketserver did): the socket exists when the constructor returns.
+        self._loop.run_until_complete(self._bind())
         os.chmod(path, 0o660)
 
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "credbroker-sidecar", 0
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve the connection in a thread, or answer 503 at once when all slots are taken.
-
-        Runs in the accepting thread, so it never blocks: the busy answer is a few hundred
-        bytes into an empty socket buffer.
-        """
-        if not self._slots.acquire(blocking=False):
-            try:
-                request.settimeout(1.0)
-                request.sendall(_BUSY_RESPONSE)
-            except OSError:
-                pass
-            _log.warning("sidecar busy: a connection was answered 503 (all slots taken)")
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()  # the thread never started
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that vanished mid-answer is not the sidecar's error; never a traceback
-        # on stderr for it.
-        _log.debug("connection dropped", exc_info=True)
+    async def _bind(self) -> None:
+        server = _BoundedServer(self._handle, max_connections=self.max_connections,
+                                keepalive_timeout=self.idle_timeout, access_log=None,
+                                lingering_time=0)
+        self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, str(self.path), backlog=LISTEN_BACKLOG).start()
 
     def serve_in_thread(self) -> threading.Thread:
-        t = threading.Thread(target=self.serve_forever, name="sidecar-http", daemon=True)
-        t.start()
-        return t
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="sidecar-http", daemon=True)
+        self._thread.start()
+        return self._thread
 
     def close(self) -> None:
-        self.shutdown()
-        self.server_close()
+        if self._runner is not None:
+            cleanup = self._runner.cleanup()
+            if self._thread is not None and self._loop.is_running():
+                try:
+                    asyncio.run_coroutine_threadsafe(cleanup, self._loop).result(10)
+                except Exception as exc:  # closing must go on
+                    _log.debug("stopping the HTTP server: %s", exc)
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(10)
+            else:
+                self._loop.run_until_complete(cleanup)
+            self._runner = None
+        if not self._loop.is_running():
+            self._loop.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+    # -- requests
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Answer:
+        if inspect.iscoroutinefunction(fn):
+            answer: Answer = await fn(*args)
+            return answer
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+        return answer
+
+    async def _guard(self, fn: Callable[..., Any], *args: Any) -> web.Response:
+        try:
+            return _json_response(*await self._call(fn, *args))
+        except BadRequest as exc:
+            return _json_response(400, _error("bad_request", str(exc)))
+        except BrokerCallError as exc:
+            extra: dict[str, Any] = {"decision": exc.decision} if exc.decision else {}
+            headers: tuple[tuple[str, str], ...] = ()
+            if exc.http_status == 429:  # say when: from the broker, else a default
+                retry = exc.retry_after or DEFAULT_RETRY_AFTER_SECONDS
+                extra["retry_after_seconds"] = retry
+                headers = (("Retry-After", str(retry)),)
+            return _json_response(exc.http_status, _error(exc.code, exc.message, **extra),
+                                  headers)
+        except Exception:
+            _log.exception("unexpected sidecar error")
+            return _json_response(500, _error("internal", "the sidecar failed unexpectedly; "
+                                                          "its log has the details"))
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        target = request.raw_path
+        if request.method == "GET":
+            return await self._get(target)
+        if request.method == "POST":
+            return await self._post(request, target)
+        if request.method == "DELETE":
+            return await self._delete(target)
+        return _json_response(404, _error("not_found", f"no such endpoint {request.method} "
+                                                       f"{target}; try POST {_PREFIX} or "
+                                                       "GET /healthz"))
+
+    async def _get(self, target: str) -> web.Response:
+        path, _, query = target.partition("?")
+        if target == "/healthz":
+            return await self._guard(self.service.health)
+        if target == "/openapi.json":  # the contract, for agents in other languages
+            return _json_response(200, json.loads(OPENAPI_PATH.read_text()))
+        if path.startswith("/v1/approvals/") and path.count("/") == 3:
+            params = urllib.parse.parse_qs(query)
+            approval_id = path.rsplit("/", 1)[1]
+            if not is_id(approval_id):
+                return _json_response(400, _error(
+                    "bad_request", f"the approval id in the path must be {ID_RULE}"))
+            raw = params.get("wait", ["0"])[0]
+            if not raw.isdigit():
+                return _json_response(400, _error(
+                    "bad_request", "wait must be a whole number of seconds from 0 to 60"))
+            try:
+                wait = wait_seconds(int(raw))
+            except BadRequest as exc:
+                return _json_response(400, _error("bad_request", str(exc)))
+            return await self._guard(self.service.await_approval, approval_id, wait)
+        return _json_response(404, _error("not_found", f"no such endpoint GET {target}; "
+                                                       "try POST /v1/credentials or GET "
+                                                       "/healthz"))
+
+    async def _post(self, request: web.BaseRequest, target: str) -> web.StreamResponse:
+        if target != _PREFIX:
+            return _json_response(404, _error("not_found", f"no such endpoint POST {target}; "
+                                                           f"use POST {_PREFIX}"))
+        if request.headers.get("Transfer-Encoding"):
+            # The body is not read: the stream is out of step.
+            return _json_response(400, _error("bad_request", "send the body with a "
+                                                             "Content-Length; chunked bodies "
+                                                             "are not accepted"), close=True)
+        length = request.content_length or 0
+        if length > _MAX_BODY:
+            return _json_response(413, _error("too_large",
+                                              f"body is larger than {_MAX_BODY} bytes"),
+                                  close=True)
+        try:
+            raw = await asyncio.wait_for(request.content.readexactly(length),
+                                         self.idle_timeout)
+        except (TimeoutError, asyncio.IncompleteReadError):
+            # Half a body, then silence (or the client closed its end half-way): drop it.
+            request.protocol.force_close()
+            raise web.HTTPRequestTimeout() from None
+        try:
+            msg, wait = parse_issue(raw)
+        except BadRequest as exc:
+            return _json_response(400, _error("bad_request", str(exc)))
+        return await self._guard(self.service.issue, msg, wait)
+
+    async def _delete(self, target: str) -> web.Response:
+        prefix = _PREFIX + "/"
+        cid = target[len(prefix):] if target.startswith(prefix) else ""
+        if not cid or "/" in cid:
+            return _json_response(404, _error("not_found",
+                                              f"use DELETE {_PREFIX}/<credential_id>"))
+        if not is_id(cid):
+            return _json_response(400, _error("bad_request", f"the credential id in the path "
+                                                             f"must be {ID_RULE}"))
+        return await self._guard(self.service.hand_back, cid)

@@ -205,6 +205,14 @@ class BreakGlassLimitedError(CredbrokerError):
     http_status = 429
 
 
+class TooManyWaitsError(CredbrokerError):
+    """``too_many_waits``: the identity holds as many revocation streams or approval waits as
+    one workload may; see Retry-After."""
+
+    code = "too_many_waits"
+    http_status = 429
+
+
 class BusyError(CredbrokerError):
     """``busy``: the sidecar serves as many connections as it may."""
 
@@ -299,6 +307,7 @@ ERROR_CLASSES: dict[str, type[CredbrokerError]] = {
     "approval_denied": ApprovalDeniedError,
     "approval_expired": ApprovalExpiredError,
     "break_glass_limited": BreakGlassLimitedError,
+    "too_many_waits": TooManyWaitsError,
     "busy": BusyError,
     "broker_unavailable": BrokerUnavailableError,
     "broker_timeout": BrokerTimeoutError,
@@ -341,6 +350,7 @@ __all__ = [  # noqa: RUF022
     "StoreUnavailableError",
     "TargetNotAllowedError",
     "TooLargeError",
+    "TooManyWaitsError",
     "TtlAboveMaxError",
     "UnauthenticatedError",
     "UnknownActionClassError",

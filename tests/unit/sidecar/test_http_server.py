@@ -206,3 +206,20 @@ def test_beyond_the_connection_bound_the_answer_is_a_quick_503(sock_dir: Path) -
         assert status == 200
     finally:
         http.close()
+
+
+def test_a_chunked_body_with_a_host_header_is_refused_by_the_sidecar_itself(
+        sock_dir: Path) -> None:
+    service = FakeService()
+    http = _serve(sock_dir, service)
+    try:
+        with _connect(http) as s:
+            s.sendall(b"POST /v1/credentials HTTP/1.1\r\nHost: x\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n5\r\n{}{}{\r\n0\r\n\r\n")
+            status, payload = _read_response(s)
+            assert status == 400 and payload["error"]["code"] == "bad_request"
+            assert "chunked bodies are not accepted" in payload["error"]["message"]
+            assert s.recv(1024) == b""
+        assert service.issued == []
+    finally:
+        http.close()
