@@ -393,7 +393,12 @@ class VaultAdapter:
         """
         with self._errors("list token accessors"):
             resp = self._client.list("auth/token/accessors")
-            return set((resp or {}).get("data", {}).get("keys", []))
+            if resp is None:  # 404: no token at all
+                return set()
+            keys = resp["data"]["keys"]  # anything else is not Vault's answer
+            if not isinstance(keys, list):
+                raise TypeError("keys is not a list")
+            return {str(k) for k in keys}
 
     def managed_accessors(self, instance_id: str, *, skip: set[str] | frozenset[str] = frozenset(),
                           foreign: set[str] | None = None) -> dict[str, dict[str, str]]:

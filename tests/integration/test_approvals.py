@@ -258,6 +258,13 @@ def test_break_glass_is_rate_limited_and_every_use_reaches_the_escalation_path(
         threading.Event().wait(0.05)
     events = sorted(h["event"] for h in env.hooks)
     assert events == ["approval.break_glass", "approval.break_glass_refused"], events
+    for target in ("ws-10", "ws-11"):  # an agent looping on break-glass...
+        assert ask(env, break_glass=True, target=target)[0] == 429
+    threading.Event().wait(0.3)
+    # ... is on the record each time, but the escalation path hears once per window
+    assert len([h for h in env.hooks if h["event"] == "approval.break_glass_refused"]) == 1
+    assert len([r for r in read_records(env.server.config.audit_path)
+                if r["type"] == "approval.break_glass_refused"]) == 3
     status, body = ask(env, target="ws-8")  # the normal path stays open: ask a person
     assert status == 202, body
 

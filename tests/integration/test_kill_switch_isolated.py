@@ -9,6 +9,7 @@ revocation must still be in flight when each test asserts, and is checked to be.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,11 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import hvac
 import hvac.exceptions
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker.audit import read_records
 from broker.devstack import OpenBaoDev
 from broker.server import BrokerServer
 from tests.integration.conftest import (
@@ -197,3 +200,40 @@ def test_sync_saying_frozen_alone_empties_the_sidecar_cache(
     finally:
         close(sc)
         stream.cut()
+
+
+def test_a_class_frozen_while_its_credential_is_minted_never_hands_it_out(
+        stalling: Stalling, identity: Identity, vault_root: hvac.Client) -> None:
+    """The decision was made before the freeze, the mint lands after it: the broker must
+    see the freeze after recording the credential, revoke it and answer frozen."""
+    link, server = stalling.vault_link, stalling.server
+    link.stall(b"auth/token/create/credbroker-enrichment")  # the mint waits at the proxy
+    result: dict[str, object] = {}
+
+    def ask() -> None:
+        try:
+            result["cred"] = mint(server, identity, TRIAGE, "t-race")
+        except grpc.RpcError as err:
+            result["err"] = err
+
+    t = threading.Thread(target=ask)
+    t.start()
+    wait_until(lambda: link.stalled == 1, "the mint never reached the proxy")
+    assert server.responder is not None
+    res = server.responder.freeze(spiffe_id="", action_class="enrichment",
+                                  reason="race", by=ADMIN)
+    assert not res.vault_pending
+    link.unstall()
+    t.join(15)
+    err = result.get("err")
+    assert isinstance(err, grpc.RpcError), result  # never a 200 for a frozen class
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(err.trailing_metadata() or ())["credbroker-error-code"] == "frozen"
+    records = list(read_records(server.config.audit_path))
+    minted = [r for r in records if r["type"] == "credential.minted"
+              and r.get("target") == "t-race"]
+    assert len(minted) == 1
+    accessor = minted[0]["credential_id"]
+    assert not in_vault(vault_root, accessor)  # OpenBao: the token is gone
+    assert any(r["type"] == "credential.revoked" and r.get("credential_id") == accessor
+               for r in records)

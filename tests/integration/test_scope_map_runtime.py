@@ -142,6 +142,11 @@ def test_removing_a_class_ends_its_live_credentials(bao: OpenBaoDev, identity: I
                            and cred.credential_id in r.get("credential_ids", [])
                            for r in read_records(server.config.audit_path)),
                "the revocation is not on the record")
+        # Later passes (the reconcile loop's) do not end the same class and credential again.
+        assert server.scope_maps is not None and server.responder is not None
+        assert server.responder.end_removed_classes(server.scope_maps.current) == []
+        assert sum(r["type"] == "scope_map.class_removed"
+                   for r in read_records(server.config.audit_path)) == 1
     finally:
         path.write_text(TEST_MAP.read_text())
         server.reload()  # the class and its real policy come back for the other tests

@@ -404,6 +404,31 @@ def test_a_resent_batch_is_recorded_once_and_batches_are_bounded(recorded: Recor
     assert err.value.http_status == 400 and "at most 100" in err.value.message
 
 
+def test_cache_hits_outside_a_credentials_life_are_refused(recorded: Recorded) -> None:
+    """A workload cannot fill the audit log with reuses of a credential it once held."""
+    from datetime import timedelta
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    mine = recorded.triage.client.request_credential("enrichment", target="t-life")
+    req = pb.IssueCredentialRequest(action_class="enrichment", target="t-life")
+    client = recorded.triage.service.client
+    after = Timestamp()
+    after.FromDatetime(datetime.now(UTC) + timedelta(hours=2))  # past expiry (and the future)
+    resp = client.report_cache_hits([pb.CacheHit(credential_id=mine["credential_id"],
+                                                 request_id="late-1", request=req,
+                                                 served_at=after)])
+    assert resp.recorded == 0 and "outside the life" in resp.rejected[0].reason
+    recorded.triage.client.hand_back(mine["credential_id"])  # revoked, but in its life: fine
+    now = Timestamp()
+    now.FromDatetime(datetime.now(UTC))
+    assert client.report_cache_hits([pb.CacheHit(
+        credential_id=mine["credential_id"], request_id="in-life-1", request=req,
+        served_at=now)]).recorded == 1
+    assert not [r for r in recorded.records("credential.reused")
+                if r["request_id"] == "late-1"]
+
+
 def test_a_spent_budget_is_429_with_retry_after(identity: Identity, bao: OpenBaoDev,
                                                 short_tmp: Path) -> None:
     """identity.disable_account allows 2/h: the third is 429, free again in about an hour."""

@@ -168,3 +168,20 @@ def test_check_fails_when_the_file_is_replaced_or_gone(tmp_path: Path) -> None:
     SqliteStore(path).close()  # a different file at the path
     with pytest.raises(StoreError, match="replaced"):
         store.check()
+
+
+def test_a_mint_whose_intent_was_dropped_is_refused(store: SqliteStore) -> None:
+    """Reconcile dropped a stale intent while its mint was still under way: recording the
+    credential must fail (the caller revokes it) rather than hand out an unknown one."""
+    _intent(store, "r-slow")
+    store.forget_intent("r-slow")
+    with pytest.raises(StoreError, match="no longer pending"):
+        store.record_minted(request_id="r-slow", credential_id="acc-slow",
+                            expires_at=T0 + timedelta(minutes=2), entity_id="")
+    assert store.get("acc-slow") is None
+    _intent(store, "r-twice")
+    store.record_minted(request_id="r-twice", credential_id="acc-1",
+                        expires_at=T0 + timedelta(minutes=2), entity_id="")
+    with pytest.raises(StoreError):  # a live row is not completed twice
+        store.record_minted(request_id="r-twice", credential_id="acc-2",
+                            expires_at=T0 + timedelta(minutes=2), entity_id="")

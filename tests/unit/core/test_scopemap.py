@@ -367,6 +367,14 @@ def test_cel_condition_sees_request_and_identity() -> None:
         is DenyCode.CONDITION_FALSE
 
 
+def test_a_decision_that_depends_on_the_time_is_not_reusable() -> None:
+    """A sidecar must not answer a later identical request with it: by then `now` may deny."""
+    night = _rich(action_class="night.only", now=NOW.replace(hour=23))
+    assert night.allowed and night.reusable is False
+    other = _rich(action_class="edr.isolate", target="ws-1", initiating_event=EVENT)
+    assert other.allowed and other.reusable is True
+
+
 def test_condition_that_fails_to_evaluate_denies() -> None:
     d = _rich(action_class="broken.cond", target="x")
     assert d.deny_code is DenyCode.CONDITION_FALSE and "fail closed" in d.reasons[0]
