@@ -158,3 +158,28 @@ def test_break_glass_records_its_request_and_retries_in_one_second_at_least() ->
                              now=T0 + timedelta(seconds=59, milliseconds=500),
                              recent_uses=(T0,))
     assert err.value.retry_after_seconds == 1
+
+
+def test_sign_off_records_the_reviewer_and_refuses_with_reasons() -> None:
+    bg = ap.break_glass_issue(approval_id="b1", request_id="r", spiffe_id=AGENT, request=REQ,
+                              rule=RULE, owner_team="ciso-office", escalation=(), now=T0)
+    # The owner team may review: CISO is in ciso-office, the (here) owning team.
+    done = ap.sign_off(bg, CISO, "justified", T0 + timedelta(seconds=9))
+    assert done.review == ap.Vote(subject="carol", groups=("ciso-office",), via="oidc",
+                                  reason="justified", at=T0 + timedelta(seconds=9))
+    with pytest.raises(ap.ApprovalError) as err:
+        ap.sign_off(new(), CISO, "ok", T0)
+    assert str(err.value) == "approval a1 is pending, not a break-glass use awaiting review"
+    with pytest.raises(ap.ApprovalError) as err:
+        ap.sign_off(bg, CISO, "  ", T0)
+    assert str(err.value) == "a reason is required: it goes into the audit log"
+    # A break-glass use without reviewers configured: nobody is in the reviewer groups.
+    with pytest.raises(ap.ApprovalError, match="none of the groups that may review"):
+        ap.sign_off(replace(bg, break_glass=None), CISO, "ok", T0)
+
+
+def test_refusals_list_every_group() -> None:
+    two = ap.Approver(subject="dan", groups=("sales", "hr"), via="oidc")
+    with pytest.raises(ap.ApprovalError) as err:
+        ap.approve(replace(new(), approvers=("ir-leads", "soc")), two, "ok", T0)
+    assert str(err.value).endswith("(ir-leads, soc); their groups: sales, hr")

@@ -94,3 +94,18 @@ def test_line_format() -> None:
     assert line_format(lines[0]) == "log"
     assert line_format(b"not json\n") == "unknown"
     assert line_format(b'{"type":"decision"}\n') == "jsonl"
+
+
+def test_the_problems_name_the_tampering() -> None:
+    lines, heads = build(5)
+    v = verify_chain([*lines[:1], *lines[2:]])  # record 2 deleted
+    assert (v.ok, v.records, v.bad_record) == (False, 1, 2)
+    assert v.problem == ("record 2 does not match the chain: its content or position changed: "
+                         "record 2 was edited, or a record at or before it was inserted, "
+                         "deleted or moved")
+    v = verify_chain([*lines[:2], lines[0], *lines[2:]])  # a chain restarted in the middle
+    assert v.problem == ("record 3 does not match the chain: it was the first record of a "
+                         "chain: records before it were inserted")
+    v = verify_chain(lines, [cp(heads, 5)], None)
+    assert v.ok is False and v.problem == ("checkpoints given but no public key to check their "
+                                           "signatures (pass --public-key)")

@@ -57,3 +57,20 @@ def test_the_refusals_a_responder_reads() -> None:
     assert str(err.value) == (
         "SPIFFE ID pattern 'spiffe://Example.org/a': trust domain 'Example.org' may only "
         "contain a-z, 0-9, '.', '-' and '_' (it must be lower-case)")
+
+
+@pytest.mark.parametrize("pattern", [
+    "spiffe://t/agent/*", "spiffe://t/agent/T*", "spiffe://t/**",
+])
+def test_wildcards_match_upper_case_identities(pattern: str) -> None:
+    """A freeze of agent/* must stop agent/Triage too."""
+    from broker.core.spiffeid import SpiffeId
+    assert SpiffeIdPattern.parse(pattern).matches(SpiffeId.parse("spiffe://t/agent/Triage"))
+
+
+def test_an_invalid_spiffe_id_is_named_as_one() -> None:
+    from broker.core.spiffeid import SpiffeId
+    from broker.errors import InvalidSpiffeIdError
+    with pytest.raises(InvalidSpiffeIdError) as err:
+        SpiffeId.parse("spiffe://t/a*")
+    assert str(err.value).startswith("SPIFFE ID 'spiffe://t/a*': path segment 'a*' may only")

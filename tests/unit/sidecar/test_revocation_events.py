@@ -80,3 +80,14 @@ def test_a_sync_saying_frozen_empties_the_cache() -> None:
     sc.on_revocation_event(pb.RevocationEvent(sync=pb.RevocationEvent.Sync(
         live_credential_ids=["acc1", "acc2", "acc3"], scope_map_version=V1, frozen=True)))
     assert _held(sc) == []
+
+
+def test_a_new_scope_map_says_which_and_how_many(caplog: pytest.LogCaptureFixture) -> None:
+    sc = _filled()
+    version = "sha256:" + "ab" * 32
+    with caplog.at_level(logging.WARNING, logger="credbroker.sidecar"):
+        sc.on_revocation_event(pb.RevocationEvent(
+            scope_map=pb.RevocationEvent.ScopeMapInForce(version=version)))
+    assert _held(sc) == []
+    assert ("scope map sha256:abababababab is now in force; 3 cached credential(s) decided "
+            "under another dropped") in caplog.messages
