@@ -43,6 +43,7 @@ INTEGRATION_TESTS = [
     "tests/integration/test_revocation.py",
     "tests/integration/test_sidecar.py",
     "tests/integration/test_kill_switch_isolated.py",
+    "tests/integration/test_freeze_push.py",
     "tests/integration/test_vault_policy.py",
     "tests/integration/test_vault_drift.py",
 ]
@@ -200,6 +201,28 @@ def integration(sample: int, seed: int, max_minutes: float, max_children: int) -
     return 0
 
 
+def run_sample(per_module: int, seed: int, modules: list[str], max_children: int,
+               recheck: list[str]) -> int:
+    """The unit phase on a budget: up to ``per_module`` unchecked mutants of each module
+    (all of them where fewer are left), seeded, plus every mutant named in ``recheck``
+    (globs allowed: re-run after adding tests). Needs one full ``mutmut run`` first,
+    or at least its mutant generation, so the names exist."""
+    results = load_results(ROOT)
+    chosen: list[str] = []
+    for source, codes in sorted(results.items()):
+        if modules and source not in modules:
+            continue
+        unchecked = sorted(n for n, c in codes.items() if c is None)
+        chosen += random.Random(seed).sample(unchecked, min(per_module, len(unchecked)))  # noqa: S311
+    chosen += recheck
+    if not chosen:
+        print("nothing left to check")
+        return 0
+    print(f"running {len(chosen)} mutants")
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *chosen]
+    return subprocess.run(cmd, cwd=ROOT, check=False).returncode
+
+
 def clean() -> None:
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     shutil.rmtree(INTEGRATION_DIR, ignore_errors=True)
@@ -216,12 +239,20 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--seed", type=int, default=18)
     i.add_argument("--max-minutes", type=float, default=45.0)
     i.add_argument("--max-children", type=int, default=1)
+    r = sub.add_parser("sample")
+    r.add_argument("--per-module", type=int, default=100)
+    r.add_argument("--seed", type=int, default=18)
+    r.add_argument("--module", action="append", default=[], help="e.g. broker/core/scopemap.py")
+    r.add_argument("--max-children", type=int, default=2)
+    r.add_argument("--recheck", action="append", default=[], help="mutant name or glob")
     sub.add_parser("clean")
     a = p.parse_args(argv)
     if a.cmd == "summary":
         return summary(a.dirs, show_survivors=a.survivors)
     if a.cmd == "integration":
         return integration(a.sample, a.seed, a.max_minutes, a.max_children)
+    if a.cmd == "sample":
+        return run_sample(a.per_module, a.seed, a.module, a.max_children, a.recheck)
     clean()
     return 0
 
