@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv demo test test-unit test-integration lint typecheck proto bench clean contracts
+.PHONY: all venv demo test test-unit test-integration lint typecheck proto bench clean \
+	contracts mutation mutation-integration mutation-summary
 
 all: test
 
@@ -61,5 +62,22 @@ bench: $(STAMP)
 	$(PY) bench/bench_decide.py
 	$(PY) bench/bench_audit.py
 
+## mutation: mutmut on the security-critical modules against the unit tests, then a per-module
+## score (slow: tens of minutes; not part of `make test`; see docs/mutation.md)
+MUTATION_CHILDREN ?= 2
+mutation: $(STAMP)
+	-nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN)
+	$(PY) -m tests.mutation summary
+
+## mutation-integration: a seeded sample of the adapter mutants the unit tests leave alive, run
+## against the real-OpenBao integration tests (each mutant starts its own OpenBao)
+MUTATION_SAMPLE ?= 30
+mutation-integration: $(STAMP)
+	nice -n 19 $(PY) -m tests.mutation integration --sample $(MUTATION_SAMPLE)
+	$(PY) -m tests.mutation summary
+
+mutation-summary: $(STAMP)
+	$(PY) -m tests.mutation summary
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants .mutation-integration
