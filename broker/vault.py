@@ -269,6 +269,11 @@ class VaultAdapter:
             "token_no_default_policy": True,
             "token_type": "service",
             "allowed_entity_aliases": [f"spiffe://{td}/*" for td in domains],
+            # Written (and so compared by the drift check) although they are the defaults:
+            # a role widened behind the broker's back (any policy by glob, periodic tokens
+            # that never expire) is drift to put back.
+            "allowed_policies_glob": [],
+            "token_period": 0,
         }
 
     # -- credentials

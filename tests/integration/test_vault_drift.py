@@ -50,12 +50,13 @@ def test_drift_is_corrected_recorded_and_never_thaws_a_freeze(
         # 1. A root token widens a managed policy and loosens its token role.
         vault_root.sys.create_or_update_policy(ENRICH, 'path "*" {capabilities=["read"]}')
         vault_root.write(f"auth/token/roles/{ENRICH}", allowed_policies=[ENRICH, "default"],
-                         renewable=True)
+                         renewable=True, allowed_policies_glob=["*"], token_period=3600)
         _until(lambda: _policy(vault_root, ENRICH) == real, "the policy was not restored")
         _until(lambda: vault_root.read(f"auth/token/roles/{ENRICH}")["data"]["renewable"]
                is False, "the token role was not restored")
         role = vault_root.read(f"auth/token/roles/{ENRICH}")["data"]
         assert role["allowed_policies"] == [ENRICH]
+        assert not role["allowed_policies_glob"] and role["token_period"] == 0
 
         def recorded(field: str) -> bool:  # the record follows the rewrite: wait for it
             return any(ENRICH in r[field] for r in _drift_records(server))  # type: ignore[operator]
