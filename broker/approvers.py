@@ -151,7 +151,7 @@ class DevIssuer:
 
     def id_token(self, subject: str, *, audience: str = "credbroker-approvals",
                  groups: tuple[str, ...] | None = None, ttl: int = 300,
-                 issuer: str | None = None) -> str:
+                 issuer: str | None = None, nonce: str = "") -> str:
         """Raises: ConfigError for an unknown dev user (when groups are not given)."""
         if groups is None:
             if subject not in self.USERS:
@@ -159,8 +159,10 @@ class DevIssuer:
                                   f"knows {', '.join(self.USERS)}")
             groups = self.USERS[subject]
         now = int(time.time())
-        return jwt.encode({"iss": issuer or self.issuer, "sub": subject, "email": subject,
-                           "email_verified": True,
-                           "aud": audience, "iat": now, "exp": now + ttl,
-                           "groups": list(groups), "jti": secrets.token_hex(8)},
-                          self._key, algorithm="ES256", headers={"kid": self.kid})
+        claims: dict[str, Any] = {"iss": issuer or self.issuer, "sub": subject,
+                                  "email": subject, "email_verified": True,
+                                  "aud": audience, "iat": now, "exp": now + ttl,
+                                  "groups": list(groups), "jti": secrets.token_hex(8)}
+        if nonce:  # OIDC Core 3.1.3.6: echoed for the authorization code flow
+            claims["nonce"] = nonce
+        return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self.kid})

@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     from broker import login
 
     login.add_parsers(sub)
+    from broker.console.cli import add_parser as add_console_parser
+
+    add_console_parser(sub)
 
     s = sub.add_parser("demo", help="run the scripted end-to-end demo on a fresh dev stack")
     s.add_argument("--run-dir", help="where the demo's dev stack lives (default: temporary)")

@@ -16,6 +16,7 @@ from typing import Any
 import hvac
 import hvac.exceptions
 
+from broker.approvers import DevIssuer
 from broker.audit import read_records
 from broker.core.auditchain import verify_chain
 from broker.core.audittrace import trace, trace_lines
@@ -67,6 +68,9 @@ def run_demo(run_dir: Path) -> int:
           "2 sidecars) ...")
     stack = DevStack(run_dir=run_dir)
     stack.start()
+    print(f"web console: {stack.console_url} (while the demo runs; `credbroker dev` keeps it "
+          "up)\n  dev users: " + ", ".join(f"{u} ({'/'.join(g)})"
+                                          for u, g in DevIssuer.USERS.items()))
     try:
         return _story(stack)
     finally:

@@ -11,7 +11,13 @@ It serves what ``credbroker login`` needs from any OIDC provider:
 - ``POST /token``: ``grant_type=urn:ietf:params:oauth:grant-type:device_code``
   answers ``authorization_pending``, ``slow_down``, ``access_denied`` or
   ``expired_token`` (RFC 8628, section 3.5) until the login is approved, then
-  the ID token (signed by :class:`broker.approvers.DevIssuer`), once.
+  the ID token (signed by :class:`broker.approvers.DevIssuer`), once;
+  ``grant_type=authorization_code`` exchanges a code with its PKCE verifier;
+- ``GET/POST /authorize``: the authorization code flow with PKCE (RFC 6749 4.1,
+  RFC 7636, ``S256`` only) for the web console: a sign-in page where a person picks
+  a dev user, then a redirect back with a one-time code. Redirect URIs must be
+  loopback (``http(s)://127.0.0.1|localhost|[::1]:PORT/...``, as RFC 8252 allows for
+  local clients) or registered with :meth:`DevIdp.allow_redirect`.
 
 Dev shortcut, honestly labelled: a device authorization request carrying
 ``login_hint=<dev user>`` is approved at once for that user (there is no
@@ -22,6 +28,9 @@ the person signs in on the verification page.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import html
 import json
 import logging
@@ -53,6 +62,25 @@ class _Pending:
     last_poll: float = 0.0
 
 
+@dataclass
+class _AuthCode:
+    user: str
+    client_id: str
+    redirect_uri: str
+    challenge: str
+    nonce: str
+    expires: float
+
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def s256(verifier: str) -> str:
+    """RFC 7636 4.2: BASE64URL(SHA256(verifier)) without padding."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
 class DevIdp:
     """A loopback OIDC provider for the dev users of :class:`DevIssuer`. ``start``; ``stop``.
 
@@ -67,6 +95,8 @@ class DevIdp:
         self.code_ttl = code_ttl
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}  # device_code -> state
+        self._codes: dict[str, _AuthCode] = {}  # authorization code -> its binding
+        self._redirects: set[str] = set()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._http.daemon_threads = True
         self.issuer = f"http://127.0.0.1:{self._http.server_address[1]}"
@@ -95,12 +125,14 @@ class DevIdp:
         return {
             "issuer": self.issuer,
             "device_authorization_endpoint": f"{self.issuer}/device_authorization",
+            "authorization_endpoint": f"{self.issuer}/authorize",
             "token_endpoint": f"{self.issuer}/token",
             "jwks_uri": f"{self.issuer}/jwks.json",
-            "response_types_supported": ["id_token"],
+            "response_types_supported": ["code", "id_token"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["ES256"],
-            "grant_types_supported": [DEVICE_GRANT],
+            "grant_types_supported": [DEVICE_GRANT, "authorization_code"],
+            "code_challenge_methods_supported": ["S256"],
             "scopes_supported": ["openid", "email", "groups"],
             "claims_supported": ["iss", "sub", "aud", "exp", "iat", "email", "email_verified",
                                  "groups"],
@@ -156,7 +188,10 @@ class DevIdp:
                 else "login denied: return to your terminal")
 
     def token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        """RFC 8628 3.4/3.5: poll for the ID token."""
+        """RFC 8628 3.4/3.5: poll for the ID token; or RFC 6749 4.1.3 with RFC 7636 4.5:
+        exchange an authorization code."""
+        if form.get("grant_type") == "authorization_code":
+            return self.exchange_code(form)
         if form.get("grant_type") != DEVICE_GRANT:
             return 400, {"error": "unsupported_grant_type"}
         if form.get("client_id") != self.client_id:
@@ -192,6 +227,97 @@ class DevIdp:
         now = time.monotonic()
         for code in [c for c, p in self._pending.items() if now >= p.expires]:
             del self._pending[code]
+        for code in [c for c, a in self._codes.items() if now >= a.expires]:
+            del self._codes[code]
+
+    # -- authorization code + PKCE (the web console)
+
+    def allow_redirect(self, uri: str) -> None:
+        """Register a redirect URI that is not loopback."""
+        self._redirects.add(uri)
+
+    def _redirect_ok(self, uri: str) -> bool:
+        if uri in self._redirects:
+            return True
+        u = urllib.parse.urlsplit(uri)
+        host = u.netloc.rsplit(":", 1)[0] if not u.netloc.endswith("]") else u.netloc
+        return (u.scheme in ("http", "https") and host in _LOOPBACK_HOSTS and not u.fragment
+                and "@" not in u.netloc)
+
+    def check_authorization(self, q: dict[str, str]) -> str:
+        """Why this authorization request is refused before anything is redirected ("" if
+        it is acceptable): an unknown client or a redirect URI we may not send codes to is
+        never redirected to (RFC 6749 4.1.2.1)."""
+        if q.get("client_id") != self.client_id:
+            return f"unknown client; the dev IdP knows only client {self.client_id!r}"
+        if not self._redirect_ok(q.get("redirect_uri", "")):
+            return "the redirect_uri is neither loopback nor registered"
+        return ""
+
+    def redirect_error(self, q: dict[str, str]) -> str:
+        """The OAuth error to redirect back with ("" if the request is acceptable)."""
+        if q.get("response_type") != "code":
+            return "unsupported_response_type"
+        if "openid" not in q.get("scope", "").split():
+            return "invalid_scope"
+        if q.get("code_challenge_method") != "S256" or \
+                not 43 <= len(q.get("code_challenge", "")) <= 128:
+            return "invalid_request"  # PKCE S256 is required
+        return ""
+
+    def grant_code(self, q: dict[str, str], user: str) -> str:
+        """A one-time code for ``user``. Raises: KeyError for an unknown dev user."""
+        if user not in DevIssuer.USERS:
+            raise KeyError(user)
+        code = secrets.token_urlsafe(32)
+        with self._lock:
+            self._expire()
+            self._codes[code] = _AuthCode(
+                user=user, client_id=q["client_id"], redirect_uri=q["redirect_uri"],
+                challenge=q["code_challenge"], nonce=q.get("nonce", "")[:256],
+                expires=time.monotonic() + 60)
+        return code
+
+    def exchange_code(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if form.get("client_id") != self.client_id:
+            return 401, {"error": "invalid_client"}
+        with self._lock:
+            self._expire()
+            grant = self._codes.pop(form.get("code", ""), None)  # one use, even when refused
+        if grant is None:
+            return 400, {"error": "invalid_grant",
+                         "error_description": "unknown, expired or already used code"}
+        if grant.client_id != form.get("client_id") or \
+                grant.redirect_uri != form.get("redirect_uri"):
+            return 400, {"error": "invalid_grant",
+                         "error_description": "the code was issued for another client or "
+                                              "redirect_uri"}
+        if not hmac.compare_digest(s256(form.get("code_verifier", "")), grant.challenge):
+            return 400, {"error": "invalid_grant",
+                         "error_description": "the PKCE code_verifier does not match"}
+        id_token = self.signer.id_token(grant.user, audience=self.client_id,
+                                        ttl=self.token_ttl, nonce=grant.nonce)
+        return 200, {"access_token": secrets.token_urlsafe(24), "token_type": "Bearer",
+                     "expires_in": self.token_ttl, "id_token": id_token,
+                     "scope": "openid email groups"}
+
+    def sign_in_page(self, q: dict[str, str]) -> str:
+        keep = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+                       for k, v in q.items()
+                       if k in ("client_id", "redirect_uri", "response_type", "scope", "state",
+                                "nonce", "code_challenge", "code_challenge_method"))
+        options = "".join(f'<option value="{html.escape(u)}">{html.escape(u)} '
+                          f'({html.escape(", ".join(g))})</option>'
+                          for u, g in DevIssuer.USERS.items())
+        return ("<!doctype html><title>Sign in: credbroker dev identity provider</title>"
+                "<h1>Sign in to credbroker</h1>"
+                "<p>Development only: anyone who can reach this page can sign in as any dev "
+                f"user. <b>{html.escape(q.get('client_id', ''))}</b> asks for your identity "
+                "and groups.</p>"
+                f'<form method="post" action="/authorize">{keep}'
+                f'<label>user <select name="user">{options}</select></label> '
+                '<button name="action" value="approve">sign in</button> '
+                '<button name="action" value="deny">cancel</button></form>')
 
     def page(self, user_code: str, message: str = "") -> str:
         options = "".join(f'<option value="{html.escape(u)}">{html.escape(u)} '
@@ -232,6 +358,35 @@ def _handler_for(idp: DevIdp) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length).decode("utf-8", "replace")
             return {k: v[0] for k, v in urllib.parse.parse_qs(raw).items()}
 
+        def _redirect(self, uri: str, params: dict[str, str]) -> None:
+            sep = "&" if urllib.parse.urlsplit(uri).query else "?"
+            self.send_response(302)
+            self.send_header("Location", uri + sep + urllib.parse.urlencode(params))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _authorize(self, q: dict[str, str], action: str | None) -> None:
+            refused = idp.check_authorization(q)
+            if refused:
+                self._send(400, f"<!doctype html><p>{html.escape(refused)}</p>".encode(),
+                           "text/html; charset=utf-8")
+                return
+            back = {"state": q["state"]} if q.get("state") else {}
+            error = idp.redirect_error(q) or ("access_denied" if action == "deny" else "")
+            if error:
+                self._redirect(q["redirect_uri"], {"error": error, **back})
+            elif action is None:
+                self._send(200, idp.sign_in_page(q).encode(), "text/html; charset=utf-8")
+            else:
+                try:
+                    code = idp.grant_code(q, q.get("user", ""))
+                except KeyError:
+                    self._send(400, b"<!doctype html><p>unknown dev user</p>",
+                               "text/html; charset=utf-8")
+                    return
+                self._redirect(q["redirect_uri"], {"code": code, **back})
+
         def do_GET(self) -> None:
             url = urllib.parse.urlsplit(self.path)
             if url.path == "/.well-known/openid-configuration":
@@ -241,6 +396,9 @@ def _handler_for(idp: DevIdp) -> type[BaseHTTPRequestHandler]:
             elif url.path == "/device":
                 code = urllib.parse.parse_qs(url.query).get("user_code", [""])[0]
                 self._send(200, idp.page(code).encode(), "text/html; charset=utf-8")
+            elif url.path == "/authorize":
+                q = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+                self._authorize(q, None)
             else:
                 self._json(404, {"error": "not_found"})
 
@@ -255,6 +413,8 @@ def _handler_for(idp: DevIdp) -> type[BaseHTTPRequestHandler]:
                 said = idp.decide(form.get("user_code", ""), form.get("user", ""),
                                   form.get("action") == "approve")
                 self._send(200, idp.page("", said).encode(), "text/html; charset=utf-8")
+            elif path == "/authorize":
+                self._authorize(form, form.get("action", "deny"))
             else:
                 self._json(404, {"error": "not_found"})
 

@@ -225,6 +225,7 @@ class DevStack:
         self.children: list[Child] = []
         self.broker_addr = ""
         self.sidecars: dict[str, dict[str, str]] = {}
+        self.console_url = ""
         self._validate()
 
     def _validate(self) -> None:
@@ -262,6 +263,10 @@ class DevStack:
     def broker_id(self) -> str:
         return f"spiffe://{self.trust_domain}/credbroker/broker"
 
+    @property
+    def console_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/credbroker/console"
+
     def socket_of(self, name: str) -> str:
         return str(self.run_dir / "workload-api" / f"{name}.sock")
 
@@ -293,6 +298,8 @@ class DevStack:
             self.wlapi.add_workload(sid, self.socket_of(name))
         # The responder's identity, for `credbroker revoke/freeze --dev DIR`.
         self.wlapi.add_workload(self.admin_id, self.socket_of("admin"))
+        # The web console's identity: an admin client of the broker (people act through it).
+        self.wlapi.add_workload(self.console_id, self.socket_of("console"))
         self.wlapi.start()
 
         cli = [sys.executable, "-m", "broker.cli"]
@@ -311,6 +318,7 @@ class DevStack:
                                   "--audit-key", str(self.audit_key),
                                   "--registry", str(self.run_dir / "registry.db"),
                                   "--admin-id", self.admin_id,
+                                  "--admin-id", self.console_id,
                                   "--approver-issuer", idp.issuer,
                                   "--approver-jwks", str(idp.jwks_path),
                                   "--checkpoint-interval", "10"],
@@ -329,7 +337,33 @@ class DevStack:
             self.children.append(child)
             wait_for(f"the {name} sidecar", child, sock.exists)
             self.sidecars[name] = {"socket": str(sock), "spiffe_id": sid}
+        self._start_console(cli, side_env)
         self._write_dev_json()
+
+    def _start_console(self, cli: list[str], env: dict[str, str]) -> None:
+        """The web console over HTTPS (a certificate from a throwaway dev CA)."""
+        from broker.console.devcert import issue_dev_console_cert
+
+        assert self.idp is not None
+        self.console_ca, cert, key = issue_dev_console_cert(self.run_dir)
+        ready = self.run_dir / "console.url"
+        ready.unlink(missing_ok=True)
+        child = spawn("console", [*cli, "console", "--listen", "127.0.0.1:0",
+                                  "--tls-cert", str(cert), "--tls-key", str(key),
+                                  "--broker", self.broker_addr,
+                                  "--workload-api", "unix:" + self.socket_of("console"),
+                                  "--oidc-issuer", self.idp.issuer,
+                                  "--oidc-client-id", self.idp.client_id,
+                                  "--scope-map", str(self.scope_map),
+                                  "--audit-log", str(self.audit_path),
+                                  "--audit-public-key", str(self.audit_key.with_suffix(".pub")),
+                                  "--ready-file", str(ready)],
+                      self.run_dir / "console.log", env)
+        self.children.append(child)
+        wait_for("the console", child, ready.exists)
+        self.console_url = ready.read_text().strip()
+        self._console_files = {"tls_cert": str(cert), "tls_key": str(key),
+                               "ca": str(self.console_ca)}
 
     def _write_dev_json(self) -> None:
         assert self.bao is not None
@@ -346,7 +380,10 @@ class DevStack:
             "audit_public_key": str(self.audit_key.with_suffix(".pub")),
             "sidecars": self.sidecars,
             "workload_api_sockets": {n: self.socket_of(n)
-                                     for n in ["broker", "admin", *self.workloads]},
+                                     for n in ["broker", "admin", "console", *self.workloads]},
+            "console_url": self.console_url,
+            "console": {"spiffe_id": self.console_id,
+                        **getattr(self, "_console_files", {})},
             "admin_spiffe_id": self.admin_id,
             "registry_path": str(self.run_dir / "registry.db"),
             "dev_idp": {"issuer": self.idp.issuer if self.idp else DevIssuer.ISSUER,
@@ -380,6 +417,9 @@ class DevStack:
         lines.append(f"  identity       dev OIDC provider {self.idp.issuer if self.idp else '-'}"
                      " (device flow): users "
                      + ", ".join(f"{u} ({'/'.join(g)})" for u, g in DevIssuer.USERS.items()))
+        if self.console_url:
+            lines.append(f"  console        {self.console_url}   (sign in as a dev user; TLS "
+                         f"from the dev CA {self.run_dir / 'console-ca.pem'})")
         lines.append(f"  people         credbroker login --dev {self.run_dir} [--as USER], or "
                      "--as USER on each command; revoke/freeze need group responders")
         name = next(iter(self.sidecars), "triage")

@@ -62,7 +62,8 @@ def test_dev_stack_serves_writes_dev_json_and_stops_every_child() -> None:
             initiating_event={"source": "test", "id": "1"})
         assert resp["policies"] == ["credbroker-identity.disable_account"]
         children = _children_of(proc.pid)
-        assert len(children) == 4  # OpenBao, broker, two sidecars
+        assert len(children) == 5  # OpenBao, broker, two sidecars, the web console
+        assert info["console_url"].startswith("https://127.0.0.1:")
         log_text = "".join(p.read_text() for p in run_dir.glob("*.log"))
         assert resp["token"] not in log_text
         assert info["vault_token"] not in log_text

@@ -1,0 +1,1 @@
+"""``credbroker console``: the web console for approvers and responders (see app.py)."""
