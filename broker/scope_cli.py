@@ -18,7 +18,7 @@ from broker.core.auditchain import FORMAT_NAMES, object_format
 from broker.core.models import CredentialRequest, InitiatingEvent, Outcome
 from broker.core.records import decision_to_json, parse_decision_record, parse_time
 from broker.core.scopemap import ScopeMap, evaluate
-from broker.core.scopetools import (
+from broker.core.scopemap.tools import (
     CasesError,
     blast_radius,
     diff_maps,

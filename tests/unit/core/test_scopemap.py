@@ -421,7 +421,7 @@ def test_published_schema_is_valid_and_examples_pass_it() -> None:
     from jsonschema import Draft202012Validator
 
     from broker.config import load_scope_map
-    from broker.core.schema import schema
+    from broker.core.scopemap.schema import schema
 
     Draft202012Validator.check_schema(schema())
     examples = Path(__file__).parents[3] / "broker" / "examples"
@@ -536,7 +536,7 @@ def test_a_tab_in_the_indentation_is_named_as_such() -> None:
         "map.yaml:3: YAML does not allow tabs for indentation; use spaces"]
     assert _problems("a: [\n")[0].startswith("map.yaml:2: not valid YAML: ")
     # test-case files are YAML too
-    from broker.core.scopetools import CasesError, run_cases
+    from broker.core.scopemap.tools import CasesError, run_cases
 
     with pytest.raises(CasesError, match=r"^cases.yaml:2: YAML does not allow tabs for "
                                          r"indentation; use spaces$"):

@@ -2,7 +2,7 @@
 
 ``broker/schema/scope-map.schema.json`` is what editors use (point the YAML
 language server at it); the broker validates with the same file, then adds the
-semantic checks a schema cannot express (``broker.core.scopemap``).
+semantic checks a schema cannot express (:mod:`broker.core.scopemap.parse`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scope maps: parse (text in) and evaluate (values and time in, a Decision out).
+"""Scope maps from text: YAML in, a :class:`ScopeMap` out, or every problem with file:line.
 
 A scope map is YAML, ``apiVersion: credbroker/v1``, ``kind: ScopeMap``, whose
 ``action_classes`` say for each class who may request it, who owns it, who to
@@ -6,62 +6,44 @@ escalate to, and what credential to mint. Everything not explicitly allowed is
 denied. See README "Writing scope maps" for the annotated format.
 
 Nothing here does I/O: :func:`parse_scope_map` takes the documents' text (and
-the names to report them under), :func:`evaluate` takes the identity, the
-request and the current time.
+the names to report them under).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
-import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Sequence
 from pathlib import PurePath
 
 import yaml
 
 from broker.core.conditions import Condition, ConditionError
-from broker.core.models import (
-    CredentialRequest,
-    Decision,
-    DenyCode,
-    Outcome,
-    Owner,
+from broker.core.models import Owner
+from broker.core.scopemap.model import (
+    ALLOWED_CAPABILITIES,
+    API_VERSION,
+    DEFAULT_BREAK_GLASS_LIMIT,
+    DEFAULT_VAULT_ALLOWED_MOUNTS,
+    HARD_MAX_TTL_SECONDS,
+    KIND,
+    REQUIRABLE_FIELDS,
+    RISKS,
+    ActionClass,
+    ApprovalRule,
+    BreakGlass,
+    Budget,
+    PolicyRule,
+    ScopeMap,
 )
-from broker.core.revocation import Freeze, first_freeze
-from broker.core.schema import schema_problems
-from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
+from broker.core.scopemap.schema import schema_problems
+from broker.core.scopemap.vaultpaths import normalize_allowed_mounts, vault_path_problem
+from broker.core.spiffeid import SpiffeIdPattern
 from broker.errors import InvalidSpiffeIdError, ScopeMapError
 
-API_VERSION = "credbroker/v1"
-KIND = "ScopeMap"
-#: Credentials are minutes-long: no class may allow more than this.
-HARD_MAX_TTL_SECONDS = 3600
-#: Capabilities a class may grant. ``sudo``/``root``-like powers are never handed to agents.
-ALLOWED_CAPABILITIES = frozenset({"create", "read", "update", "patch", "delete", "list"})
-RISKS = ("low", "high", "destructive")
-REQUIRABLE_FIELDS = ("initiating_event", "target", "justification")
 _CLASS_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 _VAULT_PATH = re.compile(r"[A-Za-z0-9_./+*{}-]+")
-_MOUNT = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/?")
-#: Vault's control plane. No class may hold a path that could match anything under
-#: these, and no allow-list can admit them. Each names what a credential there could do.
-RESERVED_MOUNTS: Mapping[str, str] = {
-    "sys/": "policies, mounts, audit devices",
-    "auth/": "token roles, token creation",
-    "identity/": "entities, the kill switch",
-}
-#: Where the broker keeps each class's own Vault objects (``<prefix><class>``).
-MANAGED_PREFIXES = ("sys/policies/acl/credbroker-", "sys/policy/credbroker-",
-                    "auth/token/roles/credbroker-", "auth/token/create/credbroker-")
-#: The mounts a class's vault_policy may reach when the operator names none:
-#: the KV v2 mount that ``bao server -dev`` (and so ``credbroker dev``) provides.
-DEFAULT_VAULT_ALLOWED_MOUNTS = ("secret/",)
 _DURATION = re.compile(r"(\d+)(s|m|h)?")
-
 _TOP_KEYS = {"apiVersion", "kind", "metadata", "action_classes"}
 _CLASS_KEYS = {
     "description", "risk", "owner", "escalation", "workloads", "credential", "approval",
@@ -73,24 +55,6 @@ _RULE_KEYS = {"path", "capabilities"}
 _OWNER_KEYS = {"team", "contact"}
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicyRule:
-    path: str
-    capabilities: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Budget:
-    """``limits.per_workload``: at most ``count`` credentials per ``window_seconds``."""
-
-    count: int
-    window_seconds: int
-    text: str
-
-
-DEFAULT_BREAK_GLASS_LIMIT = Budget(count=1, window_seconds=3600, text="1/h")
-
-
 def parse_budget(text: str) -> Budget | None:
     """``N/m``, ``N/h`` or ``N/d`` as a Budget; None when it is not one."""
     m = re.fullmatch(r"([1-9][0-9]*)/([mhd])", text.strip())
@@ -98,192 +62,6 @@ def parse_budget(text: str) -> Budget | None:
         return None
     return Budget(count=int(m.group(1)), window_seconds=_WINDOWS[m.group(2)],
                   text=text.strip())
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BreakGlass:
-    allowed: bool
-    max_ttl_seconds: int
-    reviewers: tuple[str, ...]
-    #: At most this many break-glass uses per identity per window (``break_glass.limit``):
-    #: an emergency path that is used on every request is no longer an emergency path.
-    limit: Budget = DEFAULT_BREAK_GLASS_LIMIT
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ApprovalRule:
-    """``approval: {mode: jit, ...}``: a person must approve each request."""
-
-    approvers: tuple[str, ...]  # approver groups
-    approvals_required: int
-    escalate_after_seconds: int
-    expires_seconds: int
-    break_glass: BreakGlass | None
-
-
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ActionClass:
-    name: str
-    description: str
-    risk: str
-    owner: Owner
-    escalation: tuple[str, ...]
-    workloads: tuple[SpiffeIdPattern, ...]
-    ttl_seconds: int
-    max_ttl_seconds: int
-    vault_policy: tuple[PolicyRule, ...]
-    requires: tuple[str, ...]
-    source: str  # "file:line"
-    approval: ApprovalRule | None = None  # None: approval: none
-    targets: tuple[str, ...] = ()
-    budget: Budget | None = None
-    when: Condition | None = None
-
-    @property
-    def vault_policy_name(self) -> str:
-        """The Vault policy (and token role) name this class is minted under."""
-        return f"credbroker-{self.name}"
-
-    def vault_policy_hcl(self) -> str:
-        """The class's Vault policy document (HCL)."""
-        blocks = []
-        for rule in self.vault_policy:
-            caps = ", ".join(f'"{c}"' for c in rule.capabilities)
-            blocks.append(f'path "{rule.path}" {{\n  capabilities = [{caps}]\n}}\n')
-        return f"# managed by credbroker: action class {self.name}\n" + "".join(blocks)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ScopeMap:
-    version: str  # "sha256:<hex>" over the documents' bytes
-    classes: Mapping[str, ActionClass]
-    sources: tuple[str, ...]
-
-
-# --- Vault paths: what a policy path could reach -------------------------------
-
-#: A Vault ACL path as tokens: a literal character, ``_SEGMENT`` (``+``: any one
-#: segment) or ``_ANY`` (a trailing ``*``, or a ``{{template}}``: anything at all).
-#: The two cannot be confused with literal characters: a ``+`` inside a segment and
-#: a ``*`` before the end are refused.
-_SEGMENT = "+"
-_ANY = "*"
-
-
-def normalize_allowed_mounts(mounts: Iterable[str]) -> tuple[str, ...]:
-    """The operator's allow-list of Vault mounts as ``("secret/", "kv/soc/")``.
-
-    Raises:
-        ValueError: an entry is not a plain mount path (no globs, no leading '/'),
-            or names Vault's control plane (``sys``, ``auth``, ``identity``),
-            or the list is empty.
-    """
-    out: list[str] = []
-    for raw in mounts:
-        m = raw.strip()
-        if not _MOUNT.fullmatch(m) or any(seg in (".", "..") for seg in m.split("/")):
-            raise ValueError(f"Vault mount {raw!r} is not a mount path; write e.g. secret or "
-                             "kv/soc (no globs, no leading '/')")
-        m = m.rstrip("/") + "/"
-        if any(m.startswith(r) or r.startswith(m) for r in RESERVED_MOUNTS):
-            raise ValueError(f"Vault mount {raw!r} is Vault's control plane "
-                             f"({', '.join(RESERVED_MOUNTS)}); it can never be allowed")
-        out.append(m)
-    if not out:
-        raise ValueError("the allowed Vault mounts are empty; name at least one, e.g. secret")
-    return tuple(dict.fromkeys(out))
-
-
-def _path_tokens(path: str) -> tuple[list[str], str]:
-    """Tokenize a Vault ACL path; the second value says what is wrong with it ("" if fine)."""
-    tokens: list[str] = []
-    segments = path.split("/")
-    for n, seg in enumerate(segments):
-        if n:
-            tokens.append("/")
-        if seg in (".", ".."):
-            return tokens, "'.' and '..' segments are not allowed"
-        if not seg and 0 < n < len(segments) - 1:
-            return tokens, "empty segments ('//') are not allowed"
-        if seg == _SEGMENT:
-            tokens.append(_SEGMENT)
-            continue
-        if _SEGMENT in seg:
-            return tokens, "'+' matches one whole segment: write it alone between '/'"
-        for i, ch in enumerate(seg):
-            if ch in "{}":
-                tokens.append(_ANY)  # a template can expand to anything, '/' included
-                return tokens, ""
-            if ch == "*":
-                if n != len(segments) - 1 or i != len(seg) - 1:
-                    return tokens, "'*' is a glob only as the last character of a path"
-                tokens.append(_ANY)
-                return tokens, ""
-            tokens.append(ch)
-    return tokens, ""
-
-
-def _could_start_with(tokens: Sequence[str], prefix: str) -> bool:
-    """True when some path the tokens match begins with ``prefix``."""
-    seen: set[tuple[int, int]] = set()
-
-    def walk(i: int, j: int) -> bool:
-        if j == len(prefix):
-            return True
-        if i == len(tokens) or (i, j) in seen:
-            return False
-        seen.add((i, j))
-        tok = tokens[i]
-        if tok == _ANY:
-            return True
-        if tok == _SEGMENT:  # any run of non-'/' characters (possibly empty)
-            k = j
-            while True:
-                if walk(i + 1, k):
-                    return True
-                if k == len(prefix) or prefix[k] == "/":
-                    return False
-                k += 1
-        return tok == prefix[j] and walk(i + 1, j + 1)
-
-    return walk(0, 0)
-
-
-def vault_path_problem(path: str, allowed_mounts: Sequence[str]) -> str:
-    """What is wrong with ``path`` as a class's Vault policy path, or "" when it is safe.
-
-    Judged by every path it could match (``*`` as a trailing prefix glob, ``+``
-    as any one segment, a ``{{template}}`` as anything): it must not be able to
-    reach Vault's control plane (:data:`RESERVED_MOUNTS`, which holds every
-    class's managed policy and token role), and everything it matches must lie
-    under one of ``allowed_mounts`` (normalized, see :func:`normalize_allowed_mounts`).
-    """
-    tokens, syntax = _path_tokens(path)
-    example = f"e.g. {allowed_mounts[0]}data/<team>/*"
-    if syntax:
-        return f"{path!r}: {syntax}; {example}"
-    reached = [r for r in RESERVED_MOUNTS if _could_start_with(tokens, r)]
-    if reached:
-        managed = any(_could_start_with(tokens, p) for p in MANAGED_PREFIXES)
-        what = ", ".join(f"{r} ({RESERVED_MOUNTS[r]})" for r in reached)
-        return (f"{path!r} could reach Vault's control plane: {what}"
-                + (", including other classes' credbroker-* policies and token roles"
-                   if managed else "")
-                + f"; write a path under an allowed mount ({', '.join(allowed_mounts)}), "
-                + example)
-    # Everything the path matches begins with its characters before the first wildcard,
-    # and nothing more is certain: that literal prefix must lie under an allowed mount.
-    first_wild = next((i for i, t in enumerate(tokens) if t in (_SEGMENT, _ANY)), len(tokens))
-    literal = "".join(tokens[:first_wild])
-    if not any(literal.startswith(m) for m in allowed_mounts):
-        wild = first_wild < len(tokens)
-        return (f"{path!r} " + ("could match paths outside" if wild else "is outside")
-                + f" the allowed Vault mounts ({', '.join(allowed_mounts)}); start it with one "
-                f"of them, {example}, or have the operator allow the mount "
-                "(--vault-allowed-mount)")
-    return ""
 
 
 # --- parsing ------------------------------------------------------------------
@@ -724,132 +502,3 @@ def _parse_credential(
         if caps and not unsafe:
             rules.append(PolicyRule(path=vpath, capabilities=tuple(dict.fromkeys(caps))))
     return ttl, max_ttl, rules
-
-
-# --- evaluation ---------------------------------------------------------------
-
-
-def evaluate(
-    scope_map: ScopeMap,
-    spiffe_id: SpiffeId,
-    request: CredentialRequest,
-    now: datetime,
-    recent_issuances: Sequence[datetime] = (),
-    freezes: Sequence[Freeze] = (),
-) -> Decision:
-    """Decide ``request`` from ``spiffe_id`` under ``scope_map`` at time ``now``.
-
-    ``recent_issuances`` are the times this identity was issued this class
-    (for ``limits``). Default deny: the result allows only when the class
-    exists, a workload rule matches the identity, every required field is
-    present, the target matches ``targets``, the TTL is within ``max_ttl``, the
-    ``when`` condition holds and the budget is not spent; a class with a JIT
-    approval rule then needs approval instead of being allowed outright.
-    The checks run in that order and the first that fails decides. Before all
-    of them, a freeze that matches the identity or the class denies.
-    """
-    frozen = first_freeze(freezes, spiffe_id, request.action_class)
-    if frozen is not None:
-        fc = scope_map.classes.get(request.action_class)
-        return Decision(
-            outcome=Outcome.DENY, deny_code=DenyCode.FROZEN, spiffe_id=spiffe_id,
-            action_class=request.action_class, rule=f"freeze {frozen.id}",
-            reasons=(frozen.describe(),), scope_map_version=scope_map.version,
-            owner=fc.owner if fc else None, escalation=fc.escalation if fc else (),
-            source=fc.source if fc else "", risk=fc.risk if fc else "",
-        )
-    cls = scope_map.classes.get(request.action_class)
-    if cls is None:
-        known = ", ".join(scope_map.classes) or "none"
-        return Decision(
-            outcome=Outcome.DENY, deny_code=DenyCode.UNKNOWN_ACTION_CLASS, spiffe_id=spiffe_id,
-            action_class=request.action_class, rule="default-deny",
-            reasons=(f"action class {request.action_class!r} is not defined in the scope map "
-                     f"(known classes: {known})",),
-            scope_map_version=scope_map.version,
-        )
-
-    def deny(code: DenyCode, rule: str, reason: str) -> Decision:
-        return Decision(
-            outcome=Outcome.DENY, deny_code=code, spiffe_id=spiffe_id, action_class=cls.name,
-            rule=rule, reasons=(reason,), scope_map_version=scope_map.version, owner=cls.owner,
-            escalation=cls.escalation, source=cls.source, risk=cls.risk,
-        )
-
-    matched = next((i for i, p in enumerate(cls.workloads) if p.matches(spiffe_id)), None)
-    if matched is None:
-        return deny(
-            DenyCode.WORKLOAD_NOT_ALLOWED, f"{cls.name}.workloads",
-            f"{spiffe_id} is not among the workloads allowed to request {cls.name} "
-            f"(rule {cls.name}.workloads at {cls.source}; owner {cls.owner.team})",
-        )
-    present = {
-        "initiating_event": request.initiating_event is not None,
-        "target": bool(request.target),
-        "justification": bool(request.justification.strip()),
-    }
-    needed = (*cls.requires, "target") if cls.targets else cls.requires
-    missing = [f for f in dict.fromkeys(needed) if not present[f]]
-    if missing:
-        return deny(
-            DenyCode.MISSING_FIELD, f"{cls.name}.requires",
-            f"{cls.name} requires {', '.join(missing)} in the request "
-            f"(rule {cls.name}.requires at {cls.source})",
-        )
-    if cls.targets and not any(fnmatch.fnmatchcase(request.target, t) for t in cls.targets):
-        return deny(
-            DenyCode.TARGET_NOT_ALLOWED, f"{cls.name}.targets",
-            f"target {request.target!r} matches none of {cls.name}'s targets "
-            f"({', '.join(cls.targets)}; rule {cls.name}.targets at {cls.source})",
-        )
-    ttl = request.ttl_seconds or cls.ttl_seconds
-    if ttl > cls.max_ttl_seconds:
-        return deny(
-            DenyCode.TTL_TOO_LONG, f"{cls.name}.credential.max_ttl",
-            f"requested TTL {ttl}s is above {cls.name}'s max_ttl of {cls.max_ttl_seconds}s; "
-            "ask for less",
-        )
-    if cls.when is not None:
-        try:
-            holds = cls.when.evaluate(spiffe_id, request, now)
-        except ConditionError as exc:
-            return deny(DenyCode.CONDITION_FALSE, f"{cls.name}.when",
-                        f"{cls.name}'s condition `{cls.when.text}` {exc}; denied (fail closed)")
-        if not holds:
-            return deny(DenyCode.CONDITION_FALSE, f"{cls.name}.when",
-                        f"{cls.name}'s condition `{cls.when.text}` is false for this request "
-                        f"(rule {cls.name}.when at {cls.source})")
-    if cls.budget is not None:
-        since = now - timedelta(seconds=cls.budget.window_seconds)
-        counted = sorted(t for t in recent_issuances if since < t <= now)
-        if len(counted) >= cls.budget.count:
-            # Allowed again once enough of the counted issuances have left the window.
-            frees = counted[len(counted) - cls.budget.count] + timedelta(
-                seconds=cls.budget.window_seconds)
-            return replace(
-                deny(DenyCode.BUDGET_EXHAUSTED, f"{cls.name}.limits.per_workload",
-                     f"{spiffe_id} has used its budget of {cls.budget.text} for {cls.name} "
-                     f"({len(counted)} issued in the window; rule {cls.name}.limits at "
-                     f"{cls.source})"),
-                retry_after_seconds=max(1, math.ceil((frees - now).total_seconds())))
-    rule = f"{cls.name}.workloads[{matched}]"
-    if cls.approval is not None:
-        a = cls.approval
-        return Decision(
-            outcome=Outcome.NEEDS_APPROVAL, spiffe_id=spiffe_id, action_class=cls.name,
-            rule=f"{cls.name}.approval",
-            reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule}); {cls.name} "
-                     f"requires {a.approvals_required} approval(s) from "
-                     f"{', '.join(a.approvers)} (rule {cls.name}.approval at {cls.source})",),
-            scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
-            source=cls.source, risk=cls.risk, ttl_seconds=ttl,
-            policies=(cls.vault_policy_name,),
-        )
-    return Decision(
-        outcome=Outcome.ALLOW, spiffe_id=spiffe_id, action_class=cls.name, rule=rule,
-        reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule} at {cls.source}); "
-                 "no approval required (approval: none)",),
-        scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
-        source=cls.source, risk=cls.risk, ttl_seconds=ttl, policies=(cls.vault_policy_name,),
-        reusable=cls.when is None or not cls.when.uses_time,
-    )
