@@ -29,6 +29,7 @@ from broker.core.scopemap.tools import (
 )
 from broker.core.spiffeid import SpiffeId
 from broker.errors import ConfigError, ScopeMapError
+from broker.options import VAULT_ALLOWED_MOUNT, add_arguments
 
 
 def _load(path: str, args: argparse.Namespace) -> ScopeMap:
@@ -231,10 +232,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def add_vault_allowed_mount(parser: argparse.ArgumentParser) -> None:
     """``--vault-allowed-mount``: the one allow-list that serve, vault sync and scope apply."""
-    parser.add_argument("--vault-allowed-mount", action="append", metavar="MOUNT",
-                        help="a Vault mount that classes' vault_policy paths may reach "
-                             "(repeatable; also $CREDBROKER_VAULT_ALLOWED_MOUNTS, "
-                             "comma-separated; default: secret). Never sys, auth or identity")
+    add_arguments(parser, (VAULT_ALLOWED_MOUNT,))
 
 
 def add_parser(sub: Any) -> None:
