@@ -19,16 +19,21 @@ from pathlib import Path
 
 from broker import audit_cli, scope_cli
 from broker.config import (
-    DEFAULT_AUDIENCE,
-    DEFAULT_BROKER_DNS,
     broker_config_from,
     process_env,
     sidecar_config_from,
-    vault_allowed_mounts_from,
-    vault_ca_cert_from,
-    vault_settings,
+    vault_access_from,
 )
 from broker.errors import ConfigError, CredbrokerError, exit_code_for
+from broker.options import (
+    BROKER_OPTIONS,
+    SIDECAR_OPTIONS,
+    VAULT_SYNC_OPTIONS,
+    add_arguments,
+    file_keys,
+    flag_values,
+    read_config_file,
+)
 
 
 def _logging(verbose: bool, json_lines: bool = False) -> None:
@@ -75,67 +80,16 @@ def _serve_until_signalled(stop: Callable[[], None], *, deadline: float, name: s
     return 0
 
 
-#: serve options that a config file may not set (they are about this one invocation).
-_NOT_IN_FILE = frozenset({"config", "ready_file"})
-
-
 def serve_file_keys() -> tuple[str, ...]:
-    """Keys a `serve --config FILE` may set: serve's long options, with underscores."""
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    serve = sub.choices["serve"]
-    return tuple(a.dest for a in serve._actions
-                 if a.option_strings and a.dest not in _NOT_IN_FILE | {"help"})
-
-
-def _apply_config_file(args: argparse.Namespace) -> None:
-    """Fill options not given on the command line from ``--config FILE`` (YAML).
-
-    Order: defaults, then the file, then the environment, then flags (an option
-    set in the file is overridden by its flag; the environment fills what is
-    still unset). Raises: ConfigError for an unreadable file or unknown keys.
-    """
-    if not args.config:
-        return
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read --config {args.config}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {args.config} must be a YAML mapping of option: value")
-    known = serve_file_keys()
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"--config {args.config}: unknown key(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(known)}")
-    for key, value in data.items():
-        if getattr(args, key) in (None, False, []):
-            setattr(args, key, value)
+    """Keys a `serve --config FILE` may set (the broker's options, with underscores)."""
+    return file_keys(BROKER_OPTIONS)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker.server import BrokerServer
 
-    _apply_config_file(args)
-    cfg = broker_config_from(
-        env=process_env(), listen=args.listen, workload_api=args.workload_api,
-        scope_map=args.scope_map, vault_addr=args.vault_addr,
-        vault_token_file=args.vault_token_file, vault_ca_cert=args.vault_ca_cert,
-        jwt_audience=args.audience,
-        require_jwt_svid=args.require_jwt_svid, ready_file=args.ready_file,
-        audit_log=args.audit_log, audit_key=args.audit_key,
-        checkpoint_mirror=args.checkpoint_mirror, checkpoint_interval=args.checkpoint_interval,
-        registry=args.registry, admin_ids=args.admin_id,
-        approver_issuer=args.approver_issuer, approver_jwks=args.approver_jwks,
-        approver_audience=args.approver_audience, approver_groups=args.approver_groups,
-        approval_bots=args.approval_bot,
-        owner_team_cannot_approve=args.owner_team_cannot_approve,
-        escalation_webhook=args.escalation_webhook, metrics_listen=args.metrics_listen,
-        health_listen=args.health_listen, vault_allowed_mounts=args.vault_allowed_mount,
-        vault_drift_interval=args.vault_drift_interval,
-        responder_groups=args.responder_group, automation_ids=args.automation_id)
+    cfg = broker_config_from(env=process_env(), flags=flag_values(args, BROKER_OPTIONS),
+                             file=read_config_file(args.config, BROKER_OPTIONS))
     # A full disk or file-size limit must fail the write (and so the request), not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     server = BrokerServer(cfg)
@@ -165,13 +119,8 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
         env.update(VAULT_ADDR=info["vault_addr"], VAULT_TOKEN=info["vault_token"],
                    CREDBROKER_SCOPE_MAP=info["scope_map"])
         args.registry = args.registry or info.get("registry_path")
-    addr, token = vault_settings(env=env, vault_addr=args.vault_addr,
-                                 vault_token_file=args.vault_token_file)
-    path = args.scope_map or env.get("CREDBROKER_SCOPE_MAP", "")
-    if not path:
-        raise ConfigError("no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP")
-    scope_map = load_scope_map(Path(path), vault_allowed_mounts=vault_allowed_mounts_from(
-        env=env, flags=args.vault_allowed_mount))
+    vault = vault_access_from(env=env, flags=flag_values(args, VAULT_SYNC_OPTIONS))
+    scope_map = load_scope_map(Path(vault.scope_map), vault_allowed_mounts=vault.allowed_mounts)
     frozen: frozenset[str] = frozenset()
     if args.registry:
         from broker.registry import SqliteStore
@@ -179,8 +128,8 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
         store = SqliteStore(Path(args.registry))
         frozen = frozenset(f.pattern for f in store.freezes() if f.kind == "action_class")
         store.close()
-    ca_cert = vault_ca_cert_from(env=env, flag=args.vault_ca_cert)
-    report = VaultAdapter(addr=addr, token=token, ca_cert=ca_cert).sync_scope_map(
+    report = VaultAdapter(addr=vault.addr, token=vault.token,
+                          ca_cert=vault.ca_cert).sync_scope_map(
         scope_map, frozen)
     if args.json:
         print(json.dumps({"scope_map_version": scope_map.version,
@@ -200,10 +149,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     from sidecar.app import SidecarHttpServer, SidecarService
     from sidecar.broker_client import BrokerClient
 
-    cfg = sidecar_config_from(
-        env=process_env(), listen=args.listen, workload_api=args.workload_api,
-        broker=args.broker, broker_dns_name=args.broker_dns_name, jwt_audience=args.audience,
-        no_jwt_svid=args.no_jwt_svid)
+    cfg = sidecar_config_from(env=process_env(), flags=flag_values(args, SIDECAR_OPTIONS))
     client = BrokerClient(cfg)
     service = SidecarService(client)
     service.start_watching()
@@ -289,69 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the broker (gRPC + mTLS)")
-    s.add_argument("--listen", help="host:port (default 127.0.0.1:8443; port 0 = any free)")
-    s.add_argument("--workload-api", help="Workload API socket (default $SPIFFE_ENDPOINT_SOCKET)")
-    s.add_argument("--scope-map", help="scope-map file or directory ($CREDBROKER_SCOPE_MAP)")
-    s.add_argument("--vault-addr", help="Vault/OpenBao address (default $VAULT_ADDR)")
-    s.add_argument("--vault-token-file", help="file holding the broker's Vault token "
-                                              "(default: $VAULT_TOKEN)")
-    s.add_argument("--vault-ca-cert", metavar="PATH",
-                   help="PEM CA certificate Vault's TLS certificate chains to (default "
-                        "$VAULT_CACERT, then $BAO_CACERT, then the system's)")
-    s.add_argument("--audience", help=f"JWT-SVID audience (default {DEFAULT_AUDIENCE})")
-    s.add_argument("--require-jwt-svid", action="store_true",
-                   help="refuse callers that do not also present a JWT-SVID")
-    s.add_argument("--ready-file", help="write host:port here once serving")
-    s.add_argument("--audit-log", help="the audit log file ($CREDBROKER_AUDIT_LOG)")
-    s.add_argument("--audit-key", help="Ed25519 PEM key that signs checkpoints; created if "
-                                       "missing ($CREDBROKER_AUDIT_KEY)")
-    s.add_argument("--checkpoint-mirror", help="also append signed checkpoints to this file")
-    s.add_argument("--registry", help="the credential registry, an SQLite file "
-                                      "($CREDBROKER_REGISTRY)")
-    s.add_argument("--admin-id", action="append", metavar="SPIFFE_ID",
-                   help="a SPIFFE ID allowed to revoke and freeze (repeatable; also "
-                        "$CREDBROKER_ADMIN_IDS, comma-separated)")
-    s.add_argument("--responder-group", action="append", metavar="GROUP",
-                   help="people in this ID-token group may revoke, freeze and unfreeze "
-                        "(repeatable; $CREDBROKER_RESPONDER_GROUPS, comma-separated; "
-                        "default responders)")
-    s.add_argument("--automation-id", action="append", metavar="SPIFFE_ID",
-                   help="a workload that may revoke, freeze and unfreeze without a person, "
-                        "recorded as automation:SPIFFE_ID (repeatable; "
-                        "$CREDBROKER_AUTOMATION_IDS, comma-separated)")
-    s.add_argument("--approver-issuer", help="OIDC issuer of people's ID tokens (approvers "
-                                             "and responders)")
-    s.add_argument("--approver-jwks", help="that issuer's JWKS (a JSON file)")
-    s.add_argument("--approver-audience", help="ID-token audience (default "
-                                               "credbroker-approvals)")
-    s.add_argument("--approver-groups", help="YAML: approver -> [groups], added to the token's "
-                                             "groups claim")
-    s.add_argument("--approval-bot", action="append", metavar="SPIFFE_ID=GROUP[,GROUP]",
-                   help="a workload that may approve as itself (repeatable)")
-    s.add_argument("--owner-team-cannot-approve", action="store_true",
-                   help="members of a class's owner team may not approve its agents' requests")
-    s.add_argument("--escalation-webhook", help="URL that escalations are POSTed to (JSON)")
-    s.add_argument("--metrics-listen", help="host:port for Prometheus /metrics")
-    s.add_argument("--health-listen", help="host:port for a plaintext gRPC health endpoint "
-                                           "(for kubelet probes, which cannot do mTLS)")
-    s.add_argument("--config", help="YAML file of these options (underscored names); flags "
-                                    "and environment win over it")
-    s.add_argument("--checkpoint-interval", type=float,
-                   help="seconds between signed checkpoints (default 60; SIGUSR1: now)")
-    scope_cli.add_vault_allowed_mount(s)
-    s.add_argument("--vault-drift-interval", type=float,
-                   help="seconds between checks that Vault still holds exactly the policies "
-                        "and token roles the broker wrote (default 30; 0: never)")
+    add_arguments(s, BROKER_OPTIONS)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("sidecar", help="run the agent-pod sidecar (HTTP/JSON on a unix socket)")
-    s.add_argument("--listen", help="the agent-facing unix socket path")
-    s.add_argument("--workload-api", help="Workload API socket (default $SPIFFE_ENDPOINT_SOCKET)")
-    s.add_argument("--broker", help="broker host:port ($CREDBROKER_BROKER_ADDR)")
-    s.add_argument("--broker-dns-name",
-                   help=f"DNS SAN of the broker's SVID (default {DEFAULT_BROKER_DNS})")
-    s.add_argument("--audience", help=f"JWT-SVID audience (default {DEFAULT_AUDIENCE})")
-    s.add_argument("--no-jwt-svid", action="store_true", help="send no JWT-SVID, mTLS only")
+    add_arguments(s, SIDECAR_OPTIONS)
     s.set_defaults(func=cmd_sidecar)
 
     s = sub.add_parser("dev", help="start OpenBao dev, the dev Workload API, broker and sidecars")
@@ -366,14 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     vsub = s.add_subparsers(dest="vault_command", required=True, metavar="SUBCOMMAND")
     s = vsub.add_parser("sync", help="write each class's policy and token role from the scope "
                                      "map (idempotent; only what differs)")
-    s.add_argument("--scope-map", help="scope-map file or directory ($CREDBROKER_SCOPE_MAP)")
-    s.add_argument("--vault-addr", help="default $VAULT_ADDR")
-    s.add_argument("--vault-token-file", help="default: $VAULT_TOKEN")
-    s.add_argument("--vault-ca-cert", metavar="PATH",
-                   help="PEM CA certificate of Vault's TLS (default $VAULT_CACERT, then "
-                        "$BAO_CACERT)")
+    add_arguments(s, VAULT_SYNC_OPTIONS)
     s.add_argument("--registry", help="keep classes frozen in this registry frozen")
-    scope_cli.add_vault_allowed_mount(s)
     s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_vault_sync)

@@ -1,7 +1,9 @@
-"""Configuration values, validated at the edge (defaults → environment → flags).
+"""Configuration values, validated at the edge (flags > environment > config file > defaults).
 
-Library code never reads ``os.environ``: the CLI builds these with
-:func:`broker_config_from` / :func:`sidecar_config_from` and passes them down.
+Each option is declared once, in :mod:`broker.options`; this module turns the resolved
+values into validated BrokerConfig/SidecarConfig. Library code never reads ``os.environ``:
+the CLI builds these with :func:`broker_config_from` / :func:`sidecar_config_from` and
+passes them down.
 """
 
 from __future__ import annotations
@@ -22,10 +24,20 @@ from broker.core.scopemap import (
 )
 from broker.core.spiffeid import SpiffeId
 from broker.errors import ConfigError, InvalidSpiffeIdError
+from broker.options import (
+    AUDIENCE,
+    BROKER_OPTIONS,
+    DEFAULT_RESPONDER_GROUPS,
+    SIDECAR_OPTIONS,
+    VAULT_ALLOWED_MOUNT,
+    VAULT_SYNC_OPTIONS,
+    Setting,
+    option,
+    resolve,
+)
 
-DEFAULT_AUDIENCE = "credbroker"
-DEFAULT_BROKER_DNS = "broker.credbroker.internal"
-DEFAULT_RESPONDER_GROUPS = ("responders",)
+DEFAULT_AUDIENCE = str(AUDIENCE.default)
+DEFAULT_BROKER_DNS = str(option(SIDECAR_OPTIONS, "broker_dns_name").default)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,38 +108,42 @@ def _hostport(value: str, what: str) -> str:
     return value
 
 
-def vault_settings(*, env: Mapping[str, str], vault_addr: str | None,
-                   vault_token_file: str | None) -> tuple[str, str]:
-    """Vault address and token (from --vault-token-file or VAULT_TOKEN, never a flag value).
+def _vault(s: Mapping[str, Setting]) -> tuple[str, str, Path | None]:
+    """Vault address, token and the token file (None: the token came from VAULT_TOKEN).
+
+    The token is one setting spelled two ways, ``--vault-token-file`` (flag or config
+    file) and ``VAULT_TOKEN``; the one from the stronger source wins.
 
     Raises:
         ConfigError: either is missing or the token file is unreadable.
     """
-    token = ""
-    if vault_token_file:
+    token_file, env_token = s["vault_token_file"], s["vault_token"]
+    token, path = "", None
+    if token_file.value and token_file.rank >= env_token.rank:
+        path = Path(str(token_file.value))
         try:
-            token = Path(vault_token_file).read_text().strip()
+            token = path.read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"cannot read --vault-token-file {vault_token_file}: "
+            raise ConfigError(f"cannot read --vault-token-file {path}: "
                               f"{exc.strerror}") from None
-    token = token or env.get("VAULT_TOKEN", "")
+    token = token or str(env_token.value or "")
     if not token:
         raise ConfigError("no Vault token: set VAULT_TOKEN or pass --vault-token-file PATH")
-    addr = vault_addr or env.get("VAULT_ADDR", "")
+    addr = str(s["vault_addr"].value or "")
     if not addr.startswith(("http://", "https://")):
         raise ConfigError("Vault address is not set or not a URL: set VAULT_ADDR or pass "
                           "--vault-addr https://vault.example:8200")
-    return addr.rstrip("/"), token
+    return addr.rstrip("/"), token, path
 
 
-def vault_ca_cert_from(*, env: Mapping[str, str], flag: str | None) -> Path | None:
+def _vault_ca_cert(s: Mapping[str, Setting]) -> Path | None:
     """The CA bundle to verify Vault's TLS certificate with, like ``bao`` finds it:
     ``--vault-ca-cert``, else ``VAULT_CACERT``, else ``BAO_CACERT``; None: the system's.
 
     Raises:
         ConfigError: the file named cannot be read.
     """
-    given = flag or env.get("VAULT_CACERT", "") or env.get("BAO_CACERT", "")
+    given = str(s["vault_ca_cert"].value or "")
     if not given:
         return None
     path = Path(given)
@@ -143,133 +159,140 @@ def vault_ca_cert_from(*, env: Mapping[str, str], flag: str | None) -> Path | No
     return path
 
 
-def vault_allowed_mounts_from(*, env: Mapping[str, str],
-                              flags: list[str] | None) -> tuple[str, ...]:
-    """The Vault mounts scope maps may reach: the flags, else the environment, else the default.
-
-    ``--vault-allowed-mount`` (repeatable) wins over ``CREDBROKER_VAULT_ALLOWED_MOUNTS``
-    (comma-separated); with neither, :data:`DEFAULT_VAULT_ALLOWED_MOUNTS` (``secret/``).
-
-    Raises:
-        ConfigError: an entry is not a mount path or names Vault's control plane.
-    """
-    given = list(flags or []) or [m for m in env.get("CREDBROKER_VAULT_ALLOWED_MOUNTS",
-                                                      "").split(",") if m.strip()]
+def _allowed_mounts(s: Mapping[str, Setting]) -> tuple[str, ...]:
+    """Raises: ConfigError for an entry that is not a mount path or is Vault's control plane."""
+    given = s["vault_allowed_mount"].value
     try:
-        return normalize_allowed_mounts(given or DEFAULT_VAULT_ALLOWED_MOUNTS)
+        return normalize_allowed_mounts(given if isinstance(given, tuple) and given
+                                        else DEFAULT_VAULT_ALLOWED_MOUNTS)
     except ValueError as exc:
         raise ConfigError(f"--vault-allowed-mount: {exc}") from None
 
 
-def broker_config_from(
-    *,
-    env: Mapping[str, str],
-    listen: str | None = None,
-    workload_api: str | None = None,
-    scope_map: str | None = None,
-    vault_addr: str | None = None,
-    vault_token_file: str | None = None,
-    vault_ca_cert: str | None = None,
-    jwt_audience: str | None = None,
-    require_jwt_svid: bool = False,
-    ready_file: str | None = None,
-    audit_log: str | None = None,
-    audit_key: str | None = None,
-    checkpoint_mirror: str | None = None,
-    checkpoint_interval: float | None = None,
-    registry: str | None = None,
-    admin_ids: list[str] | None = None,
-    approver_issuer: str | None = None,
-    approver_jwks: str | None = None,
-    approver_audience: str | None = None,
-    approver_groups: str | None = None,
-    approval_bots: list[str] | None = None,
-    owner_team_cannot_approve: bool = False,
-    escalation_webhook: str | None = None,
-    metrics_listen: str | None = None,
-    health_listen: str | None = None,
-    vault_allowed_mounts: list[str] | None = None,
-    vault_drift_interval: float | None = None,
-    responder_groups: list[str] | None = None,
-    automation_ids: list[str] | None = None,
-) -> BrokerConfig:
-    """Build and validate broker configuration.
+def vault_allowed_mounts_from(*, env: Mapping[str, str],
+                              flags: list[str] | None) -> tuple[str, ...]:
+    """The Vault mounts scope maps may reach: the flags, else the environment, else the default.
 
-    The Vault token comes from ``--vault-token-file`` or ``VAULT_TOKEN`` (never
+    Raises:
+        ConfigError: an entry is not a mount path or names Vault's control plane.
+    """
+    return _allowed_mounts(resolve((VAULT_ALLOWED_MOUNT,), flags={VAULT_ALLOWED_MOUNT.name: flags},
+                                   env=env, file={}))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VaultAccess:
+    addr: str
+    token: str  # secret: never log it (repr hides it)
+    ca_cert: Path | None
+    allowed_mounts: tuple[str, ...]
+    scope_map: str
+
+    def __repr__(self) -> str:
+        return f"VaultAccess(addr={self.addr!r}, token=<redacted>)"
+
+
+def vault_access_from(*, env: Mapping[str, str], flags: Mapping[str, object]) -> VaultAccess:
+    """What `credbroker vault sync` needs, from the broker's own option declarations.
+
+    Raises:
+        ConfigError: something is missing or malformed.
+    """
+    s = resolve(VAULT_SYNC_OPTIONS, flags=flags, env=env, file={})
+    addr, token, _ = _vault(s)
+    sm = str(s["scope_map"].value or "")
+    if not sm:
+        raise ConfigError("no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP")
+    return VaultAccess(addr=addr, token=token, ca_cert=_vault_ca_cert(s),
+                       allowed_mounts=_allowed_mounts(s), scope_map=sm)
+
+
+def _text(s: Mapping[str, Setting], name: str) -> str:
+    return str(s[name].value or "")
+
+
+def _number(s: Mapping[str, Setting], name: str) -> float:
+    value = s[name].value
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _list(s: Mapping[str, Setting], name: str) -> tuple[str, ...]:
+    value = s[name].value
+    return tuple(dict.fromkeys(value)) if isinstance(value, tuple) else ()
+
+
+def _spiffe_ids(ids: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    for a in ids:
+        try:
+            SpiffeId.parse(a)
+        except InvalidSpiffeIdError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+    return ids
+
+
+def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | None = None,
+                       file: Mapping[str, object] | None = None) -> BrokerConfig:
+    """Build and validate broker configuration from :data:`BROKER_OPTIONS`.
+
+    ``flags`` and ``file`` map option names (argparse dests, config-file keys) to values;
+    each option is taken from the flags, else the environment, else the file, else its
+    default. The Vault token comes from ``--vault-token-file`` or ``VAULT_TOKEN`` (never
     a command-line value, which other users could read from the process list).
 
     Raises:
         ConfigError: something is missing or malformed; the message says what to set.
     """
-    addr, token = vault_settings(env=env, vault_addr=vault_addr,
-                                 vault_token_file=vault_token_file)
-    sm = scope_map or env.get("CREDBROKER_SCOPE_MAP", "")
-    if not sm:
-        raise ConfigError("no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP")
-    audit = audit_log or env.get("CREDBROKER_AUDIT_LOG", "")
-    if not audit:
-        raise ConfigError("no audit log: pass --audit-log PATH or set CREDBROKER_AUDIT_LOG "
-                          "(the broker does not run without one)")
-    key = audit_key or env.get("CREDBROKER_AUDIT_KEY", "")
-    if not key:
-        raise ConfigError("no checkpoint signing key: pass --audit-key PATH or set "
-                          "CREDBROKER_AUDIT_KEY (an Ed25519 PEM key; created if missing)")
-    reg = registry or env.get("CREDBROKER_REGISTRY", "")
-    if not reg:
-        raise ConfigError("no credential registry: pass --registry PATH (an SQLite file) or set "
-                          "CREDBROKER_REGISTRY")
-    admins = list(admin_ids or []) + [a for a in env.get("CREDBROKER_ADMIN_IDS", "").split(",")
-                                      if a.strip()]
-    for a in admins:
-        try:
-            SpiffeId.parse(a.strip())
-        except InvalidSpiffeIdError as exc:
-            raise ConfigError(f"--admin-id: {exc}") from None
-    automation = list(automation_ids or []) or [
-        a for a in env.get("CREDBROKER_AUTOMATION_IDS", "").split(",") if a.strip()]
-    for a in automation:
-        try:
-            SpiffeId.parse(a.strip())
-        except InvalidSpiffeIdError as exc:
-            raise ConfigError(f"--automation-id: {exc}") from None
-    groups = [g.strip() for g in (responder_groups or env.get(
-        "CREDBROKER_RESPONDER_GROUPS", "").split(",")) if g.strip()]
+    s = resolve(BROKER_OPTIONS, flags=flags or {}, env=env, file=file or {})
+    addr, token, token_file = _vault(s)
+    required = {
+        "scope_map": "no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP",
+        "audit_log": "no audit log: pass --audit-log PATH or set CREDBROKER_AUDIT_LOG "
+                     "(the broker does not run without one)",
+        "audit_key": "no checkpoint signing key: pass --audit-key PATH or set "
+                     "CREDBROKER_AUDIT_KEY (an Ed25519 PEM key; created if missing)",
+        "registry": "no credential registry: pass --registry PATH (an SQLite file) or set "
+                    "CREDBROKER_REGISTRY",
+    }
+    for name, message in required.items():
+        if not _text(s, name):
+            raise ConfigError(message)
     approvers = _approver_config(
-        issuer=approver_issuer or env.get("CREDBROKER_APPROVER_ISSUER", ""),
-        jwks=approver_jwks or env.get("CREDBROKER_APPROVER_JWKS", ""),
-        audience=approver_audience or "credbroker-approvals", groups_file=approver_groups,
-        bots=approval_bots or [], owner_team_cannot_approve=owner_team_cannot_approve,
-        webhook=escalation_webhook or env.get("CREDBROKER_ESCALATION_WEBHOOK", ""))
-    interval = checkpoint_interval if checkpoint_interval is not None else 60.0
+        issuer=_text(s, "approver_issuer"), jwks=_text(s, "approver_jwks"),
+        audience=_text(s, "approver_audience"), groups_file=_text(s, "approver_groups"),
+        bots=list(_list(s, "approval_bot")),
+        owner_team_cannot_approve=bool(s["owner_team_cannot_approve"].value),
+        webhook=_text(s, "escalation_webhook"))
+    interval = _number(s, "checkpoint_interval")
     if interval <= 0:
         raise ConfigError("--checkpoint-interval must be a positive number of seconds")
-    drift = vault_drift_interval if vault_drift_interval is not None else 30.0
+    drift = _number(s, "vault_drift_interval")
     if drift < 0:
         raise ConfigError("--vault-drift-interval must be a number of seconds (0 disables)")
+    metrics, health = _text(s, "metrics_listen"), _text(s, "health_listen")
     return BrokerConfig(
-        listen=_hostport(listen or env.get("CREDBROKER_LISTEN", "127.0.0.1:8443"), "--listen"),
-        workload_api_socket=_socket(workload_api or env.get("SPIFFE_ENDPOINT_SOCKET", ""),
-                                    "Workload API socket"),
-        scope_map_path=Path(sm),
+        listen=_hostport(_text(s, "listen"), "--listen"),
+        workload_api_socket=_socket(_text(s, "workload_api"), "Workload API socket"),
+        scope_map_path=Path(_text(s, "scope_map")),
         vault_addr=addr,
-        vault_token_file=Path(vault_token_file) if vault_token_file else None,
+        vault_token_file=token_file,
         vault_token=token,
-        vault_ca_cert=vault_ca_cert_from(env=env, flag=vault_ca_cert),
-        jwt_audience=jwt_audience or env.get("CREDBROKER_AUDIENCE", DEFAULT_AUDIENCE),
-        require_jwt_svid=require_jwt_svid,
-        ready_file=Path(ready_file) if ready_file else None,
-        audit_path=Path(audit),
-        registry_path=Path(reg),
-        admin_ids=tuple(a.strip() for a in admins),
-        responder_groups=tuple(dict.fromkeys(groups)) or DEFAULT_RESPONDER_GROUPS,
-        automation_ids=tuple(a.strip() for a in automation),
+        vault_ca_cert=_vault_ca_cert(s),
+        jwt_audience=_text(s, "audience"),
+        require_jwt_svid=bool(s["require_jwt_svid"].value),
+        ready_file=Path(_text(s, "ready_file")) if _text(s, "ready_file") else None,
+        audit_path=Path(_text(s, "audit_log")),
+        registry_path=Path(_text(s, "registry")),
+        admin_ids=_spiffe_ids(_list(s, "admin_id"), "--admin-id"),
+        responder_groups=_list(s, "responder_group") or DEFAULT_RESPONDER_GROUPS,
+        automation_ids=_spiffe_ids(_list(s, "automation_id"), "--automation-id"),
         approvers=approvers,
-        metrics_listen=_hostport(metrics_listen, "--metrics-listen") if metrics_listen else "",
-        health_listen=_hostport(health_listen, "--health-listen") if health_listen else "",
-        audit_key_path=Path(key),
-        checkpoint_mirror=Path(checkpoint_mirror) if checkpoint_mirror else None,
+        metrics_listen=_hostport(metrics, "--metrics-listen") if metrics else "",
+        health_listen=_hostport(health, "--health-listen") if health else "",
+        audit_key_path=Path(_text(s, "audit_key")),
+        checkpoint_mirror=(Path(_text(s, "checkpoint_mirror"))
+                           if _text(s, "checkpoint_mirror") else None),
         checkpoint_interval=interval,
-        vault_allowed_mounts=vault_allowed_mounts_from(env=env, flags=vault_allowed_mounts),
+        vault_allowed_mounts=_allowed_mounts(s),
         vault_drift_interval=drift,
     )
 
@@ -309,32 +332,24 @@ def _approver_config(*, issuer: str, jwks: str, audience: str, groups_file: str 
                           webhook_url=webhook)
 
 
-def sidecar_config_from(
-    *,
-    env: Mapping[str, str],
-    listen: str | None = None,
-    workload_api: str | None = None,
-    broker: str | None = None,
-    broker_dns_name: str | None = None,
-    jwt_audience: str | None = None,
-    no_jwt_svid: bool = False,
-) -> SidecarConfig:
-    """Build and validate sidecar configuration.
+def sidecar_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | None = None
+                        ) -> SidecarConfig:
+    """Build and validate sidecar configuration from :data:`SIDECAR_OPTIONS`.
 
     Raises:
         ConfigError: something is missing or malformed.
     """
-    sock = listen or env.get("CREDBROKER_SIDECAR_SOCKET", "")
+    s = resolve(SIDECAR_OPTIONS, flags=flags or {}, env=env, file={})
+    sock = _text(s, "listen")
     if not sock:
         raise ConfigError("no agent socket: pass --listen /run/credbroker/sidecar.sock")
     return SidecarConfig(
         listen_socket=Path(sock.removeprefix("unix:")),
-        workload_api_socket=_socket(workload_api or env.get("SPIFFE_ENDPOINT_SOCKET", ""),
-                                    "Workload API socket"),
-        broker_addr=_hostport(broker or env.get("CREDBROKER_BROKER_ADDR", ""), "--broker"),
-        broker_dns_name=broker_dns_name or env.get("CREDBROKER_BROKER_DNS", DEFAULT_BROKER_DNS),
-        jwt_audience=jwt_audience or env.get("CREDBROKER_AUDIENCE", DEFAULT_AUDIENCE),
-        send_jwt_svid=not no_jwt_svid,
+        workload_api_socket=_socket(_text(s, "workload_api"), "Workload API socket"),
+        broker_addr=_hostport(_text(s, "broker"), "--broker"),
+        broker_dns_name=_text(s, "broker_dns_name"),
+        jwt_audience=_text(s, "audience"),
+        send_jwt_svid=not s["no_jwt_svid"].value,
     )
 
 

@@ -18,7 +18,7 @@ from broker.core.auditchain import FORMAT_NAMES, object_format
 from broker.core.models import CredentialRequest, InitiatingEvent, Outcome
 from broker.core.records import decision_to_json, parse_decision_record, parse_time
 from broker.core.scopemap import ScopeMap, evaluate
-from broker.core.scopetools import (
+from broker.core.scopemap.tools import (
     CasesError,
     blast_radius,
     diff_maps,
@@ -29,6 +29,7 @@ from broker.core.scopetools import (
 )
 from broker.core.spiffeid import SpiffeId
 from broker.errors import ConfigError, ScopeMapError
+from broker.options import VAULT_ALLOWED_MOUNT, add_arguments
 
 
 def _load(path: str, args: argparse.Namespace) -> ScopeMap:
@@ -231,10 +232,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def add_vault_allowed_mount(parser: argparse.ArgumentParser) -> None:
     """``--vault-allowed-mount``: the one allow-list that serve, vault sync and scope apply."""
-    parser.add_argument("--vault-allowed-mount", action="append", metavar="MOUNT",
-                        help="a Vault mount that classes' vault_policy paths may reach "
-                             "(repeatable; also $CREDBROKER_VAULT_ALLOWED_MOUNTS, "
-                             "comma-separated; default: secret). Never sys, auth or identity")
+    add_arguments(parser, (VAULT_ALLOWED_MOUNT,))
 
 
 def add_parser(sub: Any) -> None:

@@ -70,7 +70,8 @@ def test_the_ca_comes_from_the_flag_then_vault_cacert_then_bao_cacert(
                                   registry="r.db", workload_api="unix:/run/spiffe/socket")
 
     def ca_of(env_extra: dict[str, str], flag: str | None = None) -> Path | None:
-        cfg = broker_config_from(env={**env, **env_extra}, vault_ca_cert=flag, **common)
+        cfg = broker_config_from(env={**env, **env_extra},
+                                 flags={**common, "vault_ca_cert": flag})
         return cfg.vault_ca_cert
 
     assert ca_of({}) is None  # the system's trust store

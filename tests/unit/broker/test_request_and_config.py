@@ -84,51 +84,56 @@ ENV = {"VAULT_TOKEN": "s.secret", "VAULT_ADDR": "http://127.0.0.1:8200",
 
 
 def test_broker_config_from_env_and_flags() -> None:
-    cfg = broker_config_from(env=ENV, scope_map="m.yaml", listen="0.0.0.0:9443")
+    cfg = broker_config_from(env=ENV, flags={"scope_map": "m.yaml", "listen": "0.0.0.0:9443"})
     assert cfg.listen == "0.0.0.0:9443"
     assert cfg.workload_api_socket == "unix:/run/spire/agent.sock"
     assert "s.secret" not in repr(cfg)
-    flagged = broker_config_from(env=ENV, scope_map="m.yaml", vault_addr="https://v:8200/",
-                                 workload_api="/tmp/x.sock")
+    flagged = broker_config_from(env=ENV, flags={"scope_map": "m.yaml",
+                                                 "vault_addr": "https://v:8200/",
+                                                 "workload_api": "/tmp/x.sock"})
     assert flagged.vault_addr == "https://v:8200"
     assert flagged.workload_api_socket == "unix:/tmp/x.sock"
 
 
 def test_vault_allowed_mounts_and_drift_interval() -> None:
-    cfg = broker_config_from(env=ENV, scope_map="m")
+    cfg = broker_config_from(env=ENV, flags={"scope_map": "m"})
     assert cfg.vault_allowed_mounts == ("secret/",) and cfg.vault_drift_interval == 30.0
     env = {**ENV, "CREDBROKER_VAULT_ALLOWED_MOUNTS": "kv/soc, secret/"}
-    assert broker_config_from(env=env, scope_map="m").vault_allowed_mounts == ("kv/soc/",
-                                                                               "secret/")
-    flagged = broker_config_from(env=env, scope_map="m", vault_allowed_mounts=["transit"],
-                                 vault_drift_interval=0)
+    assert broker_config_from(env=env, flags={"scope_map": "m"}).vault_allowed_mounts == (
+        "kv/soc/", "secret/")
+    flagged = broker_config_from(env=env, flags={"scope_map": "m",
+                                                 "vault_allowed_mount": ["transit"],
+                                                 "vault_drift_interval": 0})
     assert flagged.vault_allowed_mounts == ("transit/",)  # flags win over the environment
     assert flagged.vault_drift_interval == 0
 
 
 def test_responder_groups_and_automation_ids() -> None:
-    cfg = broker_config_from(env=ENV, scope_map="m")
+    cfg = broker_config_from(env=ENV, flags={"scope_map": "m"})
     assert cfg.responder_groups == ("responders",) and cfg.automation_ids == ()
     env = {**ENV, "CREDBROKER_RESPONDER_GROUPS": "ir-oncall, soc-leads",
            "CREDBROKER_AUTOMATION_IDS": "spiffe://example.org/soar"}
-    cfg = broker_config_from(env=env, scope_map="m")
+    cfg = broker_config_from(env=env, flags={"scope_map": "m"})
     assert cfg.responder_groups == ("ir-oncall", "soc-leads")
     assert cfg.automation_ids == ("spiffe://example.org/soar",)
-    flagged = broker_config_from(env=env, scope_map="m", responder_groups=["sre"],
-                                 automation_ids=["spiffe://example.org/other"])
+    flagged = broker_config_from(env=env, flags={
+        "scope_map": "m", "responder_group": ["sre"],
+        "automation_id": ["spiffe://example.org/other"]})
     assert flagged.responder_groups == ("sre",)  # flags win over the environment
     assert flagged.automation_ids == ("spiffe://example.org/other",)
     with pytest.raises(ConfigError, match="--automation-id"):
-        broker_config_from(env=ENV, scope_map="m", automation_ids=["spiffe://Bad/x"])
+        broker_config_from(env=ENV, flags={"scope_map": "m",
+                                           "automation_id": ["spiffe://Bad/x"]})
 
 
 def test_vault_token_file(tmp_path: Path) -> None:
     f = tmp_path / "token"
     f.write_text("s.fromfile\n")
-    assert broker_config_from(env={**ENV, "VAULT_TOKEN": ""}, scope_map="m",
-                              vault_token_file=str(f)).vault_token == "s.fromfile"
+    assert broker_config_from(env={**ENV, "VAULT_TOKEN": ""}, flags={
+        "scope_map": "m", "vault_token_file": str(f)}).vault_token == "s.fromfile"
     with pytest.raises(ConfigError, match="cannot read --vault-token-file"):
-        broker_config_from(env=ENV, scope_map="m", vault_token_file=str(tmp_path / "none"))
+        broker_config_from(env=ENV, flags={"scope_map": "m",
+                                           "vault_token_file": str(tmp_path / "none")})
 
 
 @pytest.mark.parametrize(("env", "kw", "words"), [
@@ -142,27 +147,28 @@ def test_vault_token_file(tmp_path: Path) -> None:
     ({**ENV, "CREDBROKER_AUDIT_KEY": ""}, {"scope_map": "m"}, "no checkpoint signing key"),
     (ENV, {"scope_map": "m", "checkpoint_interval": 0}, "positive number"),
     ({**ENV, "CREDBROKER_REGISTRY": ""}, {"scope_map": "m"}, "no credential registry"),
-    (ENV, {"scope_map": "m", "admin_ids": ["spiffe://Admin/x"]}, "--admin-id"),
-    (ENV, {"scope_map": "m", "vault_allowed_mounts": ["sys"]}, "can never be allowed"),
+    (ENV, {"scope_map": "m", "admin_id": ["spiffe://Admin/x"]}, "--admin-id"),
+    (ENV, {"scope_map": "m", "vault_allowed_mount": ["sys"]}, "can never be allowed"),
     ({**ENV, "CREDBROKER_VAULT_ALLOWED_MOUNTS": "secret,auth"}, {"scope_map": "m"},
      "can never be allowed"),
-    (ENV, {"scope_map": "m", "vault_allowed_mounts": ["kv/*"]}, "not a mount path"),
+    (ENV, {"scope_map": "m", "vault_allowed_mount": ["kv/*"]}, "not a mount path"),
     (ENV, {"scope_map": "m", "vault_drift_interval": -1}, "--vault-drift-interval"),
 ])
 def test_broker_config_errors(env: dict[str, str], kw: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError) as err:
-        broker_config_from(env=env, **kw)  # type: ignore[arg-type]
+        broker_config_from(env=env, flags=kw)
     assert words in str(err.value)
     assert "s.secret" not in str(err.value)
 
 
 def test_sidecar_config() -> None:
-    cfg = sidecar_config_from(env=ENV, listen="/run/cb/s.sock", broker="broker:8443")
+    cfg = sidecar_config_from(env=ENV, flags={"listen": "/run/cb/s.sock",
+                                              "broker": "broker:8443"})
     assert cfg.send_jwt_svid and cfg.broker_dns_name == "broker.credbroker.internal"
     with pytest.raises(ConfigError, match="no agent socket"):
-        sidecar_config_from(env=ENV, broker="b:1")
+        sidecar_config_from(env=ENV, flags={"broker": "b:1"})
     with pytest.raises(ConfigError, match="--broker"):
-        sidecar_config_from(env=ENV, listen="/s.sock")
+        sidecar_config_from(env=ENV, flags={"listen": "/s.sock"})
 
 
 def test_load_scope_map_file_and_directory(tmp_path: Path) -> None:

@@ -85,7 +85,8 @@ def test_a_valid_map_parses_with_source_lines_and_a_content_version() -> None:
      "credential.vault_policy", "non-empty list"),
     (_class(credential={"ttl": "1m", "max_ttl": "5m",
                         "vault_policy": [{"path": "a/*", "capabilities": ["sudo"]}]}),
-     "credential.vault_policy[0].capabilities", "sudo not allowed"),
+     "credential.vault_policy[0].capabilities[0]",
+     "is 'sudo'; expected one of create, read, update, patch, delete, list"),
     (_class(credential={"ttl": "1m", "max_ttl": "5m",
                         "vault_policy": [{"path": 'a"}', "capabilities": ["read"]}]}),
      "credential.vault_policy[0].path", "a Vault path such as"),
@@ -93,7 +94,8 @@ def test_a_valid_map_parses_with_source_lines_and_a_content_version() -> None:
                         "vault_policy": [{"path": "a/*", "capabilities": ["read"]}]}),
      "credential.colour", "unknown field"),
     (_class(colour="red"), "colour", "unknown field"),
-    (_class(requires=["weather"]), "requires", "not a request field"),
+    (_class(requires=["weather"]), "requires[0]",
+     "is 'weather'; expected one of initiating_event, target, justification"),
     (_class(approval={"mode": "jit"}), "approval.approvers", "is required: approver groups"),
     (_class(approval="sometimes"), "approval", "expected none, or a JIT approval rule"),
     (_class(limits={"per_workload": "5 per hour"}), "limits.per_workload", "e.g. 5/h"),
@@ -421,7 +423,7 @@ def test_published_schema_is_valid_and_examples_pass_it() -> None:
     from jsonschema import Draft202012Validator
 
     from broker.config import load_scope_map
-    from broker.core.schema import schema
+    from broker.core.scopemap.schema import schema
 
     Draft202012Validator.check_schema(schema())
     examples = Path(__file__).parents[3] / "broker" / "examples"
@@ -536,8 +538,69 @@ def test_a_tab_in_the_indentation_is_named_as_such() -> None:
         "map.yaml:3: YAML does not allow tabs for indentation; use spaces"]
     assert _problems("a: [\n")[0].startswith("map.yaml:2: not valid YAML: ")
     # test-case files are YAML too
-    from broker.core.scopetools import CasesError, run_cases
+    from broker.core.scopemap.tools import CasesError, run_cases
 
     with pytest.raises(CasesError, match=r"^cases.yaml:2: YAML does not allow tabs for "
                                          r"indentation; use spaces$"):
         run_cases(MAP, "cases:\n\t- name: x\n", "cases.yaml", default_now=NOW)
+
+
+# --- the schema owns structure; the code only what a schema cannot say (issue #12) ---
+
+
+@pytest.mark.parametrize(("cls", "field"), [
+    (_class(escalation=["  "]), "escalation[0]"),
+    (_class(owner={"team": " ", "contact": "x"}), "owner.team"),
+    (_class(approval={"mode": "jit", "approvers": [" "]}), "approval.approvers[0]"),
+    (_class(targets=["\t"]), "targets[0]"),
+])
+def test_blank_strings_are_refused_by_the_schema(cls: dict[str, Any], field: str) -> None:
+    problems = _problems(_doc({"c": cls}))
+    assert [p for p in problems if f"action_classes.c.{field}: must not be blank" in p], problems
+
+
+@pytest.mark.parametrize(("cls", "field"), [
+    (_class(risk="medium"), "risk"),
+    (_class(owner=None), "owner"),
+    (_class(colour="red"), "colour"),
+    (_rule("secret/x", ("sudo",)), "capabilities"),
+    (_rule('a"}'), "path"),
+    (_class(credential={"ttl": "soon", "max_ttl": "5m",
+                        "vault_policy": [{"path": "secret/x", "capabilities": ["read"]}]}), "ttl"),
+    (_class(limits={"per_workload": "lots"}), "per_workload"),
+    (_class(approval={"mode": "jit", "approvers": ["a"], "expires": "never"}), "expires"),
+])
+def test_a_structural_problem_is_reported_once(cls: dict[str, Any], field: str) -> None:
+    problems = _problems(_doc({"c": cls}))
+    assert len(problems) == 1, problems
+    assert field in problems[0] and problems[0].startswith("map.yaml:"), problems
+
+
+def test_the_model_constants_agree_with_the_schema() -> None:
+    from broker.core.scopemap import (
+        ALLOWED_CAPABILITIES,
+        API_VERSION,
+        KIND,
+        REQUIRABLE_FIELDS,
+        RISKS,
+    )
+    from broker.core.scopemap.schema import schema
+
+    s = schema()
+    cls = s["$defs"]["actionClass"]["properties"]
+    assert s["properties"]["apiVersion"]["const"] == API_VERSION
+    assert s["properties"]["kind"]["const"] == KIND
+    assert tuple(cls["risk"]["enum"]) == RISKS
+    assert tuple(cls["requires"]["items"]["enum"]) == REQUIRABLE_FIELDS
+    caps = cls["credential"]["properties"]["vault_policy"]["items"]["properties"]["capabilities"]
+    assert set(caps["items"]["enum"]) == ALLOWED_CAPABILITIES
+
+
+def test_semantic_checks_stay_in_code_and_are_located() -> None:
+    problems = _problems(_doc({"c": _class(credential={
+        "ttl": "0s", "max_ttl": "5m",
+        "vault_policy": [{"path": "secret/x", "capabilities": ["read"]}]})}))
+    assert problems == ["map.yaml:15: action_classes.c.credential.ttl: must be more than zero"]
+    dup = _doc({"c": _class()}).replace("      ttl: 2m\n", "      ttl: 2m\n      ttl: 3m\n")
+    assert any("action_classes.c.credential.ttl: appears twice; keep one" in p
+               for p in _problems(dup)), _problems(dup)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from broker.core.scopemap import ScopeMap, parse_scope_map
-from broker.core.scopetools import Change, diff_maps, junit_xml, run_cases
+from broker.core.scopemap.tools import Change, diff_maps, junit_xml, run_cases
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 JIT: dict[str, Any] = {"mode": "jit", "approvers": ["ir-leads"], "approvals_required": 2,

@@ -2,7 +2,7 @@
 
 ``broker/schema/scope-map.schema.json`` is what editors use (point the YAML
 language server at it); the broker validates with the same file, then adds the
-semantic checks a schema cannot express (``broker.core.scopemap``).
+semantic checks a schema cannot express (:mod:`broker.core.scopemap.parse`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError, best_match
+from jsonschema.exceptions import ValidationError, relevance
 
 Problem = tuple[str, str, str]  # (file:line, field path, what is wrong and what would be right)
 Path = tuple[str | int, ...]
@@ -72,8 +72,8 @@ def _describe(subschema: dict[str, Any]) -> str:
     return str(subschema.get("description") or "")
 
 
-def _friendly(err: ValidationError, base: Path) -> list[tuple[Path, str]]:
-    path: Path = (*base, *err.relative_path)
+def _friendly(err: ValidationError) -> list[tuple[Path, str]]:
+    path: Path = tuple(err.absolute_path)  # from the document's root, also inside a oneOf
     v, inst, sch = err.validator, err.instance, err.schema
     expected: Any = err.validator_value
     if not isinstance(sch, dict):
@@ -106,6 +106,8 @@ def _friendly(err: ValidationError, base: Path) -> list[tuple[Path, str]]:
         return [(path, "must not be empty")]
     if v == "minimum":
         return [(path, f"must be at least {err.validator_value}")]
+    if v == "pattern" and isinstance(inst, str) and not inst.strip():
+        return [(path, "must not be blank")]
     if v == "pattern":
         hint = _describe(sch)
         return [(path, f"{inst!r} is not of the expected form" + (f": {hint}" if hint else ""))]
@@ -114,7 +116,10 @@ def _friendly(err: ValidationError, base: Path) -> list[tuple[Path, str]]:
         branch = [e for e in (err.context or [])
                   if e.relative_path or e.validator not in ("const", "type", "enum")]
         if isinstance(inst, dict) and branch:
-            return _friendly(best_match(branch), path)
+            # The most relevant error of that branch itself, not the deepest one inside
+            # it: a malformed duration should read as "a duration such as ...", not as
+            # the duration's string branch failing its pattern.
+            return _friendly(max(branch, key=relevance))
         hint = _describe(sch)
         return [(path, f"{inst!r} is not valid" + (f": expected {hint}" if hint else ""))]
     return [(path, err.message)]
@@ -127,7 +132,7 @@ def schema_problems(source: str, root: yaml.Node) -> list[Problem]:
     out: list[Problem] = []
     seen: set[tuple[Path, str]] = set()
     for err in sorted(_validator().iter_errors(data), key=lambda e: [str(p) for p in e.path]):
-        for path, what in _friendly(err, ()):
+        for path, what in _friendly(err):
             if (path, what) in seen:
                 continue
             seen.add((path, what))

@@ -18,13 +18,9 @@ from broker.core.records import (
     parse_time,
     request_from_json,
 )
-from broker.core.scopemap import (
-    ActionClass,
-    BreakGlass,
-    ScopeMap,
-    evaluate,
-    yaml_error_text,
-)
+from broker.core.scopemap.evaluate import evaluate
+from broker.core.scopemap.model import ActionClass, BreakGlass, ScopeMap
+from broker.core.scopemap.parse import yaml_error_text
 from broker.core.spiffeid import SpiffeId
 from broker.errors import InvalidSpiffeIdError
 

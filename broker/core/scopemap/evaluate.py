@@ -1,0 +1,141 @@
+"""The decision: values and time in, a Decision out (pure; no I/O)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from broker.core.conditions import ConditionError
+from broker.core.models import CredentialRequest, Decision, DenyCode, Outcome
+from broker.core.revocation import Freeze, first_freeze
+from broker.core.scopemap.model import ScopeMap
+from broker.core.spiffeid import SpiffeId
+
+
+def evaluate(
+    scope_map: ScopeMap,
+    spiffe_id: SpiffeId,
+    request: CredentialRequest,
+    now: datetime,
+    recent_issuances: Sequence[datetime] = (),
+    freezes: Sequence[Freeze] = (),
+) -> Decision:
+    """Decide ``request`` from ``spiffe_id`` under ``scope_map`` at time ``now``.
+
+    ``recent_issuances`` are the times this identity was issued this class
+    (for ``limits``). Default deny: the result allows only when the class
+    exists, a workload rule matches the identity, every required field is
+    present, the target matches ``targets``, the TTL is within ``max_ttl``, the
+    ``when`` condition holds and the budget is not spent; a class with a JIT
+    approval rule then needs approval instead of being allowed outright.
+    The checks run in that order and the first that fails decides. Before all
+    of them, a freeze that matches the identity or the class denies.
+    """
+    frozen = first_freeze(freezes, spiffe_id, request.action_class)
+    if frozen is not None:
+        fc = scope_map.classes.get(request.action_class)
+        return Decision(
+            outcome=Outcome.DENY, deny_code=DenyCode.FROZEN, spiffe_id=spiffe_id,
+            action_class=request.action_class, rule=f"freeze {frozen.id}",
+            reasons=(frozen.describe(),), scope_map_version=scope_map.version,
+            owner=fc.owner if fc else None, escalation=fc.escalation if fc else (),
+            source=fc.source if fc else "", risk=fc.risk if fc else "",
+        )
+    cls = scope_map.classes.get(request.action_class)
+    if cls is None:
+        known = ", ".join(scope_map.classes) or "none"
+        return Decision(
+            outcome=Outcome.DENY, deny_code=DenyCode.UNKNOWN_ACTION_CLASS, spiffe_id=spiffe_id,
+            action_class=request.action_class, rule="default-deny",
+            reasons=(f"action class {request.action_class!r} is not defined in the scope map "
+                     f"(known classes: {known})",),
+            scope_map_version=scope_map.version,
+        )
+
+    def deny(code: DenyCode, rule: str, reason: str) -> Decision:
+        return Decision(
+            outcome=Outcome.DENY, deny_code=code, spiffe_id=spiffe_id, action_class=cls.name,
+            rule=rule, reasons=(reason,), scope_map_version=scope_map.version, owner=cls.owner,
+            escalation=cls.escalation, source=cls.source, risk=cls.risk,
+        )
+
+    matched = next((i for i, p in enumerate(cls.workloads) if p.matches(spiffe_id)), None)
+    if matched is None:
+        return deny(
+            DenyCode.WORKLOAD_NOT_ALLOWED, f"{cls.name}.workloads",
+            f"{spiffe_id} is not among the workloads allowed to request {cls.name} "
+            f"(rule {cls.name}.workloads at {cls.source}; owner {cls.owner.team})",
+        )
+    present = {
+        "initiating_event": request.initiating_event is not None,
+        "target": bool(request.target),
+        "justification": bool(request.justification.strip()),
+    }
+    needed = (*cls.requires, "target") if cls.targets else cls.requires
+    missing = [f for f in dict.fromkeys(needed) if not present[f]]
+    if missing:
+        return deny(
+            DenyCode.MISSING_FIELD, f"{cls.name}.requires",
+            f"{cls.name} requires {', '.join(missing)} in the request "
+            f"(rule {cls.name}.requires at {cls.source})",
+        )
+    if cls.targets and not any(fnmatch.fnmatchcase(request.target, t) for t in cls.targets):
+        return deny(
+            DenyCode.TARGET_NOT_ALLOWED, f"{cls.name}.targets",
+            f"target {request.target!r} matches none of {cls.name}'s targets "
+            f"({', '.join(cls.targets)}; rule {cls.name}.targets at {cls.source})",
+        )
+    ttl = request.ttl_seconds or cls.ttl_seconds
+    if ttl > cls.max_ttl_seconds:
+        return deny(
+            DenyCode.TTL_TOO_LONG, f"{cls.name}.credential.max_ttl",
+            f"requested TTL {ttl}s is above {cls.name}'s max_ttl of {cls.max_ttl_seconds}s; "
+            "ask for less",
+        )
+    if cls.when is not None:
+        try:
+            holds = cls.when.evaluate(spiffe_id, request, now)
+        except ConditionError as exc:
+            return deny(DenyCode.CONDITION_FALSE, f"{cls.name}.when",
+                        f"{cls.name}'s condition `{cls.when.text}` {exc}; denied (fail closed)")
+        if not holds:
+            return deny(DenyCode.CONDITION_FALSE, f"{cls.name}.when",
+                        f"{cls.name}'s condition `{cls.when.text}` is false for this request "
+                        f"(rule {cls.name}.when at {cls.source})")
+    if cls.budget is not None:
+        since = now - timedelta(seconds=cls.budget.window_seconds)
+        counted = sorted(t for t in recent_issuances if since < t <= now)
+        if len(counted) >= cls.budget.count:
+            # Allowed again once enough of the counted issuances have left the window.
+            frees = counted[len(counted) - cls.budget.count] + timedelta(
+                seconds=cls.budget.window_seconds)
+            return replace(
+                deny(DenyCode.BUDGET_EXHAUSTED, f"{cls.name}.limits.per_workload",
+                     f"{spiffe_id} has used its budget of {cls.budget.text} for {cls.name} "
+                     f"({len(counted)} issued in the window; rule {cls.name}.limits at "
+                     f"{cls.source})"),
+                retry_after_seconds=max(1, math.ceil((frees - now).total_seconds())))
+    rule = f"{cls.name}.workloads[{matched}]"
+    if cls.approval is not None:
+        a = cls.approval
+        return Decision(
+            outcome=Outcome.NEEDS_APPROVAL, spiffe_id=spiffe_id, action_class=cls.name,
+            rule=f"{cls.name}.approval",
+            reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule}); {cls.name} "
+                     f"requires {a.approvals_required} approval(s) from "
+                     f"{', '.join(a.approvers)} (rule {cls.name}.approval at {cls.source})",),
+            scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
+            source=cls.source, risk=cls.risk, ttl_seconds=ttl,
+            policies=(cls.vault_policy_name,),
+        )
+    return Decision(
+        outcome=Outcome.ALLOW, spiffe_id=spiffe_id, action_class=cls.name, rule=rule,
+        reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule} at {cls.source}); "
+                 "no approval required (approval: none)",),
+        scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
+        source=cls.source, risk=cls.risk, ttl_seconds=ttl, policies=(cls.vault_policy_name,),
+        reusable=cls.when is None or not cls.when.uses_time,
+    )
