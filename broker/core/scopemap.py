@@ -100,6 +100,22 @@ def parse_budget(text: str) -> Budget | None:
                   text=text.strip())
 
 
+#: What ``limits.on_exceed`` may say: refuse the request (429), or also freeze the identity.
+ON_EXCEED = ("deny", "freeze")
+
+
+def parse_rate(text: str) -> Budget | None:
+    """``N/<window>`` with a window of ``m``/``h``/``d`` or a duration (``5m``, ``90s``,
+    ``2h``) as a Budget; None when it is not one (``limits.denials``)."""
+    m = re.fullmatch(r"([1-9][0-9]*)/(?:([mhd])|([1-9][0-9]*)([smh]))", text.strip())
+    if m is None:
+        return None
+    seconds = _WINDOWS[m.group(2)] if m.group(2) else \
+        int(m.group(3)) * {"s": 1, "m": 60, "h": 3600}[m.group(4)]
+    return Budget(count=int(m.group(1)), window_seconds=seconds,
+                  text=text.strip())
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BreakGlass:
     allowed: bool
@@ -140,6 +156,11 @@ class ActionClass:
     targets: tuple[str, ...] = ()
     budget: Budget | None = None
     when: Condition | None = None
+    #: ``limits.on_exceed``: what a spent budget does besides refusing ("deny" or "freeze").
+    on_exceed: str = "deny"
+    #: ``limits.denials``: this many denials of one identity for this class within the
+    #: window freeze that identity.
+    denial_trip: Budget | None = None
 
     @property
     def vault_policy_name(self) -> str:
@@ -524,6 +545,22 @@ def _parse_class(
         if budget is None:
             problems.add(_loc(source, limits or node), f"{path}.limits.per_workload",
                          f"{per!r} is not a budget; write N/m, N/h or N/d, e.g. 5/h")
+    on_exceed = _scalar(_get(limits, "on_exceed")) if isinstance(limits, yaml.MappingNode) \
+        else None
+    if on_exceed is not None and on_exceed not in ON_EXCEED:
+        problems.add(_loc(source, limits or node), f"{path}.limits.on_exceed",
+                     f"is {on_exceed!r}; expected one of {', '.join(ON_EXCEED)}")
+    elif on_exceed == "freeze" and per is None:
+        problems.add(_loc(source, limits or node), f"{path}.limits.on_exceed",
+                     "freeze needs a budget to exceed: add per_workload, e.g. 5/h")
+    denials = _scalar(_get(limits, "denials")) if isinstance(limits, yaml.MappingNode) \
+        else None
+    denial_trip = None
+    if denials is not None:
+        denial_trip = parse_rate(denials)
+        if denial_trip is None:
+            problems.add(_loc(source, limits or node), f"{path}.limits.denials",
+                         f"{denials!r} is not a rate; write N/<window>, e.g. 10/5m or 20/h")
     when = None
     when_node = _get(node, "when")
     if when_node is not None:
@@ -541,7 +578,7 @@ def _parse_class(
         escalation=tuple(escalation), workloads=tuple(workloads), ttl_seconds=ttl,
         max_ttl_seconds=max_ttl, vault_policy=tuple(rules), requires=requires,
         source=_loc(source, key), approval=approval, targets=tuple(targets), budget=budget,
-        when=when,
+        when=when, on_exceed=on_exceed or "deny", denial_trip=denial_trip,
     )
 
 
@@ -826,12 +863,16 @@ def evaluate(
             # Allowed again once enough of the counted issuances have left the window.
             frees = counted[len(counted) - cls.budget.count] + timedelta(
                 seconds=cls.budget.window_seconds)
+            freeze = cls.on_exceed == "freeze"
             return replace(
                 deny(DenyCode.BUDGET_EXHAUSTED, f"{cls.name}.limits.per_workload",
                      f"{spiffe_id} has used its budget of {cls.budget.text} for {cls.name} "
                      f"({len(counted)} issued in the window; rule {cls.name}.limits at "
-                     f"{cls.source})"),
-                retry_after_seconds=max(1, math.ceil((frees - now).total_seconds())))
+                     f"{cls.source})" + ("; on_exceed: freeze, so the identity is frozen"
+                                         if freeze else "")),
+                retry_after_seconds=0 if freeze else
+                max(1, math.ceil((frees - now).total_seconds())),
+                freeze_rule=f"{cls.name}.limits.on_exceed" if freeze else "")
     rule = f"{cls.name}.workloads[{matched}]"
     if cls.approval is not None:
         a = cls.approval
