@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -240,6 +240,12 @@ def broker_config_from(
         audience=approver_audience or "credbroker-approvals", groups_file=approver_groups,
         bots=approval_bots or [], owner_team_cannot_approve=owner_team_cannot_approve,
         webhook=escalation_webhook or env.get("CREDBROKER_ESCALATION_WEBHOOK", ""))
+    fast = env.get("CREDBROKER_APPROVAL_FAST_SECONDS", "").strip()
+    if fast:
+        if not fast.replace(".", "", 1).isdigit() or float(fast) <= 0:
+            raise ConfigError(f"CREDBROKER_APPROVAL_FAST_SECONDS {fast!r} must be a positive "
+                              "number of seconds")
+        approvers = replace(approvers, fast_approval_seconds=float(fast))
     interval = checkpoint_interval if checkpoint_interval is not None else 60.0
     if interval <= 0:
         raise ConfigError("--checkpoint-interval must be a positive number of seconds")

@@ -57,8 +57,8 @@ def exceed_trip(decision: Decision) -> Trip | None:
     if not decision.freeze_rule:
         return None
     return Trip(rule=decision.freeze_rule,
-                reason=f"{decision.spiffe_id} asked for {decision.action_class} past its "
-                       f"budget ({decision.reasons[0] if decision.reasons else ''})")
+                reason=decision.reasons[0] if decision.reasons else
+                f"{decision.spiffe_id} asked for {decision.action_class} past its budget")
 
 
 def limits_lines(cls: ActionClass) -> list[str]:
