@@ -49,6 +49,8 @@ FROZEN_POLICY = ('# managed by credbroker: this action class is FROZEN\n'
                  'path "sys/credbroker-frozen" {\n  capabilities = ["deny"]\n}\n')
 
 
+#: Seconds to wait for ``sys/leases/revoke-prefix`` (it returns when every lease is gone).
+REVOKE_PREFIX_TIMEOUT = 300.0
 #: Joins a class's role name and an identity's hash (class names never contain '-').
 IDENTITY_ROLE_SEP = "--"
 
@@ -372,7 +374,10 @@ class VaultAdapter:
             VaultUnavailableError, VaultError.
         """
         with self._errors("revoke an identity's credentials by prefix"):
-            self._client.sys.revoke_prefix(prefix)
+            # Vault answers once all are revoked: thousands of tokens take seconds, far
+            # longer than any other call, so this one waits longer than the usual timeout.
+            self._client.adapter.put(f"/v1/sys/leases/revoke-prefix/{prefix}",
+                                     timeout=REVOKE_PREFIX_TIMEOUT)
 
     @staticmethod
     def _role_body(cls: ActionClass) -> dict[str, Any]:
