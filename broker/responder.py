@@ -379,7 +379,7 @@ class Responder:
             self._announce(outcomes, done, by=by, reason=reason, selector=selector,
                            actor=actor, vault_revoke_prefixes=len(groups) - len(
                                {r.lease_prefix for r in rest if r.lease_prefix}))
-        if rest:
+        if rest or not done:  # (nothing at all is audited too, as revoke() does)
             outcomes += list(self.revoke(rest, by=by, reason=reason, selector=selector,
                                          check=check, actor=actor))
         return outcomes

@@ -334,6 +334,10 @@ class VaultAdapter:
                 with self._roles_lock:
                     self._identity_roles[role] = body
                 out.append(role)
+            else:  # written under the same class role: a restarted broker mints in one call
+                with self._roles_lock:
+                    self._identity_roles.setdefault(
+                        role, {**self._role_body(cls), "path_suffix": suffix})
         with self._roles_lock:  # roles of changed classes not listed: written at next mint
             for role in [r for r in self._identity_roles
                          if r.partition(IDENTITY_ROLE_SEP)[0] in changed and r not in out]:
