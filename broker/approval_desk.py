@@ -27,6 +27,7 @@ from broker.core.models import CredentialRequest
 from broker.core.records import rfc3339
 from broker.core.scopemap import ActionClass
 from broker.errors import CredbrokerError, TooManyWaitsError
+from broker.observability import Metrics
 from broker.registry import CredentialStore
 
 _log = logging.getLogger("credbroker.approvals")
@@ -55,6 +56,8 @@ class ApprovalDesk:
         self._wait_lock = threading.Lock()
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._waits: dict[str, int] = {}
+        #: Set by the server: break-glass uses and approval latencies are counted there.
+        self.metrics: Metrics | None = None
 
     # -- reading
 
@@ -144,6 +147,11 @@ class ApprovalDesk:
                        approver=who.subject, approver_groups=list(who.groups), via=who.via,
                        issuer=who.issuer, reason=reason,
                        approvals_given=len(new.votes), approvals_required=new.approvals_required)
+            if new.state != ap.PENDING and self.metrics is not None:
+                took = (now - a.created_at).total_seconds()
+                self.metrics.approval_seconds.labels(a.action_class, new.state).observe(took)
+                if new.state == ap.APPROVED and took < self._cfg.fast_approval_seconds:
+                    self.metrics.approvals_fast.labels(a.action_class).inc()
             return new
 
     def check(self, approval_id: str, spiffe_id: str, request: CredentialRequest
@@ -213,6 +221,8 @@ class ApprovalDesk:
                        reviewers=list(a.break_glass.reviewers) if a.break_glass else [],
                        max_ttl_seconds=a.break_glass.max_ttl_seconds if a.break_glass else 0,
                        notified=list(cls.escalation))
+        if self.metrics is not None:
+            self.metrics.break_glass.labels(cls.name).inc()
         self._notify_break_glass(spiffe_id, cls, request, approval_id=a.id)
         _log.warning("BREAK-GLASS: %s used break-glass for %s (%s); awaiting review by %s",
                      spiffe_id, cls.name, request.justification,
@@ -323,6 +333,16 @@ class ApprovalDesk:
         _log.warning("ESCALATION: approval %s for %s (%s) still pending: notifying %s",
                      a.id, a.action_class, a.spiffe_id, role)
         self._post(payload, a.id)
+
+    def notify_freeze(self, *, event: str, spiffe_id: str, rule: str, reason: str,
+                      freeze_id: str, notify: list[str], **context: Any) -> None:
+        """An identity frozen without a person (the broker's own rule, or the workload
+        itself): the escalation path hears it, with the context. Never raises."""
+        payload = {"event": event, "freeze_id": freeze_id, "spiffe_id": spiffe_id,
+                   "rule": rule, "reason": reason, "notify": notify, **context}
+        _log.warning("FREEZE (%s): %s frozen by rule %s: notifying %s", event, spiffe_id,
+                     rule, ", ".join(notify) or "nobody (no escalation path)")
+        self._post(payload, f"freeze {freeze_id}")
 
     def _post(self, payload: dict[str, Any], what: str) -> None:
         """POST ``payload`` to the escalation webhook in the background. Never raises."""

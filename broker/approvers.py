@@ -46,6 +46,9 @@ class ApproverConfig:
     bots: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # SPIFFE ID -> groups
     owner_team_may_approve: bool = True
     webhook_url: str = ""
+    #: An approval granted sooner than this after its request is counted as fast
+    #: (``credbroker_approvals_fast_total``: rubber-stamping shows there first).
+    fast_approval_seconds: float = 30.0
 
 
 class OidcVerifier:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -262,6 +262,10 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
         bots=list(_list(s, "approval_bot")),
         owner_team_cannot_approve=bool(s["owner_team_cannot_approve"].value),
         webhook=_text(s, "escalation_webhook"))
+    fast = _number(s, "approval_fast_seconds")
+    if fast <= 0:
+        raise ConfigError("--approval-fast-seconds must be a positive number of seconds")
+    approvers = replace(approvers, fast_approval_seconds=fast)
     interval = _number(s, "checkpoint_interval")
     if interval <= 0:
         raise ConfigError("--checkpoint-interval must be a positive number of seconds")

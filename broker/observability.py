@@ -55,6 +55,31 @@ class Metrics:
             "rewritten", ["kind"], registry=r)
         self.healthy = Gauge("credbroker_healthy", "1 when Vault and the audit log are usable",
                              registry=r)
+        # Exceptions are watched: what becomes routine shows here first. Labels are
+        # bounded (action classes of the map, error codes, rules); never the identity,
+        # whose values are unbounded (the audit log and `credbroker audit report` have it).
+        self.denials = Counter("credbroker_denials_total",
+                               "Denied issuance requests by action class and error code",
+                               ["action_class", "code"], registry=r)
+        self.break_glass = Counter("credbroker_break_glass_total",
+                                   "Break-glass uses (issued without approval), by class",
+                                   ["action_class"], registry=r)
+        self.approval_seconds = Histogram(
+            "credbroker_approval_decision_seconds",
+            "Time from an approval's request to the decision that closed it, by class",
+            ["action_class", "decision"], registry=r,
+            buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
+        self.approvals_fast = Counter(
+            "credbroker_approvals_fast_total",
+            "Approvals granted sooner than the rubber-stamp threshold after the request "
+            "(CREDBROKER_APPROVAL_FAST_SECONDS, default 30)", ["action_class"], registry=r)
+        self.automatic_freezes = Counter(
+            "credbroker_automatic_freezes_total",
+            "Identities frozen by the broker itself, by the class and rule (on_exceed, "
+            "denials) that fired", ["action_class", "rule"], registry=r)
+        self.self_freezes = Counter("credbroker_self_freezes_total",
+                                    "Workloads that froze themselves (POST /v1/freeze)",
+                                    registry=r)
 
     def serve(self, listen: str) -> Any:
         """Serve /metrics on ``host:port``; returns the HTTP server (``.shutdown()``)."""

@@ -118,6 +118,10 @@ BROKER_OPTIONS: tuple[Option, ...] = (
     _o("vault_drift_interval", "--vault-drift-interval",
        "seconds between checks that Vault still holds exactly the policies and token roles "
        "the broker wrote (0: never)", kind="number", default=30.0),
+    _o("approval_fast_seconds", "--approval-fast-seconds",
+       "approvals decided faster than this (request to decision) count as possible "
+       "rubber-stamping in credbroker_approvals_fast_total",
+       env=("CREDBROKER_APPROVAL_FAST_SECONDS",), kind="number", default=30.0),
     REGISTRY,
     _o("admin_id", "--admin-id", "administrators: SPIFFE IDs of the tools that reach the "
        "admin and approvals APIs", env=("CREDBROKER_ADMIN_IDS",), kind="list",

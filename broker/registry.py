@@ -74,6 +74,9 @@ CREATE TABLE IF NOT EXISTS freezes (
 MIGRATIONS = (
     ("freezes", "enforced", "INTEGER NOT NULL DEFAULT 1"),
     ("freezes", "enforce_error", "TEXT NOT NULL DEFAULT ''"),
+    # The Vault lease path prefix only this credential's identity and class mint under
+    # (``sys/leases/revoke-prefix`` ends all of them in one call); '' for older tokens.
+    ("credentials", "lease_prefix", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -95,6 +98,7 @@ class CredentialRow:
     entity_id: str
     state: str
     revoke_pending: bool
+    lease_prefix: str = ""
 
 
 class CredentialStore(Protocol):
@@ -103,7 +107,7 @@ class CredentialStore(Protocol):
     def record_intent(self, *, request_id: str, spiffe_id: str, action_class: str, target: str,
                       event_source: str, event_id: str, at: datetime) -> None: ...
     def record_minted(self, *, request_id: str, credential_id: str, expires_at: datetime,
-                      entity_id: str) -> None: ...
+                      entity_id: str, lease_prefix: str = "") -> None: ...
     def forget_intent(self, request_id: str) -> None: ...
     def mark_ambiguous(self, request_id: str) -> None: ...
     def intents(self) -> list[CredentialRow]: ...
@@ -193,7 +197,7 @@ class SqliteStore:
                     _ts(at)))
 
     def record_minted(self, *, request_id: str, credential_id: str, expires_at: datetime,
-                      entity_id: str) -> None:
+                      entity_id: str, lease_prefix: str = "") -> None:
         """Complete the intent with the minted credential.
 
         Raises: StoreError, also when the intent is gone (reconcile dropped it as stale):
@@ -204,8 +208,9 @@ class SqliteStore:
             with self._lock:
                 cur = self._db.execute(
                     "UPDATE credentials SET credential_id=?, expires_at=?, entity_id=?, "
-                    "state='live' WHERE request_id=? AND state IN ('intent', 'ambiguous')",
-                    (credential_id, _ts(expires_at), entity_id, request_id))
+                    "lease_prefix=?, state='live' WHERE request_id=? AND state IN "
+                    "('intent', 'ambiguous')",
+                    (credential_id, _ts(expires_at), entity_id, lease_prefix, request_id))
                 changed = cur.rowcount
         except sqlite3.Error as exc:
             raise StoreError(f"the credential registry {self.path} failed: {exc}") from None
@@ -231,14 +236,15 @@ class SqliteStore:
             "SELECT credential_id FROM credentials WHERE credential_id IS NOT NULL")}
 
     _COLS = ("request_id, coalesce(credential_id, ''), spiffe_id, action_class, target, "
-             "issued_at, expires_at, entity_id, state, revoke_pending")
+             "issued_at, expires_at, entity_id, state, revoke_pending, lease_prefix")
 
     def _rows(self, where: str, args: tuple[object, ...] = ()) -> list[CredentialRow]:
         return [CredentialRow(request_id=str(r[0]), credential_id=str(r[1]),
                               spiffe_id=str(r[2]), action_class=str(r[3]), target=str(r[4]),
                               issued_at=_dt(r[5]) or datetime.fromtimestamp(0, UTC),  # type: ignore[arg-type]
                               expires_at=_dt(r[6]),  # type: ignore[arg-type]
-                              entity_id=str(r[7]), state=str(r[8]), revoke_pending=bool(r[9]))
+                              entity_id=str(r[7]), state=str(r[8]), revoke_pending=bool(r[9]),
+                              lease_prefix=str(r[10]))
                 for r in self._exec(f"SELECT {self._COLS} FROM credentials WHERE {where}",  # noqa: S608 - constant clauses, bound values
                                     args)]
 

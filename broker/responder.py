@@ -34,6 +34,7 @@ from broker.core.scopemap import ScopeMap
 from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
 from broker.errors import CredbrokerError, NotFoundError, VaultUnavailableError
 from broker.observability import Metrics
+from broker.people import LOGIN_HINT, PersonRequiredError
 from broker.registry import CredentialRow, CredentialStore
 from broker.vault import VaultAdapter
 
@@ -56,6 +57,18 @@ class BusEvent:
     reason: str = ""
     by: str = ""
     scope_map_version: str = ""
+
+
+#: ``by`` of a freeze the broker made itself (a scope map ``limits`` rule fired).
+AUTO_FREEZE_BY = "credbroker"
+#: ``by`` of a freeze a workload made of itself: ``self:<SPIFFE ID>``.
+SELF_FREEZE_BY = "self:"
+
+
+def needs_person_to_lift(fz: Freeze) -> bool:
+    """A freeze no person made (the broker's rule, or the workload itself) is lifted only
+    by a person: automation must not undo what stopped a runaway agent."""
+    return fz.by == AUTO_FREEZE_BY or fz.by.startswith(SELF_FREEZE_BY)
 
 
 #: A sidecar needs one stream; a few more allow for restarts overlapping.
@@ -321,6 +334,56 @@ class Responder:
             self._announce(outcomes, rows, by=by, reason=reason, selector=selector,
                            actor=actor)
 
+    def revoke_whole(self, rows: list[CredentialRow], *, by: str, reason: str, selector: str,
+                     check: bool = True, actor: Mapping[str, Any] | None = None
+                     ) -> list[Outcome]:
+        """Revoke ``rows``, which must be *every* live credential of each (identity, class)
+        among them (a freeze, a class removed): one ``sys/leases/revoke-prefix`` call per
+        (identity, class), at Vault's own speed, which also ends any token of theirs minted
+        meanwhile. Credentials minted without a lease prefix (before it existed), and those
+        of a prefix Vault did not revoke, are revoked one by one (:meth:`revoke`: pending
+        and retried when Vault does not answer). Audited like :meth:`revoke`.
+        """
+        groups: dict[str, list[CredentialRow]] = {}
+        rest: list[CredentialRow] = []
+        for r in rows:
+            if r.lease_prefix:
+                groups.setdefault(r.lease_prefix, []).append(r)
+            else:
+                rest.append(r)
+
+        def one(prefix: str) -> tuple[str, str]:
+            try:
+                self.vault.revoke_prefix(prefix)
+                return prefix, ""
+            except CredbrokerError as exc:
+                return prefix, str(exc)
+            except Exception as exc:  # never raises: an unexpected failure falls back
+                _log.exception("revoke-prefix %s failed unexpectedly", prefix)
+                return prefix, f"unexpected: {type(exc).__name__}"
+
+        outcomes: list[Outcome] = []
+        done: list[CredentialRow] = []
+        for prefix, error in self._pool.map(one, list(groups)):
+            if error:
+                _log.warning("revoke-prefix %s failed (%s): revoking its %d credential(s) "
+                             "one by one", prefix, error, len(groups[prefix]))
+                rest.extend(groups[prefix])
+                continue
+            done.extend(groups[prefix])
+        if done:
+            outcomes = [Outcome(r.credential_id, "revoked") for r in done]
+            if self.metrics is not None:
+                self.metrics.revocations.labels("revoked").inc(len(done))
+            self._record_revoked([r.credential_id for r in done], by, reason, selector)
+            self._announce(outcomes, done, by=by, reason=reason, selector=selector,
+                           actor=actor, vault_revoke_prefixes=len(groups) - len(
+                               {r.lease_prefix for r in rest if r.lease_prefix}))
+        if rest or not done:  # (nothing at all is audited too, as revoke() does)
+            outcomes += list(self.revoke(rest, by=by, reason=reason, selector=selector,
+                                         check=check, actor=actor))
+        return outcomes
+
     def _record_revoked(self, ids: list[str], by: str, reason: str, selector: str) -> None:
         try:
             self.store.mark_revoked_many(ids, by=by, reason=reason, selector=selector,
@@ -330,7 +393,8 @@ class Responder:
                        len(ids), exc)
 
     def _announce(self, outcomes: list[Outcome], rows: list[CredentialRow], *, by: str,
-                  reason: str, selector: str, actor: Mapping[str, Any] | None = None) -> None:
+                  reason: str, selector: str, actor: Mapping[str, Any] | None = None,
+                  **extra: Any) -> None:
         gone = [o.credential_id for o in outcomes if o.result in ("revoked", "already_dead",
                                                                    "pending")]
         self.bus.publish(BusEvent(credential_ids=tuple(gone), reason=reason, by=by),
@@ -341,7 +405,7 @@ class Responder:
             counts={k: sum(1 for o in outcomes if o.result == k)
                     for k in ("revoked", "already_dead", "pending", "failed")},
             failed_ids=[o.credential_id for o in outcomes if o.result == "failed"],
-            **_actor_field(actor))
+            **extra, **_actor_field(actor))
 
     def retry_pending(self) -> int:
         """Retry revocations Vault did not confirm. Returns how many are still pending."""
@@ -368,7 +432,7 @@ class Responder:
     # -- freeze
 
     def freeze(self, *, spiffe_id: str, action_class: str, reason: str, by: str,
-               actor: Mapping[str, Any] | None = None) -> FreezeResult:
+               actor: Mapping[str, Any] | None = None, rule: str = "") -> FreezeResult:
         """Freeze: recorded first (in force for issuance when this returns, whatever Vault
         does), pushed to sidecars, then enforced by Vault and the credentials revoked.
 
@@ -400,7 +464,8 @@ class Responder:
                 self._freezes = [*self._freezes, fz]
         # Who froze what and why is on record before Vault is asked (which can take long).
         self.audit.append_or_queue("freeze", freeze_id=fz.id, kind=kind, pattern=pattern,
-                                   reason=reason, by=by, **_actor_field(actor))
+                                   reason=reason, by=by, **({"rule": rule} if rule else {}),
+                                   **_actor_field(actor))
         try:
             rows = self.store.live(selector, now)
         except CredbrokerError as exc:  # the leftovers pass revokes them once it can read
@@ -424,10 +489,12 @@ class Responder:
         # Revoking them is hygiene when Vault already refuses them: in bulk, without the
         # per-token look-up (they are live per the registry). Without Vault, they become
         # pending revocations, retried until done.
+        # Every live credential of each (identity, class) the freeze matches: one
+        # revoke-prefix call per (identity, class).
         self.last_freeze_revocation = threading.Thread(
-            target=lambda: list(self.revoke(rows, by=by, reason=reason,
-                                            selector=f"freeze {fz.id}", check=not enforced,
-                                            actor=actor)),
+            target=lambda: self.revoke_whole(rows, by=by, reason=reason,
+                                             selector=f"freeze {fz.id}", check=not enforced,
+                                             actor=actor),
             name="freeze-revoke", daemon=True)
         self.last_freeze_revocation.start()
         return FreezeResult(freeze=fz, credentials_matched=len(rows),
@@ -519,10 +586,14 @@ class Responder:
         """Lift the freezes of exactly this pattern or class: on record first, then Vault
         gives the power back, then the freeze is lifted for issuance.
 
+        A freeze the broker made itself (``by: credbroker``) or a workload made of itself
+        (``by: self:<SPIFFE ID>``) is lifted only when ``actor`` is a person.
+
         Raises:
             InvalidRequestError, NotFoundError (nothing frozen like that), AuditError (not
             on record: nothing lifted), VaultUnavailableError, VaultError (Vault did not give
-            the power back: the freeze stays in force, retry).
+            the power back: the freeze stays in force, retry), PersonRequiredError (an
+            automatic or self freeze, and no person).
         """
         kind, pattern = freeze_target(spiffe_id, action_class)
         active = self.store.active_freezes()
@@ -530,6 +601,11 @@ class Responder:
         if not mine:
             raise NotFoundError(f"nothing is frozen as {kind.replace('_', ' ')} {pattern!r}; "
                                 "see `credbroker freeze --list`")
+        guarded = [f for f, _ in mine if needs_person_to_lift(f)]
+        if guarded and (actor or {}).get("kind") != "person":
+            raise PersonRequiredError(
+                f"{pattern} was frozen by {guarded[0].by} ({guarded[0].reason}); only a person "
+                f"may lift that, not {by}: {LOGIN_HINT}")
         # Giving power back is on record first (fail closed: no record, no unfreeze).
         self.audit.append("unfreeze", kind=kind, pattern=pattern, reason=reason, by=by,
                           **_actor_field(actor))
@@ -627,9 +703,9 @@ class Responder:
                          f"NOT yet powerless in Vault ({error})")
             if mine:
                 threading.Thread(target=lambda rows=mine, reason=reason, name=name,
-                                 check=bool(error): list(
-                    self.revoke(rows, by="credbroker", reason=reason,
-                                selector=f"class removed {name}", check=check)),
+                                 check=bool(error): self.revoke_whole(
+                    rows, by="credbroker", reason=reason,
+                    selector=f"class removed {name}", check=check),
                     name="class-removed-revoke", daemon=True).start()
         for name in set(scope_map.classes) & (set(self._ended) | self._emptied):
             self._ended.pop(name, None)  # the class is back (its policy was rewritten)

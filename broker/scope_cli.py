@@ -15,6 +15,7 @@ from typing import Any
 
 from broker.config import load_scope_map, process_env, vault_allowed_mounts_from
 from broker.core.auditchain import FORMAT_NAMES, object_format
+from broker.core.limits import limits_lines
 from broker.core.models import CredentialRequest, InitiatingEvent, Outcome
 from broker.core.records import decision_to_json, parse_decision_record, parse_time
 from broker.core.scopemap import ScopeMap, evaluate
@@ -59,9 +60,14 @@ def cmd_lint(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         _print_json({"ok": True, "version": m.version, "classes": list(m.classes),
-                     "problems": []})
+                     "problems": [],
+                     "limits": {n: limits_lines(c) for n, c in m.classes.items()
+                                if limits_lines(c)}})
     else:
         print(f"OK: {len(m.classes)} action classes, version {m.version}")
+        for cls in m.classes.values():
+            for line in limits_lines(cls):
+                print(f"  limit: {line}")
     return 0
 
 
@@ -83,7 +89,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
                             justification=args.justification or "", ttl_seconds=args.ttl or 0)
     d = evaluate(m, sid, req, now)
     if args.json:
-        _print_json({"spiffe_id": str(sid), **decision_to_json(d)})
+        cls = m.classes.get(req.action_class)
+        _print_json({"spiffe_id": str(sid), **decision_to_json(d),
+                     "limits": limits_lines(cls) if cls else []})
     else:
         print("\n".join(explain_lines(d, m)))
         if m.classes.get(req.action_class) and m.classes[req.action_class].budget:

@@ -238,6 +238,7 @@ class BrokerServer:
                                 authenticator=authenticator, clock=self._clock,
                                 metrics=self.metrics, executor=self._pool)
         self.responder.metrics = self.metrics
+        self.desk.metrics = self.metrics
         store, desk, audit = self.store, self.desk, self.audit
 
         def refresh() -> None:

@@ -18,6 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -31,6 +32,7 @@ from broker.approval_desk import ApprovalDesk
 from broker.audit import AuditLog
 from broker.core import approvals as ap
 from broker.core.approvals import ApprovalError, ApprovalNotFoundError
+from broker.core.limits import Trip, counts_as_denial, denial_trip, exceed_trip
 from broker.core.models import (
     CredentialRequest,
     Decision,
@@ -38,8 +40,9 @@ from broker.core.models import (
     Outcome,
 )
 from broker.core.records import decision_record, request_to_json, rfc3339
-from broker.core.revocation import first_freeze
+from broker.core.revocation import Freeze, first_freeze
 from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ActionClass, ScopeMap, evaluate
+from broker.core.spiffeid import SpiffeId
 from broker.errors import (
     ERROR_CODE_MD_KEY,
     RETRY_AFTER_MD_KEY,
@@ -68,7 +71,7 @@ from broker.inputs import (
     is_id,
 )
 from broker.observability import Metrics
-from broker.responder import BusEvent, Responder
+from broker.responder import AUTO_FREEZE_BY, SELF_FREEZE_BY, BusEvent, Responder
 from broker.vault import MintedToken, VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
@@ -166,6 +169,30 @@ class UsageTracker:
         with lock:
             if when in times:
                 times.remove(when)
+
+
+class DenialCounter:
+    """Recent denial times per (identity, class), for ``limits.denials``. In memory, like
+    :class:`UsageTracker`; only classes of the map are counted (bounded keys)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._times: dict[tuple[str, str], deque[datetime]] = {}
+
+    def add(self, key: tuple[str, str], now: datetime, window: timedelta) -> tuple[datetime, ...]:
+        """Count a denial at ``now``; the denials of ``key`` within ``window``."""
+        with self._lock:
+            times = self._times.setdefault(key, deque())
+            times.append(now)
+            while times and times[0] <= now - window:
+                times.popleft()
+            return tuple(times)
+
+    def clear(self, spiffe_id: str) -> None:
+        """Forget an identity's denials (it was frozen: a lifted freeze starts afresh)."""
+        with self._lock:
+            for key in [k for k in self._times if k[0] == spiffe_id]:
+                del self._times[key]
 
 
 class NoClassAllowsError(PolicyError):
@@ -333,6 +360,9 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self._auth = authenticator
         self._clock = clock
         self._usage = UsageTracker()
+        self._denials = DenialCounter()
+        #: One automatic freeze per identity at a time (two requests tripping at once).
+        self._auto_freeze_lock = threading.Lock()
         self._hits_lock = threading.Lock()
         self._recorded_hits: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._hits_per_credential: OrderedDict[str, int] = OrderedDict()
@@ -433,7 +463,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 self._usage.forget(key, now)
             raise
         if decision.outcome is Outcome.DENY:
-            raise DeniedByPolicy(decision)
+            raise DeniedByPolicy(self._after_denial(caller.spiffe_id, decision, scope_map,
+                                                    now, request_id))
         cls = scope_map.classes[decision.action_class]
         ttl = decision.ttl_seconds
         if decision.outcome is Outcome.NEEDS_APPROVAL and approval is None:
@@ -480,6 +511,108 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             approval=approval_to_proto(approval) if approval else None,
         )
 
+    def _after_denial(self, spiffe_id: SpiffeId, decision: Decision, scope_map: ScopeMap,
+                      now: datetime, request_id: str) -> Decision:
+        """Count the denial; make the automatic freeze the class's ``limits`` call for (a
+        spent budget with ``on_exceed: freeze``, or ``limits.denials`` reached). Returns the
+        decision to answer with (saying so when the identity was frozen). Never raises."""
+        assert decision.deny_code is not None
+        cls = scope_map.classes.get(decision.action_class)
+        self._metrics.denials.labels(cls.name if cls else "(unknown)",
+                                     decision.deny_code.value).inc()
+        if cls is None or not counts_as_denial(decision):
+            return decision
+        trip = exceed_trip(decision)
+        if trip is None and cls.denial_trip is not None:
+            times = self._denials.add((str(spiffe_id), cls.name), now,
+                                      timedelta(seconds=cls.denial_trip.window_seconds))
+            trip = denial_trip(cls, str(spiffe_id), times, now)
+        if trip is None:
+            return decision
+        frozen = self._auto_freeze(spiffe_id, cls, trip, request_id)
+        if not frozen:
+            return decision
+        return replace(decision, reasons=(*decision.reasons,
+                                          f"{spiffe_id} is now frozen by the broker (rule "
+                                          f"{trip.rule}); only a person may lift it"))
+
+    def _auto_freeze(self, spiffe_id: SpiffeId, cls: ActionClass, trip: Trip,
+                     request_id: str) -> bool:
+        """Freeze ``spiffe_id`` through the responder (recorded first, pushed to sidecars,
+        Vault-enforced, retried when Vault is down), as ``by: credbroker`` with the rule;
+        notify the class's escalation path. False when it was not frozen now. Never raises.
+        """
+        me = str(spiffe_id)
+        with self._auto_freeze_lock:
+            if any(f.kind == "spiffe_id" and f.pattern == me for f in self._responder.freezes):
+                return False  # frozen already (another request tripped it a moment ago)
+            try:
+                res = self._responder.freeze(
+                    spiffe_id=me, action_class="", by=AUTO_FREEZE_BY, rule=trip.rule,
+                    reason=f"automatic freeze, rule {trip.rule}: {trip.reason}",
+                    actor={"kind": "credbroker", "rule": trip.rule, "request_id": request_id})
+            except Exception as exc:  # the denial stands; the next one tries again
+                _log.error("request_id=%s automatic freeze of %s (rule %s) failed: %s",
+                           request_id, me, trip.rule, exc)
+                return False
+        self._denials.clear(me)
+        self._metrics.automatic_freezes.labels(cls.name, trip.rule.rsplit(".", 1)[-1]).inc()
+        _log.warning("request_id=%s %s FROZEN by the broker: rule %s fired (%s); %s",
+                     request_id, me, trip.rule, trip.reason,
+                     "Vault enforcement PENDING" if res.vault_pending else
+                     f"Vault enforced in {res.enforced_ms:.1f} ms")
+        self._desk.notify_freeze(event="freeze.automatic", spiffe_id=me, rule=trip.rule,
+                                 reason=trip.reason, freeze_id=res.freeze.id,
+                                 notify=list(cls.escalation), action_class=cls.name,
+                                 owner_team=cls.owner.team, request_id=request_id,
+                                 credentials_matched=res.credentials_matched,
+                                 vault_pending=res.vault_pending)
+        return True
+
+    def FreezeSelf(self, request: pb.FreezeSelfRequest,
+                   context: grpc.ServicerContext) -> pb.FreezeResponse:
+        """The caller freezes exactly its own SPIFFE ID (its mTLS SVID); see the proto."""
+        with _boundary(context, uuid.uuid4().hex, "FreezeSelf"):
+            caller = self._auth.authenticate(context)
+            check_length("reason", request.reason, REASON_MAX)
+            reason = request.reason.strip()
+            if not reason:
+                raise InvalidRequestError("reason is required: say why the workload stops "
+                                          "itself, e.g. {\"reason\": \"prompt injection "
+                                          "suspected\"}; it goes into the audit log")
+            me = str(caller.spiffe_id)
+            by = f"{SELF_FREEZE_BY}{me}"
+            with self._auto_freeze_lock:
+                mine = next((f for f in self._responder.freezes
+                             if f.kind == "spiffe_id" and f.pattern == me and f.by == by), None)
+                if mine is None:
+                    res = self._responder.freeze(
+                        spiffe_id=me, action_class="", reason=reason, by=by, rule="self",
+                        actor={"kind": "self", "client": me, "x509_serial": caller.x509_serial,
+                               "jwt_id": caller.jwt_id})
+            if mine is not None:  # frozen by itself already: nothing new to record
+                return pb.FreezeResponse(freeze=_freeze_info(mine))
+            self._metrics.self_freezes.inc()
+            classes = [c for c in self._maps.current.classes.values()
+                       if any(p.matches(caller.spiffe_id) for p in c.workloads)]
+            _log.warning("%s FROZE ITSELF (%s): %s", me,
+                         "Vault enforcement PENDING" if res.vault_pending else
+                         f"Vault enforced in {res.enforced_ms:.1f} ms", reason[:200])
+            self._desk.notify_freeze(
+                event="freeze.self", spiffe_id=me, rule="self", reason=reason,
+                freeze_id=res.freeze.id,
+                notify=list(dict.fromkeys(e for c in classes for e in c.escalation)),
+                action_classes=[c.name for c in classes],
+                credentials_matched=res.credentials_matched, vault_pending=res.vault_pending)
+            return pb.FreezeResponse(freeze=_freeze_info(res.freeze),
+                                     credentials_matched=res.credentials_matched,
+                                     vault_entities_disabled=res.entities_disabled,
+                                     vault_policy_frozen=res.policy_frozen,
+                                     vault_enforced_ms=res.enforced_ms,
+                                     vault_pending=res.vault_pending,
+                                     vault_error=res.vault_error)
+        raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
+
     def _mint(self, caller: Caller, req: CredentialRequest, request_id: str, cls: ActionClass,
               ttl: int, version: str, now: datetime) -> MintedToken:
         """Intent, mint, record, audit — or nothing left behind.
@@ -520,7 +653,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             raise
         try:
             self._store.record_minted(request_id=request_id, credential_id=minted.accessor,
-                                      expires_at=minted.expires_at, entity_id=minted.entity_id)
+                                      expires_at=minted.expires_at, entity_id=minted.entity_id,
+                                      lease_prefix=minted.lease_prefix)
         except CredbrokerError:
             # The intent row stays, so a restart would find and revoke it; do it now.
             self._revoke_unrecorded(minted.accessor, request_id,
@@ -751,6 +885,11 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 "minted_request_id": row.request_id, "spiffe_id": me,
                 "action_class": row.action_class, "target": row.target,
                 "request": request_to_json(req), "served_at": rfc3339(served)}
+
+
+def _freeze_info(f: Freeze) -> pb.FreezeInfo:
+    return pb.FreezeInfo(id=f.id, kind=f.kind, pattern=f.pattern, reason=f.reason, by=f.by,
+                         created_at=_ts(f.created_at))
 
 
 def _revocation_event(ev: BusEvent) -> pb.RevocationEvent:

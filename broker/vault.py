@@ -9,11 +9,21 @@ blocks new ones (measured: bench/bench_freeze.py, README "Benchmarks"). Token ro
 what the JWT-login alternative cannot: truly non-renewable tokens
 (``renewable=false``) and metadata set directly at creation, with no second
 signing key for Vault to trust.
+
+Each identity mints through its own token role per class,
+``credbroker-<class>--<hash of the SPIFFE ID>`` (the class role's settings plus a
+``path_suffix``), created on its first mint and kept in line with the class by
+:meth:`VaultAdapter.sync_scope_map`. Vault records every token's lease path as
+``auth/token/create/<role>/<suffix>``, so one ``sys/leases/revoke-prefix`` call per
+class ends every token of one identity (:meth:`VaultAdapter.revoke_prefix`) at
+Vault's own speed; the entity disable stays the instant refusal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +49,28 @@ FROZEN_POLICY = ('# managed by credbroker: this action class is FROZEN\n'
                  'path "sys/credbroker-frozen" {\n  capabilities = ["deny"]\n}\n')
 
 
+#: Seconds to wait for ``sys/leases/revoke-prefix`` (it returns when every lease is gone).
+REVOKE_PREFIX_TIMEOUT = 300.0
+#: Joins a class's role name and an identity's hash (class names never contain '-').
+IDENTITY_ROLE_SEP = "--"
+
+
+def identity_hash(spiffe_id: str) -> str:
+    """16 hex digits naming one SPIFFE ID in Vault paths (role names, lease paths)."""
+    return hashlib.sha256(spiffe_id.encode()).hexdigest()[:16]
+
+
+def identity_role_name(cls: ActionClass, spiffe_id: str) -> str:
+    """The token role ``spiffe_id`` mints ``cls`` through."""
+    return f"{cls.vault_policy_name}{IDENTITY_ROLE_SEP}{identity_hash(spiffe_id)}"
+
+
+def lease_prefix(cls: ActionClass, spiffe_id: str) -> str:
+    """The lease path prefix every token ``spiffe_id`` holds of ``cls`` lies under (and
+    nothing else does: it ends in the role's ``path_suffix`` and '/')."""
+    return f"auth/token/create/{identity_role_name(cls, spiffe_id)}/"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MintedToken:
     token: str = field(repr=False)  # secret: never log it
@@ -47,6 +79,8 @@ class MintedToken:
     ttl_seconds: int
     expires_at: datetime
     entity_id: str
+    #: ``sys/leases/revoke-prefix`` over this ends every token of this identity and class.
+    lease_prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,7 +106,12 @@ class SyncReport:
 REQUIRED_CAPABILITIES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("sys/policies/acl/credbroker-probe", ("create", "read", "update"), "writing class policies"),
     ("auth/token/roles/credbroker-probe", ("create", "read", "update"), "writing token roles"),
+    ("auth/token/roles/credbroker-probe--0", ("create", "update", "delete"),
+     "writing and removing each identity's token roles"),
+    ("auth/token/roles", ("list",), "finding each identity's token roles"),
     ("auth/token/create/credbroker-probe", ("update",), "minting"),
+    ("sys/leases/revoke-prefix/auth/token/create/credbroker-probe--0/",
+     ("update", "sudo"), "revoking all of one identity's credentials at once"),
     ("auth/token/lookup-accessor", ("update",), "looking credentials up"),
     ("auth/token/revoke-accessor", ("update",), "revoking"),
     ("auth/token/accessors", ("list", "sudo"), "finding tokens of unfinished mints"),
@@ -97,6 +136,10 @@ class VaultAdapter:
         self._token_stamp: tuple[int, int] | None = None
         #: True once :meth:`check_capabilities` found the token able to do everything.
         self._capabilities_ok = False
+        #: Identity token roles this process wrote, with the body written (a mint skips
+        #: writing them again; a sync that changes a class forgets its entries).
+        self._identity_roles: dict[str, dict[str, Any]] = {}
+        self._roles_lock = threading.Lock()
 
     def _fresh_token(self) -> None:
         """Follow a token file that a Vault Agent sink rewrites (checked by mtime)."""
@@ -254,8 +297,91 @@ class VaultAdapter:
                 written_r.append(name)
             if current == hcl and resp is not None and name not in written_r:
                 unchanged.append(name)
+        written_r += self._sync_identity_roles(scope_map, changed={
+            n for n in written_r})
         return SyncReport(policies_written=tuple(written_p), roles_written=tuple(written_r),
                           unchanged=tuple(unchanged), kept_frozen=tuple(kept))
+
+    def _sync_identity_roles(self, scope_map: ScopeMap, changed: set[str]) -> list[str]:
+        """Bring the identity token roles in line: those of a class whose role was just
+        (re)written get its new settings; those of a class no longer in the map are deleted
+        (their live tokens were made powerless by the emptied policy). Returns the roles
+        written or deleted.
+
+        Raises:
+            VaultUnavailableError, VaultError.
+        """
+        with self._errors("list token roles"):
+            resp = self._client.list("auth/token/roles")
+        names = [str(k) for k in ((resp or {}).get("data") or {}).get("keys") or []]
+        by_policy = {c.vault_policy_name: c for c in scope_map.classes.values()}
+        out: list[str] = []
+        for role in names:
+            base, sep, suffix = role.partition(IDENTITY_ROLE_SEP)
+            if not sep or not base.startswith("credbroker-") or not suffix:
+                continue
+            cls = by_policy.get(base)
+            if cls is None:
+                with self._errors(f"delete token role {role}"):
+                    self._client.delete(f"auth/token/roles/{role}")
+                with self._roles_lock:
+                    self._identity_roles.pop(role, None)
+                out.append(role)
+            elif base in changed:
+                body = {**self._role_body(cls), "path_suffix": suffix}
+                with self._errors(f"write token role {role}"):
+                    self._client.write(f"auth/token/roles/{role}", **body)
+                with self._roles_lock:
+                    self._identity_roles[role] = body
+                out.append(role)
+            else:  # written under the same class role: a restarted broker mints in one call
+                with self._roles_lock:
+                    self._identity_roles.setdefault(
+                        role, {**self._role_body(cls), "path_suffix": suffix})
+        with self._roles_lock:  # roles of changed classes not listed: written at next mint
+            for role in [r for r in self._identity_roles
+                         if r.partition(IDENTITY_ROLE_SEP)[0] in changed and r not in out]:
+                del self._identity_roles[role]
+        return out
+
+    def _ensure_identity_role(self, cls: ActionClass, spiffe_id: str) -> str:
+        """Write ``spiffe_id``'s token role for ``cls`` unless this process already did.
+
+        Raises:
+            VaultUnavailableError, VaultError.
+        """
+        role = identity_role_name(cls, spiffe_id)
+        body = {**self._role_body(cls), "path_suffix": identity_hash(spiffe_id)}
+        with self._roles_lock:
+            if self._identity_roles.get(role) == body:
+                return role
+        with self._errors(f"write token role {role}"):
+            self._client.write(f"auth/token/roles/{role}", **body)
+        with self._roles_lock:
+            self._identity_roles[role] = body
+        return role
+
+    @contextmanager
+    def _forget_role_on_error(self, role: str) -> Iterator[None]:
+        """A failed mint writes the identity's role again next time (it may be gone)."""
+        try:
+            yield
+        except Exception:
+            with self._roles_lock:
+                self._identity_roles.pop(role, None)
+            raise
+
+    def revoke_prefix(self, prefix: str) -> None:
+        """Revoke every lease (token) under ``prefix`` in one call; returns once Vault has.
+
+        Raises:
+            VaultUnavailableError, VaultError.
+        """
+        with self._errors("revoke an identity's credentials by prefix"):
+            # Vault answers once all are revoked: thousands of tokens take seconds, far
+            # longer than any other call, so this one waits longer than the usual timeout.
+            self._client.adapter.put(f"/v1/sys/leases/revoke-prefix/{prefix}",
+                                     timeout=REVOKE_PREFIX_TIMEOUT)
 
     @staticmethod
     def _role_body(cls: ActionClass) -> dict[str, Any]:
@@ -295,9 +421,10 @@ class VaultAdapter:
         """
         meta = {MANAGED_META_KEY: "1", "spiffe_id": str(spiffe_id), "action_class": cls.name,
                 **metadata}
-        with self._errors(f"mint a {cls.name} credential"):
+        role = self._ensure_identity_role(cls, str(spiffe_id))
+        with self._errors(f"mint a {cls.name} credential"), self._forget_role_on_error(role):
             resp = self._client.write(
-                f"auth/token/create/{cls.vault_policy_name}",
+                f"auth/token/create/{role}",
                 policies=[cls.vault_policy_name],
                 ttl=f"{ttl_seconds}s",
                 explicit_max_ttl=f"{ttl_seconds}s",
@@ -315,6 +442,7 @@ class VaultAdapter:
                 ttl_seconds=int(auth["lease_duration"]),
                 expires_at=now + timedelta(seconds=int(auth["lease_duration"])),
                 entity_id=auth.get("entity_id") or "",
+                lease_prefix=lease_prefix(cls, str(spiffe_id)),
             )
 
     def lookup_accessor(self, accessor: str) -> TokenInfo | None:

@@ -43,6 +43,7 @@ _MAX_BODY = 64 * 1024
 #: The documented body nests two deep ({"initiating_event": {...}}); a little slack.
 _MAX_DEPTH = 8
 _PREFIX = "/v1/credentials"
+_FREEZE = "/v1/freeze"
 #: The OpenAPI 3.1 document of this API (client/scripts/generate_openapi.py writes it).
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 #: A connection that sends nothing for this long (no request, half a request, or an idle
@@ -196,6 +197,19 @@ def parse_issue(raw: bytes) -> tuple[pb.IssueCredentialRequest, int]:
     return msg, wait_seconds(body.get("wait_seconds"))
 
 
+def parse_freeze(raw: bytes) -> str:
+    """The reason ``POST /v1/freeze`` gives. Raises: BadRequest."""
+    body = load_json_object(raw)
+    unknown = sorted(set(body) - {"reason"})
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; allowed: reason")
+    reason = body.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise BadRequest('reason is required and must be a string, e.g. {"reason": "prompt '
+                         'injection suspected"}')
+    return reason
+
+
 def wait_seconds(value: object) -> int:
     """Raises: BadRequest unless 0..60 whole seconds."""
     if value is None:
@@ -339,6 +353,22 @@ class SidecarService:
                   resp.already_dead)
         return 200, {"credential_id": credential_id, "revoked": not resp.already_dead,
                      "already_dead": resp.already_dead}
+
+    def freeze_self(self, reason: str) -> tuple[int, dict[str, Any]]:
+        """Freeze this workload's own identity at once (the broker makes Vault refuse every
+        credential of it); drop everything cached first. It cannot be undone from here.
+
+        Raises: BrokerCallError.
+        """
+        self.cache.clear()
+        resp = self.client.freeze_self(reason)
+        fz = resp.freeze
+        _log.warning("this workload froze itself (freeze %s): %s", fz.id, reason[:200])
+        return 200, {"frozen": True, "freeze_id": fz.id, "spiffe_id": fz.pattern, "by": fz.by,
+                     "reason": fz.reason,
+                     "frozen_at": _rfc3339(fz.created_at.ToDatetime(tzinfo=UTC)),
+                     "credentials_matched": resp.credentials_matched,
+                     "vault_enforced": not resp.vault_pending}
 
     def health(self) -> tuple[int, dict[str, Any]]:
         try:
@@ -590,7 +620,7 @@ class SidecarHttpServer:
                                                        "/healthz"))
 
     async def _post(self, request: web.BaseRequest, target: str) -> web.StreamResponse:
-        if target != _PREFIX:
+        if target not in (_PREFIX, _FREEZE):
             return _json_response(404, _error("not_found", f"no such endpoint POST {target}; "
                                                            f"use POST {_PREFIX}"))
         if request.headers.get("Transfer-Encoding"):
@@ -610,6 +640,12 @@ class SidecarHttpServer:
             # Half a body, then silence (or the client closed its end half-way): drop it.
             request.protocol.force_close()
             raise web.HTTPRequestTimeout() from None
+        if target == _FREEZE:
+            try:
+                reason = parse_freeze(raw)
+            except BadRequest as exc:
+                return _json_response(400, _error("bad_request", str(exc)))
+            return await self._guard(self.service.freeze_self, reason)
         try:
             msg, wait = parse_issue(raw)
         except BadRequest as exc:

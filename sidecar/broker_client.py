@@ -137,6 +137,12 @@ class BrokerClient:
             self._cfg.broker_timeout)
         return resp
 
+    def freeze_self(self, reason: str) -> pb.FreezeResponse:
+        """Freeze this workload's own identity. Raises: BrokerCallError."""
+        resp: pb.FreezeResponse = self._call("FreezeSelf", pb.FreezeSelfRequest(reason=reason),
+                                             self._cfg.broker_timeout)
+        return resp
+
     def report_cache_hits(self, hits: list[pb.CacheHit]) -> pb.ReportCacheHitsResponse:
         """Raises: BrokerCallError."""
         resp: pb.ReportCacheHitsResponse = self._call(

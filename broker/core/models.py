@@ -78,6 +78,9 @@ class Decision:
     #: False when the decision depends on the time (a ``when`` using ``now``): the same
     #: request later may be decided differently, so a cache must not answer it.
     reusable: bool = True
+    #: Set when the class says this denial also freezes the identity (the rule that
+    #: fired, e.g. ``enrichment.limits.on_exceed``); the service makes the freeze.
+    freeze_rule: str = ""
 
     @property
     def allowed(self) -> bool:

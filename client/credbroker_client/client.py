@@ -175,6 +175,16 @@ class Client(_Base):
         except CredbrokerError:
             return None
 
+    def freeze_self(self, reason: str) -> dict[str, Any]:
+        """``POST /v1/freeze``: this agent declares itself compromised or runaway. Its
+        identity is frozen at once (every credential refused by Vault, none issued); only a
+        person can lift it, never the agent. Returns the freeze (``freeze_id``,
+        ``spiffe_id``, ``frozen_at``, ``vault_enforced``, ...).
+
+        Raises: the error code's :class:`CredbrokerError` subclass.
+        """
+        return _core.ok_json(*self._send("POST", "/v1/freeze", {"reason": reason}))
+
     def health(self) -> dict[str, Any]:
         return _core.ok_json(*self._send("GET", "/healthz"))
 
@@ -287,6 +297,10 @@ class AsyncClient(_Base):
             return await self.hand_back(cred.credential_id)
         except CredbrokerError:
             return None
+
+    async def freeze_self(self, reason: str) -> dict[str, Any]:
+        """See :meth:`Client.freeze_self`."""
+        return _core.ok_json(*await self._send("POST", "/v1/freeze", {"reason": reason}))
 
     async def health(self) -> dict[str, Any]:
         return _core.ok_json(*await self._send("GET", "/healthz"))

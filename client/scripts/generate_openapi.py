@@ -107,6 +107,18 @@ def document() -> dict[str, Any]:
             "the class needs a person's approval: poll `poll` (GET /v1/approvals/{id})"),
         "HandBack": obj({"credential_id": STRING, "revoked": {"type": "boolean"},
                          "already_dead": {"type": "boolean"}}),
+        "FreezeRequest": obj({"reason": {"type": "string", "minLength": 1, "maxLength": 1000,
+                                         "examples": ["prompt injection suspected"]}},
+                             description="why the agent stops itself (audited)"),
+        "Frozen": obj({"frozen": {"const": True}, "freeze_id": STRING,
+                       "spiffe_id": STRING, "by": {"type": "string",
+                                                   "examples": ["self:spiffe://..."]},
+                       "reason": STRING, "frozen_at": TIME,
+                       "credentials_matched": {"type": "integer", "minimum": 0},
+                       "vault_enforced": {"type": "boolean", "description": "false: in "
+                                          "force for issuance; Vault enforcement is retried"}},
+                      description="this workload's identity is frozen; only a person can "
+                      "lift it"),
         "Health": obj({"status": {"const": "ok"}, "spiffe_id": STRING,
                        "cached_credentials": {"type": "integer", "minimum": 0},
                        "unreported_cache_hits": {"type": "integer", "minimum": 0}}),
@@ -156,6 +168,15 @@ def document() -> dict[str, Any]:
             "parameters": [{"name": "credential_id", "in": "path", "required": True,
                             "schema": ID}],
             "responses": {"200": ok("HandBack", "revoked, or already dead"),
+                          **errors(*every)}}},
+        "/v1/freeze": {"post": {
+            "operationId": "freezeSelf",
+            "summary": "freeze this workload's own identity at once (compromised or "
+                       "runaway): every credential of it refused by Vault, none issued; "
+                       "the workload cannot undo it (a person unfreezes)",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": ref("FreezeRequest")}}},
+            "responses": {"200": ok("Frozen", "frozen (or frozen by itself already)"),
                           **errors(*every)}}},
         "/v1/approvals/{approval_id}": {"get": {
             "operationId": "awaitApproval",

@@ -63,6 +63,10 @@ def test_sigkill_with_issuances_in_flight_then_restart(
                       for who in (TRIAGE, CONTAINMENT)}
             handed.append(agents[TRIAGE].IssueCredential(
                 issue_request(request_id=uuid.uuid4().hex), timeout=15).credential.credential_id)
+            # Each identity's first mint of a class writes its token role (one more Vault
+            # call): done before the answers are held, so each held request is one mint.
+            handed.append(agents[CONTAINMENT].IssueCredential(
+                _request(1), timeout=15).credential.credential_id)
             before = set(view.live_credbroker())
             proxy.hold()  # Vault mints; the broker does not hear back
             outcomes: list[grpc.StatusCode] = []

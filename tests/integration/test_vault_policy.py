@@ -8,6 +8,7 @@ import hvac
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker.audit import read_records
 from broker.devstack import OpenBaoDev
 from broker.server import BrokerServer
 from tests.integration.conftest import ADMIN, CONTAINMENT, TRIAGE, Identity, broker_config
@@ -36,6 +37,14 @@ def test_broker_runs_on_the_shipped_policy(bao: OpenBaoDev, identity: Identity,
         resp = admin.Freeze(pb.FreezeRequest(spiffe_id=CONTAINMENT, reason="policy test"),
                             timeout=30)
         assert resp.vault_entities_disabled == 1
+        assert server.responder is not None and server.responder.last_freeze_revocation
+        server.responder.last_freeze_revocation.join(30)  # revoke-prefix, on this policy
+        revoked = [r for r in read_records(cfg.audit_path) if r["type"] == "credentials.revoked"
+                   and r.get("vault_revoke_prefixes")]
+        assert revoked and revoked[-1]["credential_ids"] == [mint.credential_id]
+        assert revoked[-1]["counts"]["revoked"] == 1
+        with pytest.raises(hvac.exceptions.InvalidRequest):  # gone from Vault
+            vault_root.auth.token.lookup_accessor(mint.credential_id)
         admin.Unfreeze(pb.UnfreezeRequest(spiffe_id=CONTAINMENT, reason="done"), timeout=30)
         admin.Freeze(pb.FreezeRequest(action_class="enrichment", reason="policy test"),
                      timeout=30)

@@ -33,6 +33,7 @@ from broker.core.scopemap.model import (
 from broker.core.scopemap.parse import (
     parse_budget,
     parse_duration,
+    parse_rate,
     parse_scope_map,
     yaml_error_text,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "normalize_allowed_mounts",
     "parse_budget",
     "parse_duration",
+    "parse_rate",
     "parse_scope_map",
     "vault_path_problem",
     "yaml_error_text",

@@ -112,12 +112,16 @@ def evaluate(
             # Allowed again once enough of the counted issuances have left the window.
             frees = counted[len(counted) - cls.budget.count] + timedelta(
                 seconds=cls.budget.window_seconds)
+            freeze = cls.on_exceed == "freeze"
             return replace(
                 deny(DenyCode.BUDGET_EXHAUSTED, f"{cls.name}.limits.per_workload",
                      f"{spiffe_id} has used its budget of {cls.budget.text} for {cls.name} "
                      f"({len(counted)} issued in the window; rule {cls.name}.limits at "
-                     f"{cls.source})"),
-                retry_after_seconds=max(1, math.ceil((frees - now).total_seconds())))
+                     f"{cls.source})" + ("; on_exceed: freeze, so the identity is frozen"
+                                         if freeze else "")),
+                retry_after_seconds=0 if freeze else
+                max(1, math.ceil((frees - now).total_seconds())),
+                freeze_rule=f"{cls.name}.limits.on_exceed" if freeze else "")
     rule = f"{cls.name}.workloads[{matched}]"
     if cls.approval is not None:
         a = cls.approval

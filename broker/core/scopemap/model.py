@@ -91,6 +91,11 @@ class ActionClass:
     targets: tuple[str, ...] = ()
     budget: Budget | None = None
     when: Condition | None = None
+    #: ``limits.on_exceed``: what a spent budget does besides refusing ("deny" or "freeze").
+    on_exceed: str = "deny"
+    #: ``limits.denials``: this many denials of one identity for this class within the
+    #: window freeze that identity.
+    denial_trip: Budget | None = None
 
     @property
     def vault_policy_name(self) -> str:

@@ -49,6 +49,17 @@ def parse_budget(text: str) -> Budget | None:
                   text=text.strip())
 
 
+def parse_rate(text: str) -> Budget | None:
+    """``N/<window>`` with a window of ``m``/``h``/``d`` or a duration (``5m``, ``90s``,
+    ``2h``) as a Budget; None when it is not one (``limits.denials``)."""
+    m = re.fullmatch(r"([1-9][0-9]*)/(?:([mhd])|([1-9][0-9]*)([smh]))", text.strip())
+    if m is None:
+        return None
+    seconds = _WINDOWS[m.group(2)] if m.group(2) else \
+        int(m.group(3)) * {"s": 1, "m": 60, "h": 3600}[m.group(4)]
+    return Budget(count=int(m.group(1)), window_seconds=seconds, text=text.strip())
+
+
 # --- parsing ------------------------------------------------------------------
 #
 # Two passes over each document. The JSON Schema (broker/schema/scope-map.schema.json,
@@ -261,7 +272,14 @@ def _parse_class(
     requires = tuple(dict.fromkeys(
         (*requires_default, *(r for r, _ in _strings(_get(node, "requires"))))))
     approval = _parse_approval(source, path, _get(node, "approval"), problems)
-    budget = parse_budget(_scalar(_get(_get(node, "limits"), "per_workload")) or "")
+    limits = _get(node, "limits")
+    budget = parse_budget(_scalar(_get(limits, "per_workload")) or "")
+    # Shapes (the enum, the rate's pattern) are the schema's; what it cannot say is here.
+    on_exceed = _scalar(_get(limits, "on_exceed")) or "deny"
+    if on_exceed == "freeze" and budget is None:
+        problems.add(_loc(source, limits or node), f"{path}.limits.on_exceed",
+                     "freeze needs a budget to exceed: add per_workload, e.g. 5/h")
+    denial_trip = parse_rate(_scalar(_get(limits, "denials")) or "")
     when = None
     when_node = _get(node, "when")
     when_text = _scalar(when_node)
@@ -281,7 +299,7 @@ def _parse_class(
         workloads=tuple(workloads), ttl_seconds=ttl, max_ttl_seconds=max_ttl,
         vault_policy=tuple(rules), requires=requires, source=_loc(source, key),
         approval=approval, targets=tuple(t for t, _ in _strings(_get(node, "targets"))),
-        budget=budget, when=when,
+        budget=budget, when=when, on_exceed=on_exceed, denial_trip=denial_trip,
     )
 
 

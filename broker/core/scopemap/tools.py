@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from broker.core.limits import limits_lines
 from broker.core.models import Decision, Outcome
 from broker.core.records import (
     RecordedDecision,
@@ -40,6 +41,7 @@ def explain_lines(d: Decision, scope_map: ScopeMap) -> list[str]:
             f"owner:      {cls.owner.team} <{cls.owner.contact}>",
             f"escalation: {' → '.join(cls.escalation)}",
         ]
+        lines += [f"limits:     {line}" for line in limits_lines(cls)]
     lines.append(f"rule:       {d.rule}")
     lines += [f"why:        {r}" for r in d.reasons]
     if d.outcome is not Outcome.DENY:

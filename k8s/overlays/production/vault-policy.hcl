@@ -8,8 +8,13 @@ path "sys/policies/acl/credbroker-*" {
 path "sys/policy/credbroker-*" {
   capabilities = ["create", "read", "update"]
 }
+# class roles, and each identity's own role per class (credbroker-<class>--<hash>,
+# created on its first mint, deleted when its class leaves the scope map)
 path "auth/token/roles/credbroker-*" {
-  capabilities = ["create", "read", "update"]
+  capabilities = ["create", "read", "update", "delete"]
+}
+path "auth/token/roles" {
+  capabilities = ["list"]
 }
 path "auth/token/create/credbroker-*" {
   capabilities = ["create", "update"]
@@ -19,6 +24,10 @@ path "auth/token/lookup-accessor" {
 }
 path "auth/token/revoke-accessor" {
   capabilities = ["update"]
+}
+# freeze: every token of one identity and class in one call (its role's lease path)
+path "sys/leases/revoke-prefix/auth/token/create/credbroker-*" {
+  capabilities = ["update", "sudo"]
 }
 # crash recovery: find tokens minted before a crash (by their metadata)
 path "auth/token/accessors" {

@@ -371,6 +371,12 @@ class FreezeResponse(_message.Message):
     vault_error: str
     def __init__(self, freeze: _Optional[_Union[FreezeInfo, _Mapping]] = ..., credentials_matched: _Optional[int] = ..., vault_entities_disabled: _Optional[int] = ..., vault_policy_frozen: _Optional[bool] = ..., vault_enforced_ms: _Optional[float] = ..., vault_pending: _Optional[bool] = ..., vault_error: _Optional[str] = ...) -> None: ...
 
+class FreezeSelfRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
 class UnfreezeRequest(_message.Message):
     __slots__ = ("spiffe_id", "action_class", "reason")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class CredentialBrokerStub:
                 request_serializer=credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsRequest.SerializeToString,
                 response_deserializer=credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsResponse.FromString,
                 _registered_method=True)
+        self.FreezeSelf = channel.unary_unary(
+                '/credbroker.v1.CredentialBroker/FreezeSelf',
+                request_serializer=credbroker_dot_v1_dot_broker__pb2.FreezeSelfRequest.SerializeToString,
+                response_deserializer=credbroker_dot_v1_dot_broker__pb2.FreezeResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -118,6 +123,17 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreezeSelf(self, request, context):
+        """The caller declares itself compromised or runaway: the broker freezes exactly
+        the caller's own SPIFFE ID (its mTLS SVID) at once, Vault-enforced, audited
+        with the stated reason and `by: "self:<SPIFFE ID>"`. Only a person (through
+        an administrator's tool) can lift it; the workload cannot. Already frozen by
+        itself: the existing freeze comes back. INVALID_ARGUMENT: no reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +161,11 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.ReportCacheHits,
                     request_deserializer=credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsRequest.FromString,
                     response_serializer=credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsResponse.SerializeToString,
+            ),
+            'FreezeSelf': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeSelf,
+                    request_deserializer=credbroker_dot_v1_dot_broker__pb2.FreezeSelfRequest.FromString,
+                    response_serializer=credbroker_dot_v1_dot_broker__pb2.FreezeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -282,6 +303,33 @@ class CredentialBroker:
             '/credbroker.v1.CredentialBroker/ReportCacheHits',
             credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsRequest.SerializeToString,
             credbroker_dot_v1_dot_broker__pb2.ReportCacheHitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeSelf(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credbroker.v1.CredentialBroker/FreezeSelf',
+            credbroker_dot_v1_dot_broker__pb2.FreezeSelfRequest.SerializeToString,
+            credbroker_dot_v1_dot_broker__pb2.FreezeResponse.FromString,
             options,
             channel_credentials,
             insecure,
