@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from broker import audit_cli, scope_cli
+from broker import audit_cli, scope_cli, store_cli
 from broker.config import (
     DEFAULT_AUDIENCE,
     DEFAULT_BROKER_DNS,
@@ -127,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         require_jwt_svid=args.require_jwt_svid, ready_file=args.ready_file,
         audit_log=args.audit_log, audit_key=args.audit_key,
         checkpoint_mirror=args.checkpoint_mirror, checkpoint_interval=args.checkpoint_interval,
-        registry=args.registry, admin_ids=args.admin_id,
+        registry=args.registry, store=args.store, admin_ids=args.admin_id,
         approver_issuer=args.approver_issuer, approver_jwks=args.approver_jwks,
         approver_audience=args.approver_audience, approver_groups=args.approver_groups,
         approval_bots=args.approval_bot,
@@ -173,12 +173,14 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
     scope_map = load_scope_map(Path(path), vault_allowed_mounts=vault_allowed_mounts_from(
         env=env, flags=args.vault_allowed_mount))
     frozen: frozenset[str] = frozenset()
-    if args.registry:
-        from broker.registry import SqliteStore
+    if args.registry or args.store or env.get("CREDBROKER_STORE"):
+        from broker.store_cli import store_from
 
-        store = SqliteStore(Path(args.registry))
-        frozen = frozenset(f.pattern for f in store.freezes() if f.kind == "action_class")
-        store.close()
+        store = store_from(args)  # a PostgreSQL store holds every replica's freezes
+        try:
+            frozen = frozenset(f.pattern for f in store.freezes() if f.kind == "action_class")
+        finally:
+            store.close()
     ca_cert = vault_ca_cert_from(env=env, flag=args.vault_ca_cert)
     report = VaultAdapter(addr=addr, token=token, ca_cert=ca_cert).sync_scope_map(
         scope_map, frozen)
@@ -308,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-mirror", help="also append signed checkpoints to this file")
     s.add_argument("--registry", help="the credential registry, an SQLite file "
                                       "($CREDBROKER_REGISTRY)")
+    s.add_argument("--store", metavar="URL",
+                   help="the credential store shared by replicas, postgresql://… "
+                        "($CREDBROKER_STORE; wins over --registry)")
     s.add_argument("--admin-id", action="append", metavar="SPIFFE_ID",
                    help="a SPIFFE ID allowed to revoke and freeze (repeatable; also "
                         "$CREDBROKER_ADMIN_IDS, comma-separated)")
@@ -372,13 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vault-ca-cert", metavar="PATH",
                    help="PEM CA certificate of Vault's TLS (default $VAULT_CACERT, then "
                         "$BAO_CACERT)")
-    s.add_argument("--registry", help="keep classes frozen in this registry frozen")
+    store_cli.add_store_args(s, what="keep classes frozen in this store frozen")
     scope_cli.add_vault_allowed_mount(s)
     s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_vault_sync)
 
     scope_cli.add_parser(sub)
+    store_cli.add_parser(sub)
     audit_cli.add_parser(sub)
     from broker import responder_cli  # imports grpc: after main() configured it
 

@@ -43,6 +43,8 @@ class BrokerConfig:
     reload_interval: float = 1.0  # seconds between scope-map change checks; 0 disables
     audit_path: Path
     registry_path: Path
+    #: postgresql://… : the registry shared by several replicas (wins over registry_path).
+    store_url: str = ""
     admin_ids: tuple[str, ...] = ()
     #: People (ID-token groups) who may revoke, freeze and unfreeze.
     responder_groups: tuple[str, ...] = DEFAULT_RESPONDER_GROUPS
@@ -178,6 +180,7 @@ def broker_config_from(
     checkpoint_mirror: str | None = None,
     checkpoint_interval: float | None = None,
     registry: str | None = None,
+    store: str | None = None,
     admin_ids: list[str] | None = None,
     approver_issuer: str | None = None,
     approver_jwks: str | None = None,
@@ -215,9 +218,15 @@ def broker_config_from(
         raise ConfigError("no checkpoint signing key: pass --audit-key PATH or set "
                           "CREDBROKER_AUDIT_KEY (an Ed25519 PEM key; created if missing)")
     reg = registry or env.get("CREDBROKER_REGISTRY", "")
-    if not reg:
+    store_url = store or env.get("CREDBROKER_STORE", "")
+    if store_url:
+        from broker.store_pg import check_url
+
+        check_url(store_url)
+    elif not reg:
         raise ConfigError("no credential registry: pass --registry PATH (an SQLite file) or set "
-                          "CREDBROKER_REGISTRY")
+                          "CREDBROKER_REGISTRY; or --store postgresql://… (CREDBROKER_STORE) "
+                          "for replicas sharing one")
     admins = list(admin_ids or []) + [a for a in env.get("CREDBROKER_ADMIN_IDS", "").split(",")
                                       if a.strip()]
     for a in admins:
@@ -260,6 +269,7 @@ def broker_config_from(
         ready_file=Path(ready_file) if ready_file else None,
         audit_path=Path(audit),
         registry_path=Path(reg),
+        store_url=store_url,
         admin_ids=tuple(a.strip() for a in admins),
         responder_groups=tuple(dict.fromkeys(groups)) or DEFAULT_RESPONDER_GROUPS,
         automation_ids=tuple(a.strip() for a in automation),
