@@ -29,6 +29,7 @@ from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.approval_desk import ApprovalDesk
 from broker.audit import AuditLog
+from broker.budget import StoreBudget
 from broker.core import approvals as ap
 from broker.core.approvals import ApprovalError, ApprovalNotFoundError
 from broker.core.models import (
@@ -332,7 +333,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self._vault = vault
         self._auth = authenticator
         self._clock = clock
-        self._usage = UsageTracker()
+        self._usage = StoreBudget(responder.store)  # counted in the store: shared, durable
         self._hits_lock = threading.Lock()
         self._recorded_hits: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._hits_per_credential: OrderedDict[str, int] = OrderedDict()
