@@ -55,7 +55,9 @@ class StoreBudget:
                 "holds", {})
             holds[key] = hold
             try:
-                yield hold.recent
+                # A slot taken by a decision whose clock read later than ours (it got the
+                # hold first; another replica's clock) is spent all the same: count it as now.
+                yield tuple(min(t, now) for t in hold.recent)
             finally:
                 holds.pop(key, None)
 

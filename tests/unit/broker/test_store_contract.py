@@ -335,3 +335,15 @@ def test_a_budget_is_never_exceeded_by_concurrent_brokers(opener: Opener) -> Non
     assert len(taken) == limit
     with stores[0].budget_hold(TRIAGE, "enrichment", T0 + timedelta(seconds=1), DAY) as hold:
         assert len(hold.recent) == limit
+
+
+def test_a_slot_taken_by_a_decision_with_a_later_clock_is_counted(store: SqlStore) -> None:
+    """Two replicas' clocks (or two decisions that read the clock before the hold) disagree:
+    a slot stamped after this decision's now is spent all the same."""
+    from broker.budget import StoreBudget
+
+    usage, key, later = StoreBudget(store), (TRIAGE, "enrichment"), T0 + timedelta(seconds=2)
+    with usage.reserve(key, later):
+        usage.record(key, later)
+    with usage.reserve(key, T0) as recent:
+        assert recent == (T0,)  # counted (as now), so a budget of 1 is spent
