@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from broker import audit_cli, scope_cli
+from broker import audit_cli, scope_cli, store_cli
 from broker.config import (
     broker_config_from,
     process_env,
@@ -122,12 +122,14 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
     vault = vault_access_from(env=env, flags=flag_values(args, VAULT_SYNC_OPTIONS))
     scope_map = load_scope_map(Path(vault.scope_map), vault_allowed_mounts=vault.allowed_mounts)
     frozen: frozenset[str] = frozenset()
-    if args.registry:
-        from broker.registry import SqliteStore
+    if args.registry or args.store or env.get("CREDBROKER_STORE"):
+        from broker.store_cli import store_from
 
-        store = SqliteStore(Path(args.registry))
-        frozen = frozenset(f.pattern for f in store.freezes() if f.kind == "action_class")
-        store.close()
+        store = store_from(args)  # a PostgreSQL store holds every replica's freezes
+        try:
+            frozen = frozenset(f.pattern for f in store.freezes() if f.kind == "action_class")
+        finally:
+            store.close()
     report = VaultAdapter(addr=vault.addr, token=vault.token,
                           ca_cert=vault.ca_cert).sync_scope_map(
         scope_map, frozen)
@@ -255,12 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = vsub.add_parser("sync", help="write each class's policy and token role from the scope "
                                      "map (idempotent; only what differs)")
     add_arguments(s, VAULT_SYNC_OPTIONS)
-    s.add_argument("--registry", help="keep classes frozen in this registry frozen")
+    store_cli.add_store_args(s, what="keep classes frozen in this store frozen")
     s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_vault_sync)
 
     scope_cli.add_parser(sub)
+    store_cli.add_parser(sub)
     audit_cli.add_parser(sub)
     from broker import responder_cli  # imports grpc: after main() configured it
 

@@ -55,6 +55,8 @@ class BrokerConfig:
     reload_interval: float = 1.0  # seconds between scope-map change checks; 0 disables
     audit_path: Path
     registry_path: Path
+    #: postgresql://… : the registry shared by several replicas (wins over registry_path).
+    store_url: str = ""
     admin_ids: tuple[str, ...] = ()
     #: People (ID-token groups) who may revoke, freeze and unfreeze.
     responder_groups: tuple[str, ...] = DEFAULT_RESPONDER_GROUPS
@@ -250,12 +252,19 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
                      "(the broker does not run without one)",
         "audit_key": "no checkpoint signing key: pass --audit-key PATH or set "
                      "CREDBROKER_AUDIT_KEY (an Ed25519 PEM key; created if missing)",
-        "registry": "no credential registry: pass --registry PATH (an SQLite file) or set "
-                    "CREDBROKER_REGISTRY",
     }
     for name, message in required.items():
         if not _text(s, name):
             raise ConfigError(message)
+    store_url = _text(s, "store")
+    if store_url:
+        from broker.store_pg import check_url
+
+        check_url(store_url)
+    elif not _text(s, "registry"):
+        raise ConfigError("no credential registry: pass --registry PATH (an SQLite file) or set "
+                          "CREDBROKER_REGISTRY; or --store postgresql://… (CREDBROKER_STORE) "
+                          "for replicas sharing one")
     approvers = _approver_config(
         issuer=_text(s, "approver_issuer"), jwks=_text(s, "approver_jwks"),
         audience=_text(s, "approver_audience"), groups_file=_text(s, "approver_groups"),
@@ -286,6 +295,7 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
         ready_file=Path(_text(s, "ready_file")) if _text(s, "ready_file") else None,
         audit_path=Path(_text(s, "audit_log")),
         registry_path=Path(_text(s, "registry")),
+        store_url=store_url,
         admin_ids=_spiffe_ids(_list(s, "admin_id"), "--admin-id"),
         responder_groups=_list(s, "responder_group") or DEFAULT_RESPONDER_GROUPS,
         automation_ids=_spiffe_ids(_list(s, "automation_id"), "--automation-id"),

@@ -95,8 +95,13 @@ VAULT_ALLOWED_MOUNT = _o("vault_allowed_mount", "--vault-allowed-mount",
                          "`auth`, `identity`; also taken by `vault sync` and `scope ...`)",
                          env=("CREDBROKER_VAULT_ALLOWED_MOUNTS",), kind="list",
                          metavar="MOUNT", shown_default="`secret`")
-REGISTRY = _o("registry", "--registry", "credential registry, an SQLite file (required)",
-              env=("CREDBROKER_REGISTRY",))
+REGISTRY = _o("registry", "--registry", "credential registry, an SQLite file (required "
+              "unless --store)", env=("CREDBROKER_REGISTRY",))
+STORE = _o("store", "--store", "credential store shared by replicas, PostgreSQL "
+           "(`postgresql://user@host:5432/db`; the password in `~/.pgpass` or `PGPASSWORD`, "
+           "not the URL, which other users can read in the process list; wins over "
+           "`--registry`; see *Replicas*)", env=("CREDBROKER_STORE",), metavar="URL",
+           shown_default="none (the SQLite registry)")
 AUDIENCE = _o("audience", "--audience", "JWT-SVID audience", env=("CREDBROKER_AUDIENCE",),
               default="credbroker")
 
@@ -123,6 +128,7 @@ BROKER_OPTIONS: tuple[Option, ...] = (
        "rubber-stamping in credbroker_approvals_fast_total",
        env=("CREDBROKER_APPROVAL_FAST_SECONDS",), kind="number", default=30.0),
     REGISTRY,
+    STORE,
     _o("admin_id", "--admin-id", "administrators: SPIFFE IDs of the tools that reach the "
        "admin and approvals APIs", env=("CREDBROKER_ADMIN_IDS",), kind="list",
        metavar="SPIFFE_ID", shown_default="none"),

@@ -1,8 +1,9 @@
 """The credential registry: every credential the broker minted, and every freeze.
 
 SQLite by default (one file, WAL, ``synchronous=FULL``: a committed row is on
-disk). The broker talks to it only through :class:`CredentialStore`, so a
-PostgreSQL store for several replicas can follow without touching callers.
+disk); PostgreSQL (``broker.store_pg``) for several replicas sharing one registry.
+The broker talks to either only through :class:`CredentialStore`; both share the
+SQL of :class:`SqlStore` and run the same contract tests.
 
 Crash safety: an *intent* row is committed before Vault is asked to mint and
 completed with the accessor after; intents left behind by a crash are resolved
@@ -15,9 +16,10 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -68,22 +70,57 @@ CREATE TABLE IF NOT EXISTS freezes (
 );
 """
 
+#: Issuances counted against ``limits.per_workload`` budgets, shared by every broker on
+#: the store. ``budget_keys`` holds one row per (identity, class): the lock a decision
+#: holds while it counts and takes a slot.
+BUDGET_SCHEMA = """
+CREATE TABLE IF NOT EXISTS budget_keys (
+    spiffe_id    TEXT NOT NULL,
+    action_class TEXT NOT NULL,
+    PRIMARY KEY (spiffe_id, action_class)
+);
+CREATE TABLE IF NOT EXISTS budget_uses (
+    spiffe_id    TEXT NOT NULL,
+    action_class TEXT NOT NULL,
+    at           REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS budget_uses_key ON budget_uses (spiffe_id, action_class, at);
+"""
+
+#: The schema version this code writes. 1: the first release (freezes without the
+#: enforcement columns); 2: freezes record their enforcement (the last unversioned
+#: schema); 3: budgets in the store, and the ``schema_version`` table; 4: each
+#: credential's lease prefix.
+SCHEMA_VERSION = 4
+
 #: Columns added after the first release: (table, column, definition). Rows written
 #: before a column existed get its default (a freeze then was enforced before it was
 #: recorded, hence enforced=1).
 MIGRATIONS = (
     ("freezes", "enforced", "INTEGER NOT NULL DEFAULT 1"),
     ("freezes", "enforce_error", "TEXT NOT NULL DEFAULT ''"),
-    # The Vault lease path prefix only this credential's identity and class mint under
-    # (``sys/leases/revoke-prefix`` ends all of them in one call); '' for older tokens.
-    ("credentials", "lease_prefix", "TEXT NOT NULL DEFAULT ''"),
 )
+#: Version 4: the Vault lease path prefix only this credential's identity and class mint
+#: under (``sys/leases/revoke-prefix`` ends all of them in one call); '' for older tokens.
+LEASE_PREFIX_COLUMN = ("credentials", "lease_prefix", "TEXT NOT NULL DEFAULT ''")
 
 
 class StoreError(CredbrokerError):
     """The credential registry could not be read or written."""
 
     code = "store_unavailable"
+
+
+class BudgetHold(Protocol):
+    """A (identity, class) budget held for one decision (see :meth:`CredentialStore.budget_hold`).
+
+    ``recent``: the issuances counted in the horizon, oldest first. ``take(when)``
+    counts one more; it is committed when the hold is released without an error.
+    """
+
+    recent: tuple[datetime, ...]
+
+    def take(self, when: datetime) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +140,9 @@ class CredentialRow:
 
 class CredentialStore(Protocol):
     instance_id: str
+    #: True when several brokers may use the store at once (PostgreSQL): none of them may
+    #: then treat unfinished issuances as its own crashed ones at start-up.
+    shared: bool
 
     def record_intent(self, *, request_id: str, spiffe_id: str, action_class: str, target: str,
                       event_source: str, event_id: str, at: datetime) -> None: ...
@@ -135,7 +175,12 @@ class CredentialStore(Protocol):
     def load_approvals(self) -> list[str]: ...
     def delete_approval(self, approval_id: str) -> None: ...
     def frozen_entities(self) -> set[str]: ...
+    def budget_hold(self, spiffe_id: str, action_class: str, now: datetime,
+                    horizon: timedelta) -> AbstractContextManager[BudgetHold]: ...
+    def give_back(self, spiffe_id: str, action_class: str, when: datetime) -> None: ...
+    def schema_version(self) -> int: ...
     def check(self) -> None: ...
+    def close(self) -> None: ...
 
 
 def _ts(dt: datetime | None) -> float | None:
@@ -146,55 +191,57 @@ def _dt(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, UTC) if ts is not None else None
 
 
-class SqliteStore:
-    """CredentialStore on one SQLite file. Thread-safe (one connection, one lock)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-            self._migrate()
-            row = self._db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
-            if row is None:
-                self.instance_id = secrets.token_hex(8)
-                self._db.execute("INSERT INTO meta VALUES ('instance_id', ?)",
-                                 (self.instance_id,))
-            else:
-                self.instance_id = str(row[0])
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the credential registry {path}: {exc}") from None
-        self._lock = threading.Lock()
-        st = path.stat()
-        self._file_id = (st.st_dev, st.st_ino)
+class SqlStore:
+    """The registry's semantics in SQL, shared by SQLite and PostgreSQL.
 
-    def _migrate(self) -> None:
-        """Add the columns a registry from an earlier release lacks (idempotent)."""
-        for table, column, definition in MIGRATIONS:
-            have = {str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    Subclasses supply the primitives (``?`` placeholders): :meth:`_exec` (one statement,
+    its rows), :meth:`_count` (one statement, rows changed), :meth:`_many` (one statement
+    per argument tuple, in one transaction), :meth:`_insert_new` (an INSERT; False when a
+    unique key is taken) and :meth:`budget_hold`, :meth:`check`, :meth:`close`.
+    """
+
+    instance_id: str
+    shared = False
+    where = "the credential registry"  # for messages: never a password
+    #: (schema version found, schema version now) when this store was opened.
+    migrated: tuple[int, int] = (0, 0)
 
     def _exec(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        try:
-            with self._lock:
-                return list(self._db.execute(sql, args).fetchall())
-        except sqlite3.Error as exc:
-            raise StoreError(f"the credential registry {self.path} failed: {exc}") from None
+        raise NotImplementedError
+
+    def _count(self, sql: str, args: tuple[object, ...] = ()) -> int:
+        raise NotImplementedError
+
+    def _many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        raise NotImplementedError
+
+    def _insert_new(self, sql: str, args: tuple[object, ...]) -> bool:
+        raise NotImplementedError
+
+    def budget_hold(self, spiffe_id: str, action_class: str, now: datetime,
+                    horizon: timedelta) -> AbstractContextManager[BudgetHold]:
+        """Hold the (identity, class) budget for one decision: no other decision, in any
+        broker on this store, counts it until the hold is released; a slot taken
+        (``hold.take``) is committed with the release. Raises: StoreError."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
     def record_intent(self, *, request_id: str, spiffe_id: str, action_class: str, target: str,
                       event_source: str, event_id: str, at: datetime) -> None:
         """Raises: InvalidRequestError for a reused request id; StoreError."""
-        if self._exec("SELECT 1 FROM credentials WHERE request_id=?", (request_id,)):
+        if not self._insert_new(
+                "INSERT INTO credentials (request_id, spiffe_id, action_class, target, "
+                "event_source, event_id, issued_at, state) VALUES (?,?,?,?,?,?,?, 'intent')",
+                (request_id, spiffe_id, action_class, target, event_source, event_id,
+                 _ts(at))):
             raise InvalidRequestError(f"request_id {request_id!r} was already used; send a new "
                                       "one, or none and the broker makes one")
-        self._exec("INSERT INTO credentials (request_id, spiffe_id, action_class, target, "
-                   "event_source, event_id, issued_at, state) VALUES (?,?,?,?,?,?,?, 'intent')",
-                   (request_id, spiffe_id, action_class, target, event_source, event_id,
-                    _ts(at)))
 
     def record_minted(self, *, request_id: str, credential_id: str, expires_at: datetime,
                       entity_id: str, lease_prefix: str = "") -> None:
@@ -204,16 +251,11 @@ class SqliteStore:
         the caller then revokes the credential rather than hand out one the registry
         does not know.
         """
-        try:
-            with self._lock:
-                cur = self._db.execute(
-                    "UPDATE credentials SET credential_id=?, expires_at=?, entity_id=?, "
-                    "lease_prefix=?, state='live' WHERE request_id=? AND state IN "
-                    "('intent', 'ambiguous')",
-                    (credential_id, _ts(expires_at), entity_id, lease_prefix, request_id))
-                changed = cur.rowcount
-        except sqlite3.Error as exc:
-            raise StoreError(f"the credential registry {self.path} failed: {exc}") from None
+        changed = self._count(
+            "UPDATE credentials SET credential_id=?, expires_at=?, entity_id=?, "
+            "lease_prefix=?, state='live' WHERE request_id=? AND state IN "
+            "('intent', 'ambiguous')",
+            (credential_id, _ts(expires_at), entity_id, lease_prefix, request_id))
         if changed != 1:
             raise StoreError(f"the issuance {request_id} is no longer pending in the registry "
                              "(it took longer than the reconcile loop waits); try again")
@@ -314,22 +356,12 @@ class SqliteStore:
     def mark_revoked_many(self, credential_ids: list[str], *, by: str, reason: str,
                           selector: str, at: datetime) -> None:
         """Record many confirmed revocations in one transaction (one fsync)."""
-        try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
-                    "UPDATE credentials SET state='revoked', revoked_at=coalesce(revoked_at, ?), "
-                    "revoked_by=coalesce(revoked_by, ?), "
-                    "revoke_reason=coalesce(revoke_reason, ?), "
-                    "revoke_selector=coalesce(revoke_selector, ?), revoke_pending=0, "
-                    "revoke_error='' WHERE credential_id=?",
-                    [(_ts(at), by, reason, selector, cid) for cid in credential_ids])
-                self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with self._lock:  # never leave the connection inside an open transaction
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-            raise StoreError(f"the credential registry {self.path} failed: {exc}") from None
+        self._many("UPDATE credentials SET state='revoked', revoked_at=coalesce(revoked_at, ?), "
+                   "revoked_by=coalesce(revoked_by, ?), "
+                   "revoke_reason=coalesce(revoke_reason, ?), "
+                   "revoke_selector=coalesce(revoke_selector, ?), revoke_pending=0, "
+                   "revoke_error='' WHERE credential_id=?",
+                   [(_ts(at), by, reason, selector, cid) for cid in credential_ids])
 
     def pending_revocations(self) -> list[CredentialRow]:
         return self._rows("revoke_pending=1")
@@ -349,7 +381,7 @@ class SqliteStore:
 
     def unenforced_freezes(self) -> list[tuple[Freeze, list[str]]]:
         """Freezes in force that Vault does not enforce yet (it was unreachable)."""
-        return self._freeze_rows("lifted_at IS NULL AND enforced=0 ORDER BY created_at")
+        return self._freeze_rows("lifted_at IS NULL AND enforced=0 ORDER BY created_at, id")
 
     def _freeze_rows(self, where: str, args: tuple[object, ...] = ()
                      ) -> list[tuple[Freeze, list[str]]]:
@@ -368,11 +400,11 @@ class SqliteStore:
         return lifted
 
     def freezes(self) -> list[Freeze]:
-        return [f for f, _ in self._freeze_rows("lifted_at IS NULL ORDER BY created_at")]
+        return [f for f, _ in self._freeze_rows("lifted_at IS NULL ORDER BY created_at, id")]
 
     def active_freezes(self) -> list[tuple[Freeze, list[str]]]:
         """Freezes in force, each with the Vault entities it disabled."""
-        return self._freeze_rows("lifted_at IS NULL ORDER BY created_at")
+        return self._freeze_rows("lifted_at IS NULL ORDER BY created_at, id")
 
     def frozen_entities(self) -> set[str]:
         return {e for _, es in self._freeze_rows("lifted_at IS NULL") for e in es}
@@ -386,7 +418,183 @@ class SqliteStore:
         self._exec("DELETE FROM approvals WHERE id=?", (approval_id,))
 
     def load_approvals(self) -> list[str]:
-        return [str(r[0]) for r in self._exec("SELECT data FROM approvals")]
+        return [str(r[0]) for r in self._exec("SELECT data FROM approvals ORDER BY id")]
+
+    def give_back(self, spiffe_id: str, action_class: str, when: datetime) -> None:
+        """Un-count one issuance taken at ``when`` (nothing was issued after all)."""
+        self._exec("DELETE FROM budget_uses WHERE rowid_key IN (SELECT rowid_key FROM "
+                   "budget_uses WHERE spiffe_id=? AND action_class=? AND at=? LIMIT 1)"
+                   .replace("rowid_key", self._ROW_KEY),
+                   (spiffe_id, action_class, _ts(when)))
+
+    _ROW_KEY = "rowid"
+
+    def schema_version(self) -> int:
+        rows = self._exec("SELECT max(version) FROM schema_version")
+        return int(str(rows[0][0])) if rows and rows[0][0] is not None else 0
+
+
+class _SqliteHold:
+    def __init__(self, db: sqlite3.Connection, key: tuple[str, str],
+                 recent: tuple[datetime, ...]) -> None:
+        self._db, self._key, self.recent = db, key, recent
+
+    def take(self, when: datetime) -> None:
+        self._db.execute("INSERT INTO budget_uses (spiffe_id, action_class, at) VALUES (?,?,?)",
+                         (*self._key, _ts(when)))
+
+
+#: SQLite schema steps: version -> statements (each step idempotent, so a registry of the
+#: last unversioned schema, which had some of them already, upgrades too).
+def statements(script: str) -> list[str]:
+    """The statements of a schema script (executescript would commit the open transaction)."""
+    return [s.strip() for s in script.split(";\n") if s.strip()]
+
+
+def _sqlite_step(db: sqlite3.Connection, version: int) -> None:
+    if version == 1:
+        for stmt in statements(SCHEMA):
+            db.execute(stmt)
+    elif version == 2:
+        for table, column, definition in MIGRATIONS:
+            have = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    elif version == 3:
+        for stmt in statements(BUDGET_SCHEMA):
+            db.execute(stmt)
+    elif version == 4:
+        table, column, definition = LEASE_PREFIX_COLUMN
+        have = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+
+class SqliteStore(SqlStore):
+    """CredentialStore on one SQLite file. Thread-safe (one connection, one lock)."""
+
+    def __init__(self, path: Path, *, migrate: bool = True) -> None:
+        self.path = path
+        self.where = f"the credential registry {path}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._lock = threading.Lock()
+            if migrate:
+                self.migrated = self.migrate()
+            row = self._db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
+            if row is None:
+                self.instance_id = secrets.token_hex(8)
+                self._db.execute("INSERT INTO meta VALUES ('instance_id', ?)",
+                                 (self.instance_id,))
+            else:
+                self.instance_id = str(row[0])
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the credential registry {path}: {exc}") from None
+        st = path.stat()
+        self._file_id = (st.st_dev, st.st_ino)
+
+    def migrate(self) -> tuple[int, int]:
+        """Bring the schema to :data:`SCHEMA_VERSION` in one IMMEDIATE transaction (other
+        processes on the file wait). Returns (version before, version after).
+
+        Raises: StoreError, also for a schema newer than this code knows.
+        """
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER "
+                           "PRIMARY KEY, applied_at REAL NOT NULL)")
+                (before,) = db.execute("SELECT coalesce(max(version), 0) FROM "
+                                       "schema_version").fetchone()
+                before = int(before)
+                if before > SCHEMA_VERSION:
+                    raise StoreError(f"{self.where} has schema version {before}, newer than "
+                                     f"this broker knows ({SCHEMA_VERSION}): upgrade it")
+                for version in range(before + 1, SCHEMA_VERSION + 1):
+                    _sqlite_step(db, version)
+                    db.execute("INSERT INTO schema_version VALUES (?, ?)",
+                               (version, datetime.now(UTC).timestamp()))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return before, SCHEMA_VERSION
+
+    def _exec(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            with self._lock:
+                return list(self._db.execute(sql, args).fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.where} failed: {exc}") from None
+
+    def _count(self, sql: str, args: tuple[object, ...] = ()) -> int:
+        try:
+            with self._lock:
+                return int(self._db.execute(sql, args).rowcount)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.where} failed: {exc}") from None
+
+    def _insert_new(self, sql: str, args: tuple[object, ...]) -> bool:
+        try:
+            with self._lock:
+                self._db.execute(sql, args)
+            return True
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" in str(exc):
+                return False
+            raise StoreError(f"{self.where} failed: {exc}") from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.where} failed: {exc}") from None
+
+    def _many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with self._lock:  # never leave the connection inside an open transaction
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            raise StoreError(f"{self.where} failed: {exc}") from None
+
+    @contextmanager
+    def budget_hold(self, spiffe_id: str, action_class: str, now: datetime,
+                    horizon: timedelta) -> Iterator[BudgetHold]:
+        """Count and take budget in one IMMEDIATE transaction: no other decision (in this
+        process: the lock; in another process on the file: SQLite's write lock) counts the
+        same budget meanwhile. Raises: StoreError."""
+        key = (spiffe_id, action_class)
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("DELETE FROM budget_uses WHERE spiffe_id=? AND action_class=? AND "
+                           "at <= ?", (*key, _ts(now - horizon)))
+                recent = tuple(_dt(float(str(r[0]))) or now for r in db.execute(
+                    "SELECT at FROM budget_uses WHERE spiffe_id=? AND action_class=? "
+                    "ORDER BY at", key))
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise StoreError(f"{self.where} failed: {exc}") from None
+            try:
+                yield _SqliteHold(db, key, recent)
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise StoreError(f"{self.where} failed: {exc}") from None
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     def check(self) -> None:
         """For health checks: the registry file is there and takes a durable write.
@@ -406,3 +614,21 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def open_store(*, url: str = "", registry: Path | None = None, migrate: bool = True,
+               pool_size: int = 16) -> SqlStore:
+    """The store a configuration names: ``url`` (postgresql://…) wins, else the SQLite file.
+
+    Raises: StoreError (unreachable, or a schema this code cannot use); ConfigError (a URL
+    that is not postgresql://).
+    """
+    if url:
+        from broker.store_pg import PostgresStore, check_url
+
+        check_url(url)
+        return PostgresStore(url, migrate=migrate, pool_size=pool_size)
+    if registry is None:
+        raise StoreError("no credential registry: pass --store postgresql://… or "
+                         "--registry PATH")
+    return SqliteStore(registry, migrate=migrate)

@@ -650,7 +650,22 @@ class Responder:
                 raise
         return [f for f, _ in lifted]
 
+    def refresh_freezes(self) -> list[Freeze]:
+        """Read the freezes in force from the store again (another replica's included).
+
+        Raises: StoreError (the list in memory stays).
+        """
+        with self._freeze_lock:  # never overwrite a freeze()'s newer list with an older read
+            self._freezes = self.store.freezes()
+            return self._freezes
+
     def frozen_classes(self) -> frozenset[str]:
+        """Classes frozen now, as the store says (another replica's freezes included; the
+        last list read when the store cannot be asked): what every Vault sync keeps frozen."""
+        try:
+            self.refresh_freezes()
+        except CredbrokerError as exc:
+            _log.warning("frozen classes from the last read of the store: %s", exc)
         return frozenset(f.pattern for f in self._freezes if f.kind == "action_class")
 
     # -- classes removed from the scope map
@@ -729,6 +744,9 @@ class Responder:
         Never raises: when Vault or the registry cannot be asked, the work stays for
         the next round and the report says so.
         """
+        if startup and getattr(self.store, "shared", False):
+            # Other replicas' issuances may be in flight: a full scan, not "all ours, dead".
+            startup, full = False, True
         with self._reconcile_lock:  # a direct call waits for the loop's scan, and vice versa
             return self._reconcile(startup=startup, full=full)
 

@@ -34,7 +34,8 @@ from broker.errors import (
 )
 from broker.observability import HealthMonitor, Metrics
 from broker.people import ResponderGate
-from broker.registry import SqliteStore
+from broker.registry import SqlStore, open_store
+from broker.replicas import FreezeFollower
 from broker.responder import BusEvent, Responder, RevocationBus
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
 from broker.tls import SERVER_KEEPALIVE, pem_material, server_credentials
@@ -111,7 +112,8 @@ class BrokerServer:
         self._vault: VaultAdapter | None = None
         self._reload_lock = threading.Lock()
         self.audit: AuditLog | None = None
-        self.store: SqliteStore | None = None
+        self.store: SqlStore | None = None
+        self._follower: FreezeFollower | None = None
         self.responder: Responder | None = None
         self.desk: ApprovalDesk | None = None
         self.health: HealthMonitor | None = None
@@ -139,7 +141,8 @@ class BrokerServer:
         self.audit = AuditLog(cfg.audit_path, signing_key=key, mirror_path=cfg.checkpoint_mirror,
                               clock=self._clock, on_error=self.metrics.audit_errors.inc)
         try:
-            self.store = SqliteStore(cfg.registry_path)
+            self.store = open_store(url=cfg.store_url, registry=cfg.registry_path,
+                                    pool_size=min(cfg.max_workers, 32))
             self._start(cfg)
         except BaseException:
             self._stop_serving(0)
@@ -161,6 +164,8 @@ class BrokerServer:
                                    bus=RevocationBus(), scope_map=lambda: holder.current,
                                    clock=self._clock)
         self._vault = vault
+        if self.store.shared:  # other replicas freeze too: follow the store's list
+            self._follower = FreezeFollower(self.responder).start()
         # Crash recovery and Vault set-up never keep the broker from starting: what
         # cannot be done now is pending, retried in the background, and health says so.
         try:
@@ -512,6 +517,8 @@ class BrokerServer:
             self._metrics_server.shutdown()
         if self._health_server is not None:
             self._health_server.stop(0)
+        if self._follower is not None:
+            self._follower.stop()
         if self.responder is not None:
             self.responder.bus.close()
         if self.desk is not None:

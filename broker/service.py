@@ -30,6 +30,7 @@ from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.approval_desk import ApprovalDesk
 from broker.audit import AuditLog
+from broker.budget import StoreBudget
 from broker.core import approvals as ap
 from broker.core.approvals import ApprovalError, ApprovalNotFoundError
 from broker.core.limits import Trip, counts_as_denial, denial_trip, exceed_trip
@@ -130,50 +131,9 @@ class ScopeMapHolder:
             self._map = scope_map
 
 
-class UsageTracker:
-    """Recent issuance times per (identity, class), for ``limits`` budgets.
-
-    Each key has its own lock: a decision waits only for decisions of the same identity
-    and class (which must not race past their shared budget), never for anyone else's.
-    In memory: a broker restart forgets them (the credential registry will hold them
-    durably).
-    """
-
-    def __init__(self, *, horizon: timedelta = timedelta(days=1)) -> None:
-        self._guard = threading.Lock()  # held only to find or create a key's slot
-        self._slots: dict[tuple[str, str], tuple[threading.Lock, deque[datetime]]] = {}
-        self._horizon = horizon
-
-    def _slot(self, key: tuple[str, str]) -> tuple[threading.Lock, deque[datetime]]:
-        with self._guard:
-            slot = self._slots.get(key)
-            if slot is None:
-                slot = self._slots[key] = (threading.Lock(), deque())
-            return slot
-
-    @contextmanager
-    def reserve(self, key: tuple[str, str], now: datetime) -> Iterator[tuple[datetime, ...]]:
-        """Hold the key's lock: yield its recent times; the caller calls :meth:`record`."""
-        lock, times = self._slot(key)
-        with lock:
-            while times and times[0] <= now - self._horizon:
-                times.popleft()
-            yield tuple(times)
-
-    def record(self, key: tuple[str, str], when: datetime) -> None:
-        """Count an issuance (call while holding :meth:`reserve`)."""
-        self._slot(key)[1].append(when)
-
-    def forget(self, key: tuple[str, str], when: datetime) -> None:
-        lock, times = self._slot(key)
-        with lock:
-            if when in times:
-                times.remove(when)
-
-
 class DenialCounter:
-    """Recent denial times per (identity, class), for ``limits.denials``. In memory, like
-    :class:`UsageTracker`; only classes of the map are counted (bounded keys)."""
+    """Recent denial times per (identity, class), for ``limits.denials``. In memory (a
+    restart forgets them); only classes of the map are counted (bounded keys)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -359,7 +319,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self._vault = vault
         self._auth = authenticator
         self._clock = clock
-        self._usage = UsageTracker()
+        self._usage = StoreBudget(responder.store)  # counted in the store: shared, durable
         self._denials = DenialCounter()
         #: One automatic freeze per identity at a time (two requests tripping at once).
         self._auto_freeze_lock = threading.Lock()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from tests.pgserver import PgServer
 
 # Set before grpc is imported anywhere (see broker.cli.main).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
@@ -29,3 +32,12 @@ def _no_personal_login(tmp_path_factory: pytest.TempPathFactory,
     ``~/.config/credbroker`` never leaks into a test, nor a test's into it."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
     monkeypatch.delenv("CREDBROKER_ID_TOKEN_FILE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """A PostgreSQL server for the whole session (from the server binaries; see pgserver)."""
+    server = PgServer()
+    server.start()
+    yield server
+    server.destroy()

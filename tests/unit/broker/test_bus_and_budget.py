@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from datetime import UTC, datetime
 
 from broker.responder import MAX_STREAMS_PER_IDENTITY, BusEvent, RevocationBus
-from broker.service import UsageTracker
 
 A = "spiffe://example.org/agent/a"
 B = "spiffe://example.org/fleet/b"
@@ -53,26 +50,3 @@ def test_one_identity_holds_at_most_its_share_of_streams() -> None:
     asyncio.run(scenario())
 
 
-def test_a_budget_hold_blocks_only_its_own_identity_and_class() -> None:
-    usage = UsageTracker()
-    now = datetime(2026, 11, 28, tzinfo=UTC)
-    other_done = threading.Event()
-    same_done = threading.Event()
-
-    def reserve(key: tuple[str, str], done: threading.Event) -> None:
-        with usage.reserve(key, now):
-            done.set()
-
-    with usage.reserve((A, "enrichment"), now) as recent:
-        assert recent == ()
-        usage.record((A, "enrichment"), now)
-        threading.Thread(target=reserve, args=((B, "enrichment"), other_done)).start()
-        threading.Thread(target=reserve, args=((A, "enrichment"), same_done)).start()
-        assert other_done.wait(5)  # another identity decides meanwhile
-        assert not same_done.wait(0.2)  # the same key waits for this decision
-    assert same_done.wait(5)
-    with usage.reserve((A, "enrichment"), now) as recent:
-        assert recent == (now,)
-    usage.forget((A, "enrichment"), now)
-    with usage.reserve((A, "enrichment"), now) as recent:
-        assert recent == ()

@@ -1,0 +1,243 @@
+"""The credential registry on PostgreSQL: one store shared by several broker replicas.
+
+Same SQL and semantics as the SQLite store (:class:`broker.registry.SqlStore`, one contract
+test suite for both); psycopg 3 with a ``psycopg_pool`` connection pool (sync: the store is
+called from the broker's executor threads). Every database failure is a
+:class:`~broker.registry.StoreError` (``store_unavailable``): issuance fails closed with 503
+and health says NOT_SERVING until the pool reaches PostgreSQL again; connections are checked
+before use, so a restarted server is picked up without restarting the broker.
+
+Budgets are exact across replicas: a decision locks its (identity, class) row in
+``budget_keys`` (``SELECT … FOR UPDATE``), counts, and takes its slot in the same
+transaction. The schema is versioned (``schema_version``) and migrated under a PostgreSQL
+advisory lock, so replicas starting together migrate once.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from broker.errors import ConfigError
+from broker.registry import (
+    BUDGET_SCHEMA,
+    LEASE_PREFIX_COLUMN,
+    SCHEMA,
+    SCHEMA_VERSION,
+    BudgetHold,
+    SqlStore,
+    StoreError,
+    _dt,
+    _ts,
+    statements,
+)
+
+#: pg_advisory_xact_lock key held while the schema is migrated ("credbrok" in ASCII).
+MIGRATE_LOCK = 0x63726564_62726F6B
+#: The first schema version PostgreSQL stores have (versions 1-2 were SQLite-only).
+FIRST_PG_VERSION = 3
+#: How long a call waits for a pooled connection before the store counts as unavailable.
+POOL_TIMEOUT = 5.0
+
+PG_SCHEMA = re.sub(r"\bREAL\b", "DOUBLE PRECISION", SCHEMA + BUDGET_SCHEMA)
+
+_DB_ERRORS = (psycopg.Error, PoolTimeout, PoolClosed)
+
+
+def check_url(url: str) -> None:
+    """Raises: ConfigError when ``url`` is not a postgresql:// URL."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("--store / CREDBROKER_STORE must be a postgresql:// URL, e.g. "
+                          "postgresql://credbroker@db.example:5432/credbroker (the SQLite "
+                          "registry is --registry PATH)")
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def _pg(sql: str) -> str:
+    return sql.replace("?", "%s")
+
+
+class _PgHold:
+    def __init__(self, conn: psycopg.Connection[tuple[object, ...]], key: tuple[str, str],
+                 recent: tuple[datetime, ...]) -> None:
+        self._conn, self._key, self.recent = conn, key, recent
+
+    def take(self, when: datetime) -> None:
+        self._conn.execute("INSERT INTO budget_uses (spiffe_id, action_class, at) VALUES "
+                           "(%s, %s, %s)", (*self._key, _ts(when)))
+
+
+class PostgresStore(SqlStore):
+    """CredentialStore on PostgreSQL, shared by every broker replica given the same URL."""
+
+    shared = True
+    _ROW_KEY = "ctid"
+
+    def __init__(self, url: str, *, migrate: bool = True, pool_size: int = 16,
+                 timeout: float = POOL_TIMEOUT) -> None:
+        check_url(url)
+        self._secret = urlsplit(url).password or ""
+        self.url = redact(url)
+        self.where = f"the PostgreSQL store {self.url}"
+        self._pool = ConnectionPool(url, min_size=1, max_size=max(2, pool_size), open=False,
+                                    timeout=timeout, name="credbroker-store",
+                                    check=ConnectionPool.check_connection,
+                                    kwargs={"connect_timeout": max(1, int(timeout))})
+        self._closed = threading.Event()
+        try:
+            self._pool.open(wait=True, timeout=timeout)
+        except _DB_ERRORS as exc:
+            self._pool.close()
+            raise StoreError(self._failed(exc, "cannot be reached")) from None
+        try:
+            if migrate:
+                self.migrated = self.migrate()
+            else:
+                self._check_version()
+                self.migrated = (SCHEMA_VERSION, SCHEMA_VERSION)
+            self.instance_id = self._instance_id()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def _failed(self, exc: BaseException, what: str = "failed") -> str:
+        text = " ".join(str(exc).split())[:500] or type(exc).__name__
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return (f"{self.where} {what}: {text} (issuance is refused until the store answers "
+                "again)")
+
+    def _instance_id(self) -> str:
+        import secrets
+
+        self._exec("INSERT INTO meta (key, value) VALUES ('instance_id', ?) "
+                   "ON CONFLICT (key) DO NOTHING", (secrets.token_hex(8),))
+        return str(self._exec("SELECT value FROM meta WHERE key='instance_id'")[0][0])
+
+    def migrate(self) -> tuple[int, int]:
+        """Bring the schema to :data:`SCHEMA_VERSION` in one transaction, under an advisory
+        lock (replicas starting together wait for the first). Returns (before, after).
+
+        Raises: StoreError, also for a schema newer than this code knows.
+        """
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER "
+                             "PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+                row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version"
+                                   ).fetchone()
+                before = int(row[0]) if row else 0
+                if before > SCHEMA_VERSION:
+                    raise StoreError(f"{self.where} has schema version {before}, newer than "
+                                     f"this broker knows ({SCHEMA_VERSION}): upgrade it")
+                if before < FIRST_PG_VERSION:
+                    for stmt in statements(PG_SCHEMA):
+                        conn.execute(stmt)
+                    conn.execute("INSERT INTO schema_version VALUES (%s, %s)",
+                                 (FIRST_PG_VERSION, datetime.now(UTC).timestamp()))
+                # Later versions: one step each here, in order, like the SQLite store's.
+                if before < 4:
+                    table, column, definition = LEASE_PREFIX_COLUMN
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} "
+                                 f"{definition}")
+                    conn.execute("INSERT INTO schema_version VALUES (%s, %s) ON CONFLICT "
+                                 "DO NOTHING", (4, datetime.now(UTC).timestamp()))
+        except _DB_ERRORS as exc:
+            raise StoreError(self._failed(exc, "could not be migrated")) from None
+        return before, SCHEMA_VERSION
+
+    def _check_version(self) -> None:
+        have = self.schema_version()
+        if have != SCHEMA_VERSION:
+            raise StoreError(f"{self.where} has schema version {have}, this broker needs "
+                             f"{SCHEMA_VERSION}: run `credbroker store migrate`")
+
+    def schema_version(self) -> int:
+        rows = self._exec("SELECT to_regclass('schema_version') IS NOT NULL")
+        if not rows or not rows[0][0]:
+            return 0
+        return super().schema_version()
+
+    def _exec(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            with self._pool.connection() as conn:
+                cur = conn.execute(_pg(sql), args)
+                return list(cur.fetchall()) if cur.description else []
+        except _DB_ERRORS as exc:
+            raise StoreError(self._failed(exc)) from None
+
+    def _count(self, sql: str, args: tuple[object, ...] = ()) -> int:
+        try:
+            with self._pool.connection() as conn:
+                return int(conn.execute(_pg(sql), args).rowcount)
+        except _DB_ERRORS as exc:
+            raise StoreError(self._failed(exc)) from None
+
+    def _insert_new(self, sql: str, args: tuple[object, ...]) -> bool:
+        try:
+            with self._pool.connection() as conn:
+                conn.execute(_pg(sql), args)
+            return True
+        except pgerrors.UniqueViolation:
+            return False
+        except _DB_ERRORS as exc:
+            raise StoreError(self._failed(exc)) from None
+
+    def _many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.executemany(_pg(sql), rows)
+        except _DB_ERRORS as exc:
+            raise StoreError(self._failed(exc)) from None
+
+    @contextmanager
+    def budget_hold(self, spiffe_id: str, action_class: str, now: datetime,
+                    horizon: timedelta) -> Iterator[BudgetHold]:
+        """Lock the (identity, class) budget row for every replica, count, and commit the
+        slot taken (if any) with the lock's release. Raises: StoreError."""
+        key = (spiffe_id, action_class)
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("SET LOCAL lock_timeout = '10s'")
+                conn.execute("INSERT INTO budget_keys (spiffe_id, action_class) VALUES (%s, %s) "
+                             "ON CONFLICT DO NOTHING", key)
+                conn.execute("SELECT 1 FROM budget_keys WHERE spiffe_id=%s AND action_class=%s "
+                             "FOR UPDATE", key)
+                conn.execute("DELETE FROM budget_uses WHERE spiffe_id=%s AND action_class=%s "
+                             "AND at <= %s", (*key, _ts(now - horizon)))
+                recent = tuple(_dt(float(str(r[0]))) or now for r in conn.execute(
+                    "SELECT at FROM budget_uses WHERE spiffe_id=%s AND action_class=%s "
+                    "ORDER BY at", key).fetchall())
+                yield _PgHold(conn, key, recent)
+        except _DB_ERRORS as exc:
+            raise StoreError(self._failed(exc)) from None
+
+    def check(self) -> None:
+        """For health checks: PostgreSQL answers and takes a write (not a read-only standby).
+
+        Raises: StoreError.
+        """
+        self._exec("UPDATE meta SET value=value WHERE key='instance_id'")
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._pool.close()
