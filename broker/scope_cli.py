@@ -89,7 +89,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     req = CredentialRequest(action_class=args.action_class, target=args.target or "",
                             initiating_event=_event(args.event),
                             justification=args.justification or "", ttl_seconds=args.ttl or 0)
-    d = evaluate(m, sid, req, now)
+    local = args.trust_domain
+    d = evaluate(m, sid, req, now, federated_from=sid.trust_domain
+                 if local and sid.trust_domain != local else "")
     if args.json:
         cls = m.classes.get(req.action_class)
         _print_json({"spiffe_id": str(sid), **decision_to_json(d),
@@ -288,6 +290,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--justification")
     s.add_argument("--ttl", type=int, help="requested TTL in seconds")
     s.add_argument("--at", help="evaluate at this RFC 3339 time (default now)")
+    s.add_argument("--trust-domain", metavar="TD",
+                   help="the broker's own trust domain: a SPIFFE ID of another one is "
+                        "decided as a federated caller (default: every ID is local)")
     s.add_argument("--json", action="store_true")
     add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_explain)

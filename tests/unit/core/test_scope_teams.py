@@ -116,3 +116,18 @@ def test_codeowners_are_generated_and_checked(tmp_path: Path,
     assert "lacks: /p/iam.yaml @iam" in capsys.readouterr().err
     owners.write_text(out)
     assert main(["scope", "owners", str(d), "--prefix", "/p/", "--check", str(owners)]) == 0
+
+
+def test_explain_decides_a_foreign_id_as_federated(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from broker.cli import main
+
+    path = tmp_path / "map.yaml"
+    path.write_text(doc("soc", cls("enrichment", "soc",
+                                   workloads="spiffe://vendor.example/agent/triage")))
+    argv = ["scope", "explain", str(path), "--spiffe-id",
+            "spiffe://vendor.example/agent/triage", "--action-class", "enrichment", "--json"]
+    main(argv)
+    assert '"outcome": "allow"' in capsys.readouterr().out
+    main([*argv, "--trust-domain", "example.org"])
+    assert '"deny_code": "federated_not_allowed"' in capsys.readouterr().out
