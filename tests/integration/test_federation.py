@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
-import hvac
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -91,8 +90,19 @@ def vendor(short_tmp: Path) -> Iterator[Vendor]:
 
 
 @pytest.fixture(scope="module")
-def fed_broker(bao: OpenBaoDev, identity: Identity, vendor: Vendor,
-               vault_root: hvac.Client) -> Iterator[BrokerServer]:
+def own_bao(short_tmp: Path) -> Iterator[OpenBaoDev]:
+    # Its own OpenBao: a broker brings Vault in line with its map, and this map is not
+    # the shared one (its sync would end the other tests' classes).
+    server = OpenBaoDev(Path(tempfile.mkdtemp(prefix="fedbao-", dir=short_tmp)))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def fed_broker(own_bao: OpenBaoDev, identity: Identity,
+               vendor: Vendor) -> Iterator[BrokerServer]:
+    bao = own_bao
     scope = Path(tempfile.mkdtemp(prefix="fedmap-", dir=identity.dir.parent)) / "map.yaml"
     scope.write_text(MAP)
     source = parse_endpoint_flag(f"{VENDOR}=https://localhost:{vendor.endpoint.port}/,"
