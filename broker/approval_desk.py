@@ -121,9 +121,9 @@ class ApprovalDesk:
 
     def open(self, *, request_id: str, spiffe_id: str, request: CredentialRequest,
              cls: ActionClass) -> ap.Approval:
-        assert cls.approval is not None
+        assert cls.approval_rule is not None
         a = ap.open_approval(approval_id="apr-" + uuid.uuid4().hex[:16], request_id=request_id,
-                             spiffe_id=spiffe_id, request=request, rule=cls.approval,
+                             spiffe_id=spiffe_id, request=request, rule=cls.approval_rule,
                              owner_team=cls.owner.team, escalation=cls.escalation,
                              now=self._clock())
         with self._cond:
@@ -191,7 +191,7 @@ class ApprovalDesk:
     def break_glass(self, *, request_id: str, spiffe_id: str, request: CredentialRequest,
                     cls: ActionClass) -> ap.Approval:
         """Raises: ApprovalError (not allowed, reason or event missing), AuditError."""
-        assert cls.approval is not None
+        assert cls.approval_rule is not None
         with self._cond:  # counted and recorded under one lock: no race past the limit
             recent = tuple(a.created_at for a in self._items.values()
                            if a.break_glass_used and a.spiffe_id == spiffe_id
@@ -199,7 +199,7 @@ class ApprovalDesk:
             try:
                 a = ap.break_glass_issue(approval_id="bg-" + uuid.uuid4().hex[:16],
                                          request_id=request_id, spiffe_id=spiffe_id,
-                                         request=request, rule=cls.approval,
+                                         request=request, rule=cls.approval_rule,
                                          owner_team=cls.owner.team,
                                          escalation=cls.escalation, now=self._clock(),
                                          recent_uses=recent)
@@ -211,8 +211,8 @@ class ApprovalDesk:
                 # looping on break-glass must not flood it.
                 key, now = (spiffe_id, cls.name), self._clock()
                 last = self._refusals_notified.get(key)
-                window = cls.approval.break_glass.limit.window_seconds \
-                    if cls.approval.break_glass else 3600
+                window = cls.approval_rule.break_glass.limit.window_seconds \
+                    if cls.approval_rule.break_glass else 3600
                 if last is None or (now - last).total_seconds() >= window:
                     self._refusals_notified[key] = now
                     self._notify_break_glass(spiffe_id, cls, request, refused=str(exc))

@@ -24,6 +24,12 @@ from broker.core.scopemap import (
 )
 from broker.core.spiffeid import SpiffeId
 from broker.errors import ConfigError, InvalidSpiffeIdError
+from broker.federation import (
+    FederatedBundles,
+    FederationSource,
+    parse_bundle_flag,
+    parse_endpoint_flag,
+)
 from broker.options import (
     AUDIENCE,
     BROKER_OPTIONS,
@@ -75,6 +81,8 @@ class BrokerConfig:
     #: Mounts a class's vault_policy may reach (normalized, "secret/"); never sys/auth/identity.
     vault_allowed_mounts: tuple[str, ...] = DEFAULT_VAULT_ALLOWED_MOUNTS
     vault_drift_interval: float = 30.0  # seconds between Vault drift checks; 0 disables
+    #: Foreign trust domains trusted through SPIFFE federation (bundle files, endpoints).
+    federation: tuple[FederationSource, ...] = ()
 
     def __repr__(self) -> str:
         return (f"BrokerConfig(listen={self.listen!r}, scope_map_path={self.scope_map_path!r}, "
@@ -223,6 +231,14 @@ def _list(s: Mapping[str, Setting], name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value)) if isinstance(value, tuple) else ()
 
 
+def _federation(s: Mapping[str, Setting]) -> tuple[FederationSource, ...]:
+    """Raises: ConfigError for a malformed entry or a trust domain federated twice."""
+    sources = [*(parse_bundle_flag(t) for t in _list(s, "federated_bundle")),
+               *(parse_endpoint_flag(t) for t in _list(s, "federation_endpoint"))]
+    FederatedBundles(sources)  # checks each trust domain appears once
+    return tuple(sources)
+
+
 def _spiffe_ids(ids: tuple[str, ...], flag: str) -> tuple[str, ...]:
     for a in ids:
         try:
@@ -308,6 +324,7 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
         checkpoint_interval=interval,
         vault_allowed_mounts=_allowed_mounts(s),
         vault_drift_interval=drift,
+        federation=_federation(s),
     )
 
 

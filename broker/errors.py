@@ -214,6 +214,9 @@ ERRORS: Mapping[str, ErrorSpec] = {
     "condition_false": _e("PERMISSION_DENIED", 403, 4, "the class's `when` condition is false"),
     "budget_exhausted": _e("RESOURCE_EXHAUSTED", 429, 4,
                            "the identity has used its budget (limits); see Retry-After"),
+    "federated_not_allowed": _e("PERMISSION_DENIED", 403, 4,
+                                "the caller is a workload of a federated trust domain and the "
+                                "class does not accept federated callers (`federated: deny`)"),
     "frozen": _e("FAILED_PRECONDITION", 409, 4, "the identity or the class is frozen"),
     "denied": _e("PERMISSION_DENIED", 403, 4, "the scope map denied the request"),
     "policy": _e("PERMISSION_DENIED", 403, 4, "refused by policy"),

@@ -7,7 +7,13 @@ refused. What reaches it is checked again here, per the X509-SVID spec
 (``standards/X509-SVID.md``): a leaf (basicConstraints cA false, §4.1), a key
 usage with digitalSignature and without keyCertSign or cRLSign (§4.3, §5.2), an
 extended key usage, when present, that allows clientAuth (§4.4), exactly one URI
-SAN, a valid SPIFFE ID, in our trust domain, within its validity at ``now``.
+SAN, a valid SPIFFE ID, in our trust domain (or a federated one), within its validity at
+``now``.
+
+With federation the TLS root set holds several trust domains' CAs, so the handshake alone
+would let a vendor's CA vouch for a SPIFFE ID of ours (or of a third domain).
+:func:`check_chain` closes that: the peer's chain must lead to an authority of the trust
+domain its SPIFFE ID names, and only that domain's.
 
 A JWT-SVID (``standards/JWT-SVID.md``) in ``authorization: Bearer`` metadata is
 validated with py-spiffe against the JWT bundle for the exact audience, and its
@@ -19,12 +25,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import jwt
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from spiffe import JwtBundle, TrustDomain
 from spiffe.svid.jwt_svid import JwtSvid
@@ -38,24 +45,29 @@ class Caller:
     spiffe_id: SpiffeId
     x509_serial: str  # hex; how the identity was proven (audit)
     jwt_id: str = ""  # the JWT-SVID's jti when one was presented
+    #: The caller's trust domain when it is a federated (foreign) one; "" for our own.
+    federated_from: str = ""
 
 
 def spiffe_id_from_certificate(
-    pem: bytes, *, trust_domain: str, now: datetime
+    pem: bytes, *, trust_domain: str, now: datetime,
+    federated: frozenset[str] = frozenset(),
 ) -> tuple[SpiffeId, str]:
     """The SPIFFE ID of a peer's X.509-SVID (PEM) and the certificate's serial (hex).
 
     Raises:
-        IdentityError: the certificate is not an acceptable X.509-SVID of ``trust_domain``.
+        IdentityError: the certificate is not an acceptable X.509-SVID of ``trust_domain``
+            (or of one of the ``federated`` trust domains).
     """
-    sid, serial, not_before, not_after = _parse_svid(pem, trust_domain)
+    sid, serial, not_before, not_after = _parse_svid(pem, trust_domain, federated)
     if not (not_before <= now <= not_after):
         raise IdentityError(f"the X.509-SVID of {sid} is not valid at {now.isoformat()}")
     return sid, serial
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_svid(pem: bytes, trust_domain: str) -> tuple[SpiffeId, str, datetime, datetime]:
+def _parse_svid(pem: bytes, trust_domain: str, federated: frozenset[str] = frozenset()) \
+        -> tuple[SpiffeId, str, datetime, datetime]:
     """The time-independent checks, cached: a peer presents the same SVID on every call
     until it rotates, so issuance does not re-parse it. (Refusals are not cached.)
 
@@ -85,13 +97,72 @@ def _parse_svid(pem: bytes, trust_domain: str) -> tuple[SpiffeId, str, datetime,
         sid = SpiffeId.parse(uris[0])
     except InvalidSpiffeIdError as exc:
         raise IdentityError(f"the client certificate's URI SAN is not a SPIFFE ID: {exc}") from None
-    if sid.trust_domain != trust_domain:
+    if sid.trust_domain != trust_domain and sid.trust_domain not in federated:
+        also = f" and the federated {', '.join(sorted(federated))}" if federated else ""
         raise IdentityError(
             f"{sid} belongs to trust domain {sid.trust_domain!r}; this broker serves only "
-            f"{trust_domain!r}"
+            f"{trust_domain!r}{also}"
         )
     return (sid, format(cert.serial_number, "x"), cert.not_valid_before_utc,
             cert.not_valid_after_utc)
+
+
+def check_chain(chain_pem: bytes, authorities: Sequence[x509.Certificate], *,
+                trust_domain: str, now: datetime) -> None:
+    """The peer's chain (leaf first, PEM) leads to one of ``authorities`` (the bundle of
+    ``trust_domain``, the domain the leaf's SPIFFE ID names), through CA certificates the
+    peer presented, each within its validity at ``now``.
+
+    Raises:
+        IdentityError: no such path: the certificate was issued by another trust domain's
+            CA (or that domain has no bundle yet).
+    """
+    if not authorities:
+        raise IdentityError(f"no X.509 bundle for trust domain {trust_domain!r} (yet): its "
+                            "workloads cannot be verified")
+    if not _chains_to(chain_pem, tuple(authorities), now.replace(second=0, microsecond=0)):
+        raise IdentityError(f"the client certificate does not chain to the bundle of its own "
+                            f"trust domain {trust_domain!r}: another trust domain's CA may "
+                            "not vouch for it")
+
+
+@functools.lru_cache(maxsize=4096)
+def _chains_to(chain_pem: bytes, authorities: tuple[x509.Certificate, ...],
+               minute: datetime) -> bool:
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError:
+        return False
+    current, rest = chain[0], list(chain[1:])
+    for _ in range(8):
+        for ca in authorities:
+            if _issued(ca, current) and ca.not_valid_before_utc <= minute \
+                    and minute <= ca.not_valid_after_utc:
+                return True
+        parent = next((c for c in rest if _is_ca(c) and _issued(c, current)
+                       and c.not_valid_before_utc <= minute <= c.not_valid_after_utc), None)
+        if parent is None:
+            return False
+        rest.remove(parent)
+        current = parent
+    return False
+
+
+def _issued(issuer: x509.Certificate, cert: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
 
 
 def _check_leaf_usage(cert: x509.Certificate) -> None:

@@ -120,6 +120,15 @@ BROKER_OPTIONS: tuple[Option, ...] = (
     _o("checkpoint_interval", "--checkpoint-interval",
        "seconds between checkpoints (`SIGUSR1`: now)", kind="number", default=60.0),
     VAULT_ALLOWED_MOUNT,
+    _o("federated_bundle", "--federated-bundle",
+       "trust a foreign trust domain (SPIFFE federation) by a static SPIFFE bundle file "
+       "(JWK Set), re-read when it changes; see *Federation*", kind="list",
+       metavar="TRUST_DOMAIN=PATH", shown_default="none"),
+    _o("federation_endpoint", "--federation-endpoint",
+       "trust a foreign trust domain by its SPIFFE bundle endpoint, polled per its refresh "
+       "hint: `TD=https://…[,profile=https_web|https_spiffe][,spiffe-id=ID][,bundle=PATH]"
+       "[,ca=PATH]`; see *Federation*", kind="list", metavar="TRUST_DOMAIN=URL[,…]",
+       shown_default="none"),
     _o("vault_drift_interval", "--vault-drift-interval",
        "seconds between checks that Vault still holds exactly the policies and token roles "
        "the broker wrote (0: never)", kind="number", default=30.0),

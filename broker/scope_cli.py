@@ -22,10 +22,12 @@ from broker.core.scopemap import ScopeMap, evaluate
 from broker.core.scopemap.tools import (
     CasesError,
     blast_radius,
+    codeowners,
     diff_maps,
     explain_lines,
     junit_xml,
     replay,
+    review_teams,
     run_cases,
 )
 from broker.core.spiffeid import SpiffeId
@@ -87,7 +89,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     req = CredentialRequest(action_class=args.action_class, target=args.target or "",
                             initiating_event=_event(args.event),
                             justification=args.justification or "", ttl_seconds=args.ttl or 0)
-    d = evaluate(m, sid, req, now)
+    local = args.trust_domain
+    d = evaluate(m, sid, req, now, federated_from=sid.trust_domain
+                 if local and sid.trust_domain != local else "")
     if args.json:
         cls = m.classes.get(req.action_class)
         _print_json({"spiffe_id": str(sid), **decision_to_json(d),
@@ -138,15 +142,18 @@ def cmd_diff(args: argparse.Namespace) -> int:
     old, new = _load(args.old, args), _load(args.new, args)
     changes = diff_maps(old, new)
     radius = blast_radius(changes, new, old)
+    reviewers = sorted({t for c in changes for t in review_teams(c, old, new)})
     fail = (args.fail_on == "widen" and any(c.widens for c in changes)) or \
         (args.fail_on == "change" and bool(changes))
     if args.json:
         _print_json({"old_version": old.version, "new_version": new.version,
                      "changes": [{"action_class": c.action_class, "kind": c.kind,
                                   "before": c.before, "after": c.after, "widens": c.widens,
-                                  "effect": c.effect}
+                                  "effect": c.effect,
+                                  "review": list(review_teams(c, old, new))}
                                  for c in changes],
-                     "blast_radius": radius})
+                     "blast_radius": radius,
+                     "review_teams": reviewers})
         return 1 if fail else 0
     if not changes:
         print("no changes in what anyone may do")
@@ -154,7 +161,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     print(f"{len(changes)} change(s) from {old.version[:19]} to {new.version[:19]} "
           "(+ widens power or loosens oversight, - narrows, ~ needs a reviewer's judgement):")
     for c in changes:
-        print(f"  {c.text()}")
+        teams = review_teams(c, old, new)
+        print(f"  {c.text()}" + (f"  [review: {', '.join(teams)}]" if teams else ""))
+    print("\nteams that must review: " + (", ".join(reviewers) or "none named"))
     print("\nblast radius by workload:")
     for who, what in radius.items():
         print(f"  {who}")
@@ -166,6 +175,25 @@ def cmd_diff(args: argparse.Namespace) -> int:
               + (f"{widening} change(s) widen" if args.fail_on == "widen"
                  else f"{len(changes)} change(s)"), file=sys.stderr)
     return 1 if fail else 0
+
+
+def cmd_owners(args: argparse.Namespace) -> int:
+    m = _load(args.path, args)
+    text = codeowners(m, prefix=args.prefix or "", handle=args.handle)
+    if args.check:
+        try:
+            current = Path(args.check).read_text()
+        except OSError as exc:
+            print(f"cannot read {args.check}: {exc.strerror}", file=sys.stderr)
+            return 1
+        wanted = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+        have = {ln.split("#", 1)[0].strip() for ln in current.splitlines()}
+        missing = [ln for ln in wanted if ln not in have]
+        for ln in missing:
+            print(f"{args.check} lacks: {ln}", file=sys.stderr)
+        return 1 if missing else 0
+    print(text, end="")
+    return 0
 
 
 def _records(path: str) -> list[Any]:
@@ -262,6 +290,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--justification")
     s.add_argument("--ttl", type=int, help="requested TTL in seconds")
     s.add_argument("--at", help="evaluate at this RFC 3339 time (default now)")
+    s.add_argument("--trust-domain", metavar="TD",
+                   help="the broker's own trust domain: a SPIFFE ID of another one is "
+                        "decided as a federated caller (default: every ID is local)")
     s.add_argument("--json", action="store_true")
     add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_explain)
@@ -283,6 +314,18 @@ def add_parser(sub: Any) -> None:
                    help="exit 1 when any change widens (or when anything changes): a CI gate")
     add_vault_allowed_mount(s)
     s.set_defaults(func=cmd_diff)
+
+    s = ssub.add_parser("owners", help="CODEOWNERS lines from each file's metadata.team "
+                                       "(or --check an existing CODEOWNERS file)")
+    s.add_argument("path")
+    s.add_argument("--prefix", help="the repository path of the map's directory, e.g. "
+                                    "/policies/scope/ (default: the paths as given)")
+    s.add_argument("--handle", default="@{team}",
+                   help="how a team is written, e.g. @my-org/{team} (default @{team})")
+    s.add_argument("--check", metavar="CODEOWNERS",
+                   help="exit 1 unless this file has every generated line")
+    add_vault_allowed_mount(s)
+    s.set_defaults(func=cmd_owners)
 
     s = ssub.add_parser("replay", help="re-decide recorded requests under a candidate map")
     s.add_argument("path")

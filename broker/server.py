@@ -32,13 +32,14 @@ from broker.errors import (
     VaultUnavailableError,
     WorkloadApiError,
 )
+from broker.federation import FederatedBundles
 from broker.observability import HealthMonitor, Metrics
 from broker.people import ResponderGate
 from broker.registry import SqlStore, open_store
 from broker.replicas import FreezeFollower
 from broker.responder import BusEvent, Responder, RevocationBus
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
-from broker.tls import SERVER_KEEPALIVE, pem_material, server_credentials
+from broker.tls import SERVER_KEEPALIVE, local_authorities, pem_material, server_credentials
 from broker.vault import SyncReport, VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
@@ -125,6 +126,7 @@ class BrokerServer:
         self._watcher: threading.Thread | None = None
         self._drift_watcher: threading.Thread | None = None
         self._kept_frozen: tuple[str, ...] = ()
+        self._federation: FederatedBundles | None = None
 
     def start(self) -> None:
         """Load the scope map, bring Vault in line, and serve.
@@ -217,10 +219,13 @@ class BrokerServer:
                              name="vault-sync").start()
         else:  # a class removed while the broker was down
             self.responder.end_removed_classes(scope_map)
+        federation = self._start_federation(cfg, me.trust_domain)
+        x509_source = self._x509
         authenticator = Authenticator(
             trust_domain=me.trust_domain, audience=cfg.jwt_audience,
             jwt_bundle_for=jwt_source.get_bundle_for_trust_domain,
-            require_jwt=cfg.require_jwt_svid, clock=self._clock)
+            require_jwt=cfg.require_jwt_svid, clock=self._clock, federation=federation,
+            local_authorities=lambda: local_authorities(x509_source, me.trust_domain))
         self.desk = ApprovalDesk(store=self.store, audit=self.audit, config=cfg.approvers,
                                  clock=self._clock)
         verifier = OidcVerifier(cfg.approvers)
@@ -275,7 +280,9 @@ class BrokerServer:
         self.health.check_now()
         threading.Thread(target=self.health.run, daemon=True, name="health").start()
         pool, health_monitor = self._pool, self.health
-        credentials = server_credentials(self._x509)
+        credentials = server_credentials(self._x509, federated=None if federation is None else
+                                         lambda: (federation.generation,
+                                                  federation.x509_roots_pem()))
 
         async def serve() -> tuple[grpc.aio.Server, int]:
             server = grpc.aio.server(migration_thread_pool=pool,
@@ -329,6 +336,24 @@ class BrokerServer:
             tmp = cfg.ready_file.with_suffix(".tmp")
             tmp.write_text(f"{host}:{self.port}\n")
             tmp.replace(cfg.ready_file)
+
+    def _start_federation(self, cfg: BrokerConfig, own: str) -> FederatedBundles | None:
+        """The federated trust domains' bundles, loaded and kept current (None: none).
+
+        Raises: ConfigError (a static bundle file that cannot be read or parsed)."""
+        if not cfg.federation:
+            return None
+        audit = self.audit
+        assert audit is not None
+        fed = FederatedBundles(cfg.federation, local_trust_domain=own)
+        fed.on_update = lambda td, b, where: audit.append_or_queue(
+            "federation.bundle", trust_domain=td, source=where,
+            x509_authorities=len(b.x509_authorities), jwt_keys=b.jwt_bundle is not None,
+            sequence=b.sequence, refresh_hint=b.refresh_hint)
+        fed.load()
+        self._federation = fed
+        threading.Thread(target=fed.run, daemon=True, name="federation").start()
+        return fed
 
     def _sync_vault(self, scope_map: ScopeMap) -> SyncReport | None:
         """Bring Vault in line with ``scope_map`` (frozen classes stay frozen). Returns None,
@@ -527,6 +552,8 @@ class BrokerServer:
         if self.responder is not None:
             self.responder.close()
         self._close_sources()
+        if self._federation is not None:
+            self._federation.stop()
         self.stopped.set()
         if self.audit is not None:
             self.audit.append_or_queue("broker.stopped")

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import grpc
+from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 from spiffe import JwtBundle, TrustDomain
 
@@ -60,7 +61,8 @@ from broker.errors import (
     VaultUnavailableError,
     spec_for,
 )
-from broker.identity import Caller, JwtSvidCache, spiffe_id_from_certificate
+from broker.federation import FederatedBundles
+from broker.identity import Caller, JwtSvidCache, check_chain, spiffe_id_from_certificate
 from broker.inputs import (
     ACTION_CLASS_MAX,
     CACHE_HITS_MAX,
@@ -261,10 +263,21 @@ class Authenticator:
         jwt_bundle_for: Callable[[TrustDomain], JwtBundle | None],
         require_jwt: bool,
         clock: Callable[[], datetime],
+        federation: FederatedBundles | None = None,
+        local_authorities: Callable[[], Sequence[x509.Certificate]] | None = None,
     ) -> None:
         self._td = trust_domain
         self._aud = audience
-        self._bundle_for = jwt_bundle_for
+        self._federation = federation
+        self._federated = federation.trust_domains if federation is not None else frozenset()
+        self._local_authorities = local_authorities
+
+        def bundle_for(td: TrustDomain) -> JwtBundle | None:
+            if federation is not None and td.name in self._federated:
+                return federation.jwt_bundle(td.name)
+            return jwt_bundle_for(td)
+
+        self._bundle_for = bundle_for
         self._require_jwt = require_jwt
         self._clock = clock
         self._jwt_cache = JwtSvidCache()
@@ -275,8 +288,17 @@ class Authenticator:
         if not pems:
             raise IdentityError("no client certificate: call the broker over mTLS with an "
                                 "X.509-SVID from the SPIFFE Workload API")
-        sid, serial = spiffe_id_from_certificate(pems[0], trust_domain=self._td,
-                                                 now=self._clock())
+        now = self._clock()
+        sid, serial = spiffe_id_from_certificate(pems[0], trust_domain=self._td, now=now,
+                                                 federated=self._federated)
+        foreign = sid.trust_domain if sid.trust_domain != self._td else ""
+        if self._federation is not None:
+            # Several trust domains' CAs are TLS roots: the chain must lead to the bundle
+            # of the domain the SPIFFE ID names (a vendor's CA never vouches for ours).
+            chain = b"".join(context.auth_context().get("x509_pem_cert_chain") or pems[:1])
+            authorities = self._federation.x509_authorities(foreign) if foreign else \
+                tuple(self._local_authorities() if self._local_authorities else ())
+            check_chain(chain, authorities, trust_domain=sid.trust_domain, now=now)
         token = ""
         for key, value in context.invocation_metadata():
             if key == "authorization":
@@ -287,11 +309,11 @@ class Authenticator:
             if self._require_jwt:
                 raise IdentityError("this broker requires a JWT-SVID in 'authorization: Bearer' "
                                     f"for audience {self._aud!r} alongside mTLS")
-            return Caller(spiffe_id=sid, x509_serial=serial)
+            return Caller(spiffe_id=sid, x509_serial=serial, federated_from=foreign)
         jti = self._jwt_cache.verify(token, peer=sid, audience=self._aud,
                                      bundle_for=self._bundle_for,
                                      now=self._clock().timestamp())
-        return Caller(spiffe_id=sid, x509_serial=serial, jwt_id=jti)
+        return Caller(spiffe_id=sid, x509_serial=serial, jwt_id=jti, federated_from=foreign)
 
 
 class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
@@ -386,7 +408,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         key = (str(caller.spiffe_id), req.action_class)
         with self._usage.reserve(key, now) as recent:
             decision = evaluate(scope_map, caller.spiffe_id, req, now, recent,
-                                self._responder.freezes)
+                                self._responder.freezes, federated_from=caller.federated_from)
             grant = decision.outcome is Outcome.ALLOW or (
                 decision.outcome is Outcome.NEEDS_APPROVAL and (approval_id or break_glass))
             if grant:
@@ -408,6 +430,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             record = decision_record(time=now, request_id=request_id,
                                      spiffe_id=caller.spiffe_id, request=req, decision=decision)
             # On disk before anything is minted or any answer is given (fail closed).
+            if caller.federated_from:  # the foreign trust domain, for audit and trace
+                record["federated_from"] = caller.federated_from
             self._audit.append("decision", **_fields(record),
                                proof={"x509_serial": caller.x509_serial,
                                       "jwt_id": caller.jwt_id},
@@ -626,7 +650,9 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 spiffe_id=str(caller.spiffe_id), action_class=cls.name, target=req.target,
                 policies=list(minted.policies), ttl_seconds=minted.ttl_seconds,
                 expires_at=rfc3339(minted.expires_at), vault_entity_id=minted.entity_id,
-                scope_map_version=version)
+                scope_map_version=version,
+                **({"federated_from": caller.federated_from} if caller.federated_from
+                   else {}))
         except AuditError:
             self._revoke_unrecorded(minted.accessor, request_id,
                                     "the audit log could not record it")

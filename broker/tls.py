@@ -11,11 +11,13 @@ cannot verify a server certificate that has only a URI SAN) through
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import X509Source
+from spiffe import TrustDomain, X509Source
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,12 @@ def pem_material(source: X509Source) -> PemMaterial:
     )
 
 
+def local_authorities(source: X509Source, trust_domain: str) -> tuple[x509.Certificate, ...]:
+    """Our own trust domain's X.509 authorities, from the Workload API's current bundle."""
+    bundle = source.get_bundle_for_trust_domain(TrustDomain(trust_domain))
+    return tuple(bundle.x509_authorities) if bundle is not None else ()
+
+
 def _generation(source: X509Source) -> tuple[object, ...]:
     """The live SVID and bundle objects: the same objects until the next Workload API update.
 
@@ -59,27 +67,42 @@ def _generation(source: X509Source) -> tuple[object, ...]:
 
 
 def _same(a: tuple[object, ...] | None, b: tuple[object, ...]) -> bool:
-    return a is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+    return a is not None and len(a) == len(b) and all(
+        x is y or (type(x) is int and x == y) for x, y in zip(a, b, strict=True))
 
 
-def server_credentials(source: X509Source) -> grpc.ServerCredentials:
-    """mTLS server credentials that require a client certificate chained to the bundle."""
+def server_credentials(source: X509Source,
+                       federated: Callable[[], tuple[int, bytes]] | None = None,
+                       ) -> grpc.ServerCredentials:
+    """mTLS server credentials that require a client certificate chained to the bundle.
+
+    ``federated`` gives the federated trust domains' CAs (a generation number and PEM):
+    they join the root set, so their workloads complete the handshake. Which trust
+    domain's CA may vouch for which SPIFFE ID is checked after it (``check_chain``).
+    """
     lock = threading.Lock()
-    seen = [_generation(source)]
+
+    def extra() -> tuple[int, bytes]:
+        return federated() if federated is not None else (0, b"")
+
+    seen = [(*_generation(source), extra()[0])]
     current = pem_material(source)
+    roots = current.bundle + extra()[1]
 
     def config(m: PemMaterial) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(m.key, m.chain)],
-                                                         root_certificates=m.bundle)
+                                                         root_certificates=roots)
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        nonlocal current
-        generation = _generation(source)
+        nonlocal current, roots
+        generation_number, extra_pem = extra()
+        generation = (*_generation(source), generation_number)
         with lock:
             if _same(seen[0], generation):
                 return None  # unchanged: gRPC keeps the one it has
             seen[0] = generation
             current = pem_material(source)
+            roots = current.bundle + extra_pem
             return config(current)
 
     return grpc.dynamic_ssl_server_credentials(config(current), fetch,

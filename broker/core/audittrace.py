@@ -214,6 +214,9 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
         how += f" and JWT-SVID jti {proof.get('jwt_id')}"
     lines.append(f"  2. requesting workload: {d.get('spiffe_id')} (proven by {how}) at "
                  f"{d.get('time')}")
+    if d.get("federated_from"):
+        lines.append(f"     federated: a workload of the foreign trust domain "
+                     f"{d.get('federated_from')} (trusted through SPIFFE federation)")
     if req.get("justification"):
         lines.append(f"     justification: {req.get('justification')}")
     target = f" on target {req.get('target')}" if req.get("target") else ""
@@ -352,6 +355,8 @@ def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
     actor = record.get("by") or record.get("spiffe_id")  # who acted: admin, or the workload
     if actor:
         out["actor"] = {"user": {"uid": actor, "type": "System", "name": actor}}
+        if record.get("federated_from"):  # a vendor's workload: its own trust domain
+            out["actor"]["user"]["domain"] = record["federated_from"]
     if record.get("vault_error"):
         out["status_detail"] = record["vault_error"]
     policies = record.get("policies") or dec.get("policies")
@@ -371,7 +376,9 @@ def _message(r: dict[str, Any]) -> str:
     if kind == "decision":
         d = r.get("decision") or {}
         req = r.get("request") or {}
-        return (f"{r.get('spiffe_id')} requested {req.get('action_class')}: "
+        fed = (f" (federated trust domain {r.get('federated_from')})"
+               if r.get("federated_from") else "")
+        return (f"{r.get('spiffe_id')}{fed} requested {req.get('action_class')}: "
                 f"{d.get('outcome')} by {d.get('rule')}")
     if kind == "credential.minted":
         return f"credential {r.get('credential_id')} minted for {r.get('spiffe_id')}"

@@ -29,6 +29,7 @@ class DenyCode(enum.Enum):
     TTL_TOO_LONG = "ttl_above_max"
     CONDITION_FALSE = "condition_false"
     BUDGET_EXHAUSTED = "budget_exhausted"
+    FEDERATED_NOT_ALLOWED = "federated_not_allowed"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -140,6 +140,14 @@ class BudgetExhaustedError(CredbrokerError):
     http_status = 429
 
 
+class FederatedNotAllowedError(CredbrokerError):
+    """``federated_not_allowed``: the caller is a workload of a federated trust domain and the
+    class does not accept federated callers (federated: deny)."""
+
+    code = "federated_not_allowed"
+    http_status = 403
+
+
 class FrozenError(CredbrokerError):
     """``frozen``: the identity or the class is frozen."""
 
@@ -298,6 +306,7 @@ ERROR_CLASSES: dict[str, type[CredbrokerError]] = {
     "ttl_above_max": TtlAboveMaxError,
     "condition_false": ConditionFalseError,
     "budget_exhausted": BudgetExhaustedError,
+    "federated_not_allowed": FederatedNotAllowedError,
     "frozen": FrozenError,
     "denied": DeniedError,
     "policy": PolicyError,
@@ -335,6 +344,7 @@ __all__ = [  # noqa: RUF022
     "DeniedError",
     "DevStackError",
     "ERROR_CLASSES",
+    "FederatedNotAllowedError",
     "FrozenError",
     "InternalError",
     "InvalidConfigError",

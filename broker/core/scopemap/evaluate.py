@@ -22,6 +22,8 @@ def evaluate(
     now: datetime,
     recent_issuances: Sequence[datetime] = (),
     freezes: Sequence[Freeze] = (),
+    *,
+    federated_from: str = "",
 ) -> Decision:
     """Decide ``request`` from ``spiffe_id`` under ``scope_map`` at time ``now``.
 
@@ -33,6 +35,12 @@ def evaluate(
     approval rule then needs approval instead of being allowed outright.
     The checks run in that order and the first that fails decides. Before all
     of them, a freeze that matches the identity or the class denies.
+
+    ``federated_from`` names the caller's trust domain when it is a federated (foreign)
+    one. Right after the workload rule matched (a foreign workload is always named with
+    its own trust domain: patterns never cross trust domains), the class's ``federated``
+    setting decides: ``deny`` (the default) denies, ``approval`` makes the request need
+    approval (the class's JIT rule, else ``federated_approvers``), ``allow`` goes on.
     """
     frozen = first_freeze(freezes, spiffe_id, request.action_class)
     if frozen is not None:
@@ -68,6 +76,13 @@ def evaluate(
             DenyCode.WORKLOAD_NOT_ALLOWED, f"{cls.name}.workloads",
             f"{spiffe_id} is not among the workloads allowed to request {cls.name} "
             f"(rule {cls.name}.workloads at {cls.source}; owner {cls.owner.team})",
+        )
+    if federated_from and cls.federated == "deny":
+        return deny(
+            DenyCode.FEDERATED_NOT_ALLOWED, f"{cls.name}.federated",
+            f"{spiffe_id} is a workload of the federated trust domain {federated_from!r} and "
+            f"{cls.name} does not accept federated callers (federated: deny, the default; "
+            f"rule {cls.name}.federated at {cls.source}; owner {cls.owner.team})",
         )
     present = {
         "initiating_event": request.initiating_event is not None,
@@ -123,14 +138,19 @@ def evaluate(
                 max(1, math.ceil((frees - now).total_seconds())),
                 freeze_rule=f"{cls.name}.limits.on_exceed" if freeze else "")
     rule = f"{cls.name}.workloads[{matched}]"
-    if cls.approval is not None:
-        a = cls.approval
+    federated_approval = bool(federated_from) and cls.federated == "approval"
+    if cls.approval is not None or (federated_approval and cls.federated_approval is not None):
+        a = cls.approval or cls.federated_approval
+        assert a is not None
+        why = (f"{spiffe_id} is a workload of the federated trust domain {federated_from!r}; "
+               if federated_approval and cls.approval is None else "")
+        where = f"{cls.name}.approval" if cls.approval is not None else f"{cls.name}.federated"
         return Decision(
             outcome=Outcome.NEEDS_APPROVAL, spiffe_id=spiffe_id, action_class=cls.name,
-            rule=f"{cls.name}.approval",
-            reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule}); {cls.name} "
+            rule=where,
+            reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule}); {why}{cls.name} "
                      f"requires {a.approvals_required} approval(s) from "
-                     f"{', '.join(a.approvers)} (rule {cls.name}.approval at {cls.source})",),
+                     f"{', '.join(a.approvers)} (rule {where} at {cls.source})",),
             scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
             source=cls.source, risk=cls.risk, ttl_seconds=ttl,
             policies=(cls.vault_policy_name,),

@@ -7,7 +7,7 @@ Built by :mod:`broker.core.scopemap.parse`, decided on by
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker.core.conditions import Condition
 from broker.core.models import Owner
@@ -20,6 +20,7 @@ HARD_MAX_TTL_SECONDS = 3600
 #: Capabilities a class may grant. ``sudo``/``root``-like powers are never handed to agents.
 ALLOWED_CAPABILITIES = frozenset({"create", "read", "update", "patch", "delete", "list"})
 RISKS = ("low", "high", "destructive")
+FEDERATED_MODES = ("deny", "approval", "allow")
 REQUIRABLE_FIELDS = ("initiating_event", "target", "justification")
 #: Vault's control plane. No class may hold a path that could match anything under
 #: these, and no allow-list can admit them. Each names what a credential there could do.
@@ -96,6 +97,17 @@ class ActionClass:
     #: ``limits.denials``: this many denials of one identity for this class within the
     #: window freeze that identity.
     denial_trip: Budget | None = None
+    #: Callers of a federated (foreign) trust domain: "deny" (the default), "approval"
+    #: (they need approval: the class's JIT rule, else ``federated_approval``) or "allow".
+    federated: str = "deny"
+    #: ``federated_approvers``: the approval federated callers need when the class has
+    #: no JIT rule of its own.
+    federated_approval: ApprovalRule | None = None
+
+    @property
+    def approval_rule(self) -> ApprovalRule | None:
+        """The rule an approval of this class follows (its own, else the federated one)."""
+        return self.approval or self.federated_approval
 
     @property
     def vault_policy_name(self) -> str:
@@ -116,3 +128,6 @@ class ScopeMap:
     version: str  # "sha256:<hex>" over the documents' bytes
     classes: Mapping[str, ActionClass]
     sources: tuple[str, ...]
+    #: Each file's owning team (``metadata.team``), by source name; files without one
+    #: are absent.
+    teams: Mapping[str, str] = field(default_factory=dict)

@@ -200,6 +200,7 @@ def parse_scope_map(
     mounts = normalize_allowed_mounts(vault_allowed_mounts)
     problems = _Problems()
     classes: dict[str, ActionClass] = {}
+    teams: dict[str, str] = {}
     if not documents:
         raise ScopeMapError(["no scope-map documents were given (a file or a directory of *.yaml)"])
     digest = hashlib.sha256()
@@ -218,7 +219,7 @@ def parse_scope_map(
             continue
         start = len(problems.found)
         _duplicate_keys(source, root, "", problems)
-        _parse_document(source, root, classes, problems, mounts)
+        _parse_document(source, root, classes, problems, mounts, teams)
         problems.merge_schema(schema_problems(source, root), start)
     if not classes and not problems.found:
         problems.note("the scope map defines no action classes; everything would be denied")
@@ -228,14 +229,18 @@ def parse_scope_map(
         version="sha256:" + digest.hexdigest(),
         classes=dict(sorted(classes.items())),
         sources=tuple(s for s, _ in sorted(documents)),
+        teams=dict(sorted(teams.items())),
     )
 
 
 def _parse_document(
     source: str, root: yaml.MappingNode, classes: dict[str, ActionClass], problems: _Problems,
-    mounts: tuple[str, ...],
+    mounts: tuple[str, ...], teams: dict[str, str],
 ) -> None:
     ac = _get(root, "action_classes")
+    owning_team = (_scalar(_get(_get(root, "metadata"), "team")) or "").strip()
+    if owning_team:
+        teams[source] = owning_team
     if not isinstance(ac, yaml.MappingNode):
         return
     for k, v in ac.value:
@@ -245,14 +250,14 @@ def _parse_document(
             problems.add(_loc(source, k), path,
                          f"is defined twice (first at {classes[name].source}); keep one")
             continue
-        cls = _parse_class(source, name, path, k, v, problems, mounts)
+        cls = _parse_class(source, name, path, k, v, problems, mounts, owning_team)
         if cls is not None:
             classes[name] = cls
 
 
 def _parse_class(
     source: str, name: str, path: str, key: yaml.Node, node: yaml.Node, problems: _Problems,
-    mounts: tuple[str, ...],
+    mounts: tuple[str, ...], owning_team: str = "",
 ) -> ActionClass | None:
     before = len(problems.found)
     risk = _scalar(_get(node, "risk"))
@@ -290,6 +295,28 @@ def _parse_class(
             for p in exc.problems:
                 problems.add(_loc(source, when_node), f"{path}.when", p)
 
+    federated = _scalar(_get(node, "federated")) or "deny"
+    federated_approval = None
+    fa_node = _get(node, "federated_approvers")
+    if fa_node is not None:
+        federated_approval = ApprovalRule(
+            approvers=tuple(a for a, _ in _strings(fa_node)), approvals_required=1,
+            escalate_after_seconds=15 * 60, expires_seconds=60 * 60, break_glass=None)
+    if federated == "approval" and approval is None and federated_approval is None:
+        problems.add(_loc(source, _get(node, "federated") or node), f"{path}.federated",
+                     "approval needs approvers: give the class a JIT approval rule "
+                     "(approval: {mode: jit, ...}) or federated_approvers: [GROUP]")
+    if fa_node is not None and federated != "approval":
+        problems.add(_loc(source, fa_node), f"{path}.federated_approvers",
+                     f"is only used with federated: approval (this class has federated: "
+                     f"{federated})")
+    if owning_team and team and team != owning_team:
+        problems.add(_loc(source, _get(_get(node, "owner"), "team") or key),
+                     f"{path}.owner.team",
+                     f"is {team!r}, but this file belongs to team {owning_team!r} "
+                     "(metadata.team): a file may define only its own team's classes; move "
+                     "the class to that team's file")
+
     if len(problems.found) != before or not team or not contact:
         return None
     return ActionClass(
@@ -300,6 +327,7 @@ def _parse_class(
         vault_policy=tuple(rules), requires=requires, source=_loc(source, key),
         approval=approval, targets=tuple(t for t, _ in _strings(_get(node, "targets"))),
         budget=budget, when=when, on_exceed=on_exceed, denial_trip=denial_trip,
+        federated=federated, federated_approval=federated_approval,
     )
 
 
