@@ -422,8 +422,9 @@ class VaultAdapter:
         meta = {MANAGED_META_KEY: "1", "spiffe_id": str(spiffe_id), "action_class": cls.name,
                 **metadata}
         role = self._ensure_identity_role(cls, str(spiffe_id))
-        with self._errors(f"mint a {cls.name} credential"), self._forget_role_on_error(role):
-            resp = self._client.write(
+
+        def create() -> Any:
+            return self._client.write(
                 f"auth/token/create/{role}",
                 policies=[cls.vault_policy_name],
                 ttl=f"{ttl_seconds}s",
@@ -434,6 +435,19 @@ class VaultAdapter:
                 display_name=cls.name,
                 meta=meta,
             )
+
+        with self._errors(f"mint a {cls.name} credential"), self._forget_role_on_error(role):
+            try:
+                resp = create()
+            except hvac.exceptions.InvalidRequest as exc:
+                if "unknown role" not in str(exc):
+                    raise
+                # The identity's role was deleted under this process (an operator, or a
+                # broker with another map): Vault minted nothing; write it again, once.
+                with self._roles_lock:
+                    self._identity_roles.pop(role, None)
+                self._ensure_identity_role(cls, str(spiffe_id))
+                resp = create()
             auth = resp["auth"]
             return MintedToken(
                 token=auth["client_token"],

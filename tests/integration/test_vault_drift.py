@@ -98,3 +98,23 @@ def test_drift_is_corrected_recorded_and_never_thaws_a_freeze(
         # Leave Vault as the session's broker expects it.
         server._vault.sync_scope_map(scope_map)
     assert _policy(vault_root, ENRICH) == real
+
+
+def test_an_identity_role_deleted_behind_the_brokers_back_is_written_again(
+        broker: BrokerServer, identity: Identity, vault_root: hvac.Client) -> None:
+    """Another broker's sync or an operator removed the role this process had written:
+    the next mint writes it again instead of failing the agent's request."""
+    from broker.vault import identity_role_name
+    from tests.integration.conftest import TRIAGE
+    from tests.integration.helpers import issue_request, stub, svid
+
+    s = stub(broker.port, identity.ca, svid(identity.ca, TRIAGE))
+    s.IssueCredential(issue_request(), timeout=10)
+    assert broker.scope_maps is not None
+    cls = broker.scope_maps.current.classes["enrichment"]
+    role = identity_role_name(cls, TRIAGE)
+    vault_root.delete(f"auth/token/roles/{role}")
+    cred = s.IssueCredential(issue_request(), timeout=10).credential
+    assert vault_root.auth.token.lookup_accessor(cred.credential_id)["data"]["meta"][
+        "spiffe_id"] == TRIAGE
+    assert vault_root.read(f"auth/token/roles/{role}") is not None
