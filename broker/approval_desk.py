@@ -37,6 +37,10 @@ _log = logging.getLogger("credbroker.approvals")
 MAX_WAITS_PER_IDENTITY = 16
 
 
+class _Conflict(Exception):
+    """The approval changed in the store (another replica) since this desk read it."""
+
+
 class ApprovalDesk:
     def __init__(self, *, store: CredentialStore, audit: AuditLog, config: ApproverConfig,
                  clock: Callable[[], datetime]) -> None:
@@ -46,9 +50,19 @@ class ApprovalDesk:
         self._clock = clock
         self._cond = threading.Condition()
         self._items: dict[str, ap.Approval] = {}
+        #: Each approval as the store holds it (the text): a change is written only over
+        #: what this desk last read, so two replicas never overwrite each other's votes.
+        self._stored: dict[str, str] = {}
         for data in store.load_approvals():
             a = ap.approval_from_json(json.loads(data))
             self._items[a.id] = a
+            self._stored[a.id] = data
+        #: Several replicas share the store: read an approval again before changing it.
+        self._shared = bool(getattr(store, "shared", False))
+        #: Set by the server on a shared store: tells the other replicas an approval changed.
+        self.replicate: Callable[[str, dict[str, Any]], None] | None = None
+        #: Whether this replica runs the ticker (escalations and expiries): the leader.
+        self.is_leader: Callable[[], bool] = lambda: True
         self._stop = threading.Event()
         #: When the escalation path last heard of a refused break-glass, per (identity, class).
         self._refusals_notified: dict[tuple[str, str], datetime] = {}
@@ -90,21 +104,60 @@ class ApprovalDesk:
         Raises: AuditError, StoreError.
         """
         previous = self._items.get(a.id)
-        self._store.save_approval(a.id, a.state, json.dumps(a.to_json()))
+        before = self._stored.get(a.id)
+        data = json.dumps(a.to_json())
+        if not self._store.replace_approval(a.id, a.state, data, previous=before):
+            self._reload_locked(a.id)
+            raise _Conflict(a.id)
         try:
             self._audit.append(event, approval_id=a.id, request_id=a.request_id,
                                spiffe_id=a.spiffe_id, action_class=a.action_class,
                                state=a.state, **fields)
         except CredbrokerError:
-            if previous is not None:
-                self._store.save_approval(previous.id, previous.state,
-                                          json.dumps(previous.to_json()))
+            if previous is not None and before is not None:
+                self._store.replace_approval(previous.id, previous.state, before,
+                                             previous=data)
             else:
                 self._store.delete_approval(a.id)
             raise
         self._items[a.id] = a
+        self._stored[a.id] = data
         self._cond.notify_all()
         self._wake(a.id)
+        if self.replicate is not None:
+            self.replicate("approval", {"id": a.id})
+
+    def reload(self, approval_id: str) -> None:
+        """Read ``approval_id`` from the store again (another replica changed it) and wake
+        whoever waits for it here. Raises: StoreError."""
+        with self._cond:
+            self._reload_locked(approval_id)
+
+    def _reload_locked(self, approval_id: str) -> None:
+        data = self._store.load_approval(approval_id)
+        if data is None or data == self._stored.get(approval_id):
+            return
+        self._items[approval_id] = ap.approval_from_json(json.loads(data))
+        self._stored[approval_id] = data
+        self._cond.notify_all()
+        self._wake(approval_id)
+
+    def _changing(self, approval_id: str, change: Callable[[], ap.Approval]) -> ap.Approval:
+        """``change()`` under the lock, on the store's current state (read again first when
+        replicas share it), done again when another replica changed it meanwhile.
+
+        Raises: whatever ``change`` raises; ApprovalError when it keeps conflicting.
+        """
+        with self._cond:
+            for attempt in range(5):
+                if self._shared and attempt == 0:
+                    self._reload_locked(approval_id)
+                try:
+                    return change()
+                except _Conflict:
+                    continue
+        raise ap.ApprovalError(f"approval {approval_id} kept changing through other replicas; "
+                               "try again")
 
     def _wake(self, approval_id: str | None) -> None:
         """Wake the coroutines waiting for ``approval_id`` (None: all of them)."""
@@ -135,29 +188,35 @@ class ApprovalDesk:
     def decide(self, approval_id: str, who: ap.Approver, reason: str, *, approve: bool
                ) -> ap.Approval:
         """Raises: ApprovalError (and its not-found kind), AuditError."""
-        with self._cond:
-            a = self.get(approval_id)
-            now = self._clock()
-            if approve:
-                new = ap.approve(a, who, reason, now,
-                                 owner_team_may_approve=self._cfg.owner_team_may_approve)
-            else:
-                new = ap.deny(a, who, reason, now)
-            self._save(new, "approval.approved" if approve else "approval.denied",
-                       approver=who.subject, approver_groups=list(who.groups), via=who.via,
-                       issuer=who.issuer, reason=reason,
-                       approvals_given=len(new.votes), approvals_required=new.approvals_required)
-            if new.state != ap.PENDING and self.metrics is not None:
-                took = (now - a.created_at).total_seconds()
-                self.metrics.approval_seconds.labels(a.action_class, new.state).observe(took)
-                if new.state == ap.APPROVED and took < self._cfg.fast_approval_seconds:
-                    self.metrics.approvals_fast.labels(a.action_class).inc()
-            return new
+        return self._changing(approval_id, lambda: self._decide(approval_id, who, reason,
+                                                                approve=approve))
+
+    def _decide(self, approval_id: str, who: ap.Approver, reason: str, *, approve: bool
+                ) -> ap.Approval:
+        a = self.get(approval_id)
+        now = self._clock()
+        if approve:
+            new = ap.approve(a, who, reason, now,
+                             owner_team_may_approve=self._cfg.owner_team_may_approve)
+        else:
+            new = ap.deny(a, who, reason, now)
+        self._save(new, "approval.approved" if approve else "approval.denied",
+                   approver=who.subject, approver_groups=list(who.groups), via=who.via,
+                   issuer=who.issuer, reason=reason,
+                   approvals_given=len(new.votes), approvals_required=new.approvals_required)
+        if new.state != ap.PENDING and self.metrics is not None:
+            took = (now - a.created_at).total_seconds()
+            self.metrics.approval_seconds.labels(a.action_class, new.state).observe(took)
+            if new.state == ap.APPROVED and took < self._cfg.fast_approval_seconds:
+                self.metrics.approvals_fast.labels(a.action_class).inc()
+        return new
 
     def check(self, approval_id: str, spiffe_id: str, request: CredentialRequest
               ) -> ap.Approval:
         """Would :meth:`consume` succeed now? Changes nothing. Raises: ApprovalError."""
         with self._cond:
+            if self._shared:  # granted through another replica a moment ago?
+                self._reload_locked(approval_id)
             a = self.get(approval_id)
             if a.spiffe_id != spiffe_id:
                 raise ap.ApprovalNotFoundError(f"{spiffe_id} has no approval {approval_id!r}")
@@ -166,14 +225,19 @@ class ApprovalDesk:
 
     def consume(self, approval_id: str, spiffe_id: str, request: CredentialRequest
                 ) -> ap.Approval:
-        """Use a granted approval for exactly its request. Raises: ApprovalError, AuditError."""
-        with self._cond:
+        """Use a granted approval for exactly its request, once across all replicas.
+
+        Raises: ApprovalError, AuditError.
+        """
+        def use() -> ap.Approval:
             a = self.get(approval_id)
             if a.spiffe_id != spiffe_id:
                 raise ap.ApprovalNotFoundError(f"{spiffe_id} has no approval {approval_id!r}")
             new = ap.use(a, spiffe_id, request, self._clock())
             self._save(new, "approval.used", approvers=[v.subject for v in new.votes])
             return new
+
+        return self._changing(approval_id, use)
 
     def attach_credential(self, approval_id: str, credential_id: str) -> None:
         """Note which credential an approval released (informational). Never raises."""
@@ -182,8 +246,11 @@ class ApprovalDesk:
             if a is not None:
                 new = replace(a, credential_id=credential_id)
                 self._items[new.id] = new
+                data = json.dumps(new.to_json())
                 try:
-                    self._store.save_approval(new.id, new.state, json.dumps(new.to_json()))
+                    if self._store.replace_approval(new.id, new.state, data,
+                                                    previous=self._stored.get(new.id)):
+                        self._stored[new.id] = data
                 except CredbrokerError as exc:
                     _log.warning("approval %s: could not note credential %s: %s", a.id,
                                  credential_id, exc)
@@ -231,11 +298,13 @@ class ApprovalDesk:
 
     def sign_off(self, approval_id: str, who: ap.Approver, reason: str) -> ap.Approval:
         """Raises: ApprovalError, AuditError."""
-        with self._cond:
+        def sign() -> ap.Approval:
             new = ap.sign_off(self.get(approval_id), who, reason, self._clock())
             self._save(new, "approval.reviewed", reviewer=who.subject, via=who.via,
                        reason=reason)
             return new
+
+        return self._changing(approval_id, sign)
 
     async def wait(self, approval_id: str, timeout: float, *, spiffe_id: str) -> ap.Approval:
         """Until the approval is no longer pending, or ``timeout`` seconds pass. Costs no
@@ -302,6 +371,8 @@ class ApprovalDesk:
                     elif t.escalate_to:
                         self._save(t.approval, "approval.escalated",
                                    notified=list(t.escalate_to))
+                except _Conflict:  # decided through another replica meanwhile: next tick
+                    continue
                 except Exception as exc:  # the ticker must keep running
                     _log.error("approval %s: could not record %s: %s", a.id,
                                "expiry" if t.expired else "escalation", exc)
@@ -366,7 +437,8 @@ class ApprovalDesk:
 
     def run_ticker(self, interval: float = 1.0) -> None:
         while not self._stop.wait(interval):
-            self.tick_all()
+            if self.is_leader():  # one replica escalates and expires, not each of them
+                self.tick_all()
 
     def close(self) -> None:
         self._stop.set()

@@ -53,6 +53,9 @@ class Metrics:
             "credbroker_vault_drift_corrected_total",
             "Managed Vault policies and token roles found changed outside the broker and "
             "rewritten", ["kind"], registry=r)
+        self.leader = Gauge("credbroker_leader",
+                            "1 while this replica runs the background work (holds the leader "
+                            "lock; always, on SQLite)", registry=r)
         self.healthy = Gauge("credbroker_healthy", "1 when Vault and the audit log are usable",
                              registry=r)
         # Exceptions are watched: what becomes routine shows here first. Labels are

@@ -87,11 +87,25 @@ CREATE TABLE IF NOT EXISTS budget_uses (
 CREATE INDEX IF NOT EXISTS budget_uses_key ON budget_uses (spiffe_id, action_class, at);
 """
 
+#: Version 5: what one replica did that the others must act on (revocations, freezes,
+#: approval changes), in commit order: ``seq`` is assigned under a table lock held to the
+#: commit (PostgreSQL) or SQLite's write lock, so a reader that has seen ``seq`` N has
+#: seen every event before it (a hole is a rolled-back insert, never a late one).
+EVENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    origin  TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    data    TEXT NOT NULL,
+    at      REAL NOT NULL
+)
+"""
+
 #: The schema version this code writes. 1: the first release (freezes without the
 #: enforcement columns); 2: freezes record their enforcement (the last unversioned
 #: schema); 3: budgets in the store, and the ``schema_version`` table; 4: each
-#: credential's lease prefix.
-SCHEMA_VERSION = 4
+#: credential's lease prefix; 5: the replicas' event sequence.
+SCHEMA_VERSION = 5
 
 #: Columns added after the first release: (table, column, definition). Rows written
 #: before a column existed get its default (a freeze then was enforced before it was
@@ -138,6 +152,16 @@ class CredentialRow:
     lease_prefix: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class StoreEvent:
+    """One entry of the replicas' event sequence (see :data:`EVENTS_SCHEMA`)."""
+
+    seq: int
+    origin: str
+    kind: str
+    data: str
+
+
 class CredentialStore(Protocol):
     instance_id: str
     #: True when several brokers may use the store at once (PostgreSQL): none of them may
@@ -172,7 +196,14 @@ class CredentialStore(Protocol):
     def freezes(self) -> list[Freeze]: ...
     def active_freezes(self) -> list[tuple[Freeze, list[str]]]: ...
     def save_approval(self, approval_id: str, state: str, data: str) -> None: ...
+    def replace_approval(self, approval_id: str, state: str, data: str, *,
+                         previous: str | None) -> bool: ...
+    def load_approval(self, approval_id: str) -> str | None: ...
     def load_approvals(self) -> list[str]: ...
+    def append_event(self, *, origin: str, kind: str, data: str, at: datetime) -> int: ...
+    def events_after(self, seq: int, limit: int = 1000) -> list[StoreEvent]: ...
+    def last_event_seq(self) -> int: ...
+    def prune_events(self, before: datetime) -> int: ...
     def delete_approval(self, approval_id: str) -> None: ...
     def frozen_entities(self) -> set[str]: ...
     def budget_hold(self, spiffe_id: str, action_class: str, now: datetime,
@@ -420,6 +451,41 @@ class SqlStore:
     def load_approvals(self) -> list[str]:
         return [str(r[0]) for r in self._exec("SELECT data FROM approvals ORDER BY id")]
 
+    def load_approval(self, approval_id: str) -> str | None:
+        rows = self._exec("SELECT data FROM approvals WHERE id=?", (approval_id,))
+        return str(rows[0][0]) if rows else None
+
+    def replace_approval(self, approval_id: str, state: str, data: str, *,
+                         previous: str | None) -> bool:
+        """Write the approval only if the store still holds ``previous`` (None: none yet).
+        False when another replica changed it first: re-read and decide again."""
+        if previous is None:
+            return self._insert_new("INSERT INTO approvals (id, state, data) VALUES (?,?,?)",
+                                    (approval_id, state, data))
+        return self._count("UPDATE approvals SET state=?, data=? WHERE id=? AND data=?",
+                           (state, data, approval_id, previous)) == 1
+
+    # -- the replicas' event sequence
+
+    def append_event(self, *, origin: str, kind: str, data: str, at: datetime) -> int:
+        """Append one event; returns its sequence number. Raises: StoreError."""
+        rows = self._exec("INSERT INTO events (origin, kind, data, at) VALUES (?,?,?,?) "
+                          "RETURNING seq", (origin, kind, data, _ts(at)))
+        return int(str(rows[0][0]))
+
+    def events_after(self, seq: int, limit: int = 1000) -> list[StoreEvent]:
+        return [StoreEvent(int(str(r[0])), str(r[1]), str(r[2]), str(r[3]))
+                for r in self._exec("SELECT seq, origin, kind, data FROM events WHERE seq > ? "
+                                    "ORDER BY seq LIMIT ?", (seq, limit))]
+
+    def last_event_seq(self) -> int:
+        rows = self._exec("SELECT coalesce(max(seq), 0) FROM events")
+        return int(str(rows[0][0])) if rows else 0
+
+    def prune_events(self, before: datetime) -> int:
+        """Forget events older than ``before`` (every replica has long read them)."""
+        return self._count("DELETE FROM events WHERE at < ?", (_ts(before),))
+
     def give_back(self, spiffe_id: str, action_class: str, when: datetime) -> None:
         """Un-count one issuance taken at ``when`` (nothing was issued after all)."""
         self._exec("DELETE FROM budget_uses WHERE rowid_key IN (SELECT rowid_key FROM "
@@ -468,6 +534,8 @@ def _sqlite_step(db: sqlite3.Connection, version: int) -> None:
         have = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
         if column not in have:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    elif version == 5:
+        db.execute(EVENTS_SCHEMA)
 
 
 class SqliteStore(SqlStore):

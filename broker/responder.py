@@ -250,6 +250,15 @@ class Responder:
         #: One scan at a time: two would revoke, record and audit the same orphans twice.
         self._reconcile_lock = threading.Lock()
         self.metrics: Metrics | None = None
+        #: Set by the server on a shared store: tells the other replicas what was done here
+        #: (kind, data), so their sidecars hear it too.
+        self.replicate: Callable[[str, dict[str, Any]], None] | None = None
+        #: Whether this replica does the background work (the retry and reconcile loops).
+        self.is_leader: Callable[[], bool] = lambda: True
+
+    def _replicate(self, kind: str, data: dict[str, Any]) -> None:
+        if self.replicate is not None:
+            self.replicate(kind, data)
 
     @property
     def freezes(self) -> list[Freeze]:
@@ -397,8 +406,12 @@ class Responder:
                   **extra: Any) -> None:
         gone = [o.credential_id for o in outcomes if o.result in ("revoked", "already_dead",
                                                                    "pending")]
+        owners = {r.credential_id: r.spiffe_id for r in rows}
         self.bus.publish(BusEvent(credential_ids=tuple(gone), reason=reason, by=by),
-                         owners={r.credential_id: r.spiffe_id for r in rows})
+                         owners=owners)
+        if gone:
+            self._replicate("revoked", {"owners": {c: owners.get(c, "") for c in gone},
+                                        "reason": reason, "by": by})
         self.audit.append_or_queue(
             "credentials.revoked", by=by, reason=reason, selector=selector,
             credential_ids=[o.credential_id for o in outcomes],
@@ -421,6 +434,8 @@ class Responder:
     def run_retry_loop(self, interval: float = 2.0) -> None:
         """Until :meth:`close`: enforce freezes Vault missed, retry pending revocations."""
         while not self._stop.wait(interval):
+            if not self.is_leader():
+                continue
             try:
                 self.enforce_pending_freezes()
                 self.retry_pending()
@@ -475,6 +490,8 @@ class Responder:
         self.bus.publish(BusEvent(action_class=pattern if kind == "action_class" else "",
                                   identity_pattern=pattern if kind == "spiffe_id" else "",
                                   reason=reason, by=by))
+        self._replicate("freeze", {"id": fz.id, "kind": kind, "pattern": pattern,
+                                   "reason": reason, "by": by})
         enforced, found, error = self._enforce(fz, set(entities))
         enforced_ms = (time.perf_counter() - started) * 1000
         self.audit.append_or_queue(
@@ -648,6 +665,7 @@ class Responder:
                     except CredbrokerError:
                         pass
                 raise
+        self._replicate("unfreeze", {"kind": kind, "pattern": pattern})
         return [f for f, _ in lifted]
 
     def refresh_freezes(self) -> list[Freeze]:
@@ -841,6 +859,8 @@ class Responder:
             self._wake.clear()
             if self._stop.is_set():
                 return
+            if not self.is_leader():  # the leader resolves every replica's intents
+                continue
             full = time.monotonic() - last_full >= full_every
             report = self.reconcile(full=full)
             if full:  # a class removed while Vault was down: its policy emptied now

@@ -36,7 +36,7 @@ from broker.federation import FederatedBundles
 from broker.observability import HealthMonitor, Metrics
 from broker.people import ResponderGate
 from broker.registry import SqlStore, open_store
-from broker.replicas import FreezeFollower
+from broker.replicas import Leadership, ReplicaFollower, new_replica_id
 from broker.responder import BusEvent, Responder, RevocationBus
 from broker.service import Authenticator, BrokerService, ScopeMapHolder
 from broker.tls import SERVER_KEEPALIVE, local_authorities, pem_material, server_credentials
@@ -114,7 +114,10 @@ class BrokerServer:
         self._reload_lock = threading.Lock()
         self.audit: AuditLog | None = None
         self.store: SqlStore | None = None
-        self._follower: FreezeFollower | None = None
+        self._follower: ReplicaFollower | None = None
+        self.leadership: Leadership | None = None
+        #: This process among the replicas (events it writes, the leader lock's session).
+        self.replica_id = new_replica_id()
         self.responder: Responder | None = None
         self.desk: ApprovalDesk | None = None
         self.health: HealthMonitor | None = None
@@ -166,8 +169,20 @@ class BrokerServer:
                                    bus=RevocationBus(), scope_map=lambda: holder.current,
                                    clock=self._clock)
         self._vault = vault
-        if self.store.shared:  # other replicas freeze too: follow the store's list
-            self._follower = FreezeFollower(self.responder).start()
+        responder = self.responder
+
+        def leading(now: bool) -> None:
+            self.metrics.leader.set(1 if now else 0)
+            if now:  # whatever the last leader left (its intents too) is ours now
+                responder.reconcile_soon()
+
+        self.leadership = Leadership(self.store, replica_id=self.replica_id,
+                                     on_change=leading).start()
+        self.responder.is_leader = self.leadership.is_leader
+        if self.store.shared:  # other replicas revoke, freeze and approve too: follow them
+            self._follower = ReplicaFollower(self.responder, replica_id=self.replica_id,
+                                             leader=self.leadership.is_leader).start()
+            self.responder.replicate = self._follower.publish
         # Crash recovery and Vault set-up never keep the broker from starting: what
         # cannot be done now is pending, retried in the background, and health says so.
         try:
@@ -205,9 +220,10 @@ class BrokerServer:
         if recovered.error:
             _log.error("crash recovery postponed until Vault answers: %s", recovered.error)
         try:
-            self.responder.enforce_pending_freezes()
-            self.responder.retry_pending()
-            self.responder.revoke_frozen_leftovers(min_age=timedelta(0))
+            if self.leadership.is_leader():  # else the leader's loops do it
+                self.responder.enforce_pending_freezes()
+                self.responder.retry_pending()
+                self.responder.revoke_frozen_leftovers(min_age=timedelta(0))
         except CredbrokerError as exc:
             _log.error("pending freezes and revocations: retried in the background (%s)", exc)
         threading.Thread(target=self.responder.run_retry_loop, daemon=True,
@@ -228,6 +244,10 @@ class BrokerServer:
             local_authorities=lambda: local_authorities(x509_source, me.trust_domain))
         self.desk = ApprovalDesk(store=self.store, audit=self.audit, config=cfg.approvers,
                                  clock=self._clock)
+        self.desk.is_leader = self.leadership.is_leader
+        if self._follower is not None:
+            self._follower.desk = self.desk
+            self.desk.replicate = self._follower.publish
         verifier = OidcVerifier(cfg.approvers)
         if not cfg.approvers.issuer and not cfg.automation_ids:
             _log.warning("no OIDC issuer (--approver-issuer) and no --automation-id: nobody can "
@@ -513,7 +533,8 @@ class BrokerServer:
 
     def _watch_vault_drift(self) -> None:
         while not self.stopped.wait(self.config.vault_drift_interval):
-            self.check_vault_drift()
+            if self.leadership is None or self.leadership.is_leader():  # one replica corrects
+                self.check_vault_drift()
 
     def checkpoint(self) -> None:
         """Sign a checkpoint now (SIGUSR1 does this). Never raises: failures are logged."""
@@ -544,6 +565,8 @@ class BrokerServer:
             self._health_server.stop(0)
         if self._follower is not None:
             self._follower.stop()
+        if self.leadership is not None:
+            self.leadership.stop()  # another replica takes the lock at once
         if self.responder is not None:
             self.responder.bus.close()
         if self.desk is not None:

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -29,6 +30,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from broker.errors import ConfigError
 from broker.registry import (
     BUDGET_SCHEMA,
+    EVENTS_SCHEMA,
     LEASE_PREFIX_COLUMN,
     SCHEMA,
     SCHEMA_VERSION,
@@ -48,6 +50,11 @@ FIRST_PG_VERSION = 3
 POOL_TIMEOUT = 5.0
 
 PG_SCHEMA = re.sub(r"\bREAL\b", "DOUBLE PRECISION", SCHEMA + BUDGET_SCHEMA)
+PG_EVENTS_SCHEMA = re.sub(r"\bREAL\b", "DOUBLE PRECISION", EVENTS_SCHEMA).replace(
+    "INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+#: NOTIFY channel an appended event wakes the other replicas on (a wake-up only: they
+#: poll the sequence anyway, since notifications are not durable).
+EVENTS_CHANNEL = "credbroker_events"
 
 _DB_ERRORS = (psycopg.Error, PoolTimeout, PoolClosed)
 
@@ -101,6 +108,8 @@ class PostgresStore(SqlStore):
                                     check=ConnectionPool.check_connection,
                                     kwargs={"connect_timeout": max(1, int(timeout))})
         self._closed = threading.Event()
+        self._timeout = timeout
+        self._conninfo = url
         try:
             self._pool.open(wait=True, timeout=timeout)
         except _DB_ERRORS as exc:
@@ -160,6 +169,10 @@ class PostgresStore(SqlStore):
                                  f"{definition}")
                     conn.execute("INSERT INTO schema_version VALUES (%s, %s) ON CONFLICT "
                                  "DO NOTHING", (4, datetime.now(UTC).timestamp()))
+                if before < 5:
+                    conn.execute(PG_EVENTS_SCHEMA)
+                    conn.execute("INSERT INTO schema_version VALUES (%s, %s) ON CONFLICT "
+                                 "DO NOTHING", (5, datetime.now(UTC).timestamp()))
         except _DB_ERRORS as exc:
             raise StoreError(self._failed(exc, "could not be migrated")) from None
         return before, SCHEMA_VERSION
@@ -208,6 +221,24 @@ class PostgresStore(SqlStore):
         except _DB_ERRORS as exc:
             raise StoreError(self._failed(exc)) from None
 
+    def append_event(self, *, origin: str, kind: str, data: str, at: datetime) -> int:
+        """Append one event under a table lock held to the commit, so sequence numbers
+        become visible in order; NOTIFY wakes the other replicas at the commit.
+
+        Raises: StoreError.
+        """
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("SET LOCAL lock_timeout = '10s'")
+                conn.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+                row = conn.execute("INSERT INTO events (origin, kind, data, at) VALUES "
+                                   "(%s, %s, %s, %s) RETURNING seq",
+                                   (origin, kind, data, _ts(at))).fetchone()
+                conn.execute(f"NOTIFY {EVENTS_CHANNEL}")
+                return int(row[0]) if row else 0
+        except _DB_ERRORS as exc:
+            raise StoreError(self._failed(exc)) from None
+
     @contextmanager
     def budget_hold(self, spiffe_id: str, action_class: str, now: datetime,
                     horizon: timedelta) -> Iterator[BudgetHold]:
@@ -229,6 +260,20 @@ class PostgresStore(SqlStore):
                 yield _PgHold(conn, key, recent)
         except _DB_ERRORS as exc:
             raise StoreError(self._failed(exc)) from None
+
+    def session(self, application_name: str) -> psycopg.Connection[tuple[Any, ...]]:
+        """A dedicated autocommit connection outside the pool (the leader lock, LISTEN):
+        its session is what holds a session-level lock. Dead peers are noticed by TCP
+        keepalives on both ends; no statement runs longer than 5 s.
+
+        Raises: psycopg.Error.
+        """
+        return psycopg.connect(
+            self._conninfo, autocommit=True, connect_timeout=max(1, int(self._timeout)),
+            application_name=application_name, keepalives=1, keepalives_idle=5,
+            keepalives_interval=2, keepalives_count=3,
+            options="-c statement_timeout=5000 -c tcp_keepalives_idle=5 "
+                    "-c tcp_keepalives_interval=2 -c tcp_keepalives_count=3")
 
     def check(self) -> None:
         """For health checks: PostgreSQL answers and takes a write (not a read-only standby).

@@ -220,7 +220,9 @@ class BrokerProcess:
                 "--workload-api", cfg.workload_api_socket, "--scope-map",
                 str(cfg.scope_map_path), "--vault-addr", cfg.vault_addr, "--ready-file",
                 str(self.ready), "--audit-log", str(cfg.audit_path), "--audit-key",
-                str(cfg.audit_key_path), "--registry", str(cfg.registry_path)]
+                str(cfg.audit_key_path)]
+        args += ["--store", cfg.store_url] if cfg.store_url else \
+            ["--registry", str(cfg.registry_path)]
         for admin in cfg.admin_ids:
             args += ["--admin-id", admin]
         with self.log.open("ab") as out:

@@ -2,27 +2,55 @@
 
 Budgets are one budget for all of them (and survive restarts); a freeze made through one
 is in force for issuance on the others within a second and is kept by every start-up
-Vault sync; a stopped PostgreSQL makes them fail closed and they recover when it returns.
+Vault sync; a revocation or freeze through one reaches the sidecars watching another
+within a second; an approval granted through one releases the sidecar waiting on another,
+and is used once across them; one replica leads the background work (one escalation
+webhook, not one per replica) and another takes over when its session dies or it stops;
+a stopped PostgreSQL makes them fail closed and they recover when it returns.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import grpc
 import hvac
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
+from broker.approvers import ApproverConfig, DevIssuer
+from broker.audit import read_records
 from broker.devstack import OpenBaoDev
 from broker.errors import ERROR_CODE_MD_KEY
+from broker.replicas import LEADER_LOCK
 from broker.server import BrokerServer
-from tests.integration.conftest import ADMIN, CONTAINMENT, TRIAGE, Identity, broker_config
-from tests.integration.helpers import EVENT, admin_stub, issue_request, stub, svid
+from tests.integration.conftest import (
+    ADMIN,
+    CONTAINMENT,
+    TRIAGE,
+    Identity,
+    broker_config,
+    start_sidecar,
+    vault_as,
+)
+from tests.integration.helpers import (
+    EVENT,
+    admin_stub,
+    approvals_stub,
+    issue_request,
+    stub,
+    svid,
+)
 from tests.pgserver import PgServer
 
 Factory = Callable[..., BrokerServer]
@@ -180,3 +208,209 @@ def test_postgres_stopped_fails_closed_and_recovers_without_a_restart(
         assert _mint(server, identity).credential.token  # the pool reconnected
     finally:
         own.destroy()
+
+
+def _sql(server: BrokerServer, query: str, *args: object) -> list[tuple[Any, ...]]:
+    """The store as PostgreSQL itself answers (not through the broker's code)."""
+    with psycopg.connect(server.config.store_url, autocommit=True) as conn:
+        return conn.execute(query, args).fetchall()  # type: ignore[arg-type]
+
+
+def test_a_revocation_or_freeze_through_one_replica_reaches_sidecars_of_another(
+        replicas: Factory, identity: Identity, vault_root: hvac.Client) -> None:
+    a, b = replicas(), replicas()
+    cred = _mint(b, identity).credential  # issued by b, to a sidecar watching b
+    stream = stub(b.port, identity.ca, svid(identity.ca, TRIAGE)).WatchRevocations(
+        pb.WatchRevocationsRequest(), timeout=60)
+    admin = admin_stub(a.port, identity.ca, svid(identity.ca, ADMIN))
+    try:
+        first = next(stream)
+        assert cred.credential_id in first.sync.live_credential_ids
+        started = time.monotonic()
+        list(admin.RevokeCredentials(pb.RevokeCredentialsRequest(
+            selector=pb.Selector(spiffe_id=TRIAGE), reason="leaked in a ticket"), timeout=30))
+        event = next(e for e in stream if e.HasField("revoked"))
+        assert list(event.revoked.credential_ids) == [cred.credential_id]
+        assert time.monotonic() - started < 1.0
+        # OpenBao's own view: the token is gone; the store's: revoked, by whom.
+        with pytest.raises(hvac.exceptions.InvalidRequest):
+            vault_root.auth.token.lookup_accessor(cred.credential_id)
+        assert _sql(a, "SELECT state, revoked_by FROM credentials WHERE credential_id=%s",
+                    cred.credential_id) == [("revoked", f"automation:{ADMIN}")]
+        started = time.monotonic()
+        admin.Freeze(pb.FreezeRequest(action_class="enrichment", reason="bad TI feed"),
+                     timeout=30)
+        frozen = next(e for e in stream if e.HasField("frozen"))
+        assert frozen.frozen.action_class == "enrichment"
+        assert frozen.frozen.reason == "bad TI feed"
+        assert time.monotonic() - started < 1.0
+        kinds = [k for (k,) in _sql(a, "SELECT kind FROM events ORDER BY seq")]
+        assert kinds == ["revoked", "freeze"]
+    finally:
+        stream.cancel()
+        try:
+            admin.Unfreeze(pb.UnfreezeRequest(action_class="enrichment", reason="done"),
+                           timeout=30)
+        except grpc.RpcError:
+            pass
+
+
+MAP = Path(__file__).parent.parent / "data" / "approvals-map.yaml"
+ISOLATE = {"action_class": "containment.isolate_host", "target": "ws-7",
+           "initiating_event": {"source": "splunk", "id": "N-77", "summary": "C2"},
+           "justification": "isolate ws-7"}
+
+
+class _Hooks(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        _Hooks.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+@pytest.fixture
+def approving(bao: OpenBaoDev, identity: Identity, postgres: Any,
+              short_tmp: Path) -> Iterator[tuple[Callable[[], BrokerServer], DevIssuer, _Clock]]:
+    """Replicas with the approvals map, one dev IdP, one webhook and one clock."""
+    d = Path(tempfile.mkdtemp(prefix="rappr-", dir=short_tmp))
+    idp = DevIssuer(d)
+    hooks = HTTPServer(("127.0.0.1", 0), _Hooks)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    _Hooks.received = []
+    clock = _Clock()
+    url = postgres.new_database()
+    started: list[BrokerServer] = []
+
+    def make() -> BrokerServer:
+        cfg = broker_config(bao, identity, scope_map_path=MAP, store_url=url,
+                            approvers=ApproverConfig(
+                                issuer=DevIssuer.ISSUER, jwks_path=idp.jwks_path,
+                                webhook_url=f"http://127.0.0.1:{hooks.server_port}/hook"))
+        server = BrokerServer(cfg, clock=clock)
+        server.start()
+        started.append(server)
+        return server
+
+    yield make, idp, clock
+    for s in started:
+        if not s.stopped.is_set():
+            s.stop(grace=0)
+    hooks.shutdown()
+
+
+def test_an_approval_through_one_replica_releases_the_sidecar_waiting_on_another(
+        approving: tuple[Callable[[], BrokerServer], DevIssuer, _Clock], identity: Identity,
+        bao: OpenBaoDev, vault_root: hvac.Client, short_tmp: Path) -> None:
+    make, idp, _ = approving
+    a, b = make(), make()
+    sc = start_sidecar(identity, "containment", f"127.0.0.1:{b.port}", short_tmp / "rb.sock")
+    try:
+        status, pending = sc.client.raw("POST", "/v1/credentials", ISOLATE)
+        assert status == 202, pending
+        approvals_a = approvals_stub(a.port, identity.ca,
+                                     svid(identity.ca, ADMIN, ttl=timedelta(hours=1)))
+        # Opened through b, listed through a within a second.
+        _until(lambda: pending["approval_id"] in [
+            x.id for x in approvals_a.ListApprovals(pb.ListApprovalsRequest(),
+                                                   timeout=10).approvals],
+            "the approval opened through b is not listed by a", 1.0)
+        result: dict[str, Any] = {}
+
+        def wait() -> None:
+            result["status"], result["body"] = sc.client.raw(
+                "GET", f"/v1/approvals/{pending['approval_id']}?wait=20")
+            result["at"] = time.monotonic()
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.3)  # the sidecar waits on b
+        approved_at = time.monotonic()
+        info = approvals_a.Approve(pb.ApprovalDecisionRequest(
+            approval_id=pending["approval_id"], reason="alice decides",
+            id_token=idp.id_token("alice@example.org")), timeout=10)
+        assert info.state == "approved"
+        waiter.join(25)
+        assert result.get("status") == 200, result
+        assert result["at"] - approved_at < 1.0
+        cred = result["body"]
+        assert cred["approval"]["approved_by"] == ["alice@example.org"]
+        # OpenBao's view: the token b minted is live and does the job.
+        meta = vault_root.auth.token.lookup_accessor(cred["credential_id"])["data"]["meta"]
+        assert meta["action_class"] == "containment.isolate_host"
+        vault_as(bao, cred["token"]).secrets.kv.v2.read_secret_version(
+            path="soc/containment/edr", raise_on_deleted_version=False)
+        # Used once across the replicas: through a, the same approval is refused.
+        with pytest.raises(grpc.RpcError) as err:
+            stub(a.port, identity.ca, svid(identity.ca, CONTAINMENT)).IssueCredential(
+                pb.IssueCredentialRequest(
+                    action_class="containment.isolate_host", target="ws-7",
+                    justification="isolate ws-7", approval_id=pending["approval_id"],
+                    initiating_event=pb.InitiatingEvent(source="splunk", id="N-77",
+                                                        summary="C2")), timeout=15)
+        assert "already used" in (err.value.details() or "")
+        assert _sql(a, "SELECT state FROM approvals WHERE id=%s",
+                    pending["approval_id"]) == [("used",)]
+        # The vote is on record in a's audit log, the use in b's.
+        assert any(r["type"] == "approval.approved" and r.get("approval_id") ==
+                   pending["approval_id"] for r in read_records(a.config.audit_path))
+        assert any(r["type"] == "approval.used" and r.get("approval_id") ==
+                   pending["approval_id"] for r in read_records(b.config.audit_path))
+    finally:
+        sc.http.close()
+        sc.service.stop_watching()
+        sc.service.client.close()
+
+
+def test_one_leader_escalates_and_another_takes_over_when_it_dies_or_stops(
+        approving: tuple[Callable[[], BrokerServer], DevIssuer, _Clock], identity: Identity
+        ) -> None:
+    make, _, clock = approving
+    a, b = make(), make()
+    assert a.leadership is not None and b.leadership is not None
+    assert a.leadership.is_leader() and not b.leadership.is_leader()
+
+    def holder() -> list[str]:  # who holds the leader lock, as PostgreSQL says
+        return [n for (n,) in _sql(
+            a, "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+               "WHERE l.locktype='advisory' AND l.granted AND "
+               "(l.classid::bigint << 32 | l.objid::bigint) = %s", LEADER_LOCK)]
+
+    assert holder() == [f"credbroker-leader-{a.replica_id}"]
+    # Background work happens once: one escalation webhook, one record, not one per replica.
+    status = stub(b.port, identity.ca, svid(identity.ca, CONTAINMENT)).IssueCredential(
+        pb.IssueCredentialRequest(action_class="containment.isolate_host", target="ws-1",
+                                  justification="isolate",
+                                  initiating_event=EVENT), timeout=15)
+    approval_id = status.approval.id
+    clock.offset = timedelta(minutes=5, seconds=1)
+    _until(lambda: bool(_Hooks.received), "no escalation webhook", 5)
+    time.sleep(2.5)  # every replica's ticker ran twice meanwhile
+    assert [(h["approval_id"], h["notify"]) for h in _Hooks.received] == [
+        (approval_id, "ir-oncall")]
+    escalated = [[r for r in read_records(s.config.audit_path)
+                  if r["type"] == "approval.escalated"] for s in (a, b)]
+    assert len(escalated[0]) == 1 and escalated[1] == []
+    # The leader's session dies (a failover, a network cut): b leads within ~2 s, a knows.
+    _sql(a, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name=%s",
+         f"credbroker-leader-{a.replica_id}")
+    _until(lambda: b.leadership.is_leader() and not a.leadership.is_leader(),
+           "b did not take over from a whose session died", 3)
+    assert holder() == [f"credbroker-leader-{b.replica_id}"]
+    assert a.leadership.lost == 1
+    # The leader stops: the lock is handed over at once.
+    b.stop(grace=0)
+    _until(a.leadership.is_leader, "a did not take over from b, which stopped", 3)
+    assert holder() == [f"credbroker-leader-{a.replica_id}"]

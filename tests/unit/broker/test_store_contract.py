@@ -217,6 +217,75 @@ def test_approvals_are_saved_replaced_and_deleted(store: SqlStore) -> None:
     assert store.load_approvals() == ['{"id": "a1", "v": 2}']
 
 
+def test_an_approval_is_changed_only_over_what_its_writer_read(opener: Opener) -> None:
+    """Two brokers voting on one approval at once: the second write, made over a state
+    the first already replaced, is refused (it reads again and decides again)."""
+    a, b = opener(), opener()
+    assert a.replace_approval("a1", "pending", "v1", previous=None)
+    assert not b.replace_approval("a1", "pending", "v1-again", previous=None)  # exists
+    assert b.load_approval("a1") == "v1"
+    assert a.replace_approval("a1", "pending", "v2 (a voted)", previous="v1")
+    assert not b.replace_approval("a1", "approved", "v2 (b voted)", previous="v1")
+    assert b.load_approval("a1") == "v2 (a voted)"
+    assert b.replace_approval("a1", "approved", "v3 (b voted too)", previous="v2 (a voted)")
+    assert a.load_approval("a1") == "v3 (b voted too)"
+    assert a.load_approval("nope") is None
+
+
+def test_events_are_read_in_sequence_by_every_store_on_the_database(opener: Opener) -> None:
+    a, b = opener(), opener()
+    start = b.last_event_seq()
+    seqs = [a.append_event(origin="ra", kind="revoked", data=f'{{"n": {n}}}', at=T0)
+            for n in range(3)]
+    seqs.append(b.append_event(origin="rb", kind="freeze", data="{}", at=T0 + DAY))
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+    got = b.events_after(start)
+    assert [(e.seq, e.origin, e.kind) for e in got] == [
+        (seqs[0], "ra", "revoked"), (seqs[1], "ra", "revoked"), (seqs[2], "ra", "revoked"),
+        (seqs[3], "rb", "freeze")]
+    assert got[1].data == '{"n": 1}'
+    assert [e.seq for e in a.events_after(seqs[1], limit=1)] == [seqs[2]]
+    assert a.last_event_seq() == seqs[3]
+    assert a.prune_events(T0 + timedelta(hours=1)) == 3
+    assert [e.seq for e in b.events_after(start)] == [seqs[3]]
+    assert b.append_event(origin="rb", kind="x", data="{}", at=T0) > seqs[3]  # never reused
+
+
+def test_concurrent_event_appends_become_visible_in_sequence_order(opener: Opener) -> None:
+    """A reader that saw seq N saw every event below it: no late commit behind its back."""
+    a, b, reader = opener(), opener(), opener()
+    start = reader.last_event_seq()
+    seen: list[int] = []
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(store: SqlStore, origin: str) -> None:
+        try:
+            for n in range(40):
+                store.append_event(origin=origin, kind="k", data=str(n), at=T0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def read() -> None:
+        last = start
+        while not done.is_set() or last < reader.last_event_seq():
+            for ev in reader.events_after(last):
+                seen.append(ev.seq)
+                last = ev.seq
+
+    writers = [threading.Thread(target=write, args=(s, o)) for s, o in ((a, "a"), (b, "b"))]
+    r = threading.Thread(target=read)
+    r.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(60)
+    done.set()
+    r.join(60)
+    assert errors == []
+    assert len(seen) == 80 and seen == sorted(seen)
+
+
 def test_unresolved_state_survives_a_restart(opener: Opener) -> None:
     first = opener()
     _intent(first, "lost")
