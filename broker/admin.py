@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.core.revocation import Freeze, Selector, check_known
+from broker.core.revocation import Selector, check_known
 from broker.errors import InvalidRequestError, PolicyError
 from broker.inputs import (
     ACTION_CLASS_MAX,
@@ -29,7 +29,7 @@ from broker.inputs import (
 from broker.people import Actor, ResponderGate
 from broker.registry import CredentialRow
 from broker.responder import Responder
-from broker.service import Authenticator, _boundary
+from broker.service import Authenticator, _boundary, freeze_response, freeze_to_proto
 
 _log = logging.getLogger("credbroker.admin")
 
@@ -68,11 +68,6 @@ def row_to_proto(r: CredentialRow, event: tuple[str, str] | None = None) -> pb.C
     if event is not None:
         info.initiating_event.CopyFrom(pb.InitiatingEvent(source=event[0], id=event[1]))
     return info
-
-
-def freeze_to_proto(f: Freeze) -> pb.FreezeInfo:
-    return pb.FreezeInfo(id=f.id, kind=f.kind, pattern=f.pattern, reason=f.reason, by=f.by,
-                         created_at=_ts(f.created_at))
 
 
 class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
@@ -189,13 +184,7 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
                          fz.pattern, res.credentials_matched,
                          f"Vault enforced in {res.enforced_ms:.1f} ms" if not res.vault_pending
                          else "Vault enforcement PENDING", fz.reason)
-            return pb.FreezeResponse(freeze=freeze_to_proto(fz),
-                                     credentials_matched=res.credentials_matched,
-                                     vault_entities_disabled=res.entities_disabled,
-                                     vault_policy_frozen=res.policy_frozen,
-                                     vault_enforced_ms=res.enforced_ms,
-                                     vault_pending=res.vault_pending,
-                                     vault_error=res.vault_error)
+            return freeze_response(res)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def Unfreeze(self, request: pb.UnfreezeRequest,

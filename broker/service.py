@@ -74,7 +74,7 @@ from broker.inputs import (
     is_id,
 )
 from broker.observability import Metrics
-from broker.responder import AUTO_FREEZE_BY, SELF_FREEZE_BY, BusEvent, Responder
+from broker.responder import AUTO_FREEZE_BY, SELF_FREEZE_BY, BusEvent, FreezeResult, Responder
 from broker.vault import MintedToken, VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
@@ -575,7 +575,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                         actor={"kind": "self", "client": me, "x509_serial": caller.x509_serial,
                                "jwt_id": caller.jwt_id})
             if mine is not None:  # frozen by itself already: nothing new to record
-                return pb.FreezeResponse(freeze=_freeze_info(mine))
+                return pb.FreezeResponse(freeze=freeze_to_proto(mine))
             self._metrics.self_freezes.inc()
             classes = [c for c in self._maps.current.classes.values()
                        if any(p.matches(caller.spiffe_id) for p in c.workloads)]
@@ -588,13 +588,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 notify=list(dict.fromkeys(e for c in classes for e in c.escalation)),
                 action_classes=[c.name for c in classes],
                 credentials_matched=res.credentials_matched, vault_pending=res.vault_pending)
-            return pb.FreezeResponse(freeze=_freeze_info(res.freeze),
-                                     credentials_matched=res.credentials_matched,
-                                     vault_entities_disabled=res.entities_disabled,
-                                     vault_policy_frozen=res.policy_frozen,
-                                     vault_enforced_ms=res.enforced_ms,
-                                     vault_pending=res.vault_pending,
-                                     vault_error=res.vault_error)
+            return freeze_response(res)
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
 
     def _mint(self, caller: Caller, req: CredentialRequest, request_id: str, cls: ActionClass,
@@ -873,9 +867,20 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 "request": request_to_json(req), "served_at": rfc3339(served)}
 
 
-def _freeze_info(f: Freeze) -> pb.FreezeInfo:
+def freeze_to_proto(f: Freeze) -> pb.FreezeInfo:
     return pb.FreezeInfo(id=f.id, kind=f.kind, pattern=f.pattern, reason=f.reason, by=f.by,
                          created_at=_ts(f.created_at))
+
+
+def freeze_response(res: FreezeResult) -> pb.FreezeResponse:
+    """The answer to a freeze (a responder's or a workload's own): what is done, what pends."""
+    return pb.FreezeResponse(freeze=freeze_to_proto(res.freeze),
+                             credentials_matched=res.credentials_matched,
+                             vault_entities_disabled=res.entities_disabled,
+                             vault_policy_frozen=res.policy_frozen,
+                             vault_enforced_ms=res.enforced_ms,
+                             vault_pending=res.vault_pending,
+                             vault_error=res.vault_error)
 
 
 def _revocation_event(ev: BusEvent) -> pb.RevocationEvent:
