@@ -1,8 +1,8 @@
 """``limits.per_workload`` budgets counted in the credential store.
 
-Same interface as the in-memory ``UsageTracker`` the service used before (reserve →
-record → forget), but every count lives in the store: a restart does not reset a
-budget, and several brokers on one PostgreSQL store share one budget exactly (the store
+One context per issuance (:meth:`StoreBudget.spend`: hold, decide, take, commit — and
+give back if the issuance fails), and every count lives in the store: a restart does not
+reset a budget, and several brokers on one PostgreSQL store share one budget exactly (the store
 holds a per-(identity, class) lock across the count and the slot taken).
 
 In this process a decision also waits only for decisions of the same identity and
@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from broker.errors import CredbrokerError
-from broker.registry import BudgetHold, CredentialStore
+from broker.registry import CredentialStore
 
 _log = logging.getLogger("credbroker.budget")
+
+_D = TypeVar("_D")
 
 #: Issuances older than this are never counted (the longest budget window is a day).
 HORIZON = timedelta(days=1)
@@ -33,7 +36,6 @@ class StoreBudget:
         self._horizon = horizon
         self._guard = threading.Lock()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self._held = threading.local()
 
     def _lock(self, key: tuple[str, str]) -> threading.Lock:
         with self._guard:
@@ -43,33 +45,40 @@ class StoreBudget:
             return lock
 
     @contextmanager
-    def reserve(self, key: tuple[str, str], now: datetime) -> Iterator[tuple[datetime, ...]]:
-        """Hold the key's budget (here and in the store): yield the issuances counted in the
-        horizon; :meth:`record` inside takes one more, committed when this exits cleanly.
+    def spend(self, key: tuple[str, str], now: datetime,
+              decide: Callable[[tuple[datetime, ...]], tuple[_D, bool]], *,
+              counted: bool = True) -> Iterator[_D]:
+        """Decide one issuance and spend the key's budget for it, as one context.
 
-        Raises: StoreError (the store could not be used: nothing is decided).
+        ``decide(recent)`` runs while the key is held (in this process and in the store,
+        so no decision of any replica counts it meanwhile) with the issuances counted in
+        the horizon, and returns ``(value, take)``. With ``take`` one slot is counted and
+        committed when the hold is released — before the body runs, so no concurrent
+        decision passes the budget. The body is the issuance: if it raises, the slot is
+        given back (nothing was issued); a clean exit keeps it. ``counted=False`` (the
+        class has no budget): nothing is held or counted, ``decide(())`` runs at once.
+
+        Raises: StoreError (the store could not be used: nothing was decided), and what
+            ``decide`` or the body raise.
         """
+        if not counted:
+            yield decide(())[0]
+            return
         with self._lock(key), self._store.budget_hold(key[0], key[1], now,
                                                       self._horizon) as hold:
-            holds: dict[tuple[str, str], BudgetHold] = self._held.__dict__.setdefault(
-                "holds", {})
-            holds[key] = hold
-            try:
-                # A slot taken by a decision whose clock read later than ours (it got the
-                # hold first; another replica's clock) is spent all the same: count it as now.
-                yield tuple(min(t, now) for t in hold.recent)
-            finally:
-                holds.pop(key, None)
+            # A slot taken by a decision whose clock read later than ours (it got the hold
+            # first; another replica's clock) is spent all the same: count it as now.
+            value, take = decide(tuple(min(t, now) for t in hold.recent))
+            if take:
+                hold.take(now)
+        try:
+            yield value
+        except BaseException:
+            if take:
+                self._give_back(key, now)
+            raise
 
-    def record(self, key: tuple[str, str], when: datetime) -> None:
-        """Count an issuance (call while holding :meth:`reserve` for ``key``)."""
-        holds: dict[tuple[str, str], BudgetHold] = self._held.__dict__.get("holds", {})
-        hold = holds.get(key)
-        if hold is None:
-            raise RuntimeError(f"record({key!r}) outside reserve()")
-        hold.take(when)
-
-    def forget(self, key: tuple[str, str], when: datetime) -> None:
+    def _give_back(self, key: tuple[str, str], when: datetime) -> None:
         """Give back the issuance counted at ``when`` (nothing was issued after all). Never
         raises: when the store cannot be written, the slot stays counted (fail closed: a
         budget may run out early, never late) and the caller's own error is what counts."""

@@ -26,7 +26,6 @@ import functools
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
 import jwt
@@ -38,15 +37,6 @@ from spiffe.svid.jwt_svid import JwtSvid
 
 from broker.core.spiffeid import SpiffeId
 from broker.errors import IdentityError, InvalidSpiffeIdError
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Caller:
-    spiffe_id: SpiffeId
-    x509_serial: str  # hex; how the identity was proven (audit)
-    jwt_id: str = ""  # the JWT-SVID's jti when one was presented
-    #: The caller's trust domain when it is a federated (foreign) one; "" for our own.
-    federated_from: str = ""
 
 
 def spiffe_id_from_certificate(

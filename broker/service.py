@@ -14,11 +14,10 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -34,35 +33,32 @@ from broker.audit import AuditLog
 from broker.budget import StoreBudget
 from broker.core import approvals as ap
 from broker.core.approvals import ApprovalError, ApprovalNotFoundError
-from broker.core.limits import Trip, counts_as_denial, denial_trip, exceed_trip
 from broker.core.models import (
+    Caller,
     CredentialRequest,
     Decision,
     InitiatingEvent,
     Outcome,
 )
-from broker.core.records import decision_record, request_to_json, rfc3339
+from broker.core.records import request_to_json, rfc3339
 from broker.core.revocation import Freeze, first_freeze
-from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ActionClass, ScopeMap, evaluate
-from broker.core.spiffeid import SpiffeId
+from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ScopeMap
 from broker.errors import (
     ERROR_CODE_MD_KEY,
     RETRY_AFTER_MD_KEY,
     AuditError,
     CredbrokerError,
-    FrozenError,
     IdentityError,
     InvalidRequestError,
     NotFoundError,
     PolicyError,
     TooManyWaitsError,
     VaultError,
-    VaultPermissionError,
     VaultUnavailableError,
     spec_for,
 )
 from broker.federation import FederatedBundles
-from broker.identity import Caller, JwtSvidCache, check_chain, spiffe_id_from_certificate
+from broker.identity import JwtSvidCache, check_chain, spiffe_id_from_certificate
 from broker.inputs import (
     ACTION_CLASS_MAX,
     CACHE_HITS_MAX,
@@ -73,9 +69,10 @@ from broker.inputs import (
     check_length,
     is_id,
 )
+from broker.issuance import DeniedByPolicy, Issued, Issuer, PendingApproval
 from broker.observability import Metrics
-from broker.responder import AUTO_FREEZE_BY, SELF_FREEZE_BY, BusEvent, FreezeResult, Responder
-from broker.vault import MintedToken, VaultAdapter
+from broker.responder import BusEvent, FreezeResult, Responder
+from broker.vault import VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
 
@@ -107,13 +104,6 @@ HITS_PER_CREDENTIAL = 1_000
 HIT_CLOCK_SKEW = timedelta(seconds=30)
 
 
-class DeniedByPolicy(Exception):
-    """Internal carrier of a deny Decision to the boundary (never leaves this module)."""
-
-    def __init__(self, decision: Decision) -> None:
-        self.decision = decision
-
-
 class ScopeMapHolder:
     """The scope map in force. Swapped atomically as a whole, read without locks."""
 
@@ -131,30 +121,6 @@ class ScopeMapHolder:
     def replace(self, scope_map: ScopeMap) -> None:
         with self._lock:
             self._map = scope_map
-
-
-class DenialCounter:
-    """Recent denial times per (identity, class), for ``limits.denials``. In memory (a
-    restart forgets them); only classes of the map are counted (bounded keys)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._times: dict[tuple[str, str], deque[datetime]] = {}
-
-    def add(self, key: tuple[str, str], now: datetime, window: timedelta) -> tuple[datetime, ...]:
-        """Count a denial at ``now``; the denials of ``key`` within ``window``."""
-        with self._lock:
-            times = self._times.setdefault(key, deque())
-            times.append(now)
-            while times and times[0] <= now - window:
-                times.popleft()
-            return tuple(times)
-
-    def clear(self, spiffe_id: str) -> None:
-        """Forget an identity's denials (it was frozen: a lifted freeze starts afresh)."""
-        with self._lock:
-            for key in [k for k in self._times if k[0] == spiffe_id]:
-                del self._times[key]
 
 
 class NoClassAllowsError(PolicyError):
@@ -341,10 +307,11 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self._vault = vault
         self._auth = authenticator
         self._clock = clock
-        self._usage = StoreBudget(responder.store)  # counted in the store: shared, durable
-        self._denials = DenialCounter()
-        #: One automatic freeze per identity at a time (two requests tripping at once).
-        self._auto_freeze_lock = threading.Lock()
+        #: The issuance use case; this servicer only translates messages and errors.
+        self.issuer = Issuer(scope_maps=scope_maps, vault=vault, store=responder.store,
+                             budget=StoreBudget(responder.store),  # shared, durable
+                             audit=audit, responder=responder, desk=desk, clock=clock,
+                             metrics=self._metrics)
         self._hits_lock = threading.Lock()
         self._recorded_hits: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._hits_per_credential: OrderedDict[str, int] = OrderedDict()
@@ -359,9 +326,9 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         try:
             with _boundary(context, request_id, "IssueCredential"):
                 caller = self._auth.authenticate(context)
-                return self._issue(caller, request_from_proto(request), request_id,
-                                   approval_id=request.approval_id,
-                                   break_glass=request.break_glass)
+                return issuance_response(request_id, self.issuer.issue(
+                    caller, request_from_proto(request), request_id,
+                    approval_id=request.approval_id, break_glass=request.break_glass))
         finally:
             label = request.action_class if request.action_class in self._maps.current.classes \
                 else "(unknown)"  # bounded label values
@@ -391,8 +358,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 raise ApprovalClosedError(f"approval {a.id} was {a.state} ({why}); nothing was "
                                           "issued", state=a.state)
             # Approved: decided again under the scope map and freezes in force right now.
-            return await self._blocking(self._issue, caller, a.request, a.request_id,
-                                        approval_id=a.id, break_glass=False)
+            return issuance_response(a.request_id, await self._blocking(
+                self.issuer.issue, caller, a.request, a.request_id, approval_id=a.id))
         raise AssertionError("unreachable: _aboundary aborts")  # pragma: no cover
 
     async def _blocking(self, fn: Callable[..., _T], *args: object, **kwargs: object) -> _T:
@@ -400,158 +367,6 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor,
                                           functools.partial(fn, *args, **kwargs))
-
-    def _issue(self, caller: Caller, req: CredentialRequest, request_id: str, *,
-               approval_id: str, break_glass: bool) -> pb.IssueCredentialResponse:
-        scope_map = self._maps.current
-        now = self._clock()
-        key = (str(caller.spiffe_id), req.action_class)
-        with self._usage.reserve(key, now) as recent:
-            decision = evaluate(scope_map, caller.spiffe_id, req, now, recent,
-                                self._responder.freezes, federated_from=caller.federated_from)
-            grant = decision.outcome is Outcome.ALLOW or (
-                decision.outcome is Outcome.NEEDS_APPROVAL and (approval_id or break_glass))
-            if grant:
-                self._usage.record(key, now)  # counted before minting: no race past a budget
-        _log.info("request_id=%s spiffe_id=%s action_class=%s outcome=%s rule=%s "
-                  "scope_map=%s", request_id, caller.spiffe_id, req.action_class,
-                  decision.outcome.value, decision.rule, scope_map.version[:19])
-        # Label values are bounded: unknown classes are counted as one.
-        label = req.action_class if req.action_class in scope_map.classes else "(unknown)"
-        self._metrics.issuance.labels(label, decision.outcome.value).inc()
-        approval: ap.Approval | None = None
-        refused: ApprovalError | None = None
-        try:
-            if grant and approval_id:
-                try:  # checked now, used only once the credential exists (below)
-                    approval = self._desk.check(approval_id, str(caller.spiffe_id), req)
-                except ApprovalError as exc:
-                    refused = exc
-            record = decision_record(time=now, request_id=request_id,
-                                     spiffe_id=caller.spiffe_id, request=req, decision=decision)
-            # On disk before anything is minted or any answer is given (fail closed).
-            if caller.federated_from:  # the foreign trust domain, for audit and trace
-                record["federated_from"] = caller.federated_from
-            self._audit.append("decision", **_fields(record),
-                               proof={"x509_serial": caller.x509_serial,
-                                      "jwt_id": caller.jwt_id},
-                               approvers=[v.subject for v in approval.votes] if approval
-                               else [], approval_id=approval_id,
-                               approval_refused=str(refused) if refused else "",
-                               break_glass=bool(break_glass and not approval_id and
-                                                decision.outcome is Outcome.NEEDS_APPROVAL))
-            if refused is not None:
-                raise refused
-        except CredbrokerError:
-            if grant:
-                self._usage.forget(key, now)
-            raise
-        if decision.outcome is Outcome.DENY:
-            raise DeniedByPolicy(self._after_denial(caller.spiffe_id, decision, scope_map,
-                                                    now, request_id))
-        cls = scope_map.classes[decision.action_class]
-        ttl = decision.ttl_seconds
-        if decision.outcome is Outcome.NEEDS_APPROVAL and approval is None:
-            try:
-                if break_glass:
-                    approval = self._desk.break_glass(request_id=request_id,
-                                                      spiffe_id=str(caller.spiffe_id),
-                                                      request=req, cls=cls)
-                    if approval.break_glass is not None:
-                        ttl = min(ttl, approval.break_glass.max_ttl_seconds)
-                else:
-                    pending = self._desk.open(request_id=request_id,
-                                              spiffe_id=str(caller.spiffe_id), request=req,
-                                              cls=cls)
-                    return pb.IssueCredentialResponse(request_id=request_id,
-                                                      decision=decision_to_proto(decision),
-                                                      approval=approval_to_proto(pending))
-            except CredbrokerError:
-                if grant:
-                    self._usage.forget(key, now)
-                raise
-        try:
-            minted = self._mint(caller, req, request_id, cls, ttl, scope_map.version, now)
-        except CredbrokerError:
-            self._usage.forget(key, now)  # nothing was issued: give the budget back
-            raise
-        if approval_id and approval is not None:
-            try:  # an approval releases one credential: whoever uses it second loses
-                approval = self._desk.consume(approval_id, str(caller.spiffe_id), req)
-            except CredbrokerError:
-                self._revoke_unrecorded(minted.accessor, request_id,
-                                        "its approval could not be used")
-                raise
-        if approval is not None:
-            self._desk.attach_credential(approval.id, minted.accessor)
-        expires = Timestamp()
-        expires.FromDatetime(minted.expires_at)
-        return pb.IssueCredentialResponse(
-            request_id=request_id,
-            credential=pb.Credential(
-                credential_id=minted.accessor, token=minted.token, expires_at=expires,
-                policies=list(minted.policies), ttl_seconds=minted.ttl_seconds),
-            decision=decision_to_proto(decision),
-            approval=approval_to_proto(approval) if approval else None,
-        )
-
-    def _after_denial(self, spiffe_id: SpiffeId, decision: Decision, scope_map: ScopeMap,
-                      now: datetime, request_id: str) -> Decision:
-        """Count the denial; make the automatic freeze the class's ``limits`` call for (a
-        spent budget with ``on_exceed: freeze``, or ``limits.denials`` reached). Returns the
-        decision to answer with (saying so when the identity was frozen). Never raises."""
-        assert decision.deny_code is not None
-        cls = scope_map.classes.get(decision.action_class)
-        self._metrics.denials.labels(cls.name if cls else "(unknown)",
-                                     decision.deny_code.value).inc()
-        if cls is None or not counts_as_denial(decision):
-            return decision
-        trip = exceed_trip(decision)
-        if trip is None and cls.denial_trip is not None:
-            times = self._denials.add((str(spiffe_id), cls.name), now,
-                                      timedelta(seconds=cls.denial_trip.window_seconds))
-            trip = denial_trip(cls, str(spiffe_id), times, now)
-        if trip is None:
-            return decision
-        frozen = self._auto_freeze(spiffe_id, cls, trip, request_id)
-        if not frozen:
-            return decision
-        return replace(decision, reasons=(*decision.reasons,
-                                          f"{spiffe_id} is now frozen by the broker (rule "
-                                          f"{trip.rule}); only a person may lift it"))
-
-    def _auto_freeze(self, spiffe_id: SpiffeId, cls: ActionClass, trip: Trip,
-                     request_id: str) -> bool:
-        """Freeze ``spiffe_id`` through the responder (recorded first, pushed to sidecars,
-        Vault-enforced, retried when Vault is down), as ``by: credbroker`` with the rule;
-        notify the class's escalation path. False when it was not frozen now. Never raises.
-        """
-        me = str(spiffe_id)
-        with self._auto_freeze_lock:
-            if any(f.kind == "spiffe_id" and f.pattern == me for f in self._responder.freezes):
-                return False  # frozen already (another request tripped it a moment ago)
-            try:
-                res = self._responder.freeze(
-                    spiffe_id=me, action_class="", by=AUTO_FREEZE_BY, rule=trip.rule,
-                    reason=f"automatic freeze, rule {trip.rule}: {trip.reason}",
-                    actor={"kind": "credbroker", "rule": trip.rule, "request_id": request_id})
-            except Exception as exc:  # the denial stands; the next one tries again
-                _log.error("request_id=%s automatic freeze of %s (rule %s) failed: %s",
-                           request_id, me, trip.rule, exc)
-                return False
-        self._denials.clear(me)
-        self._metrics.automatic_freezes.labels(cls.name, trip.rule.rsplit(".", 1)[-1]).inc()
-        _log.warning("request_id=%s %s FROZEN by the broker: rule %s fired (%s); %s",
-                     request_id, me, trip.rule, trip.reason,
-                     "Vault enforcement PENDING" if res.vault_pending else
-                     f"Vault enforced in {res.enforced_ms:.1f} ms")
-        self._desk.notify_freeze(event="freeze.automatic", spiffe_id=me, rule=trip.rule,
-                                 reason=trip.reason, freeze_id=res.freeze.id,
-                                 notify=list(cls.escalation), action_class=cls.name,
-                                 owner_team=cls.owner.team, request_id=request_id,
-                                 credentials_matched=res.credentials_matched,
-                                 vault_pending=res.vault_pending)
-        return True
 
     def FreezeSelf(self, request: pb.FreezeSelfRequest,
                    context: grpc.ServicerContext) -> pb.FreezeResponse:
@@ -564,104 +379,12 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 raise InvalidRequestError("reason is required: say why the workload stops "
                                           "itself, e.g. {\"reason\": \"prompt injection "
                                           "suspected\"}; it goes into the audit log")
-            me = str(caller.spiffe_id)
-            by = f"{SELF_FREEZE_BY}{me}"
-            with self._auto_freeze_lock:
-                mine = next((f for f in self._responder.freezes
-                             if f.kind == "spiffe_id" and f.pattern == me and f.by == by), None)
-                if mine is None:
-                    res = self._responder.freeze(
-                        spiffe_id=me, action_class="", reason=reason, by=by, rule="self",
-                        actor={"kind": "self", "client": me, "x509_serial": caller.x509_serial,
-                               "jwt_id": caller.jwt_id})
-            if mine is not None:  # frozen by itself already: nothing new to record
-                return pb.FreezeResponse(freeze=freeze_to_proto(mine))
-            self._metrics.self_freezes.inc()
-            classes = [c for c in self._maps.current.classes.values()
-                       if any(p.matches(caller.spiffe_id) for p in c.workloads)]
-            _log.warning("%s FROZE ITSELF (%s): %s", me,
-                         "Vault enforcement PENDING" if res.vault_pending else
-                         f"Vault enforced in {res.enforced_ms:.1f} ms", reason[:200])
-            self._desk.notify_freeze(
-                event="freeze.self", spiffe_id=me, rule="self", reason=reason,
-                freeze_id=res.freeze.id,
-                notify=list(dict.fromkeys(e for c in classes for e in c.escalation)),
-                action_classes=[c.name for c in classes],
-                credentials_matched=res.credentials_matched, vault_pending=res.vault_pending)
-            return freeze_response(res)
+            done = self.issuer.freeze_self(caller, reason)
+            if done.result is None:  # frozen by itself already: nothing new to record
+                assert done.existing is not None
+                return pb.FreezeResponse(freeze=freeze_to_proto(done.existing))
+            return freeze_response(done.result)
         raise AssertionError("unreachable: _boundary aborts")  # pragma: no cover
-
-    def _mint(self, caller: Caller, req: CredentialRequest, request_id: str, cls: ActionClass,
-              ttl: int, version: str, now: datetime) -> MintedToken:
-        """Intent, mint, record, audit — or nothing left behind.
-
-        Raises: VaultUnavailableError, VaultError, StoreError, AuditError (after revoking).
-        """
-        if not self._maps.vault_synced:
-            raise VaultUnavailableError(
-                "the broker has not yet brought Vault in line with its scope map (Vault was "
-                "unreachable at start-up); it retries, try again shortly")
-        ev = req.initiating_event
-        # Intent first (durable), so a crash after minting leaves a trace to reconcile.
-        self._store.record_intent(request_id=request_id, spiffe_id=str(caller.spiffe_id),
-                                  action_class=cls.name, target=req.target,
-                                  event_source=ev.source if ev else "",
-                                  event_id=ev.id if ev else "",
-                                  at=self._clock())  # its age is the mint's, not the request's
-        try:
-            minted = self._vault.mint(
-                cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=ttl,
-                metadata={"request_id": request_id, "target": req.target[:256],
-                          "scope_map_version": version,
-                          "broker_instance": self._store.instance_id},
-                now=now,
-            )
-        except VaultPermissionError:
-            self._store.forget_intent(request_id)  # Vault refused: certainly nothing minted
-            raise
-        except VaultUnavailableError:
-            # Sent, but the answer was lost (cut, 5xx, timeout): a token may exist. Keep the
-            # intent; the reconcile loop finds and revokes it, or drops the intent once
-            # Vault shows there is none.
-            self._store.mark_ambiguous(request_id)
-            self._responder.reconcile_soon()
-            raise
-        except CredbrokerError:
-            self._store.forget_intent(request_id)  # Vault refused: nothing minted
-            raise
-        try:
-            self._store.record_minted(request_id=request_id, credential_id=minted.accessor,
-                                      expires_at=minted.expires_at, entity_id=minted.entity_id,
-                                      lease_prefix=minted.lease_prefix)
-        except CredbrokerError:
-            # The intent row stays, so a restart would find and revoke it; do it now.
-            self._revoke_unrecorded(minted.accessor, request_id,
-                                    "the registry could not record it")
-            raise
-        try:
-            self._audit.append(
-                "credential.minted", request_id=request_id, credential_id=minted.accessor,
-                spiffe_id=str(caller.spiffe_id), action_class=cls.name, target=req.target,
-                policies=list(minted.policies), ttl_seconds=minted.ttl_seconds,
-                expires_at=rfc3339(minted.expires_at), vault_entity_id=minted.entity_id,
-                scope_map_version=version,
-                **({"federated_from": caller.federated_from} if caller.federated_from
-                   else {}))
-        except AuditError:
-            self._revoke_unrecorded(minted.accessor, request_id,
-                                    "the audit log could not record it")
-            raise
-        # A freeze made while this was minting: it either sees this credential in the
-        # registry (its list comes after its record; ours after our record), or we see it.
-        frozen = first_freeze(self._responder.freezes, caller.spiffe_id, cls.name)
-        if frozen is not None:
-            self._revoke_unrecorded(minted.accessor, request_id,
-                                    f"frozen while it was minted: {frozen.describe()}")
-            raise FrozenError(f"{frozen.describe()}; the credential minted meanwhile was "
-                              "revoked")
-        _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s", request_id,
-                  minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
-        return minted
 
     async def WatchRevocations(
         self, request: pb.WatchRevocationsRequest, context: grpc.aio.ServicerContext
@@ -696,38 +419,6 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                     yield _revocation_event(ev)
             finally:
                 self._responder.bus.unsubscribe(subscription.id)
-
-    def _revoke_unrecorded(self, accessor: str, request_id: str, why: str) -> None:
-        """A minted credential cannot be handed out: kill it now. Never raises.
-
-        If Vault does not confirm, the revocation stays pending in the registry (retried);
-        if even that fails, the intent row makes the next start-up revoke it.
-        """
-        now = self._clock()
-        try:
-            self._vault.revoke_accessor(accessor, check=False)
-        except CredbrokerError as exc:
-            try:
-                self._store.mark_revoked(accessor, by="credbroker", reason=why,
-                                         selector="unrecorded", at=now, pending=True,
-                                         error=str(exc))
-                _log.error("request_id=%s credential_id=%s (%s): Vault did not confirm its "
-                           "revocation; retried until it does", request_id, accessor, why)
-            except CredbrokerError as store_exc:
-                _log.critical("request_id=%s credential_id=%s (%s) could not be revoked (%s) "
-                              "nor queued (%s): revoke it by hand", request_id, accessor, why,
-                              exc, store_exc)
-            return
-        try:
-            self._store.mark_revoked(accessor, by="credbroker", reason=why,
-                                     selector="unrecorded", at=now, pending=False)
-        except CredbrokerError as exc:
-            _log.warning("credential_id=%s revoked, but the registry did not record it: %s",
-                         accessor, exc)
-        self._audit.append_or_queue("credential.revoked", credential_id=accessor,
-                                    request_id=request_id, by="credbroker",
-                                    selector="unrecorded", reason=why)
-        _log.error("request_id=%s credential_id=%s revoked: %s", request_id, accessor, why)
 
     def RevokeCredential(
         self, request: pb.RevokeCredentialRequest, context: grpc.ServicerContext
@@ -867,6 +558,26 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 "request": request_to_json(req), "served_at": rfc3339(served)}
 
 
+def issuance_response(request_id: str, result: Issued | PendingApproval
+                      ) -> pb.IssueCredentialResponse:
+    """The answer to an issuance: the credential, or the approval to wait for."""
+    if isinstance(result, PendingApproval):
+        return pb.IssueCredentialResponse(request_id=request_id,
+                                          decision=decision_to_proto(result.decision),
+                                          approval=approval_to_proto(result.approval))
+    minted = result.credential
+    expires = Timestamp()
+    expires.FromDatetime(minted.expires_at)
+    return pb.IssueCredentialResponse(
+        request_id=request_id,
+        credential=pb.Credential(
+            credential_id=minted.accessor, token=minted.token, expires_at=expires,
+            policies=list(minted.policies), ttl_seconds=minted.ttl_seconds),
+        decision=decision_to_proto(result.decision),
+        approval=approval_to_proto(result.approval) if result.approval else None,
+    )
+
+
 def freeze_to_proto(f: Freeze) -> pb.FreezeInfo:
     return pb.FreezeInfo(id=f.id, kind=f.kind, pattern=f.pattern, reason=f.reason, by=f.by,
                          created_at=_ts(f.created_at))
@@ -893,11 +604,6 @@ def _revocation_event(ev: BusEvent) -> pb.RevocationEvent:
     return pb.RevocationEvent(frozen=pb.RevocationEvent.Frozen(
         action_class=ev.action_class, identity=bool(ev.identity_pattern), reason=ev.reason,
         by=ev.by))
-
-
-def _fields(record: dict[str, object]) -> dict[str, object]:
-    """A record's fields without the ones AuditLog.append sets itself."""
-    return {k: v for k, v in record.items() if k not in ("type", "time")}
 
 
 def _failure(exc: Exception, request_id: str, method: str

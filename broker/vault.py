@@ -26,7 +26,7 @@ import logging
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import hvac
 import hvac.exceptions
 import requests
 
+from broker.core.models import MintedToken
 from broker.core.scopemap import ActionClass, ScopeMap
 from broker.core.spiffeid import SpiffeId
 from broker.errors import CredbrokerError, VaultError, VaultPermissionError, VaultUnavailableError
@@ -69,18 +70,6 @@ def lease_prefix(cls: ActionClass, spiffe_id: str) -> str:
     """The lease path prefix every token ``spiffe_id`` holds of ``cls`` lies under (and
     nothing else does: it ends in the role's ``path_suffix`` and '/')."""
     return f"auth/token/create/{identity_role_name(cls, spiffe_id)}/"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MintedToken:
-    token: str = field(repr=False)  # secret: never log it
-    accessor: str
-    policies: tuple[str, ...]
-    ttl_seconds: int
-    expires_at: datetime
-    entity_id: str
-    #: ``sys/leases/revoke-prefix`` over this ends every token of this identity and class.
-    lease_prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import NewType
 
 from broker.core.spiffeid import SpiffeId
@@ -86,3 +87,28 @@ class Decision:
     @property
     def allowed(self) -> bool:
         return self.outcome is Outcome.ALLOW
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Caller:
+    """Who is calling, as the gRPC boundary proved it (mTLS X.509-SVID, maybe a JWT-SVID)."""
+
+    spiffe_id: SpiffeId
+    x509_serial: str  # hex; how the identity was proven (audit)
+    jwt_id: str = ""  # the JWT-SVID's jti when one was presented
+    #: The caller's trust domain when it is a federated (foreign) one; "" for our own.
+    federated_from: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MintedToken:
+    """A credential Vault minted for one action class."""
+
+    token: str = field(repr=False)  # secret: never log it
+    accessor: str
+    policies: tuple[str, ...]
+    ttl_seconds: int
+    expires_at: datetime
+    entity_id: str
+    #: ``sys/leases/revoke-prefix`` over this ends every token of this identity and class.
+    lease_prefix: str = ""

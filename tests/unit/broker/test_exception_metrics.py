@@ -12,9 +12,9 @@ from broker.audit import AuditLog
 from broker.core.approvals import Approver
 from broker.core.models import CredentialRequest, InitiatingEvent
 from broker.core.scopemap import parse_scope_map
+from broker.issuance import DenialCounter
 from broker.observability import Metrics
 from broker.registry import SqliteStore
-from broker.service import DenialCounter
 
 MAP = """
 apiVersion: credbroker/v1

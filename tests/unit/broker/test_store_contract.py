@@ -412,7 +412,7 @@ def test_a_slot_taken_by_a_decision_with_a_later_clock_is_counted(store: SqlStor
     from broker.budget import StoreBudget
 
     usage, key, later = StoreBudget(store), (TRIAGE, "enrichment"), T0 + timedelta(seconds=2)
-    with usage.reserve(key, later):
-        usage.record(key, later)
-    with usage.reserve(key, T0) as recent:
+    with usage.spend(key, later, lambda recent: (recent, True)):
+        pass
+    with usage.spend(key, T0, lambda recent: (recent, False)) as recent:
         assert recent == (T0,)  # counted (as now), so a budget of 1 is spent

@@ -167,24 +167,42 @@ def test_store_budget_blocks_only_its_own_identity_and_class(postgres: PgServer)
     other_done, same_done = threading.Event(), threading.Event()
     a, b = (TRIAGE, "enrichment"), ("spiffe://example.org/agent/other", "enrichment")
 
-    def reserve(key: tuple[str, str], done: threading.Event) -> None:
-        with usage.reserve(key, T0):
-            done.set()
+    def spend(key: tuple[str, str], done: threading.Event) -> None:
+        with usage.spend(key, T0, lambda recent: (done.set(), False)):
+            pass
 
-    with usage.reserve(a, T0) as recent:
-        assert recent == ()
-        usage.record(a, T0)
-        threading.Thread(target=reserve, args=(b, other_done)).start()
-        threading.Thread(target=reserve, args=(a, same_done)).start()
+    def take(recent: tuple[datetime, ...]) -> tuple[tuple[datetime, ...], bool]:
+        return recent, True
+
+    def look(recent: tuple[datetime, ...]) -> tuple[tuple[datetime, ...], bool]:
+        return recent, False
+
+    gate = threading.Event()
+
+    def slow_take(recent: tuple[datetime, ...]) -> tuple[tuple[datetime, ...], bool]:
+        threading.Thread(target=spend, args=(b, other_done)).start()
+        threading.Thread(target=spend, args=(a, same_done)).start()
         assert other_done.wait(5)  # another identity decides meanwhile
         assert not same_done.wait(0.2)  # the same key waits for this decision
-    assert same_done.wait(5)
-    with usage.reserve(a, T0) as recent:
-        assert recent == (T0,)
-    usage.forget(a, T0)
-    with usage.reserve(a, T0) as recent:
+        gate.set()
+        return recent, True
+
+    with usage.spend(a, T0, slow_take) as recent:
         assert recent == ()
-    with pytest.raises(RuntimeError, match="outside reserve"):
-        usage.record(a, T0)
+    assert gate.is_set() and same_done.wait(5)
+    with usage.spend(a, T0, look) as recent:
+        assert recent == (T0,)  # the slot taken was committed with the decision
+    with pytest.raises(RuntimeError, match="mint failed"):
+        with usage.spend(a, T0, take) as recent:
+            assert recent == (T0,)
+            raise RuntimeError("mint failed")  # nothing issued: the new slot is given back
+    with usage.spend(a, T0, look) as recent:
+        assert recent == (T0,)
+    with usage.spend(a, T0, take, counted=False) as recent:
+        assert recent == ()  # a class without a budget holds and counts nothing
+    with usage.spend(a, T0, look) as recent:
+        assert recent == (T0,)
     store.close()
-    usage.forget(a, T0)  # the store is gone: logged, never raised (the slot stays counted)
+    with pytest.raises(StoreError):
+        with usage.spend(a, T0, take):
+            pass  # the store is gone: nothing is decided
