@@ -23,6 +23,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -38,7 +39,6 @@ from broker.core.revocation import Freeze, first_freeze
 from broker.core.scopemap import ActionClass, ScopeMap, evaluate
 from broker.core.spiffeid import SpiffeId
 from broker.errors import (
-    AuditError,
     CredbrokerError,
     FrozenError,
     VaultPermissionError,
@@ -159,7 +159,7 @@ class Issuer:
     def __init__(self, *, scope_maps: MapSource, vault: VaultPort, store: StorePort,
                  budget: StoreBudget, audit: AuditPort, responder: Responder,
                  desk: ApprovalDesk, clock: Callable[[], datetime],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, write_workers: int = 16) -> None:
         self._maps = scope_maps
         self._vault = vault
         self._store = store
@@ -172,6 +172,13 @@ class Issuer:
         self._denials = DenialCounter()
         #: One freeze per identity at a time (two requests tripping at once; a self-freeze).
         self._freeze_lock = threading.Lock()
+        #: Audit appends that run while the registry is written (each waits on an fsync).
+        self._writes = ThreadPoolExecutor(max_workers=write_workers,
+                                          thread_name_prefix="issue-audit")
+
+    def close(self) -> None:
+        """Finish the audit writes under way and stop their threads."""
+        self._writes.shutdown(wait=True)
 
     def issue(self, caller: Caller, req: CredentialRequest, request_id: str, *,
               approval_id: str = "", break_glass: bool = False) -> Issued | PendingApproval:
@@ -228,15 +235,23 @@ class Issuer:
                                  spiffe_id=caller.spiffe_id, request=req, decision=decision)
         if caller.federated_from:  # the foreign trust domain, for audit and trace
             record["federated_from"] = caller.federated_from
-        # On disk before anything is minted or any answer is given (fail closed).
-        self._audit.append("decision",
-                           **{k: v for k, v in record.items() if k not in ("type", "time")},
-                           proof={"x509_serial": caller.x509_serial, "jwt_id": caller.jwt_id},
-                           approvers=[v.subject for v in approval.votes] if approval else [],
-                           approval_id=approval_id,
-                           approval_refused=str(refused) if refused else "",
-                           break_glass=bool(break_glass and not approval_id and
-                                            decision.outcome is Outcome.NEEDS_APPROVAL))
+        fields: dict[str, Any] = {
+            **{k: v for k, v in record.items() if k not in ("type", "time")},
+            "proof": {"x509_serial": caller.x509_serial, "jwt_id": caller.jwt_id},
+            "approvers": [v.subject for v in approval.votes] if approval else [],
+            "approval_id": approval_id, "approval_refused": str(refused) if refused else "",
+            "break_glass": bool(break_glass and not approval_id and
+                                decision.outcome is Outcome.NEEDS_APPROVAL)}
+        # On disk before anything is minted or any answer is given (fail closed). When the
+        # decision goes straight to a mint, the record is written while the intent is
+        # (two files, one wait); _mint waits for both before asking Vault.
+        straight = refused is None and (decision.outcome is Outcome.ALLOW or (
+            decision.outcome is Outcome.NEEDS_APPROVAL and approval is not None))
+        decision_written: Future[object] | None = None
+        if straight:
+            decision_written = self._writes.submit(self._audit.append, "decision", **fields)
+        else:
+            self._audit.append("decision", **fields)
         if refused is not None:
             raise refused
         if decision.outcome is Outcome.DENY:
@@ -252,7 +267,8 @@ class Issuer:
                                               request=req, cls=cls)
             if approval.break_glass is not None:
                 ttl = min(ttl, approval.break_glass.max_ttl_seconds)
-        minted = self._mint(caller, req, request_id, cls, ttl, scope_map.version, now)
+        minted = self._mint(caller, req, request_id, cls, ttl, scope_map.version, now,
+                            decision_written=decision_written)
         if approval_id and approval is not None:
             try:  # an approval releases one credential: whoever uses it second loses
                 approval = self._desk.consume(approval_id, me, req)
@@ -354,23 +370,34 @@ class Issuer:
         return SelfFreeze(result=res)
 
     def _mint(self, caller: Caller, req: CredentialRequest, request_id: str, cls: ActionClass,
-              ttl: int, version: str, now: datetime) -> MintedToken:
-        """Intent, mint, record, audit — or nothing left behind.
+              ttl: int, version: str, now: datetime, *,
+              decision_written: Future[object] | None = None) -> MintedToken:
+        """Intent, mint, record, audit — or nothing left behind. ``decision_written``: the
+        decision record's append under way; nothing is minted unless it succeeds.
 
         Raises: VaultUnavailableError, VaultError, StoreError, AuditError (after revoking),
             FrozenError (frozen meanwhile; after revoking).
         """
-        if not self._maps.vault_synced:
-            raise VaultUnavailableError(
-                "the broker has not yet brought Vault in line with its scope map (Vault was "
-                "unreachable at start-up); it retries, try again shortly")
-        ev = req.initiating_event
-        # Intent first (durable), so a crash after minting leaves a trace to reconcile.
-        self._store.record_intent(request_id=request_id, spiffe_id=str(caller.spiffe_id),
-                                  action_class=cls.name, target=req.target,
-                                  event_source=ev.source if ev else "",
-                                  event_id=ev.id if ev else "",
-                                  at=self._clock())  # its age is the mint's, not the request's
+        try:
+            if not self._maps.vault_synced:
+                raise VaultUnavailableError(
+                    "the broker has not yet brought Vault in line with its scope map (Vault "
+                    "was unreachable at start-up); it retries, try again shortly")
+            ev = req.initiating_event
+            # Intent first (durable), so a crash after minting leaves a trace to reconcile.
+            self._store.record_intent(request_id=request_id,
+                                      spiffe_id=str(caller.spiffe_id),
+                                      action_class=cls.name, target=req.target,
+                                      event_source=ev.source if ev else "",
+                                      event_id=ev.id if ev else "",
+                                      at=self._clock())  # its age is the mint's
+        finally:
+            if decision_written is not None:
+                _settle(decision_written)  # its error wins: the decision is not on record
+        unrecorded = decision_written.exception() if decision_written is not None else None
+        if unrecorded is not None:
+            self._store.forget_intent(request_id)
+            raise unrecorded
         try:
             minted = self._vault.mint(
                 cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=ttl,
@@ -392,28 +419,30 @@ class Issuer:
         except CredbrokerError:
             self._store.forget_intent(request_id)  # Vault refused: nothing minted
             raise
+        # The credential's registry row and its audit record, written at the same time.
+        minted_written = self._writes.submit(
+            self._audit.append,
+            "credential.minted", request_id=request_id, credential_id=minted.accessor,
+            spiffe_id=str(caller.spiffe_id), action_class=cls.name, target=req.target,
+            policies=list(minted.policies), ttl_seconds=minted.ttl_seconds,
+            expires_at=rfc3339(minted.expires_at), vault_entity_id=minted.entity_id,
+            scope_map_version=version,
+            **({"federated_from": caller.federated_from} if caller.federated_from else {}))
+        failed: BaseException | None = None
+        why = ""
         try:
             self._store.record_minted(request_id=request_id, credential_id=minted.accessor,
                                       expires_at=minted.expires_at, entity_id=minted.entity_id,
                                       lease_prefix=minted.lease_prefix)
-        except CredbrokerError:
+        except CredbrokerError as exc:
             # The intent row stays, so a restart would find and revoke it; do it now.
-            self.revoke_unrecorded(minted.accessor, request_id,
-                                   "the registry could not record it")
-            raise
-        try:
-            self._audit.append(
-                "credential.minted", request_id=request_id, credential_id=minted.accessor,
-                spiffe_id=str(caller.spiffe_id), action_class=cls.name, target=req.target,
-                policies=list(minted.policies), ttl_seconds=minted.ttl_seconds,
-                expires_at=rfc3339(minted.expires_at), vault_entity_id=minted.entity_id,
-                scope_map_version=version,
-                **({"federated_from": caller.federated_from} if caller.federated_from
-                   else {}))
-        except AuditError:
-            self.revoke_unrecorded(minted.accessor, request_id,
-                                   "the audit log could not record it")
-            raise
+            failed, why = exc, "the registry could not record it"
+        _settle(minted_written)
+        if failed is None and minted_written.exception() is not None:
+            failed, why = minted_written.exception(), "the audit log could not record it"
+        if failed is not None:
+            self.revoke_unrecorded(minted.accessor, request_id, why)
+            raise failed
         # A freeze made while this was minting: it either sees this credential in the
         # registry (its list comes after its record; ours after our record), or we see it.
         frozen = first_freeze(self._responder.freezes, caller.spiffe_id, cls.name)
@@ -458,3 +487,8 @@ class Issuer:
                                     selector="unrecorded", reason=why)
         _log.error("request_id=%s credential_id=%s revoked: %s", request_id, accessor, why)
 
+
+
+def _settle(f: Future[object]) -> None:
+    """Wait for ``f`` to finish, whatever its outcome (read it with ``f.exception()``)."""
+    wait([f])

@@ -250,6 +250,15 @@ class SqlStore:
     def _insert_new(self, sql: str, args: tuple[object, ...]) -> bool:
         raise NotImplementedError
 
+    def _insert_new_grouped(self, sql: str, args: tuple[object, ...]) -> bool:
+        """:meth:`_insert_new` for the issuance path; a store that can commit concurrent
+        writes together (group commit) does so here."""
+        return self._insert_new(sql, args)
+
+    def _count_grouped(self, sql: str, args: tuple[object, ...]) -> int:
+        """:meth:`_count` for the issuance path (see :meth:`_insert_new_grouped`)."""
+        return self._count(sql, args)
+
     def budget_hold(self, spiffe_id: str, action_class: str, now: datetime,
                     horizon: timedelta) -> AbstractContextManager[BudgetHold]:
         """Hold the (identity, class) budget for one decision: no other decision, in any
@@ -266,7 +275,7 @@ class SqlStore:
     def record_intent(self, *, request_id: str, spiffe_id: str, action_class: str, target: str,
                       event_source: str, event_id: str, at: datetime) -> None:
         """Raises: InvalidRequestError for a reused request id; StoreError."""
-        if not self._insert_new(
+        if not self._insert_new_grouped(
                 "INSERT INTO credentials (request_id, spiffe_id, action_class, target, "
                 "event_source, event_id, issued_at, state) VALUES (?,?,?,?,?,?,?, 'intent')",
                 (request_id, spiffe_id, action_class, target, event_source, event_id,
@@ -282,7 +291,7 @@ class SqlStore:
         the caller then revokes the credential rather than hand out one the registry
         does not know.
         """
-        changed = self._count(
+        changed = self._count_grouped(
             "UPDATE credentials SET credential_id=?, expires_at=?, entity_id=?, "
             "lease_prefix=?, state='live' WHERE request_id=? AND state IN "
             "('intent', 'ambiguous')",
@@ -538,6 +547,17 @@ def _sqlite_step(db: sqlite3.Connection, version: int) -> None:
         db.execute(EVENTS_SCHEMA)
 
 
+@dataclass(slots=True)
+class _Queued:
+    """A write waiting for the next group commit, and what became of it."""
+
+    sql: str
+    args: tuple[object, ...]
+    rows: int = 0
+    error: StoreError | None = None
+    done: bool = False
+
+
 class SqliteStore(SqlStore):
     """CredentialStore on one SQLite file. Thread-safe (one connection, one lock)."""
 
@@ -551,6 +571,9 @@ class SqliteStore(SqlStore):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._lock = threading.Lock()
+            #: Issuance-path writes waiting for the next group commit.
+            self._queued: list[_Queued] = []
+            self._queue_lock = threading.Lock()
             if migrate:
                 self.migrated = self.migrate()
             row = self._db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
@@ -619,6 +642,60 @@ class SqliteStore(SqlStore):
             raise StoreError(f"{self.where} failed: {exc}") from None
         except sqlite3.Error as exc:
             raise StoreError(f"{self.where} failed: {exc}") from None
+
+    def _insert_new_grouped(self, sql: str, args: tuple[object, ...]) -> bool:
+        return self._grouped(sql, args) != -1
+
+    def _count_grouped(self, sql: str, args: tuple[object, ...]) -> int:
+        return self._grouped(sql, args)
+
+    def _grouped(self, sql: str, args: tuple[object, ...]) -> int:
+        """One write, committed in one transaction with the writes other threads queued
+        meanwhile (group commit: one WAL fsync for all of them). Whoever gets the
+        connection first commits everything queued; the others find theirs done.
+        Returns the rows changed, -1 when a UNIQUE key is taken.
+
+        Raises: StoreError (the batch's transaction failed: none of its writes happened).
+        """
+        mine = _Queued(sql, args)
+        with self._queue_lock:
+            self._queued.append(mine)
+        with self._lock:
+            if not mine.done:
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                self._commit_batch(batch)
+        if mine.error is not None:
+            raise mine.error
+        return mine.rows
+
+    def _commit_batch(self, batch: list[_Queued]) -> None:
+        """Run ``batch`` in one IMMEDIATE transaction (call holding the lock). Never raises:
+        each write gets its result or the batch's error."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for w in batch:
+                try:
+                    w.rows = int(db.execute(w.sql, w.args).rowcount)
+                except sqlite3.IntegrityError as exc:  # this statement only is undone
+                    if "UNIQUE" not in str(exc):
+                        raise
+                    w.rows = -1
+            db.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for w in batch:
+                w.error = StoreError(f"{self.where} failed: {exc}")
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for w in batch:
+                w.done = True
 
     def _many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         try:

@@ -33,6 +33,7 @@ from broker.errors import (
     WorkloadApiError,
 )
 from broker.federation import FederatedBundles
+from broker.issuance import Issuer
 from broker.observability import HealthMonitor, Metrics
 from broker.people import ResponderGate
 from broker.registry import SqlStore, open_store
@@ -110,6 +111,7 @@ class BrokerServer:
         self.port = 0
         self.stopped = threading.Event()
         self.scope_maps: ScopeMapHolder | None = None
+        self._issuer: Issuer | None = None
         self._vault: VaultAdapter | None = None
         self._reload_lock = threading.Lock()
         self.audit: AuditLog | None = None
@@ -267,6 +269,7 @@ class BrokerServer:
                                 responder=self.responder, desk=self.desk,
                                 authenticator=authenticator, clock=self._clock,
                                 metrics=self.metrics, executor=self._pool)
+        self._issuer = service.issuer
         self.responder.metrics = self.metrics
         self.desk.metrics = self.metrics
         store, desk, audit = self.store, self.desk, self.audit
@@ -599,6 +602,9 @@ class BrokerServer:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._issuer is not None:
+            self._issuer.close()  # the audit writes under way finish first
+            self._issuer = None
 
     def _close_sources(self) -> None:
         for src in (self._x509, self._jwt):
