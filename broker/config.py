@@ -68,6 +68,9 @@ class BrokerConfig:
     responder_groups: tuple[str, ...] = DEFAULT_RESPONDER_GROUPS
     #: SPIFFE IDs that may revoke, freeze and unfreeze with no person (``automation:<id>``).
     automation_ids: tuple[str, ...] = ()
+    #: Team-scoped responders and approvers: group or SPIFFE ID -> teams
+    #: (:mod:`broker.core.teams`); who is not listed acts for every team.
+    team_scopes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: Threads for blocking work (Vault, sqlite, the audit log's fsync). Revocation streams
     #: and approval waits hold none of them (they wait on the asyncio loop).
     max_workers: int = 64
@@ -248,6 +251,25 @@ def _spiffe_ids(ids: tuple[str, ...], flag: str) -> tuple[str, ...]:
     return ids
 
 
+def _team_scopes(entries: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """``WHO=TEAM[+TEAM]`` entries as WHO -> teams (a WHO given twice gets both lists).
+
+    Raises: ConfigError for an entry without ``=`` or teams, or a bad SPIFFE ID as WHO.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for entry in entries:
+        who, sep, teams = (p.strip() for p in entry.partition("="))
+        names = tuple(t.strip() for t in teams.split("+") if t.strip())
+        if not sep or not who or not names:
+            raise ConfigError(f"--team-scope {entry!r} must be WHO=TEAM[+TEAM], e.g. "
+                              "team-a-oncall=team-a (WHO: a group, or the SPIFFE ID of "
+                              "automation or an approval bot)")
+        if who.startswith("spiffe://"):
+            _spiffe_ids((who,), "--team-scope")
+        out[who] = tuple(dict.fromkeys((*out.get(who, ()), *names)))
+    return out
+
+
 def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | None = None,
                        file: Mapping[str, object] | None = None) -> BrokerConfig:
     """Build and validate broker configuration from :data:`BROKER_OPTIONS`.
@@ -315,6 +337,7 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
         admin_ids=_spiffe_ids(_list(s, "admin_id"), "--admin-id"),
         responder_groups=_list(s, "responder_group") or DEFAULT_RESPONDER_GROUPS,
         automation_ids=_spiffe_ids(_list(s, "automation_id"), "--automation-id"),
+        team_scopes=_team_scopes(_list(s, "team_scope")),
         approvers=approvers,
         metrics_listen=_hostport(metrics, "--metrics-listen") if metrics else "",
         health_listen=_hostport(health, "--health-listen") if health else "",

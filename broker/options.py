@@ -147,6 +147,11 @@ BROKER_OPTIONS: tuple[Option, ...] = (
     _o("automation_id", "--automation-id", "automation that may revoke, freeze, unfreeze with "
        "no person (recorded `automation:<SPIFFE ID>`)", env=("CREDBROKER_AUTOMATION_IDS",),
        kind="list", metavar="SPIFFE_ID", shown_default="none"),
+    _o("team_scope", "--team-scope",
+       "responders and approvers who act only for some teams: a group (or the SPIFFE ID of "
+       "automation or an approval bot) and the teams whose classes, agents and credentials "
+       "it may act on; see *Teams*", env=("CREDBROKER_TEAM_SCOPES",), kind="list",
+       metavar="WHO=TEAM[+TEAM]", shown_default="none (every team)"),
     _o("approver_issuer", "--approver-issuer", "people's OIDC issuer (approvers and "
        "responders); needs `--approver-jwks`", env=("CREDBROKER_APPROVER_ISSUER",),
        shown_default="none (then only bots approve, and only automation revokes or freezes)"),
