@@ -94,6 +94,6 @@ def test_approvals_of_own_teams_classes_only() -> None:
     check_approval(frozenset({"iam"}), owner_team="iam", action_class="iam.disable",
                    what="approve")
     check_approval(None, owner_team="iam", action_class="iam.disable", what="approve")
-    with pytest.raises(OutsideTeamError, match="class iam.disable is owned by team iam"):
+    with pytest.raises(OutsideTeamError, match=r"class iam\.disable is owned by team iam"):
         check_approval(frozenset({"ir"}), owner_team="iam", action_class="iam.disable",
                        what="approve")
