@@ -101,6 +101,9 @@ class SidecarConfig:
     jwt_audience: str = DEFAULT_AUDIENCE
     send_jwt_svid: bool = True
     broker_timeout: float = 10.0
+    #: The broker's trust domain's bundle, when the sidecar's own trust domain is another
+    #: (a vendor-hosted agent): None verifies the broker with our own bundle.
+    broker_trust: FederationSource | None = None
 
 
 def _socket(value: str, what: str) -> str:
@@ -386,6 +389,30 @@ def _approver_config(*, issuer: str, jwks: str, audience: str, groups_file: str 
                           webhook_url=webhook)
 
 
+def _broker_trust(bundle: str, endpoint: str) -> FederationSource | None:
+    """The source of the broker's trust domain's bundle (``--broker-bundle`` and/or
+    ``--broker-bundle-endpoint``), or None (the sidecar's own trust domain).
+
+    Raises: ConfigError for a malformed value, or the two naming different trust domains.
+    """
+    if not bundle and not endpoint:
+        return None
+    file = parse_bundle_flag(bundle, flag="--broker-bundle") if bundle else None
+    if not endpoint:
+        return file
+    source = parse_endpoint_flag(endpoint, flag="--broker-bundle-endpoint")
+    if file is None:
+        return source
+    if file.trust_domain != source.trust_domain:
+        raise ConfigError(f"--broker-bundle names {file.trust_domain} but "
+                          f"--broker-bundle-endpoint {source.trust_domain}: both are the "
+                          "broker's trust domain")
+    if source.path is not None and source.path != file.path:
+        raise ConfigError("--broker-bundle-endpoint has bundle=PATH and --broker-bundle "
+                          "another file: give the first bundle once")
+    return replace(source, path=file.path)
+
+
 def sidecar_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | None = None
                         ) -> SidecarConfig:
     """Build and validate sidecar configuration from :data:`SIDECAR_OPTIONS`.
@@ -398,6 +425,8 @@ def sidecar_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] |
     if not sock:
         raise ConfigError("no agent socket: pass --listen /run/credbroker/sidecar.sock")
     return SidecarConfig(
+        broker_trust=_broker_trust(_text(s, "broker_bundle"),
+                                   _text(s, "broker_bundle_endpoint")),
         listen_socket=Path(sock.removeprefix("unix:")),
         workload_api_socket=_socket(_text(s, "workload_api"), "Workload API socket"),
         broker_addr=_hostport(_text(s, "broker"), "--broker"),
