@@ -2,13 +2,16 @@
 
 Listing needs only an admin SVID. Revoking, freezing and unfreezing also need a
 person in a responder group (their ID token in ``authorization-person``), or a
-caller configured as automation: see :mod:`broker.people`.
+caller configured as automation: see :mod:`broker.people`. A team-scoped responder
+(``--team-scope``) acts only on its teams' classes, agents and credentials
+(:mod:`broker.core.teams`); a refusal is audited (``responder.refused``) with who tried.
+Listing is not scoped: every responder sees everything.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -16,8 +19,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.core.revocation import Selector, check_known
-from broker.errors import InvalidRequestError, PolicyError
+from broker.core import teams as team_scope
+from broker.core.revocation import Selector, check_known, freeze_target
+from broker.errors import InvalidRequestError, OutsideTeamError, PolicyError
 from broker.inputs import (
     ACTION_CLASS_MAX,
     REASON_MAX,
@@ -111,6 +115,43 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
             check_known(spiffe_id=spiffe_id, action_class=action_class,
                         classes=scope_map.classes, workloads=workloads, held=held)
 
+    def _in_team(self, actor: Actor, act: str, target: str, check: Callable[[], None]) -> None:
+        """Run ``check`` (a :mod:`broker.core.teams` check) for a team-scoped actor; a
+        refusal is audited with who tried, then raised.
+
+        Raises: OutsideTeamError (PERMISSION_DENIED), naming which team owns what.
+        """
+        if actor.teams is None:
+            return
+        try:
+            check()
+        except OutsideTeamError as exc:
+            self._r.audit.append_or_queue("responder.refused", act=act, target=target,
+                                          by=actor.by, actor=actor.audit(), error=str(exc))
+            _log.warning("%s (teams %s) refused: %s", actor.by,
+                         ", ".join(sorted(actor.teams)), exc)
+            raise
+
+    def _check_target(self, actor: Actor, act: str, spiffe_id: str, action_class: str,
+                      held: Sequence[CredentialRow] | None = None) -> None:
+        """A freeze's or unfreeze's target within the actor's teams.
+
+        Raises: InvalidRequestError (neither or both given, a bad pattern), OutsideTeamError.
+        """
+        if actor.teams is None:
+            return
+        kind, pattern = freeze_target(spiffe_id, action_class)
+        scope_map = self._r.scope_map
+        if kind == "action_class":
+            self._in_team(actor, act, f"action class {pattern}", lambda: team_scope.check_class(
+                scope_map, actor.teams, pattern, what=f"{act} class {pattern}"))
+            return
+        rows = held if held is not None else self._r.store.live(Selector(all=True),
+                                                                  self._clock())
+        self._in_team(actor, act, f"identity {pattern}", lambda: team_scope.check_identity(
+            scope_map, actor.teams, pattern, held=[(r.spiffe_id, r.action_class) for r in rows],
+            what=act))
+
     @staticmethod
     def _reason(reason: str) -> str:
         """Raises: InvalidRequestError (no reason, or longer than REASON_MAX characters)."""
@@ -148,6 +189,15 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
             self._known(spiffe_id=request.selector.spiffe_id,
                         action_class=request.selector.action_class)
             rows = self._r.store.live(selector, self._clock())
+            if actor.teams is not None:
+                scope_map, target = self._r.scope_map, selector.describe()
+                if request.selector.action_class:
+                    cls = request.selector.action_class
+                    self._in_team(actor, "revoke", target, lambda: team_scope.check_class(
+                        scope_map, actor.teams, cls, what=f"revoke credentials of class {cls}"))
+                self._in_team(actor, "revoke", target, lambda: team_scope.check_credentials(
+                    scope_map, actor.teams, [(r.spiffe_id, r.action_class) for r in rows],
+                    what=f"revoke {len(rows)} credential(s) selected by {target}"))
             _log.warning("%s (via %s) revokes %d credential(s) selected by %s: %s", by,
                          actor.client, len(rows), selector.describe(), reason)
             summary = pb.RevokeSummary()
@@ -176,6 +226,7 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
             by = actor.by
             self._freeze_target(request)
             self._known(spiffe_id=request.spiffe_id, action_class=request.action_class)
+            self._check_target(actor, "freeze", request.spiffe_id, request.action_class)
             res = self._r.freeze(
                 spiffe_id=request.spiffe_id, action_class=request.action_class,
                 reason=self._reason(request.reason), by=by, actor=actor.audit())
@@ -192,6 +243,7 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
         with _boundary(context, "admin", "Unfreeze"):
             actor = self._actor(context, "unfreeze")
             self._freeze_target(request)
+            self._check_target(actor, "unfreeze", request.spiffe_id, request.action_class)
             lifted = self._r.unfreeze(spiffe_id=request.spiffe_id,
                                       action_class=request.action_class,
                                       reason=self._reason(request.reason), by=actor.by,

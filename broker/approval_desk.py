@@ -26,7 +26,8 @@ from broker.core import approvals as ap
 from broker.core.models import CredentialRequest
 from broker.core.records import rfc3339
 from broker.core.scopemap import ActionClass
-from broker.errors import CredbrokerError, TooManyWaitsError
+from broker.core.teams import TeamScopes, check_approval, teams_of
+from broker.errors import CredbrokerError, OutsideTeamError, TooManyWaitsError
 from broker.observability import Metrics
 from broker.registry import CredentialStore
 
@@ -43,11 +44,13 @@ class _Conflict(Exception):
 
 class ApprovalDesk:
     def __init__(self, *, store: CredentialStore, audit: AuditLog, config: ApproverConfig,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime], team_scopes: TeamScopes | None = None) -> None:
         self._store = store
         self._audit = audit
         self._cfg = config
         self._clock = clock
+        #: Team-scoped approvers (``--team-scope``): they decide only their teams' classes.
+        self._team_scopes: TeamScopes = dict(team_scopes or {})
         self._cond = threading.Condition()
         self._items: dict[str, ap.Approval] = {}
         #: Each approval as the store holds it (the text): a change is written only over
@@ -185,15 +188,48 @@ class ApprovalDesk:
                        expires_at=rfc3339(a.expires_at))
         return a
 
+    def teams_of(self, a: ap.Approval, who: ap.Approver, *, review: bool
+                 ) -> frozenset[str] | None:
+        """The teams ``who`` decides ``a`` for (None: every team): a bot's SPIFFE ID when
+        scoped, else its groups that the approval rule (``review``: the break-glass
+        reviewers) names (:func:`broker.core.teams.teams_of`)."""
+        rule = (a.break_glass.reviewers if a.break_glass else ()) if review else a.approvers
+        return teams_of(self._team_scopes, spiffe_id=who.subject if who.via == "spiffe" else "",
+                        groups=[g for g in who.groups if g in rule])
+
+    def _in_team(self, a: ap.Approval, who: ap.Approver, what: str, *, review: bool
+                 ) -> dict[str, Any]:
+        """The ``teams`` field of the decision's audit record (empty when ``who`` is not
+        team-scoped).
+
+        Raises: OutsideTeamError (audited as ``approval.refused`` with who tried) when a
+        team-scoped ``who`` is not of the team owning ``a``'s class."""
+        teams = self.teams_of(a, who, review=review)
+        try:
+            check_approval(teams, owner_team=a.owner_team, action_class=a.action_class,
+                           what=f"{what} approval {a.id}")
+        except OutsideTeamError as exc:
+            self._audit.append_or_queue(
+                "approval.refused", approval_id=a.id, request_id=a.request_id,
+                spiffe_id=a.spiffe_id, action_class=a.action_class, owner_team=a.owner_team,
+                act=what, by=who.subject, approver=who.subject,
+                approver_groups=list(who.groups), via=who.via,
+                teams=sorted(teams or ()), error=str(exc))
+            _log.warning("%s refused: %s", who.subject, exc)
+            raise
+        return {} if teams is None else {"teams": sorted(teams)}
+
     def decide(self, approval_id: str, who: ap.Approver, reason: str, *, approve: bool
                ) -> ap.Approval:
-        """Raises: ApprovalError (and its not-found kind), AuditError."""
+        """Raises: ApprovalError (and its not-found kind), OutsideTeamError (a team-scoped
+        approver, another team's class; audited), AuditError."""
         return self._changing(approval_id, lambda: self._decide(approval_id, who, reason,
                                                                 approve=approve))
 
     def _decide(self, approval_id: str, who: ap.Approver, reason: str, *, approve: bool
                 ) -> ap.Approval:
         a = self.get(approval_id)
+        teams = self._in_team(a, who, "approve" if approve else "deny", review=False)
         now = self._clock()
         if approve:
             new = ap.approve(a, who, reason, now,
@@ -203,7 +239,8 @@ class ApprovalDesk:
         self._save(new, "approval.approved" if approve else "approval.denied",
                    approver=who.subject, approver_groups=list(who.groups), via=who.via,
                    issuer=who.issuer, reason=reason,
-                   approvals_given=len(new.votes), approvals_required=new.approvals_required)
+                   approvals_given=len(new.votes), approvals_required=new.approvals_required,
+                   **teams)
         if new.state != ap.PENDING and self.metrics is not None:
             took = (now - a.created_at).total_seconds()
             self.metrics.approval_seconds.labels(a.action_class, new.state).observe(took)
@@ -297,11 +334,14 @@ class ApprovalDesk:
         return a
 
     def sign_off(self, approval_id: str, who: ap.Approver, reason: str) -> ap.Approval:
-        """Raises: ApprovalError, AuditError."""
+        """Raises: ApprovalError, OutsideTeamError (a team-scoped reviewer, another team's
+        class; audited), AuditError."""
         def sign() -> ap.Approval:
-            new = ap.sign_off(self.get(approval_id), who, reason, self._clock())
+            a = self.get(approval_id)
+            teams = self._in_team(a, who, "sign off", review=True)
+            new = ap.sign_off(a, who, reason, self._clock())
             self._save(new, "approval.reviewed", reviewer=who.subject, via=who.via,
-                       reason=reason)
+                       reason=reason, **teams)
             return new
 
         return self._changing(approval_id, sign)

@@ -192,7 +192,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     stack = DevStack(run_dir=_run_dir(args.run_dir),
                      scope_map=Path(args.scope_map) if args.scope_map else EXAMPLE_SCOPE_MAP,
-                     workloads=_workloads(args.workload))
+                     workloads=_workloads(args.workload),
+                     federated_vendor=args.federated_vendor or "")
     stack.start()
     print(stack.summary(), flush=True)
     print("press Ctrl-C to stop", flush=True)
@@ -250,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a sidecar to start (repeatable; default: triage and containment agents)")
     s.add_argument("--run-dir", help="where sockets, logs and dev.json go (default: a new "
                                      "temporary directory)")
+    s.add_argument("--federated-vendor", nargs="?", const="vendor.example",
+                   metavar="TRUST_DOMAIN",
+                   help="also run a vendor's trust domain (default vendor.example) with its own "
+                        "Workload API and one agent's sidecar, federated with the broker; the "
+                        "scope map gains the class vendor.enrichment")
     s.set_defaults(func=cmd_dev)
 
     s = sub.add_parser("vault", help="Vault/OpenBao set-up")

@@ -68,6 +68,9 @@ class BrokerConfig:
     responder_groups: tuple[str, ...] = DEFAULT_RESPONDER_GROUPS
     #: SPIFFE IDs that may revoke, freeze and unfreeze with no person (``automation:<id>``).
     automation_ids: tuple[str, ...] = ()
+    #: Team-scoped responders and approvers: group or SPIFFE ID -> teams
+    #: (:mod:`broker.core.teams`); who is not listed acts for every team.
+    team_scopes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: Threads for blocking work (Vault, sqlite, the audit log's fsync). Revocation streams
     #: and approval waits hold none of them (they wait on the asyncio loop).
     max_workers: int = 64
@@ -98,6 +101,9 @@ class SidecarConfig:
     jwt_audience: str = DEFAULT_AUDIENCE
     send_jwt_svid: bool = True
     broker_timeout: float = 10.0
+    #: The broker's trust domain's bundle, when the sidecar's own trust domain is another
+    #: (a vendor-hosted agent): None verifies the broker with our own bundle.
+    broker_trust: FederationSource | None = None
 
 
 def _socket(value: str, what: str) -> str:
@@ -248,6 +254,25 @@ def _spiffe_ids(ids: tuple[str, ...], flag: str) -> tuple[str, ...]:
     return ids
 
 
+def _team_scopes(entries: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """``WHO=TEAM[+TEAM]`` entries as WHO -> teams (a WHO given twice gets both lists).
+
+    Raises: ConfigError for an entry without ``=`` or teams, or a bad SPIFFE ID as WHO.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for entry in entries:
+        who, sep, teams = (p.strip() for p in entry.partition("="))
+        names = tuple(t.strip() for t in teams.split("+") if t.strip())
+        if not sep or not who or not names:
+            raise ConfigError(f"--team-scope {entry!r} must be WHO=TEAM[+TEAM], e.g. "
+                              "team-a-oncall=team-a (WHO: a group, or the SPIFFE ID of "
+                              "automation or an approval bot)")
+        if who.startswith("spiffe://"):
+            _spiffe_ids((who,), "--team-scope")
+        out[who] = tuple(dict.fromkeys((*out.get(who, ()), *names)))
+    return out
+
+
 def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | None = None,
                        file: Mapping[str, object] | None = None) -> BrokerConfig:
     """Build and validate broker configuration from :data:`BROKER_OPTIONS`.
@@ -315,6 +340,7 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
         admin_ids=_spiffe_ids(_list(s, "admin_id"), "--admin-id"),
         responder_groups=_list(s, "responder_group") or DEFAULT_RESPONDER_GROUPS,
         automation_ids=_spiffe_ids(_list(s, "automation_id"), "--automation-id"),
+        team_scopes=_team_scopes(_list(s, "team_scope")),
         approvers=approvers,
         metrics_listen=_hostport(metrics, "--metrics-listen") if metrics else "",
         health_listen=_hostport(health, "--health-listen") if health else "",
@@ -363,6 +389,30 @@ def _approver_config(*, issuer: str, jwks: str, audience: str, groups_file: str 
                           webhook_url=webhook)
 
 
+def _broker_trust(bundle: str, endpoint: str) -> FederationSource | None:
+    """The source of the broker's trust domain's bundle (``--broker-bundle`` and/or
+    ``--broker-bundle-endpoint``), or None (the sidecar's own trust domain).
+
+    Raises: ConfigError for a malformed value, or the two naming different trust domains.
+    """
+    if not bundle and not endpoint:
+        return None
+    file = parse_bundle_flag(bundle, flag="--broker-bundle") if bundle else None
+    if not endpoint:
+        return file
+    source = parse_endpoint_flag(endpoint, flag="--broker-bundle-endpoint")
+    if file is None:
+        return source
+    if file.trust_domain != source.trust_domain:
+        raise ConfigError(f"--broker-bundle names {file.trust_domain} but "
+                          f"--broker-bundle-endpoint {source.trust_domain}: both are the "
+                          "broker's trust domain")
+    if source.path is not None and source.path != file.path:
+        raise ConfigError("--broker-bundle-endpoint has bundle=PATH and --broker-bundle "
+                          "another file: give the first bundle once")
+    return replace(source, path=file.path)
+
+
 def sidecar_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | None = None
                         ) -> SidecarConfig:
     """Build and validate sidecar configuration from :data:`SIDECAR_OPTIONS`.
@@ -375,6 +425,8 @@ def sidecar_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] |
     if not sock:
         raise ConfigError("no agent socket: pass --listen /run/credbroker/sidecar.sock")
     return SidecarConfig(
+        broker_trust=_broker_trust(_text(s, "broker_bundle"),
+                                   _text(s, "broker_bundle_endpoint")),
         listen_socket=Path(sock.removeprefix("unix:")),
         workload_api_socket=_socket(_text(s, "workload_api"), "Workload API socket"),
         broker_addr=_hostport(_text(s, "broker"), "--broker"),

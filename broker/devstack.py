@@ -39,6 +39,10 @@ from broker.errors import ConfigError, CredbrokerError
 _log = logging.getLogger("credbroker.dev")
 
 EXAMPLE_SCOPE_MAP = Path(__file__).parent / "examples" / "soc-scope-map.yaml"
+#: The class a vendor-hosted agent may use (``--federated-vendor``), its trust domain
+#: written as ``vendor.example``.
+VENDOR_SCOPE_MAP = Path(__file__).parent / "examples" / "vendor-scope-map.yaml"
+DEFAULT_VENDOR = "vendor.example"
 DEFAULT_WORKLOADS = {
     "triage": "spiffe://example.org/agent/triage",
     "containment": "spiffe://example.org/agent/containment",
@@ -214,8 +218,13 @@ class DevStack:
         scope_map: Path = EXAMPLE_SCOPE_MAP,
         workloads: dict[str, str] | None = None,
         svid_ttl: timedelta = timedelta(minutes=30),
+        federated_vendor: str = "",
     ) -> None:
         self.run_dir = run_dir.resolve()
+        #: A vendor's trust domain to federate, with one agent and its sidecar ("": none).
+        self.federated_vendor = federated_vendor
+        self.vendor_api: DevWorkloadApi | None = None
+        self.vendor: dict[str, str] = {}
         self.scope_map = scope_map.resolve()
         self.workloads = dict(workloads or DEFAULT_WORKLOADS)
         self.svid_ttl = svid_ttl
@@ -241,6 +250,12 @@ class DevStack:
             raise ConfigError(f"all dev workloads must share one trust domain; got "
                               f"{', '.join(sorted(domains))}")
         self.trust_domain = domains.pop() if domains else "example.org"
+        if self.federated_vendor:
+            vendor = SpiffeId.parse(f"spiffe://{self.federated_vendor}").trust_domain
+            if vendor == self.trust_domain:
+                raise ConfigError(f"--federated-vendor {vendor} is the dev stack's own trust "
+                                  "domain; name another, e.g. vendor.example")
+            self.federated_vendor = vendor
         longest = max([len(str(self.run_dir / "sidecars" / f"{n}.sock")) for n in self.workloads]
                       + [len(str(self.run_dir / "workload-api" / "broker.sock"))])
         if longest > _MAX_SOCKET_PATH:
@@ -310,7 +325,8 @@ class DevStack:
         ready = self.run_dir / "broker.addr"
         ready.unlink(missing_ok=True)
         env = {**os.environ, "VAULT_TOKEN": self.bao.root_token}
-        broker = spawn("broker", [*cli, "serve", "--listen", "127.0.0.1:0",
+        federation = self._start_vendor_domain(ca) if self.federated_vendor else []
+        broker = spawn("broker", [*cli, "serve", "--listen", "127.0.0.1:0", *federation,
                                   "--workload-api", "unix:" + self.socket_of("broker"),
                                   "--scope-map", str(self.scope_map),
                                   "--vault-addr", self.bao.addr, "--ready-file", str(ready),
@@ -337,8 +353,72 @@ class DevStack:
             self.children.append(child)
             wait_for(f"the {name} sidecar", child, sock.exists)
             self.sidecars[name] = {"socket": str(sock), "spiffe_id": sid}
+        if self.federated_vendor:
+            self._start_vendor_sidecar(cli, side_env)
         self._start_console(cli, side_env)
         self._write_dev_json()
+
+    # -- --federated-vendor: a second trust domain, federated by static bundle files
+
+    @property
+    def vendor_agent(self) -> str:
+        return f"spiffe://{self.federated_vendor}/agent/triage"
+
+    def _start_vendor_domain(self, ours: DevCA) -> list[str]:
+        """The vendor's own dev CA and Workload API (one agent), both trust domains'
+        bundles as files, and the scope map with the vendor's class added; returns the
+        broker's federation flags.
+
+        Raises: ConfigError (the scope map directory holds no files).
+        """
+        from broker.federation import bundle_document
+
+        td = self.federated_vendor
+        fed = self.run_dir / "federation"
+        fed.mkdir(exist_ok=True)
+        vca = DevCA(td, now=datetime.now(UTC))
+        self.vendor_api = DevWorkloadApi(vca, svid_ttl=self.svid_ttl)
+        vendor_socket = str(self.run_dir / "vendor-api" / "triage.sock")
+        self.vendor_api.add_workload(self.vendor_agent, vendor_socket)
+        self.vendor_api.start()
+        # What each side's federation hands the other: the vendor's bundle to our broker,
+        # ours to the vendor's sidecar.
+        vendor_bundle = fed / f"{td}.bundle.json"
+        vendor_bundle.write_bytes(bundle_document([vca.ca_cert], jwks=vca.jwks()))
+        our_bundle = fed / f"{self.trust_domain}.bundle.json"
+        our_bundle.write_bytes(bundle_document([ours.ca_cert], jwks=ours.jwks()))
+        # The scope map as a directory: the map given, plus the vendor's class.
+        maps = self.run_dir / "scope-map"
+        maps.mkdir(exist_ok=True)
+        given = sorted(p for p in self.scope_map.iterdir() if p.suffix in (".yaml", ".yml")) \
+            if self.scope_map.is_dir() else [self.scope_map]
+        if not given:
+            raise ConfigError(f"scope-map directory {self.scope_map} holds no *.yaml files")
+        for p in given:
+            (maps / p.name).unlink(missing_ok=True)
+            (maps / p.name).symlink_to(p)
+        (maps / "vendor.yaml").write_text(
+            VENDOR_SCOPE_MAP.read_text().replace(DEFAULT_VENDOR, td))
+        self.scope_map = maps
+        self.vendor = {"trust_domain": td, "agent": self.vendor_agent,
+                       "workload_api_socket": vendor_socket,
+                       "bundle": str(vendor_bundle), "broker_bundle": str(our_bundle)}
+        return ["--federated-bundle", f"{td}={vendor_bundle}"]
+
+    def _start_vendor_sidecar(self, cli: list[str], env: dict[str, str]) -> None:
+        """The vendor agent's sidecar: its SVID from the vendor's Workload API, the broker
+        verified with our trust domain's bundle (``--broker-bundle``)."""
+        sock = self.run_dir / "sidecars" / "vendor-triage.sock"
+        child = spawn("sidecar vendor-triage",
+                      [*cli, "sidecar", "--listen", str(sock),
+                       "--workload-api", "unix:" + self.vendor["workload_api_socket"],
+                       "--broker", self.broker_addr, "--broker-bundle",
+                       f"{self.trust_domain}={self.vendor['broker_bundle']}"],
+                      self.run_dir / "sidecar-vendor-triage.log", env)
+        self.children.append(child)
+        wait_for("the vendor's sidecar", child, sock.exists)
+        self.sidecars["vendor-triage"] = {"socket": str(sock), "spiffe_id": self.vendor_agent,
+                                          "trust_domain": self.federated_vendor}
 
     def _start_console(self, cli: list[str], env: dict[str, str]) -> None:
         """The web console over HTTPS (a certificate from a throwaway dev CA)."""
@@ -392,6 +472,7 @@ class DevStack:
                         "key": str(self.run_dir / "dev-idp.key"),
                         "users": {u: list(g) for u, g in DevIssuer.USERS.items()}},
             "logs": {c.name: str(c.log_path) for c in self.children},
+            **({"federated_vendor": self.vendor} if self.vendor else {}),
         }
         path = self.run_dir / "dev.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -409,6 +490,10 @@ class DevStack:
         ]
         for name, sc in self.sidecars.items():
             lines.append(f"  sidecar {name:<14} {sc['socket']}   {sc['spiffe_id']}")
+        if self.vendor:
+            lines.append(f"  vendor         trust domain {self.vendor['trust_domain']} "
+                         f"federated (bundle {self.vendor['bundle']}); its agent "
+                         f"{self.vendor['agent']} may use vendor.enrichment")
         lines.append(f"  scope map      {self.scope_map}")
         lines.append(f"  audit log      {self.audit_path}")
         lines.append(f"  logs           {self.run_dir}/*.log")
@@ -435,6 +520,9 @@ class DevStack:
         if self.wlapi is not None:
             self.wlapi.stop()
             self.wlapi = None
+        if self.vendor_api is not None:
+            self.vendor_api.stop()
+            self.vendor_api = None
         if self.idp is not None:
             self.idp.stop()
             self.idp = None

@@ -92,6 +92,13 @@ class FrozenError(PolicyError):
     code = "frozen"
 
 
+class OutsideTeamError(PolicyError):
+    """A team-scoped responder or approver acted on what another team owns (a class, an
+    agent listed by another team's class, a credential of such a class)."""
+
+    code = "outside_team"
+
+
 class InvalidRequestError(CredbrokerError):
     """A request is malformed (a field missing, out of range or of the wrong type)."""
 
@@ -225,6 +232,9 @@ ERRORS: Mapping[str, ErrorSpec] = {
     "not_responder": _e("PERMISSION_DENIED", None, 4,
                         "the person is in none of the groups that may revoke, freeze and "
                         "unfreeze"),
+    "outside_team": _e("PERMISSION_DENIED", None, 4,
+                       "a team-scoped responder or approver acted on another team's class, "
+                       "agents or credentials (the message says which team owns what)"),
     "approval_refused": _e("PERMISSION_DENIED", 403, 4,
                            "the approval may not be used or given (the message says why)"),
     "approval_denied": _e("PERMISSION_DENIED", 403, 4, "an approver denied the request"),

@@ -81,13 +81,23 @@ class TrustBundle:
 
 
 def parse_bundle(trust_domain: str, data: bytes) -> TrustBundle:
-    """A SPIFFE bundle (JWK Set) of ``trust_domain``.
+    """A SPIFFE bundle (JWK Set) of ``trust_domain``, or its X.509 authorities as PEM
+    certificates (a bundle without JWT keys or hints).
 
     Raises:
-        BundleError: not JSON, no ``keys``, an x509-svid key without exactly one
-            certificate in ``x5c``, a jwt-svid key without ``kid``, or a bad hint.
+        BundleError: PEM that is not certificates; not JSON, no ``keys``, an x509-svid
+            key without exactly one certificate in ``x5c``, a jwt-svid key without ``kid``,
+            or a bad hint.
     """
     where = f"the bundle of {trust_domain}"
+    if data.lstrip().startswith(b"-----BEGIN"):
+        try:
+            pem_cas = tuple(x509.load_pem_x509_certificates(data))
+        except ValueError:
+            raise BundleError(f"{where} is PEM but not CA certificates (-----BEGIN "
+                              "CERTIFICATE-----)") from None
+        return TrustBundle(trust_domain=trust_domain, x509_authorities=pem_cas,
+                           jwt_bundle=None, refresh_hint=None, sequence=None)
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -190,28 +200,27 @@ def _trust_domain(td: str, flag: str) -> str:
     return sid.trust_domain
 
 
-def parse_bundle_flag(text: str) -> FederationSource:
-    """``TD=PATH`` (``--federated-bundle``).
+def parse_bundle_flag(text: str, *, flag: str = "--federated-bundle") -> FederationSource:
+    """``TD=PATH`` (``--federated-bundle``; the sidecar's ``--broker-bundle``).
 
     Raises:
         ConfigError: not ``TD=PATH`` or not a valid trust domain.
     """
     td, sep, path = text.partition("=")
     if not sep or not td or not path:
-        raise ConfigError(f"--federated-bundle {text!r}: expected TRUST_DOMAIN=PATH, e.g. "
+        raise ConfigError(f"{flag} {text!r}: expected TRUST_DOMAIN=PATH, e.g. "
                           "vendor.example=/etc/credbroker/vendor.bundle.json")
-    return FederationSource(trust_domain=_trust_domain(td, "--federated-bundle"),
-                            path=Path(path))
+    return FederationSource(trust_domain=_trust_domain(td, flag), path=Path(path))
 
 
-def parse_endpoint_flag(text: str) -> FederationSource:
-    """``TD=URL[,profile=https_web|https_spiffe][,spiffe-id=ID][,bundle=PATH][,ca=PATH]``.
+def parse_endpoint_flag(text: str, *, flag: str = "--federation-endpoint") -> FederationSource:
+    """``TD=URL[,profile=https_web|https_spiffe][,spiffe-id=ID][,bundle=PATH][,ca=PATH]``
+    (``--federation-endpoint``; the sidecar's ``--broker-bundle-endpoint``).
 
     Raises:
         ConfigError: malformed, an unknown profile or key, a URL that is not https, or an
             https_spiffe endpoint without ``spiffe-id`` and ``bundle``.
     """
-    flag = "--federation-endpoint"
     head, *rest = text.split(",")
     td, sep, url = head.partition("=")
     if not sep or not td or not url:

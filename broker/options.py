@@ -147,6 +147,11 @@ BROKER_OPTIONS: tuple[Option, ...] = (
     _o("automation_id", "--automation-id", "automation that may revoke, freeze, unfreeze with "
        "no person (recorded `automation:<SPIFFE ID>`)", env=("CREDBROKER_AUTOMATION_IDS",),
        kind="list", metavar="SPIFFE_ID", shown_default="none"),
+    _o("team_scope", "--team-scope",
+       "responders and approvers who act only for some teams: a group (or the SPIFFE ID of "
+       "automation or an approval bot) and the teams whose classes, agents and credentials "
+       "it may act on; see *Teams*", env=("CREDBROKER_TEAM_SCOPES",), kind="list",
+       metavar="WHO=TEAM[+TEAM]", shown_default="none (every team)"),
     _o("approver_issuer", "--approver-issuer", "people's OIDC issuer (approvers and "
        "responders); needs `--approver-jwks`", env=("CREDBROKER_APPROVER_ISSUER",),
        shown_default="none (then only bots approve, and only automation revokes or freezes)"),
@@ -181,6 +186,17 @@ SIDECAR_OPTIONS: tuple[Option, ...] = (
     AUDIENCE,
     _o("no_jwt_svid", "--no-jwt-svid", "send no JWT-SVID, mTLS only", kind="switch",
        default=False, shown_default="off (sends one)"),
+    _o("broker_bundle", "--broker-bundle",
+       "a sidecar of another trust domain (a vendor's agent): verify the broker with its "
+       "trust domain's SPIFFE bundle from this file (JWK Set, or PEM CA certificates), "
+       "re-read when it changes; see *Federation*", env=("CREDBROKER_BROKER_BUNDLE",),
+       metavar="TRUST_DOMAIN=PATH", shown_default="none (our own trust domain's bundle)"),
+    _o("broker_bundle_endpoint", "--broker-bundle-endpoint",
+       "the same from the broker's trust domain's SPIFFE bundle endpoint, polled per its "
+       "refresh hint (`TD=https://…[,profile=…][,spiffe-id=ID][,bundle=PATH][,ca=PATH]` as "
+       "the broker's `--federation-endpoint`; with `--broker-bundle`, that file is the first "
+       "bundle)", env=("CREDBROKER_BROKER_BUNDLE_ENDPOINT",),
+       metavar="TRUST_DOMAIN=URL[,…]", shown_default="none"),
 )
 
 #: What `credbroker vault sync` takes: the broker's own declarations, shared.

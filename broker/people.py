@@ -14,7 +14,7 @@ person; they are recorded as ``automation:<SPIFFE ID>``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import grpc
 
 from broker.approvers import ApproverTokenError, OidcVerifier
 from broker.core.approvals import Approver
+from broker.core.teams import teams_of
 from broker.errors import IdentityError, InvalidRequestError, PolicyError
 from broker.inputs import ID_TOKEN_MAX
 
@@ -53,12 +54,17 @@ class Actor:
     client: str
     groups: tuple[str, ...] = ()
     issuer: str = ""
+    #: The teams it acts for (``--team-scope``); None: every team.
+    teams: frozenset[str] | None = None
 
     def audit(self) -> dict[str, Any]:
-        """The ``actor`` field of the audit record (no token, ever)."""
+        """The ``actor`` field of the audit record (no token, ever); ``teams`` only for a
+        team-scoped actor."""
         out: dict[str, Any] = {"kind": self.kind, "client": self.client}
         if self.kind == "person":
             out.update(issuer=self.issuer, groups=list(self.groups))
+        if self.teams is not None:
+            out["teams"] = sorted(self.teams)
         return out
 
 
@@ -97,13 +103,16 @@ def verify_person(verifier: OidcVerifier, token: str) -> Approver:
 
 
 class ResponderGate:
-    """Decides who a responder action (revoke, freeze, unfreeze) is recorded as."""
+    """Decides who a responder action (revoke, freeze, unfreeze) is recorded as, and for
+    which teams it acts (``team_scopes``, :func:`broker.core.teams.teams_of`)."""
 
     def __init__(self, *, verifier: OidcVerifier, groups: Iterable[str],
-                 automation: Iterable[str]) -> None:
+                 automation: Iterable[str],
+                 team_scopes: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self._verifier = verifier
         self.groups = tuple(groups)
         self.automation = frozenset(automation)
+        self.team_scopes: Mapping[str, tuple[str, ...]] = dict(team_scopes or {})
 
     def actor(self, context: grpc.ServicerContext, client: str, what: str) -> Actor:
         """The person whose ID token came with the call, else the configured automation.
@@ -125,9 +134,12 @@ class ResponderGate:
                     f"{person.subject} may not {what}: only members of "
                     f"{', '.join(self.groups) or '(no group configured)'} may revoke, freeze "
                     f"and unfreeze; their groups: {', '.join(person.groups) or 'none'}")
+            granting = [g for g in person.groups if g in self.groups]
             return Actor(by=person.subject, kind="person", client=client, groups=person.groups,
-                         issuer=person.issuer)
+                         issuer=person.issuer,
+                         teams=teams_of(self.team_scopes, groups=granting))
         if client in self.automation:
-            return Actor(by=f"automation:{client}", kind="automation", client=client)
+            return Actor(by=f"automation:{client}", kind="automation", client=client,
+                         teams=teams_of(self.team_scopes, spiffe_id=client))
         raise PersonRequiredError(f"to {what}, the broker needs to know who you are: "
                                   f"{LOGIN_HINT}")

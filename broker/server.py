@@ -245,7 +245,7 @@ class BrokerServer:
             require_jwt=cfg.require_jwt_svid, clock=self._clock, federation=federation,
             local_authorities=lambda: local_authorities(x509_source, me.trust_domain))
         self.desk = ApprovalDesk(store=self.store, audit=self.audit, config=cfg.approvers,
-                                 clock=self._clock)
+                                 clock=self._clock, team_scopes=cfg.team_scopes)
         self.desk.is_leader = self.leadership.is_leader
         if self._follower is not None:
             self._follower.desk = self.desk
@@ -259,6 +259,9 @@ class BrokerServer:
                       ", ".join(cfg.responder_groups), cfg.approvers.issuer or "no issuer",
                       "; automation " + ", ".join(cfg.automation_ids)
                       if cfg.automation_ids else "")
+        if cfg.team_scopes:
+            _log.info("team-scoped responders and approvers: %s", "; ".join(
+                f"{who} for {', '.join(teams)}" for who, teams in cfg.team_scopes.items()))
         threading.Thread(target=self.desk.run_ticker, daemon=True, name="approvals").start()
         # Blocking work (hvac, sqlite, the audit log's fsync) runs in this bounded pool: the
         # sync gRPC methods run in it whole; the async ones (revocation streams, approval
@@ -299,7 +302,8 @@ class BrokerServer:
         admin = AdminService(responder=self.responder, authenticator=authenticator,
                              admins=frozenset(cfg.admin_ids), clock=self._clock,
                              gate=ResponderGate(verifier=verifier, groups=cfg.responder_groups,
-                                                automation=cfg.automation_ids))
+                                                automation=cfg.automation_ids,
+                                                team_scopes=cfg.team_scopes))
         self.health.check_now()
         threading.Thread(target=self.health.run, daemon=True, name="health").start()
         pool, health_monitor = self._pool, self.health

@@ -19,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import TrustDomain, X509Source
 
+from broker.errors import BrokerUnavailableError
+
 
 @dataclass(frozen=True, slots=True)
 class PemMaterial:
@@ -121,23 +123,48 @@ SERVER_KEEPALIVE = (("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout
 
 
 class RotatingChannel:
-    """A client channel to the broker that is rebuilt when our SVID rotates."""
+    """A client channel to the broker that is rebuilt when our SVID rotates.
 
-    def __init__(self, source: X509Source, target: str, server_dns_name: str) -> None:
+    ``roots`` (a generation number and PEM) replaces our own trust domain's bundle as the
+    CAs the broker's certificate must chain to: the broker's trust domain's bundle, for
+    a client of another trust domain (federation); the channel is rebuilt when the
+    generation changes.
+    """
+
+    def __init__(self, source: X509Source, target: str, server_dns_name: str,
+                 roots: Callable[[], tuple[int, bytes]] | None = None) -> None:
         self._source = source
         self._target = target
         self._dns = server_dns_name
+        self._roots = roots
         self._lock = threading.Lock()
         self._generation: tuple[object, ...] | None = None
         self._channel: grpc.Channel | None = None
 
+    def roots_pem(self, material: PemMaterial) -> bytes:
+        """The CAs the broker's certificate must chain to now.
+
+        Raises: BrokerUnavailableError when ``roots`` has none yet (its bundle endpoint
+        has not answered): never fall back to any other trust.
+        """
+        if self._roots is None:
+            return material.bundle
+        pem = self._roots()[1]
+        if not pem:
+            raise BrokerUnavailableError(
+                "the broker's trust bundle is not loaded yet (its bundle endpoint has not "
+                "answered; see the log): the broker cannot be verified")
+        return pem
+
     def get(self) -> grpc.Channel:
-        generation = _generation(self._source)
+        """Raises: BrokerUnavailableError (``roots`` has no bundle yet)."""
+        generation = (*_generation(self._source),
+                      self._roots()[0] if self._roots is not None else 0)
         with self._lock:
             if self._channel is None or not _same(self._generation, generation):
                 m = pem_material(self._source)
                 old = self._channel
-                creds = grpc.ssl_channel_credentials(root_certificates=m.bundle,
+                creds = grpc.ssl_channel_credentials(root_certificates=self.roots_pem(m),
                                                      private_key=m.key, certificate_chain=m.chain)
                 self._channel = grpc.secure_channel(
                     self._target, creds,
@@ -158,7 +185,7 @@ class RotatingChannel:
 
 
 def diagnose_handshake(target: str, server_dns_name: str, material: PemMaterial | None,
-                       *, timeout: float = 3.0) -> str | None:
+                       *, timeout: float = 3.0, roots: bytes | None = None) -> str | None:
     """Why the broker refuses our TLS handshake, or None if it does not (or is unreachable).
 
     gRPC Python can only make a server require *and* verify client certificates
@@ -180,7 +207,7 @@ def diagnose_handshake(target: str, server_dns_name: str, material: PemMaterial 
     fd = -1
     try:
         if material is not None:
-            ctx.load_verify_locations(cadata=material.bundle.decode())
+            ctx.load_verify_locations(cadata=(roots or material.bundle).decode())
             fd = os.memfd_create("svid", os.MFD_CLOEXEC)
             os.write(fd, material.chain + material.key)
             ctx.load_cert_chain(f"/proc/self/fd/{fd}")

@@ -26,8 +26,10 @@ from broker.errors import (
     ERRORS,
     FALLBACK_CODES,
     RETRY_AFTER_MD_KEY,
+    BrokerUnavailableError,
     WorkloadApiError,
 )
+from broker.federation import FederatedBundles
 from broker.service import DECISION_MD_KEY
 from broker.tls import RotatingChannel, diagnose_handshake, pem_material
 
@@ -70,6 +72,9 @@ def decision_to_json(d: pb.Decision) -> dict[str, Any]:
 
 
 class BrokerClient:
+    """Raises (constructing): WorkloadApiError (no SVID); ConfigError, BundleError (the
+    broker's trust domain is the sidecar's own, or its bundle file cannot be read)."""
+
     def __init__(self, config: SidecarConfig) -> None:
         self._cfg = config
         try:
@@ -81,10 +86,28 @@ class BrokerClient:
                 f"no SVID from the Workload API at {config.workload_api_socket} within 10 s "
                 f"({type(exc).__name__}); is the SPIRE agent (or `credbroker dev`) running?"
             ) from None
-        self._channel = RotatingChannel(self._x509, config.broker_addr, config.broker_dns_name)
+        #: The broker's trust domain's bundle when it is not ours (a vendor's sidecar):
+        #: loaded and kept current as the broker keeps its federated bundles.
+        self._broker_trust: FederatedBundles | None = None
+        if config.broker_trust is not None:
+            trust = FederatedBundles(
+                [config.broker_trust],
+                local_trust_domain=pem_material(self._x509).trust_domain)
+            trust.load()
+            threading.Thread(target=trust.run, daemon=True, name="broker-bundle").start()
+            self._broker_trust = trust
+        self._channel = RotatingChannel(
+            self._x509, config.broker_addr, config.broker_dns_name,
+            roots=None if self._broker_trust is None else self._broker_roots)
         self._jwt_lock = threading.Lock()
         self._jwt_token = ""
         self._jwt_refresh_at = 0.0
+
+    def _broker_roots(self) -> tuple[int, bytes]:
+        """The broker's trust domain's CAs (generation, PEM) from ``--broker-bundle``/
+        ``--broker-bundle-endpoint``."""
+        assert self._broker_trust is not None
+        return self._broker_trust.generation, self._broker_trust.x509_roots_pem()
 
     @property
     def spiffe_id(self) -> str:
@@ -109,7 +132,10 @@ class BrokerClient:
 
     def _call(self, method: str, request: Any, timeout: float) -> Any:
         """One unary call with our JWT-SVID. Raises: BrokerCallError."""
-        stub = pb_grpc.CredentialBrokerStub(self._channel.get())
+        try:
+            stub = pb_grpc.CredentialBrokerStub(self._channel.get())
+        except BrokerUnavailableError as exc:
+            raise BrokerCallError(503, exc.code, str(exc)) from None
         try:
             return getattr(stub, method)(request, metadata=self._metadata(), timeout=timeout)
         except grpc.RpcError as err:
@@ -162,14 +188,19 @@ class BrokerClient:
             decision = decision_to_json(pb.Decision.FromString(raw))
         if code is grpc.StatusCode.UNAVAILABLE and ERROR_CODE_MD_KEY not in trailing:
             # A refused mTLS handshake looks like an outage to gRPC; find out which it was.
+            material = pem_material(self._x509)
+            try:
+                roots = self._channel.roots_pem(material)
+            except BrokerUnavailableError:
+                roots = None
             refused = diagnose_handshake(self._cfg.broker_addr, self._cfg.broker_dns_name,
-                                         pem_material(self._x509))
+                                         material, roots=roots)
             if refused is not None:
                 return BrokerCallError(
                     401, "unauthenticated",
                     f"{refused}; check that this sidecar's Workload API socket "
                     f"({self._cfg.workload_api_socket}) serves an SVID of the broker's trust "
-                    "domain")
+                    "domain, or of one the broker federates")
             return BrokerCallError(
                 503, "broker_unavailable",
                 f"the broker at {self._cfg.broker_addr} is unreachable ({_short(details)}); "
@@ -210,6 +241,8 @@ class BrokerClient:
         if call is not None:
             call.cancel()
         self._channel.close()
+        if self._broker_trust is not None:
+            self._broker_trust.stop()
         for src in (self._x509, self._jwt):
             if src is not None:
                 try:

@@ -184,6 +184,14 @@ class NotResponderError(CredbrokerError):
     http_status = None
 
 
+class OutsideTeamError(CredbrokerError):
+    """``outside_team``: a team-scoped responder or approver acted on another team's class,
+    agents or credentials (the message says which team owns what)."""
+
+    code = "outside_team"
+    http_status = None
+
+
 class ApprovalRefusedError(CredbrokerError):
     """``approval_refused``: the approval may not be used or given (the message says why)."""
 
@@ -312,6 +320,7 @@ ERROR_CLASSES: dict[str, type[CredbrokerError]] = {
     "policy": PolicyError,
     "not_admin": NotAdminError,
     "not_responder": NotResponderError,
+    "outside_team": OutsideTeamError,
     "approval_refused": ApprovalRefusedError,
     "approval_denied": ApprovalDeniedError,
     "approval_expired": ApprovalExpiredError,
@@ -355,6 +364,7 @@ __all__ = [  # noqa: RUF022
     "NotAdminError",
     "NotFoundError",
     "NotResponderError",
+    "OutsideTeamError",
     "PersonRequiredError",
     "PolicyError",
     "StoreUnavailableError",

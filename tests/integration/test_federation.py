@@ -15,12 +15,22 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from broker.config import SidecarConfig
 from broker.core.spiffeid import SpiffeId
 from broker.devspiffe import DevCA, DevWorkloadApi, IssuedX509
 from broker.devstack import OpenBaoDev
-from broker.federation import BundleEndpoint, bundle_document, parse_endpoint_flag
+from broker.federation import (
+    BundleEndpoint,
+    FederationSource,
+    bundle_document,
+    parse_bundle_flag,
+    parse_endpoint_flag,
+)
 from broker.server import BrokerServer
-from tests.integration.conftest import Identity, broker_config
+from sidecar.app import SidecarHttpServer, SidecarService
+from sidecar.broker_client import BrokerClient
+from sidecar.client import SidecarClient
+from tests.integration.conftest import Identity, Sidecar, broker_config, vault_as
 from tests.integration.helpers import issue_request, stub, svid
 
 VENDOR = "vendor.example"
@@ -181,3 +191,64 @@ def test_trace_and_export_show_the_foreign_trust_domain(fed_broker: BrokerServer
     event = to_ocsf(decision)
     assert event["actor"]["user"]["domain"] == VENDOR
     assert "(federated trust domain vendor.example)" in event["message"]
+
+
+def _vendor_sidecar(vendor: Vendor, broker: BrokerServer, sock: Path,
+                    broker_trust: FederationSource | None) -> Sidecar:
+    cfg = SidecarConfig(listen_socket=sock,
+                        workload_api_socket="unix:" + vendor.api._workloads[0].socket_path,
+                        broker_addr=f"127.0.0.1:{broker.port}", broker_trust=broker_trust)
+    service = SidecarService(BrokerClient(cfg))
+    http = SidecarHttpServer(cfg.listen_socket, service)
+    http.serve_in_thread()
+    return Sidecar(client=SidecarClient(str(sock)), service=service, http=http)
+
+
+def _close(sc: Sidecar) -> None:
+    sc.http.close()
+    sc.service.client.close()
+
+
+def test_a_vendor_agent_through_its_own_sidecar(
+        fed_broker: BrokerServer, identity: Identity, vendor: Vendor, own_bao: OpenBaoDev,
+        short_tmp: Path) -> None:
+    d = Path(tempfile.mkdtemp(prefix="vsc-", dir=short_tmp))
+    # Without the broker's trust domain the vendor's sidecar cannot verify the broker.
+    sc = _vendor_sidecar(vendor, fed_broker, d / "plain.sock", None)
+    try:
+        status, body = sc.client.raw("POST", "/v1/credentials", {"action_class": "enrichment"})
+        assert status == 401 and body["error"]["code"] == "unauthenticated", body  # type: ignore[index]
+        assert "could not verify the broker's certificate" in body["error"]["message"]  # type: ignore[index]
+    finally:
+        _close(sc)
+    # Our bundle as PEM (what the federation with us hands the vendor), from a file ...
+    ours = d / "example.org.pem"
+    ours.write_bytes(identity.ca.bundle_pem)
+    # ... and as a SPIFFE bundle from our bundle endpoint (https_web).
+    now = datetime.now(UTC)
+    web = DevCA("webpki.test", now=now)
+    cert, key = _pem(web.issue_x509(SpiffeId.parse("spiffe://webpki.test/ours"), now=now,
+                                    ttl=timedelta(hours=1), dns_names=("localhost",)))
+    endpoint = BundleEndpoint(lambda: bundle_document([identity.ca.ca_cert]), cert_pem=cert,
+                              key_pem=key).start()
+    (d / "web.pem").write_bytes(web.bundle_pem)
+    try:
+        for name, source in (
+                ("file", parse_bundle_flag(f"example.org={ours}", flag="--broker-bundle")),
+                ("endpoint", parse_endpoint_flag(
+                    f"example.org=https://localhost:{endpoint.port}/,ca={d / 'web.pem'}",
+                    flag="--broker-bundle-endpoint"))):
+            sc = _vendor_sidecar(vendor, fed_broker, d / f"{name}.sock", source)
+            try:
+                got = sc.client.request_credential("enrichment")
+            finally:
+                _close(sc)
+            # OpenBao knows the token (the world's word, not the broker's).
+            root = vault_as(own_bao, own_bao.root_token)
+            assert root.auth.token.lookup(got["token"])["data"]["ttl"] > 0
+            decision = next(r for r in _records(fed_broker) if r.get("type") == "decision"
+                            and r.get("request_id") == got["request_id"])
+            assert decision["spiffe_id"] == VENDOR_AGENT
+            assert decision["federated_from"] == VENDOR
+    finally:
+        endpoint.stop()

@@ -340,3 +340,32 @@ def test_federated_approval_needs_approvers() -> None:
     bad = MAP.replace("federated: allow", "federated: sometimes")
     with pytest.raises(ScopeMapError, match="federated"):
         parse_scope_map([("map.yaml", bad)])
+
+
+def test_a_bundle_may_be_pem_ca_certificates(vendor: DevCA) -> None:
+    b = parse_bundle(VENDOR, b"\n" + vendor.bundle_pem)
+    assert b.x509_authorities == (vendor.ca_cert,) and b.jwt_bundle is None
+    with pytest.raises(BundleError, match="PEM but not CA certificates"):
+        parse_bundle(VENDOR, b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+
+
+def test_the_sidecar_trusts_the_brokers_domain_by_file_and_or_endpoint(tmp_path: Path) -> None:
+    from broker.config import sidecar_config_from
+
+    env = {"SPIFFE_ENDPOINT_SOCKET": "unix:/run/w.sock", "CREDBROKER_BROKER_ADDR": "b:8443"}
+    flags: dict[str, object] = {"listen": str(tmp_path / "s.sock")}
+    assert sidecar_config_from(env=env, flags=flags).broker_trust is None
+    f = sidecar_config_from(env=env, flags={**flags, "broker_bundle": "example.org=/b.pem"})
+    assert f.broker_trust is not None and f.broker_trust.path == Path("/b.pem")
+    both = sidecar_config_from(env={**env, "CREDBROKER_BROKER_BUNDLE_ENDPOINT":
+                                    "example.org=https://spire.example.org/bundle"},
+                               flags={**flags, "broker_bundle": "example.org=/b.json"})
+    assert both.broker_trust is not None
+    assert both.broker_trust.url == "https://spire.example.org/bundle"
+    assert both.broker_trust.path == Path("/b.json")  # the first bundle, then the endpoint
+    with pytest.raises(ConfigError, match="both are the broker's trust domain"):
+        sidecar_config_from(env=env, flags={**flags, "broker_bundle": "a.example=/b.json",
+                                            "broker_bundle_endpoint":
+                                            "b.example=https://x.example/"})
+    with pytest.raises(ConfigError, match="--broker-bundle 'nope'"):
+        sidecar_config_from(env=env, flags={**flags, "broker_bundle": "nope"})
