@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,14 @@ def test_appends_fail_closed_while_postgres_is_down_and_recover(
         assert log.append_or_queue("credential.revoked", credential_id="c1") is None
         assert errors and log.size == 2
         own.start()
-        log.check_writable()  # the pool reaches PostgreSQL again: no restart
+        deadline = time.monotonic() + 60
+        while True:  # the pool reaches PostgreSQL again (its retries back off): no restart
+            try:
+                log.check_writable()
+                break
+            except AuditError:
+                assert time.monotonic() < deadline, "still not writable after PostgreSQL returned"
+                time.sleep(0.2)
         log.append("decision", request_id="after")
         records = [(r["type"], r.get("request_id") or r.get("credential_id"))
                    for r in read_db_records(url)]
