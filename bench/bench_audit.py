@@ -122,20 +122,22 @@ def main() -> None:
     d = Path(tempfile.mkdtemp(prefix="cb-audit-bench-", dir=os.getcwd()))
     rows = []
     pg_url, pg = _postgres(args.store) if args.postgres else ("", None)
-    for signed in (False, True):
-        for threads in (1, 16, 64):
-            rate = appends(d / f"append-{threads}-{signed}.log", threads, args.seconds,
-                           signed=signed)
-            what = "signed batch" if signed else "chain only"
-            rows.append((f"durable append ({what}), {threads} concurrent appender(s)",
-                         f"{rate:,.0f}"))
-            if signed and pg_url:
-                pg_rate = pg_appends(pg_url, threads, args.seconds)
-                rows.append((f"durable append in PostgreSQL (signed batch), {threads} "
-                             f"concurrent appender(s) [{pg_rate / rate:.2f}x the file]",
-                             f"{pg_rate:,.0f}"))
-    if pg is not None:
-        pg.destroy()  # type: ignore[attr-defined]
+    try:
+        for signed in (False, True):
+            for threads in (1, 16, 64):
+                rate = appends(d / f"append-{threads}-{signed}.log", threads, args.seconds,
+                               signed=signed)
+                what = "signed batch" if signed else "chain only"
+                rows.append((f"durable append ({what}), {threads} concurrent appender(s)",
+                             f"{rate:,.0f}"))
+                if signed and pg_url:
+                    pg_rate = pg_appends(pg_url, threads, args.seconds)
+                    rows.append((f"durable append in PostgreSQL (signed batch), {threads} "
+                                 f"concurrent appender(s) [{pg_rate / rate:.2f}x the file]",
+                                 f"{pg_rate:,.0f}"))
+    finally:
+        if pg is not None:
+            pg.destroy()  # type: ignore[attr-defined]
     big = d / "verify.log"
     log = AuditLog(big)
     t0 = time.perf_counter()
