@@ -178,7 +178,6 @@ def test_a_chain_rewritten_with_recomputed_hashes_fails_its_signature(
     capsys.readouterr()
     assert _verify(url, "--public-key", str(pub)) == 1  # ... its signature is not
     assert "the chain was rewritten" in capsys.readouterr().err
-    # Records appended by SQL after the newest signature: covered by no signature.
     store.close()
 
 
