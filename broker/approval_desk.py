@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from broker.approvers import ApproverConfig
-from broker.audit import AuditLog
+from broker.audit import AuditTrail
 from broker.core import approvals as ap
 from broker.core.models import CredentialRequest
 from broker.core.records import rfc3339
@@ -43,7 +43,7 @@ class _Conflict(Exception):
 
 
 class ApprovalDesk:
-    def __init__(self, *, store: CredentialStore, audit: AuditLog, config: ApproverConfig,
+    def __init__(self, *, store: CredentialStore, audit: AuditTrail, config: ApproverConfig,
                  clock: Callable[[], datetime], team_scopes: TeamScopes | None = None) -> None:
         self._store = store
         self._audit = audit

@@ -1,5 +1,8 @@
 """The tamper-evident audit log: append-only file, group-committed, fail-closed.
 
+The broker uses it through :class:`AuditTrail`; with a PostgreSQL store the log lives in
+the database instead (``broker.audit_pg``), with the same records, chain and signatures.
+
 ``append`` returns only once the record is on disk (written and fsynced). Many
 concurrent appends share one fsync (group commit): the first waiting caller
 writes and syncs everything queued so far, the others wait for it. If the write
@@ -20,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
@@ -50,6 +53,48 @@ _log = logging.getLogger("credbroker.audit")
 class Appended:
     seq: int
     hash: str
+
+
+class AuditTrail(Protocol):
+    """What the broker writes its records through: the file (:class:`AuditLog`) or the
+    database (``broker.audit_pg.PostgresAuditLog``). Every implementation is thread-safe,
+    commits concurrent appends together, signs every batch before acknowledging it, and
+    fails closed (:class:`~broker.errors.AuditError`)."""
+
+    #: Records found at start that no signature covered (0 where that cannot happen).
+    unsigned_at_open: int
+
+    @property
+    def size(self) -> int:
+        """Records durable in this writer's chain."""
+        ...
+
+    @property
+    def head(self) -> str:
+        """The hash (hex) of this writer's newest durable record."""
+        ...
+
+    def append(self, event: str, **fields: Any) -> Appended:
+        """Raises: AuditError (the record is not durable)."""
+        ...
+
+    def append_many(self, events: list[tuple[str, dict[str, Any]]]) -> list[Appended]:
+        """Raises: AuditError (none of them is durable)."""
+        ...
+
+    def append_or_queue(self, event: str, **fields: Any) -> Appended | None:
+        """Never raises: a record that cannot be written now is kept for the next append."""
+        ...
+
+    def check_writable(self) -> None:
+        """Raises: AuditError when the log cannot take a write now (health)."""
+        ...
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign the durable head and keep it (and mirror it). Raises: AuditError."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class AuditLog:
@@ -363,18 +408,9 @@ class AuditLog:
             size, head = self._durable_seq, self._durable_head
         cp = sign_checkpoint(self._key, origin=self.origin, size=size, head=head,
                              time=rfc3339(self._clock()))
-        line = (json.dumps(cp.to_json(), sort_keys=True) + "\n").encode()
+        text = json.dumps(cp.to_json(), sort_keys=True)
         for target in filter(None, (self.checkpoint_path, self.mirror_path)):
-            try:
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-                try:
-                    os.write(fd, line)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                raise AuditError(f"cannot write the audit checkpoint to {target}: "
-                                 f"{exc.strerror}") from None
+            append_checkpoint_line(target, text)
         return cp
 
     def close(self) -> None:
@@ -385,6 +421,23 @@ class AuditLog:
             if self._head_fd >= 0:
                 os.close(self._head_fd)
                 self._head_fd = -1
+
+
+def append_checkpoint_line(target: Path, text: str) -> None:
+    """Append one signed checkpoint (its JSON) to a checkpoints file, durably.
+
+    Raises: AuditError when the file cannot be written.
+    """
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, (text + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise AuditError(f"cannot write the audit checkpoint to {target}: "
+                         f"{exc.strerror}") from None
 
 
 _HEAD_SLOT = 512  # bytes of the head checkpoint file: one signed checkpoint, padded

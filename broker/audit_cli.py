@@ -1,10 +1,13 @@
-"""``credbroker audit verify | trace | export``: prove, explain and ship the audit log."""
+"""``credbroker audit verify | trace | export | report``: prove, explain and ship the audit
+log: a file, or (``--store postgresql://…``) every replica's chain in the database."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,44 @@ def _log_path(args: argparse.Namespace) -> Path:
         return Path(args.log)
     if getattr(args, "dev", None):
         return Path(dev_info(args.dev)["audit_path"])
-    raise ConfigError("which audit log? pass its path, or --dev DIR for the dev stack")
+    raise ConfigError("which audit log? pass its path, --store postgresql://… for the log in "
+                      "a PostgreSQL store, or --dev DIR for the dev stack")
+
+
+def _store_url(args: argparse.Namespace, env: dict[str, str] | None = None) -> str:
+    """The PostgreSQL store whose audit log to read, or '' for a log file: --store, else
+    dev.json's ``store`` (--dev), else CREDBROKER_STORE when no log file is named.
+
+    Raises: ConfigError (not a postgresql:// URL; both a file and a store named).
+    """
+    from broker.store_pg import check_url
+
+    url = getattr(args, "store", None) or ""
+    if url and getattr(args, "log", None):
+        raise ConfigError("name one audit log: a file or --store, not both")
+    if not url and getattr(args, "dev", None) and not getattr(args, "log", None):
+        url = str(dev_info(args.dev).get("store") or "")
+    if not url and not getattr(args, "log", None) and not getattr(args, "dev", None):
+        url = (os.environ if env is None else env).get("CREDBROKER_STORE", "")
+    if url:
+        check_url(url)
+    return url
+
+
+def _records(args: argparse.Namespace, command: str) -> tuple[str, Iterator[dict[str, Any]]]:
+    """(what was read, for messages; its records in order) of the log the arguments name.
+
+    Raises: ConfigError, AuditError.
+    """
+    url = _store_url(args)
+    if url:
+        from broker.audit_pg import read_db_records
+        from broker.store_pg import redact
+
+        return redact(url), read_db_records(url)
+    log = _log_path(args)
+    require_log(log, command)
+    return str(log), read_records(log)
 
 
 def require_log(path: Path, command: str, *, unknown_ok: bool = False) -> None:
@@ -83,9 +123,12 @@ def _public_key(path: str) -> Ed25519PublicKey:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    url = _store_url(args)
+    if url:
+        return _verify_store(args, url)
     log = _log_path(args)
     checkpoint_file = args.checkpoint
-    key_file = args.public_key
+    key_file = args.public_key[-1] if args.public_key else None
     if args.dev:
         info = dev_info(args.dev)
         checkpoint_file = checkpoint_file or info.get("audit_checkpoints")
@@ -131,10 +174,52 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if verdict.ok else 1
 
 
+def _verify_store(args: argparse.Namespace, url: str) -> int:
+    """Verify every chain of the audit log in a PostgreSQL store (see ``verify_db``)."""
+    from broker.audit_pg import verify_db
+    from broker.store_pg import redact
+
+    if args.head or args.no_head:
+        raise ConfigError("--head and --no-head are for an audit log file; in a PostgreSQL "
+                          "store each chain's newest signature is in the database")
+    key_files = list(args.public_key or [])
+    if args.dev and not key_files and dev_info(args.dev).get("audit_public_key"):
+        key_files.append(str(dev_info(args.dev)["audit_public_key"]))
+    keys = [_public_key(k) for k in key_files]
+    mirrored = read_checkpoints(Path(args.checkpoint)) if args.checkpoint else []
+    if args.checkpoint and not mirrored:
+        raise ConfigError(f"--checkpoint {args.checkpoint} holds no checkpoint")
+    if mirrored and not keys:
+        raise ConfigError("--checkpoint needs --public-key to check the signatures")
+    v = verify_db(url, keys, mirrored)
+    where = redact(url)
+    if args.json:
+        print(json.dumps({"ok": v.ok, "records": v.records, "problems": v.problems, "chains": [
+            {"chain": c.origin, "ok": c.verdict.ok, "records": c.verdict.records,
+             "head": c.verdict.head, "checkpoints_checked": c.verdict.checkpoints_checked,
+             "bad_record": c.verdict.bad_record, "problem": c.verdict.problem or None}
+            for c in v.chains]}, indent=2))
+        return 0 if v.ok else 1
+    for c in v.chains:
+        if c.verdict.ok:
+            cps = f"; consistent with {c.verdict.checkpoints_checked} signed checkpoint(s)" \
+                if c.verdict.checkpoints_checked else ""
+            print(f"  chain {c.origin}: intact, {c.verdict.records} records{cps}")
+        else:
+            print(f"  chain {c.origin}: NOT INTACT: {c.verdict.problem}", file=sys.stderr)
+    for problem in v.problems:
+        print(f"  {problem}", file=sys.stderr)
+    if v.ok:
+        signed = "" if keys else "; no signature checked (pass --public-key)"
+        print(f"{where}: intact, {len(v.chains)} chain(s), {v.records} records{signed}")
+    else:
+        print(f"{where}: NOT INTACT (see above)", file=sys.stderr)
+    return 0 if v.ok else 1
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
-    log = _log_path(args)
-    require_log(log, "trace")
-    t = trace(read_records(log), args.id)
+    _, records = _records(args, "trace")
+    t = trace(records, args.id)
     if t is None:
         print(f"no credential, request or approval {args.id!r} in the audit log",
               file=sys.stderr)
@@ -150,10 +235,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     since = parse_when(args.since, now, flag="--since")
     until = parse_when(args.until, now, flag="--until") if args.until else None
-    log = _log_path(args)
-    require_log(log, "report")
+    log, records = _records(args, "report")
     try:
-        report = build_report(read_records(log), since=since, until=until,
+        report = build_report(records, since=since, until=until,
                               rubber_stamp_seconds=args.rubber_stamp_seconds)
     except ValueError as exc:
         raise AuditError(f"{log}: {exc}") from None
@@ -170,11 +254,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     since = None
     if args.since:
         since = parse_when(args.since, datetime.now(UTC), flag="--since")
-    log = _log_path(args)
-    require_log(log, "export")
+    _, records = _records(args, "export")
     out = sys.stdout
     n = 0
-    for record in read_records(log):
+    for record in records:
         if since is not None and parse_time(str(record["time"])) < since:
             continue
         obj = to_ocsf(record) if args.format == "ocsf" else record
@@ -188,6 +271,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     audit = sub.add_parser("audit", help="verify, trace and export the audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+
+    def store_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", metavar="URL", help="read the audit log in this PostgreSQL "
+                       "store (every replica's chain; default: CREDBROKER_STORE when no log "
+                       "file is named)")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
@@ -203,7 +291,10 @@ def add_parser(sub: Any) -> None:
                    "per-batch signing: against the periodic checkpoints only")
     s.add_argument("--checkpoint", help="file of signed checkpoints (default: LOG.checkpoints "
                                         "with --dev)")
-    s.add_argument("--public-key", help="the broker's checkpoint public key (PEM)")
+    s.add_argument("--public-key", action="append", help="the broker's checkpoint public key "
+                   "(PEM); with --store repeat it for replicas with their own keys (each "
+                   "chain is checked with the key that signed it)")
+    store_flag(s)
     common(s)
     s.set_defaults(func=cmd_verify)
 
@@ -211,6 +302,7 @@ def add_parser(sub: Any) -> None:
                                       "approval, and every request the credential served")
     s.add_argument("id", help="credential id (Vault accessor), request id or approval id")
     s.add_argument("--log", help="the audit log file")
+    store_flag(s)
     common(s)
     s.set_defaults(func=cmd_trace)
 
@@ -224,6 +316,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--rubber-stamp-seconds", type=int, default=DEFAULT_RUBBER_STAMP_SECONDS,
                    help="flag approvals decided faster than this (default %(default)s)")
     s.add_argument("--log", help="the audit log file")
+    store_flag(s)
     s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
     s.set_defaults(func=cmd_report)
 
@@ -232,5 +325,6 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--since", metavar="TIME", help="only records at or after this time: a "
                    "duration back from now (10m, 2h, 1d) or RFC 3339 with a zone")
     s.add_argument("--log", help="the audit log file")
+    store_flag(s)
     s.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
     s.set_defaults(func=cmd_export)

@@ -59,7 +59,8 @@ class BrokerConfig:
     require_jwt_svid: bool = False
     ready_file: Path | None = None
     reload_interval: float = 1.0  # seconds between scope-map change checks; 0 disables
-    audit_path: Path
+    #: The audit log file (None with a PostgreSQL store: the log is in the database).
+    audit_path: Path | None
     registry_path: Path
     #: postgresql://… : the registry shared by several replicas (wins over registry_path).
     store_url: str = ""
@@ -294,10 +295,12 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
         "audit_key": "no checkpoint signing key: pass --audit-key PATH or set "
                      "CREDBROKER_AUDIT_KEY (an Ed25519 PEM key; created if missing)",
     }
+    store_url = _text(s, "store")
+    if store_url:  # the audit log lives in the database
+        del required["audit_log"]
     for name, message in required.items():
         if not _text(s, name):
             raise ConfigError(message)
-    store_url = _text(s, "store")
     if store_url:
         from broker.store_pg import check_url
 
@@ -334,7 +337,7 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
         jwt_audience=_text(s, "audience"),
         require_jwt_svid=bool(s["require_jwt_svid"].value),
         ready_file=Path(_text(s, "ready_file")) if _text(s, "ready_file") else None,
-        audit_path=Path(_text(s, "audit_log")),
+        audit_path=Path(_text(s, "audit_log")) if _text(s, "audit_log") else None,
         registry_path=Path(_text(s, "registry")),
         store_url=store_url,
         admin_ids=_spiffe_ids(_list(s, "admin_id"), "--admin-id"),

@@ -79,7 +79,7 @@ class StorePort(Protocol):
 
 
 class AuditPort(Protocol):
-    """What issuance needs from the audit log (``broker.audit.AuditLog``)."""
+    """What issuance needs from the audit log (``broker.audit.AuditLog``, ``broker.audit_pg``)."""
 
     def append(self, event: str, **fields: Any) -> object: ...
 

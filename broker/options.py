@@ -112,10 +112,12 @@ BROKER_OPTIONS: tuple[Option, ...] = (
        kind="switch", default=False),
     _o("ready_file", "--ready-file", "write host:port here once serving", in_file=False,
        shown_default="none"),
-    _o("audit_log", "--audit-log", "audit log (required)", env=("CREDBROKER_AUDIT_LOG",)),
+    _o("audit_log", "--audit-log", "audit log file (required, except with "
+       "`--store`: the audit log is then in the database)", env=("CREDBROKER_AUDIT_LOG",)),
     _o("audit_key", "--audit-key", "checkpoint signing key, Ed25519 PEM (required; created "
        "0600 with a `.pub` beside it if missing)", env=("CREDBROKER_AUDIT_KEY",)),
-    _o("checkpoint_mirror", "--checkpoint-mirror", "second location for signed checkpoints",
+    _o("checkpoint_mirror", "--checkpoint-mirror", "second location for signed checkpoints "
+       "(outside the database with `--store`)",
        shown_default="none"),
     _o("checkpoint_interval", "--checkpoint-interval",
        "seconds between checkpoints (`SIGUSR1`: now)", kind="number", default=60.0),

@@ -104,8 +104,10 @@ CREATE TABLE IF NOT EXISTS events (
 #: The schema version this code writes. 1: the first release (freezes without the
 #: enforcement columns); 2: freezes record their enforcement (the last unversioned
 #: schema); 3: budgets in the store, and the ``schema_version`` table; 4: each
-#: credential's lease prefix; 5: the replicas' event sequence.
-SCHEMA_VERSION = 5
+#: credential's lease prefix; 5: the replicas' event sequence; 6: the audit log in the
+#: store (PostgreSQL only: ``broker.store_pg.AUDIT_SCHEMA``; an SQLite registry's broker
+#: keeps the audit log in its file, and version 6 adds nothing to it).
+SCHEMA_VERSION = 6
 
 #: Columns added after the first release: (table, column, definition). Rows written
 #: before a column existed get its default (a freeze then was enforced before it was
@@ -545,6 +547,7 @@ def _sqlite_step(db: sqlite3.Connection, version: int) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
     elif version == 5:
         db.execute(EVENTS_SCHEMA)
+    # version 6: nothing in SQLite (the audit log of an SQLite broker is its file)
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from broker.audit import AuditLog
+from broker.audit import AuditTrail
 from broker.core.revocation import Freeze, Selector, freeze_target
 from broker.core.scopemap import ScopeMap
 from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
@@ -223,7 +223,7 @@ class Outcome:
 
 
 class Responder:
-    def __init__(self, *, store: CredentialStore, vault: VaultAdapter, audit: AuditLog,
+    def __init__(self, *, store: CredentialStore, vault: VaultAdapter, audit: AuditTrail,
                  bus: RevocationBus, scope_map: Callable[[], ScopeMap],
                  clock: Callable[[], datetime], workers: int = 16) -> None:
         self.store = store

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 from spiffe import JwtSource, X509Source
@@ -22,11 +23,12 @@ from broker.admin import AdminService
 from broker.approval_desk import ApprovalDesk
 from broker.approvals_api import ApprovalsService
 from broker.approvers import OidcVerifier
-from broker.audit import AuditLog, load_or_create_signing_key
+from broker.audit import AuditLog, AuditTrail, load_or_create_signing_key
 from broker.config import BrokerConfig, load_scope_map
 from broker.core.scopemap import ScopeMap
 from broker.errors import (
     AuditError,
+    ConfigError,
     CredbrokerError,
     VaultPermissionError,
     VaultUnavailableError,
@@ -114,7 +116,7 @@ class BrokerServer:
         self._issuer: Issuer | None = None
         self._vault: VaultAdapter | None = None
         self._reload_lock = threading.Lock()
-        self.audit: AuditLog | None = None
+        self.audit: AuditTrail | None = None
         self.store: SqlStore | None = None
         self._follower: ReplicaFollower | None = None
         self.leadership: Leadership | None = None
@@ -145,18 +147,40 @@ class BrokerServer:
         key = load_or_create_signing_key(cfg.audit_key_path, create=True) \
             if cfg.audit_key_path else None
         self.metrics = Metrics()
-        self.audit = AuditLog(cfg.audit_path, signing_key=key, mirror_path=cfg.checkpoint_mirror,
-                              clock=self._clock, on_error=self.metrics.audit_errors.inc)
         try:
             self.store = open_store(url=cfg.store_url, registry=cfg.registry_path,
                                     pool_size=min(cfg.max_workers, 32))
+            self.audit = self._open_audit(cfg, self.store, key)
             self._start(cfg)
         except BaseException:
             self._stop_serving(0)
-            self.audit.close()
+            if self.audit is not None:
+                self.audit.close()
             if self.store is not None:
                 self.store.close()
             raise
+
+    def _open_audit(self, cfg: BrokerConfig, store: SqlStore,
+                    key: Ed25519PrivateKey | None) -> AuditTrail:
+        """The audit log: in the database with a PostgreSQL store (one chain for this
+        process), else the file. Raises: AuditError; ConfigError (no file configured)."""
+        if store.shared:
+            from broker.audit_pg import PostgresAuditLog, chain_origin
+            from broker.store_pg import PostgresStore
+
+            assert isinstance(store, PostgresStore)
+            if cfg.audit_path is not None:
+                _log.warning("--audit-log %s is not used: with a PostgreSQL store the audit "
+                             "log lives in the database (`credbroker audit verify --store "
+                             "…`)", cfg.audit_path)
+            return PostgresAuditLog(store, origin=chain_origin(self.replica_id),
+                                    signing_key=key, mirror_path=cfg.checkpoint_mirror,
+                                    clock=self._clock, on_error=self.metrics.audit_errors.inc)
+        if cfg.audit_path is None:
+            raise ConfigError("no audit log: pass --audit-log PATH or set CREDBROKER_AUDIT_LOG "
+                              "(the broker does not run without one)")
+        return AuditLog(cfg.audit_path, signing_key=key, mirror_path=cfg.checkpoint_mirror,
+                        clock=self._clock, on_error=self.metrics.audit_errors.inc)
 
     def _start(self, cfg: BrokerConfig) -> None:
         assert self.audit is not None

@@ -29,7 +29,7 @@ from spiffe import JwtBundle, TrustDomain
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.approval_desk import ApprovalDesk
-from broker.audit import AuditLog
+from broker.audit import AuditTrail
 from broker.budget import StoreBudget
 from broker.core import approvals as ap
 from broker.core.approvals import ApprovalError, ApprovalNotFoundError
@@ -289,7 +289,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         scope_maps: ScopeMapHolder,
         vault: VaultAdapter,
         authenticator: Authenticator,
-        audit: AuditLog,
+        audit: AuditTrail,
         responder: Responder,
         desk: ApprovalDesk,
         clock: Callable[[], datetime],

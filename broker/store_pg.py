@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -52,11 +52,43 @@ POOL_TIMEOUT = 5.0
 PG_SCHEMA = re.sub(r"\bREAL\b", "DOUBLE PRECISION", SCHEMA + BUDGET_SCHEMA)
 PG_EVENTS_SCHEMA = re.sub(r"\bREAL\b", "DOUBLE PRECISION", EVENTS_SCHEMA).replace(
     "INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+#: Version 6: the audit log, one hash chain per broker process (``broker.audit_pg``).
+#: ``audit_chains`` holds each chain's durable size and head and the signed checkpoint of
+#: its newest batch, updated in the transaction that inserts the batch's records;
+#: ``written`` orders records across chains (a record written after another replica's
+#: commit was seen sorts after it); ``audit_checkpoints`` keeps the periodic checkpoints.
+AUDIT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_chains (
+    origin      TEXT PRIMARY KEY,
+    size        BIGINT NOT NULL,
+    head        TEXT NOT NULL,
+    signed_head TEXT NOT NULL DEFAULT '',
+    opened_at   DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_records (
+    origin  TEXT NOT NULL,
+    seq     BIGINT NOT NULL,
+    hash    TEXT NOT NULL,
+    record  TEXT NOT NULL,
+    written BIGSERIAL,
+    PRIMARY KEY (origin, seq)
+);
+CREATE INDEX IF NOT EXISTS audit_records_written ON audit_records (written);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    origin     TEXT NOT NULL,
+    size       BIGINT NOT NULL,
+    checkpoint TEXT NOT NULL,
+    at         DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_checkpoints_origin ON audit_checkpoints (origin, size)
+"""
 #: NOTIFY channel an appended event wakes the other replicas on (a wake-up only: they
 #: poll the sequence anyway, since notifications are not durable).
 EVENTS_CHANNEL = "credbroker_events"
 
 _DB_ERRORS = (psycopg.Error, PoolTimeout, PoolClosed)
+#: Every exception a PostgreSQL call through the pool raises for an unavailable database.
+DB_ERRORS = _DB_ERRORS
 
 
 def check_url(url: str) -> None:
@@ -127,9 +159,7 @@ class PostgresStore(SqlStore):
             raise
 
     def _failed(self, exc: BaseException, what: str = "failed") -> str:
-        text = " ".join(str(exc).split())[:500] or type(exc).__name__
-        if self._secret:
-            text = text.replace(self._secret, "***")
+        text = self.redacted(exc)
         return (f"{self.where} {what}: {text} (issuance is refused until the store answers "
                 "again)")
 
@@ -173,6 +203,11 @@ class PostgresStore(SqlStore):
                     conn.execute(PG_EVENTS_SCHEMA)
                     conn.execute("INSERT INTO schema_version VALUES (%s, %s) ON CONFLICT "
                                  "DO NOTHING", (5, datetime.now(UTC).timestamp()))
+                if before < 6:
+                    for stmt in statements(AUDIT_SCHEMA):
+                        conn.execute(stmt)
+                    conn.execute("INSERT INTO schema_version VALUES (%s, %s) ON CONFLICT "
+                                 "DO NOTHING", (6, datetime.now(UTC).timestamp()))
         except _DB_ERRORS as exc:
             raise StoreError(self._failed(exc, "could not be migrated")) from None
         return before, SCHEMA_VERSION
@@ -260,6 +295,17 @@ class PostgresStore(SqlStore):
                 yield _PgHold(conn, key, recent)
         except _DB_ERRORS as exc:
             raise StoreError(self._failed(exc)) from None
+
+    def transaction(self) -> AbstractContextManager[psycopg.Connection[tuple[Any, ...]]]:
+        """A pooled connection in one transaction: committed when the block ends, rolled
+        back when it raises (for writers that commit several statements together, such as
+        the audit log). Raises: what :data:`DB_ERRORS` names."""
+        return self._pool.connection()
+
+    def redacted(self, exc: BaseException) -> str:
+        """A database error's text for a message, with the URL's password cut out."""
+        text = " ".join(str(exc).split())[:500] or type(exc).__name__
+        return text.replace(self._secret, "***") if self._secret else text
 
     def session(self, application_name: str) -> psycopg.Connection[tuple[Any, ...]]:
         """A dedicated autocommit connection outside the pool (the leader lock, LISTEN):

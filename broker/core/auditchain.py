@@ -60,6 +60,13 @@ def encode_line(body: bytes, digest: bytes) -> bytes:
     return _PREFIX + digest.hex().encode() + _MIDDLE + body + b"}\n"
 
 
+def line_of(stored_hash: str, body: bytes) -> bytes:
+    """The log line of a record kept elsewhere (a database row: its stored hash as text and
+    its record bytes), so the one verification reads it. Not checked here: a hash that is
+    not 64 hex digits makes a line :func:`verify_chain` reports as malformed."""
+    return _PREFIX + stored_hash.encode() + _MIDDLE + body + b"}\n"
+
+
 def decode_line(line: bytes) -> tuple[bytes, bytes]:
     """(stored hash, record bytes) of one log line.
 
@@ -238,3 +245,41 @@ def verify_chain(lines: Iterable[bytes], checkpoints: Iterable[Checkpoint] = (),
                                "by someone else (or written just before a crash; the broker "
                                "then records audit.unsigned_tail when it starts)")
     return Verdict(ok=True, records=n, head=prev.hex(), checkpoints_checked=count)
+
+
+#: The first record of every chain of a log kept in a database (one chain per broker
+#: process): it names the size and head of every other chain it found, so a whole chain
+#: deleted later (rows, head and checkpoints) is still missed by the chains that saw it.
+CHAIN_OPENED = "audit.chain_opened"
+
+
+def check_witnesses(first_records: dict[str, dict[str, Any]],
+                    heads_at: dict[str, list[str]]) -> list[str]:
+    """What the chains' opening records say that the chains no longer show.
+
+    ``first_records``: each chain's first record (parsed); ``heads_at``: each chain's
+    record hashes in order (hex). Returns one problem per chain seen by another but now
+    missing or shorter, or with other records than were seen; empty when all agree.
+    """
+    problems = []
+    for origin, first in sorted(first_records.items()):
+        if first.get("type") != CHAIN_OPENED:
+            continue
+        seen = first.get("chains")
+        if not isinstance(seen, dict):
+            continue
+        for other, at in sorted(seen.items()):
+            if not isinstance(at, dict):
+                continue
+            size, head = int(at.get("size") or 0), str(at.get("head") or "")
+            heads = heads_at.get(str(other))
+            if heads is None:
+                problems.append(f"chain {other} is missing: chain {origin} saw it with {size} "
+                                "record(s) when it opened; it was deleted from the database")
+            elif size > len(heads):
+                problems.append(f"chain {other} was truncated: chain {origin} saw {size} "
+                                f"record(s) when it opened, it now has {len(heads)}")
+            elif size > 0 and heads[size - 1] != head:
+                problems.append(f"chain {other} was rewritten: its first {size} record(s) are "
+                                f"not the ones chain {origin} saw when it opened")
+    return problems

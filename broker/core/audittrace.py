@@ -114,17 +114,27 @@ def trace(records: Iterable[dict[str, Any]], ident: str) -> Trace | None:
                 if cid not in gone and _froze(r, m):
                     t.ended.append(_freeze_end(r, m))
                     gone.add(cid)
-    t.ended.sort(key=lambda e: (e.get("seq") is None, e.get("seq") or 0))
-    return t
+    if not any("chain" in r for r in records):  # one file: its seq is the order
+        t.ended.sort(key=lambda e: (e.get("seq") is None, e.get("seq") or 0))
+    return t  # several chains (a database): in the order they were written
+
+
+def _by(r: dict[str, Any]) -> str:
+    """Which broker process recorded ``r`` (records read from a database name their chain)."""
+    return f" [recorded by broker {r['chain']}]" if r.get("chain") else ""
 
 
 _ENDING_KEYS = ("type", "time", "seq", "hash", "by", "reason")
 
 
+def _ending_keys(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r.get(k) for k in _ENDING_KEYS} | ({"chain": r["chain"]} if "chain" in r else {})
+
+
 def _bulk_end(r: dict[str, Any], cid: str, n: int, failed: bool,
               freezes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     selector = str(r.get("selector") or "")
-    out = {k: r.get(k) for k in _ENDING_KEYS}
+    out = _ending_keys(r)
     out |= {"how": "revocation_failed" if failed else "revoked", "credential_id": cid,
             "selector": selector, "credentials_in_revocation": n,
             "counts": r.get("counts") or {}}
@@ -156,7 +166,7 @@ def _froze(fz: dict[str, Any], minted: dict[str, Any]) -> bool:
 
 
 def _freeze_end(fz: dict[str, Any], minted: dict[str, Any]) -> dict[str, Any]:
-    return {**{k: fz.get(k) for k in _ENDING_KEYS}, "how": "frozen",
+    return {**_ending_keys(fz), "how": "frozen",
             "credential_id": minted.get("credential_id"), "freeze_id": fz.get("freeze_id"),
             "kind": fz.get("kind"), "pattern": fz.get("pattern"),
             "vault_error": fz.get("vault_error") or ""}
@@ -230,7 +240,7 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
         lines.append(f"     escalation (should intervene): {' → '.join(dec['escalation'])}")
     lines.append(f"  4. decided {str(dec.get('outcome', '?')).upper()} by rule {dec.get('rule')} "
                  f"({dec.get('source') or 'no source'}) under scope map "
-                 f"{dec.get('scope_map_version')}")
+                 f"{dec.get('scope_map_version')}{_by(d)}")
     for reason in dec.get("reasons") or []:
         lines.append(f"     why: {reason}")
     approvers = d.get("approvers") or []
@@ -249,7 +259,7 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
     for m in t.minted:
         lines.append(f"  6. credential {m.get('credential_id')} minted at {m.get('time')}, TTL "
                      f"{m.get('ttl_seconds')}s, policies {', '.join(m.get('policies') or [])}, "
-                     f"expires {m.get('expires_at')}")
+                     f"expires {m.get('expires_at')}{_by(m)}")
         served = [x for x in t.served() if x["credential_id"] == m.get("credential_id")]
         if len(served) > 1:
             lines.append(f"     served {len(served)} requests:")
@@ -257,7 +267,7 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
                 lines.append(f"       {_served_line(x)}")
         ends = [e for e in t.ended if e.get("credential_id") == m.get("credential_id")]
         for e in ends:
-            lines.append(f"  7. {_ending_line(e)}")
+            lines.append(f"  7. {_ending_line(e)}{_by(e)}")
         if all(e.get("how") == "revocation_failed" for e in ends):
             expires = m.get("expires_at")
             try:

@@ -5,7 +5,7 @@ revokes the tokens Vault minted for them and records and audits each, and clears
 Two brokers run as real processes on one PostgreSQL database and one OpenBao; the first
 reaches OpenBao through the fault proxy, which holds Vault's answers so that the kill lands
 between "Vault minted" and "the broker recorded it". Checked from outside: OpenBao's token
-list (root token), the store's rows (psycopg), and the survivor's audit log.
+list (root token), the store's rows (psycopg), and the audit log in the database.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from typing import Any
 
 import grpc
 import psycopg
+import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.audit import read_records
+from broker.audit_pg import read_db_records
+from broker.cli import main
 from broker.devstack import OpenBaoDev
 from tests.faults.support import BrokerProcess, VaultView
 from tests.integration.conftest import CONTAINMENT, TRIAGE, Identity, broker_config
@@ -117,7 +119,7 @@ def test_a_replica_killed_mid_issuance_is_cleaned_up_by_another(
         rows = dict(_sql(url, "SELECT credential_id, revoke_selector FROM credentials WHERE "
                               "credential_id = ANY(%s)", list(orphans)))
         assert rows == dict.fromkeys(orphans, "reconcile")
-        revoked = {r["credential_id"] for r in read_records(cfg_b.audit_path)
+        revoked = {r["credential_id"] for r in read_db_records(url)
                    if r["type"] == "credential.revoked" and r.get("selector") == "reconcile"}
         assert orphans <= revoked, "the survivor did not audit each token it revoked"
         proxy.restore()
@@ -131,6 +133,46 @@ def test_a_replica_killed_mid_issuance_is_cleaned_up_by_another(
         b.stop()
         # The session's other fault tests hold every live credbroker token to a registry
         # file they track: these replicas' tokens (on PostgreSQL) end with the test.
+        for acc, meta in view.live_credbroker().items():
+            if meta.get("broker_instance") == instance:
+                view.root.auth.token.revoke_accessor(acc)
+
+
+def test_a_record_acknowledged_by_a_replica_survives_its_sigkill(
+        bao: OpenBaoDev, identity: Identity, view: VaultView, postgres: PgServer,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    url = postgres.new_database()
+    cfg_a = broker_config(bao, identity, store_url=url)
+    cfg_b = broker_config(bao, identity, store_url=url)
+    a = BrokerProcess(cfg_a, vault_token=bao.root_token, log=cfg_a.audit_path.parent / "a.log")
+    b = BrokerProcess(cfg_b, vault_token=bao.root_token, log=cfg_b.audit_path.parent / "b.log")
+    port_a = a.start()
+    port_b = b.start()
+    (instance,) = _sql(url, "SELECT value FROM meta WHERE key='instance_id'")[0]
+    try:
+        agent = stub(port_a, identity.ca, svid(identity.ca, TRIAGE))
+        cred = agent.IssueCredential(_request(0), timeout=15).credential
+        a.kill()  # acknowledged, then the pod (and its disk) is gone
+        assert stub(port_b, identity.ca, svid(identity.ca, TRIAGE)).IssueCredential(
+            _request(2), timeout=15).credential.token  # b writes on
+        minted = [r for r in read_db_records(url) if r["type"] == "credential.minted"
+                  and r["credential_id"] == cred.credential_id]
+        assert len(minted) == 1
+        chain_a = minted[0]["chain"]
+        capsys.readouterr()
+        assert main(["audit", "trace", cred.credential_id, "--store", url]) == 0
+        out = capsys.readouterr().out
+        assert f"credential {cred.credential_id} minted" in out and chain_a in out
+        # a's chain ends signed: everything a acknowledged is covered by its signature.
+        keys = [arg for c in (cfg_a, cfg_b)
+                for arg in ("--public-key", str(c.audit_key_path.with_suffix(".pub")))]
+        assert main(["audit", "verify", "--store", url, *keys]) == 0
+        out = capsys.readouterr().out
+        assert f"chain {chain_a}: intact" in out and "2 chain(s)" in out
+        assert not cfg_a.audit_path.exists()  # nothing of the audit log was on a's disk
+    finally:
+        a.stop()
+        b.stop()
         for acc, meta in view.live_credbroker().items():
             if meta.get("broker_instance") == instance:
                 view.root.auth.token.revoke_accessor(acc)

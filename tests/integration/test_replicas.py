@@ -29,7 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.approvers import ApproverConfig, DevIssuer
-from broker.audit import read_records
+from broker.audit_pg import chain_origin, read_db_records
+from broker.cli import main
 from broker.devstack import OpenBaoDev
 from broker.errors import ERROR_CODE_MD_KEY
 from broker.replicas import LEADER_LOCK
@@ -202,18 +203,90 @@ def test_postgres_stopped_fails_closed_and_recovers_without_a_restart(
         _until(lambda: _health(server.health_port) != serving, "SERVING without PostgreSQL")
         assert server.health is not None
         assert any("PostgreSQL" in p for p in server.health.problems)
+        _until(lambda: any(p.startswith("audit log") for p in server.health.problems),
+               "the audit log in PostgreSQL counts as writable without PostgreSQL")
         own.start()
         _until(lambda: _health(server.health_port) == serving,
                "not SERVING after PostgreSQL returned", 30)
-        assert _mint(server, identity).credential.token  # the pool reconnected
+        minted = _mint(server, identity).credential  # the pool reconnected
+        # ... and its record is in the database, the chain intact and signed.
+        url = server.config.store_url
+        assert any(r["type"] == "credential.minted" and r["credential_id"] ==
+                   minted.credential_id for r in read_db_records(url))
+        assert main(["audit", "verify", "--store", url, "--public-key",
+                     str(server.config.audit_key_path.with_suffix(".pub"))]) == 0
     finally:
         own.destroy()
+
+
+def test_the_audit_log_is_in_the_database_one_chain_per_replica_traced_across_them(
+        replicas: Factory, identity: Identity, vault_root: hvac.Client,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = replicas(), replicas()
+    url = a.config.store_url
+    chain_a, chain_b = chain_origin(a.replica_id), chain_origin(b.replica_id)
+    # Both write at once: each its own chain, every chain intact.
+    minted: list[str] = []
+    lock = threading.Lock()
+
+    def burst(server: BrokerServer) -> None:
+        for _ in range(6):
+            cid = _mint(server, identity).credential.credential_id
+            with lock:
+                minted.append(cid)
+
+    threads = [threading.Thread(target=burst, args=(s,)) for s in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(minted) == 24
+    # Issued through a, revoked through b.
+    cred = _mint(a, identity).credential
+    admin = admin_stub(b.port, identity.ca, svid(identity.ca, ADMIN))
+    list(admin.RevokeCredentials(pb.RevokeCredentialsRequest(
+        selector=pb.Selector(credential_ids=[cred.credential_id]), reason="leaked"), timeout=30))
+    with pytest.raises(hvac.exceptions.InvalidRequest):  # OpenBao: the token is gone
+        vault_root.auth.token.lookup_accessor(cred.credential_id)
+    capsys.readouterr()
+    assert main(["audit", "trace", cred.credential_id, "--store", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    decided = next(i for i, line in enumerate(lines) if line.startswith("  4. decided"))
+    made = next(i for i, line in enumerate(lines) if line.startswith("  6. credential"))
+    ended = next(i for i, line in enumerate(lines) if line.startswith("  7. revoked"))
+    assert decided < made < ended
+    assert lines[decided].endswith(f"[recorded by broker {chain_a}]")
+    assert lines[made].endswith(f"[recorded by broker {chain_a}]")
+    assert lines[ended].endswith(f"[recorded by broker {chain_b}]")
+    assert "leaked" in lines[ended]
+    assert main(["audit", "trace", cred.credential_id, "--store", url, "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)
+    assert (t["decision"]["chain"], t["credentials"][0]["chain"], t["ended"][0]["chain"]) == (
+        chain_a, chain_a, chain_b)
+    # Every chain, every signature (each replica its own key).
+    keys = [arg for s in (a, b) for arg in ("--public-key",
+                                            str(s.config.audit_key_path.with_suffix(".pub")))]
+    assert main(["audit", "verify", "--store", url, *keys]) == 0
+    out = capsys.readouterr().out
+    assert f"chain {chain_a}: intact" in out and f"chain {chain_b}: intact" in out
+    assert "intact, 2 chain(s)" in out
+    # No audit file was written: --audit-log is not used with a store.
+    assert a.config.audit_path is not None and not a.config.audit_path.exists()
+    assert main(["audit", "export", "--store", url, "--format", "ocsf"]) == 0
+    assert sum(1 for line in capsys.readouterr().out.splitlines()
+               if json.loads(line)["unmapped"]["type"] == "credential.minted") == 25
 
 
 def _sql(server: BrokerServer, query: str, *args: object) -> list[tuple[Any, ...]]:
     """The store as PostgreSQL itself answers (not through the broker's code)."""
     with psycopg.connect(server.config.store_url, autocommit=True) as conn:
         return conn.execute(query, args).fetchall()  # type: ignore[arg-type]
+
+
+def _audit(server: BrokerServer) -> list[dict[str, Any]]:
+    """The records ``server`` wrote, as the database holds them (its chain)."""
+    return [r for r in read_db_records(server.config.store_url)
+            if r["chain"] == chain_origin(server.replica_id)]
 
 
 def test_a_revocation_or_freeze_through_one_replica_reaches_sidecars_of_another(
@@ -363,11 +436,11 @@ def test_an_approval_through_one_replica_releases_the_sidecar_waiting_on_another
         assert "already used" in (err.value.details() or "")
         assert _sql(a, "SELECT state FROM approvals WHERE id=%s",
                     pending["approval_id"]) == [("used",)]
-        # The vote is on record in a's audit log, the use in b's.
+        # The vote is on record in a's chain of the audit log, the use in b's.
         assert any(r["type"] == "approval.approved" and r.get("approval_id") ==
-                   pending["approval_id"] for r in read_records(a.config.audit_path))
+                   pending["approval_id"] for r in _audit(a))
         assert any(r["type"] == "approval.used" and r.get("approval_id") ==
-                   pending["approval_id"] for r in read_records(b.config.audit_path))
+                   pending["approval_id"] for r in _audit(b))
     finally:
         sc.http.close()
         sc.service.stop_watching()
@@ -400,7 +473,7 @@ def test_one_leader_escalates_and_another_takes_over_when_it_dies_or_stops(
     time.sleep(2.5)  # every replica's ticker ran twice meanwhile
     assert [(h["approval_id"], h["notify"]) for h in _Hooks.received] == [
         (approval_id, "ir-oncall")]
-    escalated = [[r for r in read_records(s.config.audit_path)
+    escalated = [[r for r in _audit(s)
                   if r["type"] == "approval.escalated"] for s in (a, b)]
     assert len(escalated[0]) == 1 and escalated[1] == []
     # The leader's session dies (a failover, a network cut): b leads within ~2 s, a knows.
