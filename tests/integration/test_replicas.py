@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.approvers import ApproverConfig, DevIssuer
 from broker.audit import read_records
+from broker.devpg import PgServer
 from broker.devstack import OpenBaoDev
 from broker.errors import ERROR_CODE_MD_KEY
 from broker.replicas import LEADER_LOCK
@@ -51,7 +52,6 @@ from tests.integration.helpers import (
     stub,
     svid,
 )
-from tests.pgserver import PgServer
 
 Factory = Callable[..., BrokerServer]
 
