@@ -1,5 +1,9 @@
 """``credbroker dev``: OpenBao dev, the dev Workload API, the broker and one sidecar per workload.
 
+With ``replicas`` (``--replicas N``) an embedded PostgreSQL (:mod:`broker.devpg`) holds the
+credential store and N brokers share it, the sidecars spread across them; without, one
+broker on an SQLite registry in the run directory.
+
 Everything runs as real local processes (the dev Workload API runs inside this
 process). Children get ``PR_SET_PDEATHSIG`` so none outlives us even if we
 are killed hard; on SIGINT/SIGTERM every child is stopped cleanly.
@@ -26,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 from broker.approvers import DevIssuer
 from broker.audit import load_or_create_signing_key
@@ -35,6 +39,9 @@ from broker.core.spiffeid import SpiffeId
 from broker.devidp import DevIdp
 from broker.devspiffe import DevCA, DevWorkloadApi
 from broker.errors import ConfigError, CredbrokerError
+
+if TYPE_CHECKING:  # broker.devpg imports this module
+    from broker.devpg import PgServer
 
 _log = logging.getLogger("credbroker.dev")
 
@@ -45,6 +52,7 @@ DEFAULT_WORKLOADS = {
 }
 BROKER_ID = "spiffe://example.org/credbroker/broker"
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; leave room
+MAX_REPLICAS = 9
 
 
 class DevStackError(CredbrokerError):
@@ -214,8 +222,14 @@ class DevStack:
         scope_map: Path = EXAMPLE_SCOPE_MAP,
         workloads: dict[str, str] | None = None,
         svid_ttl: timedelta = timedelta(minutes=30),
+        replicas: int | None = None,
     ) -> None:
+        """``replicas``: None, one broker on SQLite; N, N brokers on an embedded PostgreSQL.
+
+        Raises: ConfigError (a bad scope map path, workload, run directory or replica count).
+        """
         self.run_dir = run_dir.resolve()
+        self.replicas = replicas
         self.scope_map = scope_map.resolve()
         self.workloads = dict(workloads or DEFAULT_WORKLOADS)
         self.svid_ttl = svid_ttl
@@ -223,12 +237,19 @@ class DevStack:
         self.wlapi: DevWorkloadApi | None = None
         self.idp: DevIdp | None = None
         self.children: list[Child] = []
-        self.broker_addr = ""
+        self.broker_addr = ""  # the first broker's
+        self.brokers: list[str] = []
+        self.audit_paths: list[Path] = []
+        self.pg: PgServer | None = None
+        self.store_url = ""
         self.sidecars: dict[str, dict[str, str]] = {}
         self.console_url = ""
         self._validate()
 
     def _validate(self) -> None:
+        if self.replicas is not None and not 1 <= self.replicas <= MAX_REPLICAS:
+            raise ConfigError(f"--replicas {self.replicas}: give 1 to {MAX_REPLICAS} brokers "
+                              "(leave it out for one broker on SQLite)")
         if not self.scope_map.exists():
             raise ConfigError(f"scope map {self.scope_map} does not exist")
         ids = {}
@@ -242,7 +263,9 @@ class DevStack:
                               f"{', '.join(sorted(domains))}")
         self.trust_domain = domains.pop() if domains else "example.org"
         longest = max([len(str(self.run_dir / "sidecars" / f"{n}.sock")) for n in self.workloads]
-                      + [len(str(self.run_dir / "workload-api" / "broker.sock"))])
+                      + [len(str(self.run_dir / "workload-api" / "broker.sock")),
+                         len(str(self.run_dir / "postgres" / ".s.PGSQL.5432"))
+                         if self.replicas else 0])
         if longest > _MAX_SOCKET_PATH:
             raise ConfigError(f"--run-dir {self.run_dir} is too long for unix socket paths "
                               f"(limit ~{_MAX_SOCKET_PATH} bytes); choose a shorter directory")
@@ -250,6 +273,15 @@ class DevStack:
     @property
     def audit_path(self) -> Path:
         return self.run_dir / "audit.log"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.run_dir / "registry.db"
+
+    @property
+    def vault_addr(self) -> str:
+        assert self.bao is not None
+        return self.bao.addr
 
     @property
     def audit_key(self) -> Path:
@@ -307,38 +339,77 @@ class DevStack:
         # The dev identity provider (OIDC discovery, device grant) for `credbroker login`.
         idp = self.idp = DevIdp(self.run_dir)
         idp.start()
-        ready = self.run_dir / "broker.addr"
-        ready.unlink(missing_ok=True)
         env = {**os.environ, "VAULT_TOKEN": self.bao.root_token}
-        broker = spawn("broker", [*cli, "serve", "--listen", "127.0.0.1:0",
+        self._start_brokers(cli, env, idp)
+
+        side_env = {k: v for k, v in os.environ.items() if k != "VAULT_TOKEN"}
+        for n, (name, sid) in enumerate(self.workloads.items()):
+            sock = self.run_dir / "sidecars" / f"{name}.sock"
+            broker_addr = self.brokers[n % len(self.brokers)]  # spread across the replicas
+            child = spawn(f"sidecar {name}", [*cli, "sidecar", "--listen", str(sock),
+                                               "--workload-api", "unix:" + self.socket_of(name),
+                                               "--broker", broker_addr],
+                          self.run_dir / f"sidecar-{name}.log", side_env)
+            self.children.append(child)
+            wait_for(f"the {name} sidecar", child, sock.exists)
+            self.sidecars[name] = {"socket": str(sock), "spiffe_id": sid,
+                                   "broker_addr": broker_addr}
+        self._start_console(cli, side_env)
+        self._write_dev_json()
+
+    def _start_brokers(self, cli: list[str], env: dict[str, str], idp: DevIdp) -> None:
+        """One broker on the SQLite registry; or, with replicas, an embedded PostgreSQL and
+        N brokers on it (started together: they migrate the store once, under its lock),
+        each with its own audit log for now."""
+        count = self.replicas or 1
+        store = ["--registry", str(self.registry_path)]
+        if self.replicas:
+            self.store_url = self._start_postgres()
+            store = ["--store", self.store_url]
+        started: list[tuple[str, Child, Path]] = []
+        for k in range(1, count + 1):
+            suffix = "" if k == 1 else f"-{k}"
+            name = f"broker {k}" if self.replicas else "broker"
+            ready = self.run_dir / f"broker{suffix}.addr"
+            ready.unlink(missing_ok=True)
+            audit = self.run_dir / f"audit{suffix}.log"
+            broker = spawn(name, [*cli, "serve", "--listen", "127.0.0.1:0",
                                   "--workload-api", "unix:" + self.socket_of("broker"),
                                   "--scope-map", str(self.scope_map),
-                                  "--vault-addr", self.bao.addr, "--ready-file", str(ready),
-                                  "--audit-log", str(self.audit_path),
-                                  "--audit-key", str(self.audit_key),
-                                  "--registry", str(self.run_dir / "registry.db"),
+                                  "--vault-addr", self.vault_addr, "--ready-file", str(ready),
+                                  "--audit-log", str(audit),
+                                  "--audit-key", str(self.audit_key), *store,
                                   "--admin-id", self.admin_id,
                                   "--admin-id", self.console_id,
                                   "--approver-issuer", idp.issuer,
                                   "--approver-jwks", str(idp.jwks_path),
                                   "--checkpoint-interval", "10"],
-                       self.run_dir / "broker.log", env)
-        self.children.append(broker)
-        wait_for("the broker", broker, ready.exists)
-        self.broker_addr = ready.read_text().strip()
+                           self.run_dir / f"broker{suffix}.log", env)
+            self.children.append(broker)
+            self.audit_paths.append(audit)
+            started.append((name, broker, ready))
+        for name, broker, ready in started:
+            wait_for(f"the {name}", broker, ready.exists)
+            self.brokers.append(ready.read_text().strip())
+        self.broker_addr = self.brokers[0]
 
-        side_env = {k: v for k, v in os.environ.items() if k != "VAULT_TOKEN"}
-        for name, sid in self.workloads.items():
-            sock = self.run_dir / "sidecars" / f"{name}.sock"
-            child = spawn(f"sidecar {name}", [*cli, "sidecar", "--listen", str(sock),
-                                               "--workload-api", "unix:" + self.socket_of(name),
-                                               "--broker", self.broker_addr],
-                          self.run_dir / f"sidecar-{name}.log", side_env)
-            self.children.append(child)
-            wait_for(f"the {name} sidecar", child, sock.exists)
-            self.sidecars[name] = {"socket": str(sock), "spiffe_id": sid}
-        self._start_console(cli, side_env)
-        self._write_dev_json()
+    def _start_postgres(self) -> str:
+        """Start the embedded PostgreSQL (data kept in the run directory; under root in a
+        temporary directory its unprivileged user can enter); the store's URL.
+
+        Raises: DevStackError (no server binaries, or it did not start).
+        """
+        import psycopg
+
+        from broker.devpg import PgServer, run_as
+
+        self.pg = PgServer(None if run_as() else self.run_dir / "postgres")
+        self.pg.start()
+        try:
+            return self.pg.ensure_database("credbroker")
+        except psycopg.Error as exc:
+            raise DevStackError(f"the embedded PostgreSQL in {self.pg.dir} does not answer "
+                                f"({type(exc).__name__}); its log is {self.pg.log}") from None
 
     def _start_console(self, cli: list[str], env: dict[str, str]) -> None:
         """The web console over HTTPS (a certificate from a throwaway dev CA)."""
@@ -367,10 +438,11 @@ class DevStack:
 
     def _write_dev_json(self) -> None:
         assert self.bao is not None
-        info = {
+        info: dict[str, Any] = {
             "vault_addr": self.bao.addr,
             "vault_token": self.bao.root_token,
             "broker_addr": self.broker_addr,
+            "brokers": self.brokers,
             "broker_spiffe_id": self.broker_id,
             "broker_dns_name": DEFAULT_BROKER_DNS,
             "trust_domain": self.trust_domain,
@@ -378,6 +450,7 @@ class DevStack:
             "audit_path": str(self.audit_path),
             "audit_checkpoints": str(self.audit_path) + ".checkpoints",
             "audit_public_key": str(self.audit_key.with_suffix(".pub")),
+            "audit_paths": [str(p) for p in self.audit_paths],  # one per broker, in order
             "sidecars": self.sidecars,
             "workload_api_sockets": {n: self.socket_of(n)
                                      for n in ["broker", "admin", "console", *self.workloads]},
@@ -385,7 +458,8 @@ class DevStack:
             "console": {"spiffe_id": self.console_id,
                         **getattr(self, "_console_files", {})},
             "admin_spiffe_id": self.admin_id,
-            "registry_path": str(self.run_dir / "registry.db"),
+            # With replicas the store is PostgreSQL (`store`) and there is no SQLite registry.
+            "registry_path": "" if self.replicas else str(self.registry_path),
             "dev_idp": {"issuer": self.idp.issuer if self.idp else DevIssuer.ISSUER,
                         "url": self.idp.issuer if self.idp else "",
                         "client_id": self.idp.client_id if self.idp else "",
@@ -393,6 +467,11 @@ class DevStack:
                         "users": {u: list(g) for u, g in DevIssuer.USERS.items()}},
             "logs": {c.name: str(c.log_path) for c in self.children},
         }
+        if self.pg is not None:
+            info["store"] = self.store_url  # trust authentication: the URL holds no secret
+            info["postgres"] = {"dir": str(self.pg.dir), "data_dir": str(self.pg.data),
+                                "log": str(self.pg.log)}
+            info["logs"]["postgres"] = str(self.pg.log)
         path = self.run_dir / "dev.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -405,15 +484,24 @@ class DevStack:
             f"  OpenBao        {self.bao.addr}   (root token in {self.run_dir / 'dev.json'})",
             f"  Workload API   {self.run_dir / 'workload-api'}/<name>.sock  "
             f"(trust domain {self.trust_domain})",
-            f"  broker         {self.broker_addr}   {self.broker_id}",
         ]
+        for k, addr in enumerate(self.brokers, 1):
+            label = f"broker {k}" if self.replicas else "broker"
+            lines.append(f"  {label:<14} {addr}   {self.broker_id}")
+        if self.pg is not None:
+            lines.append(f"  store          {self.store_url}   (PostgreSQL, shared by the "
+                         f"{len(self.brokers)} brokers; log {self.pg.log})")
         for name, sc in self.sidecars.items():
-            lines.append(f"  sidecar {name:<14} {sc['socket']}   {sc['spiffe_id']}")
+            via = f"   via {sc['broker_addr']}" if self.replicas else ""
+            lines.append(f"  sidecar {name:<14} {sc['socket']}   {sc['spiffe_id']}{via}")
         lines.append(f"  scope map      {self.scope_map}")
-        lines.append(f"  audit log      {self.audit_path}")
+        lines.append(f"  audit log      {self.audit_path}" + (
+            "   (each broker its own: " + ", ".join(p.name for p in self.audit_paths) + ")"
+            if len(self.audit_paths) > 1 else ""))
         lines.append(f"  logs           {self.run_dir}/*.log")
         lines.append(f"  responder      {self.admin_id}: credbroker revoke|freeze|approvals ... "
-                     f"--dev {self.run_dir}")
+                     f"--dev {self.run_dir}" + (" [--broker HOST:PORT of another replica]"
+                                                if len(self.brokers) > 1 else ""))
         lines.append(f"  identity       dev OIDC provider {self.idp.issuer if self.idp else '-'}"
                      " (device flow): users "
                      + ", ".join(f"{u} ({'/'.join(g)})" for u, g in DevIssuer.USERS.items()))
@@ -441,6 +529,11 @@ class DevStack:
         if self.bao is not None:
             self.bao.stop()
             self.bao = None
+        if self.pg is not None:  # after the brokers: `pg_ctl stop -m fast`
+            pg, self.pg = self.pg, None
+            pg.stop("fast")  # its data stays in the run directory, like registry.db ...
+            if not pg.dir.is_relative_to(self.run_dir):
+                pg.destroy()  # ... but not in a temporary directory (under root)
 
 
 def run_until_signalled(stack: DevStack) -> int:

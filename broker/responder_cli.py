@@ -98,7 +98,9 @@ def broker_channel(args: argparse.Namespace) -> Iterator[grpc.Channel]:
     """
     if args.dev:
         info = dev_info(args.dev)
-        target, socket = info["broker_addr"], info["workload_api_sockets"]["admin"]
+        # --broker picks one replica of a replicated dev stack (`brokers` in dev.json)
+        target = args.broker or info["broker_addr"]
+        socket = info["workload_api_sockets"]["admin"]
         dns = info.get("broker_dns_name", DEFAULT_BROKER_DNS)
     else:
         target, socket, dns = broker_location(args, os.environ)
