@@ -212,6 +212,13 @@ def test_dev_replicas_share_one_store_and_every_dev_command_reaches_them() -> No
                               capture_output=True, text=True, timeout=60)
         assert sync.returncode == 0, sync.stderr
         assert json.loads(sync.stdout)["frozen"] == ["enrichment"]  # read from PostgreSQL
+        verify = subprocess.run([*CLI, "audit", "verify", "--dev", str(run_dir)],
+                                capture_output=True, text=True, timeout=60)
+        assert verify.returncode == 0, verify.stdout + verify.stderr  # broker 1's log
+        listed = subprocess.run([*CLI, "credentials", "list", "--dev", str(run_dir),
+                                 "--broker", brokers[2], "--json"],
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
 
         log_text = "".join(p.read_text() for p in run_dir.glob("*.log"))
         assert cred["token"] not in log_text and info["vault_token"] not in log_text
