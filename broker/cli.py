@@ -118,7 +118,9 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
         info = dev_info(args.dev)
         env.update(VAULT_ADDR=info["vault_addr"], VAULT_TOKEN=info["vault_token"],
                    CREDBROKER_SCOPE_MAP=info["scope_map"])
-        args.registry = args.registry or info.get("registry_path")
+        if not (args.registry or args.store):  # a replicated dev stack's store is PostgreSQL
+            args.store = info.get("store") or None
+            args.registry = None if args.store else info.get("registry_path") or None
     vault = vault_access_from(env=env, flags=flag_values(args, VAULT_SYNC_OPTIONS))
     scope_map = load_scope_map(Path(vault.scope_map), vault_allowed_mounts=vault.allowed_mounts)
     frozen: frozenset[str] = frozenset()
@@ -192,7 +194,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     stack = DevStack(run_dir=_run_dir(args.run_dir),
                      scope_map=Path(args.scope_map) if args.scope_map else EXAMPLE_SCOPE_MAP,
-                     workloads=_workloads(args.workload),
+                     workloads=_workloads(args.workload), replicas=args.replicas,
                      federated_vendor=args.federated_vendor or "")
     stack.start()
     print(stack.summary(), flush=True)
@@ -256,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run a vendor's trust domain (default vendor.example) with its own "
                         "Workload API and one agent's sidecar, federated with the broker; the "
                         "scope map gains the class vendor.enrichment")
+    s.add_argument("--replicas", type=int, metavar="N",
+                   help="N brokers sharing an embedded PostgreSQL store, the sidecars spread "
+                        "across them (default: one broker on SQLite)")
     s.set_defaults(func=cmd_dev)
 
     s = sub.add_parser("vault", help="Vault/OpenBao set-up")

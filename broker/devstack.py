@@ -1,5 +1,9 @@
 """``credbroker dev``: OpenBao dev, the dev Workload API, the broker and one sidecar per workload.
 
+With ``replicas`` (``--replicas N``) an embedded PostgreSQL (:mod:`broker.devpg`) holds the
+credential store and N brokers share it, the sidecars spread across them; without, one
+broker on an SQLite registry in the run directory.
+
 Everything runs as real local processes (the dev Workload API runs inside this
 process). Children get ``PR_SET_PDEATHSIG`` so none outlives us even if we
 are killed hard; on SIGINT/SIGTERM every child is stopped cleanly.
@@ -26,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 from broker.approvers import DevIssuer
 from broker.audit import load_or_create_signing_key
@@ -35,6 +39,9 @@ from broker.core.spiffeid import SpiffeId
 from broker.devidp import DevIdp
 from broker.devspiffe import DevCA, DevWorkloadApi
 from broker.errors import ConfigError, CredbrokerError
+
+if TYPE_CHECKING:  # broker.devpg imports this module
+    from broker.devpg import PgServer
 
 _log = logging.getLogger("credbroker.dev")
 
@@ -49,6 +56,7 @@ DEFAULT_WORKLOADS = {
 }
 BROKER_ID = "spiffe://example.org/credbroker/broker"
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; leave room
+MAX_REPLICAS = 9
 
 
 class DevStackError(CredbrokerError):
@@ -219,12 +227,18 @@ class DevStack:
         workloads: dict[str, str] | None = None,
         svid_ttl: timedelta = timedelta(minutes=30),
         federated_vendor: str = "",
+        replicas: int | None = None,
     ) -> None:
+        """``replicas``: None, one broker on SQLite; N, N brokers on an embedded PostgreSQL.
+
+        Raises: ConfigError (a bad scope map path, workload, run directory or replica count).
+        """
         self.run_dir = run_dir.resolve()
         #: A vendor's trust domain to federate, with one agent and its sidecar ("": none).
         self.federated_vendor = federated_vendor
         self.vendor_api: DevWorkloadApi | None = None
         self.vendor: dict[str, str] = {}
+        self.replicas = replicas
         self.scope_map = scope_map.resolve()
         self.workloads = dict(workloads or DEFAULT_WORKLOADS)
         self.svid_ttl = svid_ttl
@@ -232,12 +246,18 @@ class DevStack:
         self.wlapi: DevWorkloadApi | None = None
         self.idp: DevIdp | None = None
         self.children: list[Child] = []
-        self.broker_addr = ""
+        self.broker_addr = ""  # the first broker's
+        self.brokers: list[str] = []
+        self.pg: PgServer | None = None
+        self.store_url = ""
         self.sidecars: dict[str, dict[str, str]] = {}
         self.console_url = ""
         self._validate()
 
     def _validate(self) -> None:
+        if self.replicas is not None and not 1 <= self.replicas <= MAX_REPLICAS:
+            raise ConfigError(f"--replicas {self.replicas}: give 1 to {MAX_REPLICAS} brokers "
+                              "(leave it out for one broker on SQLite)")
         if not self.scope_map.exists():
             raise ConfigError(f"scope map {self.scope_map} does not exist")
         ids = {}
@@ -257,7 +277,9 @@ class DevStack:
                                   "domain; name another, e.g. vendor.example")
             self.federated_vendor = vendor
         longest = max([len(str(self.run_dir / "sidecars" / f"{n}.sock")) for n in self.workloads]
-                      + [len(str(self.run_dir / "workload-api" / "broker.sock"))])
+                      + [len(str(self.run_dir / "workload-api" / "broker.sock")),
+                         len(str(self.run_dir / "postgres" / ".s.PGSQL.5432"))
+                         if self.replicas else 0])
         if longest > _MAX_SOCKET_PATH:
             raise ConfigError(f"--run-dir {self.run_dir} is too long for unix socket paths "
                               f"(limit ~{_MAX_SOCKET_PATH} bytes); choose a shorter directory")
@@ -265,6 +287,15 @@ class DevStack:
     @property
     def audit_path(self) -> Path:
         return self.run_dir / "audit.log"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.run_dir / "registry.db"
+
+    @property
+    def vault_addr(self) -> str:
+        assert self.bao is not None
+        return self.bao.addr
 
     @property
     def audit_key(self) -> Path:
@@ -322,41 +353,80 @@ class DevStack:
         # The dev identity provider (OIDC discovery, device grant) for `credbroker login`.
         idp = self.idp = DevIdp(self.run_dir)
         idp.start()
-        ready = self.run_dir / "broker.addr"
-        ready.unlink(missing_ok=True)
         env = {**os.environ, "VAULT_TOKEN": self.bao.root_token}
         federation = self._start_vendor_domain(ca) if self.federated_vendor else []
-        broker = spawn("broker", [*cli, "serve", "--listen", "127.0.0.1:0", *federation,
+        self._start_brokers(cli, env, idp, federation)
+
+        side_env = {k: v for k, v in os.environ.items() if k != "VAULT_TOKEN"}
+        for n, (name, sid) in enumerate(self.workloads.items()):
+            sock = self.run_dir / "sidecars" / f"{name}.sock"
+            broker_addr = self.brokers[n % len(self.brokers)]  # spread across the replicas
+            child = spawn(f"sidecar {name}", [*cli, "sidecar", "--listen", str(sock),
+                                               "--workload-api", "unix:" + self.socket_of(name),
+                                               "--broker", broker_addr],
+                          self.run_dir / f"sidecar-{name}.log", side_env)
+            self.children.append(child)
+            wait_for(f"the {name} sidecar", child, sock.exists)
+            self.sidecars[name] = {"socket": str(sock), "spiffe_id": sid,
+                                   "broker_addr": broker_addr}
+        if self.federated_vendor:
+            self._start_vendor_sidecar(cli, side_env)
+        self._start_console(cli, side_env)
+        self._write_dev_json()
+
+    def _start_brokers(self, cli: list[str], env: dict[str, str], idp: DevIdp,
+                       federation: list[str]) -> None:
+        """One broker on the SQLite registry; or, with replicas, an embedded PostgreSQL and
+        N brokers on it (started together: they migrate the store once, under its lock),
+        each writing its own signed chain of the audit log in the store."""
+        count = self.replicas or 1
+        store = ["--registry", str(self.registry_path)]
+        if self.replicas:
+            self.store_url = self._start_postgres()
+            store = ["--store", self.store_url]
+        started: list[tuple[str, Child, Path]] = []
+        for k in range(1, count + 1):
+            suffix = "" if k == 1 else f"-{k}"
+            name = f"broker {k}" if self.replicas else "broker"
+            ready = self.run_dir / f"broker{suffix}.addr"
+            ready.unlink(missing_ok=True)
+            # On PostgreSQL the audit log is in the store (each broker its own signed chain).
+            audit = [] if self.replicas else ["--audit-log", str(self.audit_path)]
+            broker = spawn(name, [*cli, "serve", "--listen", "127.0.0.1:0", *federation,
                                   "--workload-api", "unix:" + self.socket_of("broker"),
                                   "--scope-map", str(self.scope_map),
-                                  "--vault-addr", self.bao.addr, "--ready-file", str(ready),
-                                  "--audit-log", str(self.audit_path),
-                                  "--audit-key", str(self.audit_key),
-                                  "--registry", str(self.run_dir / "registry.db"),
+                                  "--vault-addr", self.vault_addr, "--ready-file", str(ready),
+                                  *audit, "--audit-key", str(self.audit_key), *store,
                                   "--admin-id", self.admin_id,
                                   "--admin-id", self.console_id,
                                   "--approver-issuer", idp.issuer,
                                   "--approver-jwks", str(idp.jwks_path),
                                   "--checkpoint-interval", "10"],
-                       self.run_dir / "broker.log", env)
-        self.children.append(broker)
-        wait_for("the broker", broker, ready.exists)
-        self.broker_addr = ready.read_text().strip()
+                           self.run_dir / f"broker{suffix}.log", env)
+            self.children.append(broker)
+            started.append((name, broker, ready))
+        for name, broker, ready in started:
+            wait_for(f"the {name}", broker, ready.exists)
+            self.brokers.append(ready.read_text().strip())
+        self.broker_addr = self.brokers[0]
 
-        side_env = {k: v for k, v in os.environ.items() if k != "VAULT_TOKEN"}
-        for name, sid in self.workloads.items():
-            sock = self.run_dir / "sidecars" / f"{name}.sock"
-            child = spawn(f"sidecar {name}", [*cli, "sidecar", "--listen", str(sock),
-                                               "--workload-api", "unix:" + self.socket_of(name),
-                                               "--broker", self.broker_addr],
-                          self.run_dir / f"sidecar-{name}.log", side_env)
-            self.children.append(child)
-            wait_for(f"the {name} sidecar", child, sock.exists)
-            self.sidecars[name] = {"socket": str(sock), "spiffe_id": sid}
-        if self.federated_vendor:
-            self._start_vendor_sidecar(cli, side_env)
-        self._start_console(cli, side_env)
-        self._write_dev_json()
+    def _start_postgres(self) -> str:
+        """Start the embedded PostgreSQL (data kept in the run directory; under root in a
+        temporary directory its unprivileged user can enter); the store's URL.
+
+        Raises: DevStackError (no server binaries, or it did not start).
+        """
+        import psycopg
+
+        from broker.devpg import PgServer, run_as
+
+        self.pg = PgServer(None if run_as() else self.run_dir / "postgres")
+        self.pg.start()
+        try:
+            return self.pg.ensure_database("credbroker")
+        except psycopg.Error as exc:
+            raise DevStackError(f"the embedded PostgreSQL in {self.pg.dir} does not answer "
+                                f"({type(exc).__name__}); its log is {self.pg.log}") from None
 
     # -- --federated-vendor: a second trust domain, federated by static bundle files
 
@@ -418,7 +488,8 @@ class DevStack:
         self.children.append(child)
         wait_for("the vendor's sidecar", child, sock.exists)
         self.sidecars["vendor-triage"] = {"socket": str(sock), "spiffe_id": self.vendor_agent,
-                                          "trust_domain": self.federated_vendor}
+                                          "trust_domain": self.federated_vendor,
+                                          "broker_addr": self.broker_addr}
 
     def _start_console(self, cli: list[str], env: dict[str, str]) -> None:
         """The web console over HTTPS (a certificate from a throwaway dev CA)."""
@@ -447,16 +518,18 @@ class DevStack:
 
     def _write_dev_json(self) -> None:
         assert self.bao is not None
-        info = {
+        info: dict[str, Any] = {
             "vault_addr": self.bao.addr,
             "vault_token": self.bao.root_token,
             "broker_addr": self.broker_addr,
+            "brokers": self.brokers,
             "broker_spiffe_id": self.broker_id,
             "broker_dns_name": DEFAULT_BROKER_DNS,
             "trust_domain": self.trust_domain,
             "scope_map": str(self.scope_map),
-            "audit_path": str(self.audit_path),
-            "audit_checkpoints": str(self.audit_path) + ".checkpoints",
+            # With replicas the audit log is in the store: `audit … --dev DIR` reads it there.
+            "audit_path": "" if self.replicas else str(self.audit_path),
+            "audit_checkpoints": "" if self.replicas else str(self.audit_path) + ".checkpoints",
             "audit_public_key": str(self.audit_key.with_suffix(".pub")),
             "sidecars": self.sidecars,
             "workload_api_sockets": {n: self.socket_of(n)
@@ -465,7 +538,8 @@ class DevStack:
             "console": {"spiffe_id": self.console_id,
                         **getattr(self, "_console_files", {})},
             "admin_spiffe_id": self.admin_id,
-            "registry_path": str(self.run_dir / "registry.db"),
+            # With replicas the store is PostgreSQL (`store`) and there is no SQLite registry.
+            "registry_path": "" if self.replicas else str(self.registry_path),
             "dev_idp": {"issuer": self.idp.issuer if self.idp else DevIssuer.ISSUER,
                         "url": self.idp.issuer if self.idp else "",
                         "client_id": self.idp.client_id if self.idp else "",
@@ -474,6 +548,11 @@ class DevStack:
             "logs": {c.name: str(c.log_path) for c in self.children},
             **({"federated_vendor": self.vendor} if self.vendor else {}),
         }
+        if self.pg is not None:
+            info["store"] = self.store_url  # trust authentication: the URL holds no secret
+            info["postgres"] = {"dir": str(self.pg.dir), "data_dir": str(self.pg.data),
+                                "log": str(self.pg.log)}
+            info["logs"]["postgres"] = str(self.pg.log)
         path = self.run_dir / "dev.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -486,19 +565,28 @@ class DevStack:
             f"  OpenBao        {self.bao.addr}   (root token in {self.run_dir / 'dev.json'})",
             f"  Workload API   {self.run_dir / 'workload-api'}/<name>.sock  "
             f"(trust domain {self.trust_domain})",
-            f"  broker         {self.broker_addr}   {self.broker_id}",
         ]
+        for k, addr in enumerate(self.brokers, 1):
+            label = f"broker {k}" if self.replicas else "broker"
+            lines.append(f"  {label:<14} {addr}   {self.broker_id}")
+        if self.pg is not None:
+            lines.append(f"  store          {self.store_url}   (PostgreSQL, shared by the "
+                         f"{len(self.brokers)} brokers; log {self.pg.log})")
         for name, sc in self.sidecars.items():
-            lines.append(f"  sidecar {name:<14} {sc['socket']}   {sc['spiffe_id']}")
+            via = f"   via {sc['broker_addr']}" if self.replicas else ""
+            lines.append(f"  sidecar {name:<14} {sc['socket']}   {sc['spiffe_id']}{via}")
         if self.vendor:
             lines.append(f"  vendor         trust domain {self.vendor['trust_domain']} "
                          f"federated (bundle {self.vendor['bundle']}); its agent "
                          f"{self.vendor['agent']} may use vendor.enrichment")
         lines.append(f"  scope map      {self.scope_map}")
-        lines.append(f"  audit log      {self.audit_path}")
+        lines.append("  audit log      in the store, one signed chain per broker (credbroker "
+                     f"audit verify --dev {self.run_dir})" if self.replicas else
+                     f"  audit log      {self.audit_path}")
         lines.append(f"  logs           {self.run_dir}/*.log")
         lines.append(f"  responder      {self.admin_id}: credbroker revoke|freeze|approvals ... "
-                     f"--dev {self.run_dir}")
+                     f"--dev {self.run_dir}" + (" [--broker HOST:PORT of another replica]"
+                                                if len(self.brokers) > 1 else ""))
         lines.append(f"  identity       dev OIDC provider {self.idp.issuer if self.idp else '-'}"
                      " (device flow): users "
                      + ", ".join(f"{u} ({'/'.join(g)})" for u, g in DevIssuer.USERS.items()))
@@ -529,6 +617,11 @@ class DevStack:
         if self.bao is not None:
             self.bao.stop()
             self.bao = None
+        if self.pg is not None:  # after the brokers: `pg_ctl stop -m fast`
+            pg, self.pg = self.pg, None
+            pg.stop("fast")  # its data stays in the run directory, like registry.db ...
+            if not pg.dir.is_relative_to(self.run_dir):
+                pg.destroy()  # ... but not in a temporary directory (under root)
 
 
 def run_until_signalled(stack: DevStack) -> int:

@@ -98,7 +98,9 @@ def broker_channel(args: argparse.Namespace) -> Iterator[grpc.Channel]:
     """
     if args.dev:
         info = dev_info(args.dev)
-        target, socket = info["broker_addr"], info["workload_api_sockets"]["admin"]
+        # --broker picks one replica of a replicated dev stack (`brokers` in dev.json)
+        target = args.broker or info["broker_addr"]
+        socket = info["workload_api_sockets"]["admin"]
         dns = info.get("broker_dns_name", DEFAULT_BROKER_DNS)
     else:
         target, socket, dns = broker_location(args, os.environ)
@@ -436,7 +438,8 @@ def add_parsers(sub: Any) -> None:
     def connection(p: argparse.ArgumentParser, *, acts: bool = True) -> None:
         p.add_argument("--dev", metavar="DIR", help="use the dev stack started with --run-dir DIR")
         p.add_argument("--broker", metavar="HOST:PORT",
-                       help="the broker (default $CREDBROKER_BROKER)")
+                       help="the broker (default $CREDBROKER_BROKER; with --dev, one of "
+                            "dev.json's brokers, default the first)")
         p.add_argument("--workload-api", metavar="unix:/PATH", help="Workload API socket serving "
                        "your admin SVID (default $SPIFFE_ENDPOINT_SOCKET)")
         p.add_argument("--broker-dns-name", help="DNS SAN of the broker's SVID (default "

@@ -89,6 +89,10 @@ def test_dev_refuses_bad_workload_flags() -> None:
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "lower-case" in out.stderr
+    out = subprocess.run([*CLI, "dev", "--replicas", "0"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert "--replicas 0: give 1 to 9 brokers" in out.stderr
 
 
 @pytest.mark.slow
@@ -123,3 +127,110 @@ def test_vault_sync_against_the_dev_stack() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def _wait_for_dev_json(proc: subprocess.Popen[str], run_dir: Path, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "dev.json").exists():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, f"dev.json did not appear within {timeout:.0f} s"
+        time.sleep(0.2)
+    info: dict = json.loads((run_dir / "dev.json").read_text())
+    return info
+
+
+def _act(*argv: str) -> subprocess.CompletedProcess[str]:
+    """A responder's command, as dave (group responders), in its own process."""
+    return subprocess.run([*CLI, *argv, "--yes", "--as", "dave@example.org"],
+                          capture_output=True, text=True, timeout=90)
+
+
+@pytest.mark.slow
+def test_dev_replicas_share_one_store_and_every_dev_command_reaches_them() -> None:
+    """`credbroker dev --replicas 3`: three brokers on an embedded PostgreSQL, the sidecars
+    spread across them; a revocation and a freeze through other replicas than the sidecar's
+    take effect (OpenBao's word, the sidecar's answers); stop leaves no process behind."""
+    import hvac
+    import hvac.exceptions
+
+    from broker.audit_pg import read_db_records
+    from sidecar.client import SidecarError
+
+    run_dir = Path(tempfile.mkdtemp(prefix="cbr-"))
+    proc = subprocess.Popen([*CLI, "dev", "--replicas", "3", "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        info = _wait_for_dev_json(proc, run_dir)
+        brokers = info["brokers"]
+        assert len(brokers) == len(set(brokers)) == 3
+        assert info["broker_addr"] == brokers[0]  # every existing key is still there
+        assert {"vault_addr", "vault_token", "audit_path", "sidecars", "registry_path"} <= set(info)
+        assert info["store"].startswith("postgresql://")
+        on = {name: sc["broker_addr"] for name, sc in info["sidecars"].items()}
+        assert set(on.values()) <= set(brokers)
+        assert len(set(on.values())) == len(on) == 2  # spread: one broker each
+        assert on["triage"] == brokers[0]
+        pg_pid = int((Path(info["postgres"]["data_dir"]) / "postmaster.pid")
+                     .read_text().split()[0])
+        assert _alive(pg_pid)
+        children = _children_of(proc.pid)
+        assert len(children) == 7  # OpenBao, three brokers, two sidecars, the console
+
+        # Issued through the triage sidecar, on broker 1; revoked through broker 2.
+        triage = SidecarClient(info["sidecars"]["triage"]["socket"])
+        event = {"source": "test", "id": "R-1"}
+        cred = triage.request_credential("enrichment", target="host-1", initiating_event=event)
+        vault = hvac.Client(url=info["vault_addr"], token=info["vault_token"])
+        assert vault.auth.token.lookup(cred["token"])["data"]["ttl"] > 0
+        out = _act("revoke", "--dev", str(run_dir), "--broker", brokers[1],
+                   "--spiffe-id", "spiffe://example.org/agent/triage", "--reason", "leaked")
+        assert out.returncode == 0, out.stderr
+        with pytest.raises((hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden)):
+            vault.auth.token.lookup(cred["token"])
+        assert info["audit_path"] == ""  # the audit log is in the store, one chain a broker
+        revoked = [r for r in read_db_records(info["store"])
+                   if r["type"] == "credentials.revoked"]
+        assert revoked and revoked[-1]["by"] == "dave@example.org"
+        assert cred["credential_id"] in revoked[-1]["credential_ids"]
+
+        # A freeze through broker 3 reaches the triage sidecar, which watches broker 1.
+        triage.request_credential("enrichment", target="host-2", initiating_event=event)
+        again = triage.request_credential("enrichment", target="host-2", initiating_event=event)
+        assert again["cached"] is True and triage.health()["cached_credentials"] == 1
+        out = _act("freeze", "--dev", str(run_dir), "--broker", brokers[2],
+                   "--action-class", "enrichment", "--reason", "bad TI feed")
+        assert out.returncode == 0, out.stderr
+        deadline = time.monotonic() + 20
+        while triage.health()["cached_credentials"]:
+            assert time.monotonic() < deadline, "the freeze never reached the triage sidecar"
+            time.sleep(0.1)
+        with pytest.raises(SidecarError) as refused:
+            triage.request_credential("enrichment", target="host-2", initiating_event=event)
+        assert refused.value.status == 409 and refused.value.code == "frozen"
+
+        # The other --dev commands find the replicated stack through dev.json.
+        sync = subprocess.run([*CLI, "vault", "sync", "--dev", str(run_dir), "--json"],
+                              capture_output=True, text=True, timeout=60)
+        assert sync.returncode == 0, sync.stderr
+        assert json.loads(sync.stdout)["frozen"] == ["enrichment"]  # read from PostgreSQL
+        verify = subprocess.run([*CLI, "audit", "verify", "--dev", str(run_dir)],
+                                capture_output=True, text=True, timeout=60)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert "3 chains" in verify.stdout or verify.stdout.count("chain") >= 3, verify.stdout
+        listed = subprocess.run([*CLI, "credentials", "list", "--dev", str(run_dir),
+                                 "--broker", brokers[2], "--json"],
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+
+        log_text = "".join(p.read_text() for p in run_dir.glob("*.log"))
+        assert cred["token"] not in log_text and info["vault_token"] not in log_text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        time.sleep(0.5)
+        assert not [c for c in children if _alive(c)], "children outlived the dev stack"
+        assert not _alive(pg_pid), "PostgreSQL outlived the dev stack"
+        assert not (Path(info["postgres"]["data_dir"]) / "postmaster.pid").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -18,7 +18,56 @@ import yaml
 ROOT = Path(__file__).parents[2]
 OVERLAYS = ["dev", "production"]
 K8S_VERSION = "1.31.0"
-CRDS = {"ClusterSPIFFEID"}
+CRDS = {"ClusterSPIFFEID", "Cluster"}
+STORE_CLUSTER = "credbroker-pg"
+
+# CloudNativePG's Cluster (postgresql.cnpg.io/v1) is not in kubectl's schemas: the spec
+# fields we may use, from its API reference (ClusterSpec); anything else is a typo.
+CNPG_SPEC_FIELDS = {
+    "description", "imageName", "imageCatalogRef", "imagePullPolicy", "instances",
+    "minSyncReplicas", "maxSyncReplicas", "postgresql", "bootstrap", "replica", "superuserSecret",
+    "enableSuperuserAccess", "certificates", "imagePullSecrets", "storage", "walStorage",
+    "tablespaces", "startDelay", "stopDelay", "smartShutdownTimeout", "switchoverDelay",
+    "failoverDelay", "affinity", "topologySpreadConstraints", "resources", "priorityClassName",
+    "primaryUpdateStrategy", "primaryUpdateMethod", "backup", "nodeMaintenanceWindow",
+    "monitoring", "externalClusters", "logLevel", "managed", "env", "envFrom",
+    "serviceAccountTemplate", "enablePDB", "inheritedMetadata", "projectedVolumeTemplate",
+    "ephemeralVolumeSource", "ephemeralVolumesSizeLimit", "seccompProfile", "probes",
+    "livenessProbeTimeout", "plugins", "podSecurityContext", "securityContext",
+}
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti)?$")
+
+
+def check_cnpg_cluster(o: dict[str, Any]) -> None:
+    """A CloudNativePG Cluster as the store needs it: three instances, synchronous
+    replication that waits rather than loses a commit, sized, bounded, spread over nodes."""
+    assert o["apiVersion"] == "postgresql.cnpg.io/v1"
+    spec = o["spec"]
+    assert set(spec) <= CNPG_SPEC_FIELDS, set(spec) - CNPG_SPEC_FIELDS
+    assert spec["instances"] == 3
+    sync = spec["postgresql"]["synchronous"]
+    assert set(sync) <= {"method", "number", "maxStandbyNamesFromCluster", "standbyNamesPre",
+                         "standbyNamesPost", "dataDurability"}
+    assert sync["method"] in ("any", "first")
+    assert 1 <= sync["number"] < spec["instances"]
+    assert sync.get("dataDurability", "required") == "required"
+    assert all(isinstance(v, str) for v in spec["postgresql"].get("parameters", {}).values())
+    initdb = spec["bootstrap"]["initdb"]
+    assert initdb["database"] and initdb["owner"]
+    assert _QUANTITY.match(spec["storage"]["size"])
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(spec["resources"][kind])
+        assert all(_QUANTITY.match(str(v)) for v in spec["resources"][kind].values())
+    affinity = spec["affinity"]
+    assert affinity["enablePodAntiAffinity"] is True
+    assert affinity["podAntiAffinityType"] == "required"
+    assert affinity["topologyKey"] == "kubernetes.io/hostname"
+    assert spec.get("enablePDB", True) is True
+
+
+def check_clusterspiffeid(o: dict[str, Any]) -> None:
+    assert o["apiVersion"] == "spire.spiffe.io/v1alpha1"
+    assert o["spec"]["spiffeIDTemplate"].startswith("spiffe://{{ .TrustDomain }}/")
 
 
 def build(overlay: str) -> list[dict[str, Any]]:
@@ -46,8 +95,8 @@ def test_every_object_validates_against_the_kubernetes_schemas(
     _, objs = objects
     for o in objs:
         if o["kind"] in CRDS:
-            assert o["apiVersion"] == "spire.spiffe.io/v1alpha1"
-            assert o["spec"]["spiffeIDTemplate"].startswith("spiffe://{{ .TrustDomain }}/")
+            {"Cluster": check_cnpg_cluster, "ClusterSPIFFEID": check_clusterspiffeid}[
+                o["kind"]](o)
             continue
         kubernetes_validate.validate(o, K8S_VERSION, strict=True)
 
@@ -93,7 +142,7 @@ def test_spiffe_csi_and_native_sidecar(objects: tuple[str, list[dict[str, Any]]]
 
 
 def test_network_policies(objects: tuple[str, list[dict[str, Any]]]) -> None:
-    _, objs = objects
+    overlay, objs = objects
     pols = {o["metadata"]["name"]: o for o in objs if o["kind"] == "NetworkPolicy"}
     broker = pols["credbroker-broker"]["spec"]
     assert broker["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "credbroker-broker"}
@@ -102,7 +151,18 @@ def test_network_policies(objects: tuple[str, list[dict[str, Any]]]) -> None:
     assert {"credbroker.dev/agents": "true"} in [s.get("namespaceSelector", {}).get("matchLabels")
                                                   for s in sources]
     egress_ports = {p["port"] for rule in broker["egress"] for p in rule["ports"]}
-    assert egress_ports == {8200, 53}  # Vault and DNS, nothing else
+    if overlay == "production":  # Vault, DNS and its store, nothing else
+        assert egress_ports == {8200, 53, 5432}
+        to_store = [rule["to"] for rule in broker["egress"]
+                    if {p["port"] for p in rule["ports"]} == {5432}]
+        assert to_store == [[{"podSelector": {"matchLabels": {"cnpg.io/cluster":
+                                                              STORE_CLUSTER}}}]]
+        store = pols[STORE_CLUSTER]["spec"]
+        assert store["podSelector"]["matchLabels"] == {"cnpg.io/cluster": STORE_CLUSTER}
+        clients = store["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]
+        assert set(clients) == {"credbroker-broker", "credbroker-vault-sync"}
+    else:
+        assert egress_ports == {8200, 53}  # Vault and DNS, nothing else
 
 
 def test_production_is_highly_available_and_has_no_static_vault_token() -> None:
@@ -124,6 +184,61 @@ def test_production_is_highly_available_and_has_no_static_vault_token() -> None:
                   and o["metadata"]["name"].startswith("credbroker-vault-policy"))
     hcl = next(iter(policy["data"].values()))
     assert 'path "sys/policies/acl/credbroker-*"' in hcl and 'path "*"' not in hcl
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _config_file(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    cm = next(o for o in objs if o["kind"] == "ConfigMap"
+              and o["metadata"]["name"].startswith("credbroker-config"))
+    config: dict[str, Any] = yaml.safe_load(cm["data"]["broker.yaml"])
+    return config
+
+
+def test_production_brokers_share_a_cloudnativepg_store_and_keep_no_state_on_emptydir(
+        ) -> None:
+    """The brokers and the sync Job read CREDBROKER_STORE from the Secret CloudNativePG
+    generates for the cluster (``<cluster>-app``, key ``uri``); no registry on a pod volume."""
+    from broker.config import broker_config_from
+
+    objs = build("production")
+    clusters = [o for o in objs if o["kind"] == "Cluster"]
+    assert [c["metadata"]["name"] for c in clusters] == [STORE_CLUSTER]
+    assert clusters[0]["metadata"]["namespace"] == "credbroker"
+    secret_ref = {"name": f"{STORE_CLUSTER}-app", "key": "uri"}
+    specs = dict(pod_specs(objs))
+    broker_pod = specs["Deployment/credbroker-broker"]
+    deploy = next(o for o in objs if o["kind"] == "Deployment"
+                  and o["metadata"]["name"] == "credbroker-broker")
+    assert deploy["spec"]["replicas"] == 3
+    pdb = next(o for o in objs if o["kind"] == "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name":
+                                                      "credbroker-broker"}
+    assert pdb["spec"]["minAvailable"] == 2
+    broker = next(c for c in broker_pod["containers"] if c["name"] == "broker")
+    sync = specs["Job/credbroker-vault-sync"]["containers"][0]
+    for who in (broker, sync):
+        ref = _env(who)["CREDBROKER_STORE"]["valueFrom"]["secretKeyRef"]
+        assert ref == secret_ref, who["name"]
+    assert "--store" not in broker["args"] + sync["args"]  # never the URL (password) in args
+    # No state on emptyDir: the only emptyDirs are small in-memory scratch space.
+    for v in broker_pod["volumes"]:
+        if "emptyDir" in v:
+            assert v["emptyDir"].get("medium") == "Memory", v["name"]
+    config = _config_file(objs)
+    assert "registry" not in config and "audit_log" not in config  # both in PostgreSQL
+    state_dir = str(Path(config["checkpoint_mirror"]).parent.parent)
+    mounted = {m["mountPath"]: m["name"] for m in broker["volumeMounts"]}
+    state = next(v for v in broker_pod["volumes"] if v["name"] == mounted[state_dir])
+    assert "ephemeral" in state
+    # The broker accepts that configuration with the store from the Secret and no registry.
+    cfg = broker_config_from(
+        env={"CREDBROKER_STORE": "postgresql://credbroker:pw@credbroker-pg-rw:5432/credbroker",
+             "VAULT_ADDR": "https://vault.vault.svc:8200", "VAULT_TOKEN": "placeholder"},
+        flags={}, file=config)
+    assert cfg.store_url.startswith("postgresql://")
 
 
 def test_dev_overlay_takes_its_token_from_a_secret() -> None:
@@ -256,8 +371,9 @@ def test_the_dev_overlay_holds_the_openbao_its_broker_uses() -> None:
 def test_broker_config_file_keys_are_known() -> None:
     from broker.cli import serve_file_keys
 
-    cfg = yaml.safe_load((ROOT / "k8s" / "base" / "broker-config.yaml").read_text())
-    assert set(cfg) <= set(serve_file_keys())
+    for path in ("base/broker-config.yaml", "overlays/production/broker-config.yaml"):
+        cfg = yaml.safe_load((ROOT / "k8s" / path).read_text())
+        assert set(cfg) <= set(serve_file_keys()), path
 
 
 def test_every_credbroker_container_command_parses(objects: tuple[str, list[dict[str, Any]]]

@@ -31,6 +31,8 @@ from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.approvers import ApproverConfig, DevIssuer
 from broker.audit_pg import chain_origin, read_db_records
 from broker.cli import main
+from broker.audit import read_records
+from broker.devpg import PgServer
 from broker.devstack import OpenBaoDev
 from broker.errors import ERROR_CODE_MD_KEY
 from broker.replicas import LEADER_LOCK
@@ -52,7 +54,6 @@ from tests.integration.helpers import (
     stub,
     svid,
 )
-from tests.pgserver import PgServer
 
 Factory = Callable[..., BrokerServer]
 

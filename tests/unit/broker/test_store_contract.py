@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from broker.core.revocation import Freeze, Selector
+from broker.devpg import PgServer
 from broker.errors import InvalidRequestError
 from broker.registry import SCHEMA_VERSION, SqlStore, StoreError, open_store
-from tests.pgserver import PgServer
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 TRIAGE = "spiffe://example.org/agent/triage"

@@ -16,10 +16,10 @@ import pytest
 
 from broker.budget import StoreBudget
 from broker.cli import main
+from broker.devpg import PgServer
 from broker.errors import ConfigError
 from broker.registry import SCHEMA_VERSION, SqliteStore, StoreError, open_store
 from broker.store_pg import FIRST_PG_VERSION
-from tests.pgserver import PgServer
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 TRIAGE = "spiffe://example.org/agent/triage"
