@@ -22,7 +22,6 @@ import pytest
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.audit_pg import read_db_records
 from broker.cli import main
-from broker.audit import read_records
 from broker.devpg import PgServer
 from broker.devstack import OpenBaoDev
 from tests.faults.support import BrokerProcess, VaultView

@@ -31,7 +31,6 @@ from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.approvers import ApproverConfig, DevIssuer
 from broker.audit_pg import chain_origin, read_db_records
 from broker.cli import main
-from broker.audit import read_records
 from broker.devpg import PgServer
 from broker.devstack import OpenBaoDev
 from broker.errors import ERROR_CODE_MD_KEY
