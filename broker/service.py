@@ -45,6 +45,7 @@ from broker.core.records import decision_record, request_to_json, rfc3339
 from broker.core.revocation import Freeze, first_freeze
 from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ActionClass, ScopeMap, evaluate
 from broker.core.spiffeid import SpiffeId
+from broker.environments import Environments
 from broker.errors import (
     ERROR_CODE_MD_KEY,
     RETRY_AFTER_MD_KEY,
@@ -94,7 +95,7 @@ def grpc_status(code: str) -> grpc.StatusCode:
 #: logged or audited; request_id and approval_id must also be ids (``broker.inputs``).
 _MAX_FIELD = {"action_class": ACTION_CLASS_MAX, "target": TARGET_MAX, "justification": 2048,
               "request_id": ID_MAX, "approval_id": ID_MAX, "source": 128, "id": 256,
-              "summary": 1024}
+              "summary": 1024, "environment": 64}
 
 
 #: Cache hits (credential id, request id) recorded lately: a batch a sidecar sends again
@@ -172,7 +173,8 @@ def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
         InvalidRequestError: a field is missing, too long or out of range, or request_id /
             approval_id is not an id (``broker.inputs.ID_RULE``).
     """
-    for name in ("action_class", "target", "justification", "request_id", "approval_id"):
+    for name in ("action_class", "target", "justification", "request_id", "approval_id",
+                 "environment"):
         check_length(name, getattr(msg, name), _MAX_FIELD[name])
     check_id("request_id", msg.request_id)
     check_id("approval_id", msg.approval_id)
@@ -195,7 +197,7 @@ def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
     return CredentialRequest(
         action_class=msg.action_class.strip(), target=msg.target,
         initiating_event=event, justification=msg.justification,
-        ttl_seconds=int(msg.ttl_seconds),
+        ttl_seconds=int(msg.ttl_seconds), environment=msg.environment.strip(),
     )
 
 
@@ -222,7 +224,8 @@ def approval_to_proto(a: ap.Approval) -> pb.ApprovalInfo:
     ev = req.initiating_event
     msg = pb.IssueCredentialRequest(action_class=req.action_class, target=req.target,
                                     justification=req.justification,
-                                    ttl_seconds=req.ttl_seconds, request_id=a.request_id)
+                                    ttl_seconds=req.ttl_seconds, request_id=a.request_id,
+                                    environment=req.environment)
     if ev is not None:
         msg.initiating_event.source, msg.initiating_event.id = ev.source, ev.id
         msg.initiating_event.summary = ev.summary
@@ -329,7 +332,10 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         clock: Callable[[], datetime],
         metrics: Metrics | None = None,
         executor: Executor | None = None,
+        environments: Environments | None = None,
     ) -> None:
+        """``vault``: the default environment's Vault; ``environments``: every
+        environment's (None: ``vault`` is the only one)."""
         self._metrics = metrics or Metrics()
         #: Where the blocking parts of the async methods run (Vault, sqlite, audit fsync).
         self._executor = executor
@@ -339,6 +345,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self._responder = responder
         self._store = responder.store
         self._vault = vault
+        self._vaults = environments or Environments.single(vault)
         self._auth = authenticator
         self._clock = clock
         self._usage = StoreBudget(responder.store)  # counted in the store: shared, durable
@@ -403,6 +410,10 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
 
     def _issue(self, caller: Caller, req: CredentialRequest, request_id: str, *,
                approval_id: str, break_glass: bool) -> pb.IssueCredentialResponse:
+        """Raises: UnknownEnvironmentError (the request names an environment the broker
+        does not declare), and what deciding, approving and minting raise."""
+        # The environment it is for, as recorded (its default one when it names none).
+        req = replace(req, environment=self._vaults.resolve(req.environment))
         scope_map = self._maps.current
         now = self._clock()
         key = (str(caller.spiffe_id), req.action_class)
@@ -413,8 +424,9 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 decision.outcome is Outcome.NEEDS_APPROVAL and (approval_id or break_glass))
             if grant:
                 self._usage.record(key, now)  # counted before minting: no race past a budget
-        _log.info("request_id=%s spiffe_id=%s action_class=%s outcome=%s rule=%s "
+        _log.info("request_id=%s spiffe_id=%s action_class=%s%s outcome=%s rule=%s "
                   "scope_map=%s", request_id, caller.spiffe_id, req.action_class,
+                  f" environment={req.environment}" if req.environment else "",
                   decision.outcome.value, decision.rule, scope_map.version[:19])
         # Label values are bounded: unknown classes are counted as one.
         label = req.action_class if req.action_class in scope_map.classes else "(unknown)"
@@ -432,6 +444,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             # On disk before anything is minted or any answer is given (fail closed).
             if caller.federated_from:  # the foreign trust domain, for audit and trace
                 record["federated_from"] = caller.federated_from
+            if req.environment:  # also in the request; here for readers of the log
+                record["environment"] = req.environment
             self._audit.append("decision", **_fields(record),
                                proof={"x509_serial": caller.x509_serial,
                                       "jwt_id": caller.jwt_id},
@@ -480,7 +494,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 approval = self._desk.consume(approval_id, str(caller.spiffe_id), req)
             except CredbrokerError:
                 self._revoke_unrecorded(minted.accessor, request_id,
-                                        "its approval could not be used")
+                                        "its approval could not be used", req.environment)
                 raise
         if approval is not None:
             self._desk.attach_credential(approval.id, minted.accessor)
@@ -490,7 +504,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             request_id=request_id,
             credential=pb.Credential(
                 credential_id=minted.accessor, token=minted.token, expires_at=expires,
-                policies=list(minted.policies), ttl_seconds=minted.ttl_seconds),
+                policies=list(minted.policies), ttl_seconds=minted.ttl_seconds,
+                environment=req.environment),
             decision=decision_to_proto(decision),
             approval=approval_to_proto(approval) if approval else None,
         )
@@ -607,9 +622,11 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                                   action_class=cls.name, target=req.target,
                                   event_source=ev.source if ev else "",
                                   event_id=ev.id if ev else "",
-                                  at=self._clock())  # its age is the mint's, not the request's
+                                  at=self._clock(),  # its age is the mint's, not the request's
+                                  environment=req.environment)
         try:
-            minted = self._vault.mint(
+            # In the environment's own Vault: its token means nothing in any other.
+            minted = self._vaults.vault(req.environment).mint(
                 cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=ttl,
                 metadata={"request_id": request_id, "target": req.target[:256],
                           "scope_map_version": version,
@@ -636,7 +653,7 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         except CredbrokerError:
             # The intent row stays, so a restart would find and revoke it; do it now.
             self._revoke_unrecorded(minted.accessor, request_id,
-                                    "the registry could not record it")
+                                    "the registry could not record it", req.environment)
             raise
         try:
             self._audit.append(
@@ -646,21 +663,24 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 expires_at=rfc3339(minted.expires_at), vault_entity_id=minted.entity_id,
                 scope_map_version=version,
                 **({"federated_from": caller.federated_from} if caller.federated_from
-                   else {}))
+                   else {}),
+                **({"environment": req.environment} if req.environment else {}))
         except AuditError:
             self._revoke_unrecorded(minted.accessor, request_id,
-                                    "the audit log could not record it")
+                                    "the audit log could not record it", req.environment)
             raise
         # A freeze made while this was minting: it either sees this credential in the
         # registry (its list comes after its record; ours after our record), or we see it.
         frozen = first_freeze(self._responder.freezes, caller.spiffe_id, cls.name)
         if frozen is not None:
             self._revoke_unrecorded(minted.accessor, request_id,
-                                    f"frozen while it was minted: {frozen.describe()}")
+                                    f"frozen while it was minted: {frozen.describe()}",
+                                    req.environment)
             raise FrozenError(f"{frozen.describe()}; the credential minted meanwhile was "
                               "revoked")
-        _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s", request_id,
-                  minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
+        _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s%s", request_id,
+                  minted.accessor, minted.ttl_seconds, ",".join(minted.policies),
+                  f" environment={req.environment}" if req.environment else "")
         return minted
 
     async def WatchRevocations(
@@ -697,15 +717,17 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
             finally:
                 self._responder.bus.unsubscribe(subscription.id)
 
-    def _revoke_unrecorded(self, accessor: str, request_id: str, why: str) -> None:
-        """A minted credential cannot be handed out: kill it now. Never raises.
+    def _revoke_unrecorded(self, accessor: str, request_id: str, why: str,
+                           environment: str = "") -> None:
+        """A minted credential cannot be handed out: kill it now (in ``environment``'s
+        Vault, which minted it). Never raises.
 
         If Vault does not confirm, the revocation stays pending in the registry (retried);
         if even that fails, the intent row makes the next start-up revoke it.
         """
         now = self._clock()
         try:
-            self._vault.revoke_accessor(accessor, check=False)
+            self._vaults.vault(environment).revoke_accessor(accessor, check=False)
         except CredbrokerError as exc:
             try:
                 self._store.mark_revoked(accessor, by="credbroker", reason=why,
@@ -726,7 +748,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                          accessor, exc)
         self._audit.append_or_queue("credential.revoked", credential_id=accessor,
                                     request_id=request_id, by="credbroker",
-                                    selector="unrecorded", reason=why)
+                                    selector="unrecorded", reason=why,
+                                    **({"environment": environment} if environment else {}))
         _log.error("request_id=%s credential_id=%s revoked: %s", request_id, accessor, why)
 
     def RevokeCredential(
@@ -752,7 +775,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 "credential.revoked", credential_id=request.credential_id,
                 request_id=row.request_id, spiffe_id=row.spiffe_id,
                 action_class=row.action_class, by=str(caller.spiffe_id), selector="hand-back",
-                reason=reason, result=outcome.result)
+                reason=reason, result=outcome.result,
+                **({"environment": row.environment} if row.environment else {}))
             if outcome.result == "pending":
                 raise VaultUnavailableError(
                     f"Vault did not confirm revoking {request.credential_id} ({outcome.error}); "

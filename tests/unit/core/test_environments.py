@@ -89,12 +89,13 @@ def test_a_request_naming_no_environment_is_denied_by_a_block() -> None:
 def test_a_class_without_a_block_is_decided_alike_everywhere() -> None:
     text = doc(approval="")
     for env in ("", "sandbox", "production"):
-        outcome, rule, code, why = decide(text, env)
+        outcome, _, code, why = decide(text, env)
         assert (outcome, code) == (Outcome.ALLOW, None)
         assert "no approval required (approval: none)" in why
     text = doc()  # its JIT rule applies in every environment
     for env in ("sandbox", "production"):
-        assert decide(text, env)[:2] == (Outcome.NEEDS_APPROVAL, "containment.isolate_host.approval")
+        assert decide(text, env)[:2] == (Outcome.NEEDS_APPROVAL,
+                                         "containment.isolate_host.approval")
 
 
 def test_allow_without_a_jit_rule_reads_as_before() -> None:
