@@ -179,11 +179,13 @@ def evaluate(
             source=cls.source, risk=cls.risk, ttl_seconds=ttl,
             policies=(cls.vault_policy_name,),
         )
+    waived = mode == "allow" and cls.approval is not None  # the environment's rule decided
     return Decision(
-        outcome=Outcome.ALLOW, spiffe_id=spiffe_id, action_class=cls.name, rule=rule,
+        outcome=Outcome.ALLOW, spiffe_id=spiffe_id, action_class=cls.name,
+        rule=env_rule if waived else rule,
         reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule} at {cls.source}); "
                  + (f"allowed in environment {env!r} without approval (rule {env_rule})"
-                    if mode == "allow" and cls.approval is not None else
+                    if waived else
                     "no approval required (approval: none)"),),
         scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
         source=cls.source, risk=cls.risk, ttl_seconds=ttl, policies=(cls.vault_policy_name,),

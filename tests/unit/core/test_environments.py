@@ -53,7 +53,7 @@ def test_the_map_declares_its_environments_in_order() -> None:
 def test_allow_waives_the_jit_rule_in_that_environment() -> None:
     outcome, rule, code, why = decide(ISOLATE, "sandbox")
     assert (outcome, code) == (Outcome.ALLOW, None)
-    assert rule == "containment.isolate_host.workloads[0]"
+    assert rule == "containment.isolate_host.environments.sandbox"
     assert "allowed in environment 'sandbox' without approval " \
            "(rule containment.isolate_host.environments.sandbox)" in why
 
