@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -20,12 +20,21 @@ import pytest
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.approvers import ApproverConfig, DevIssuer
 from broker.audit import read_records
+from broker.core.audittrace import to_ocsf, trace, trace_lines
+from broker.core.spiffeid import SpiffeId
 from broker.devstack import OpenBaoDev
 from broker.environments import EnvironmentConfig
 from broker.registry import SqliteStore
 from broker.server import BrokerServer
 from broker.vault import FROZEN_POLICY
-from tests.integration.conftest import ADMIN, CONTAINMENT, TRIAGE, Identity, broker_config
+from tests.integration.conftest import (
+    ADMIN,
+    CONTAINMENT,
+    TRIAGE,
+    Identity,
+    broker_config,
+    start_sidecar,
+)
 from tests.integration.helpers import EVENT, admin_stub, approvals_stub, stub, svid
 
 MAP = Path(__file__).parent.parent / "data" / "environments-map.yaml"
@@ -262,6 +271,69 @@ def test_a_class_freeze_empties_its_policy_in_every_vault(world: World) -> None:
     for bao in (world.production, world.sandbox):
         assert "secret/data/soc/containment/*" in str(
             policy(bao, "credbroker-containment.isolate_host"))
+
+
+def test_trace_and_export_show_the_environment(world: World) -> None:
+    resp = world.issue(TRIAGE, "enrichment", "sandbox")
+    records = list(read_records(world.server.config.audit_path))
+    t = trace(records, resp.credential.credential_id)
+    assert t is not None
+    text = "\n".join(trace_lines(t, datetime.now(UTC)))
+    assert "3. action class: enrichment on target ws-7 in environment sandbox" in text
+    assert f"6. credential {resp.credential.credential_id} minted in environment sandbox's " \
+           "Vault" in text
+    minted = next(r for r in records if r["type"] == "credential.minted"
+                  and r["credential_id"] == resp.credential.credential_id)
+    event = to_ocsf(minted)
+    assert event["metadata"]["labels"] == ["environment:sandbox"]
+    assert "minted in sandbox for" in event["message"]
+
+
+def test_the_sidecar_passes_the_environment_and_answers_an_unknown_one(
+        world: World, short_tmp: Path) -> None:
+    sc = start_sidecar(world.identity, "triage", f"127.0.0.1:{world.server.port}",
+                       Path(tempfile.mkdtemp(prefix="sc-", dir=short_tmp)) / "s.sock")
+    try:
+        body = {"action_class": "enrichment", "target": "ws-7", "environment": "sandbox"}
+        status, cred = sc.client.raw("POST", "/v1/credentials", body)
+        assert status == 200 and cred["environment"] == "sandbox", cred
+        assert reads(world.sandbox, cred["token"], "soc/enrichment/ti")
+        assert not reads(world.production, cred["token"], "soc/enrichment/ti")
+        status, again = sc.client.raw("POST", "/v1/credentials", body)  # from the cache
+        assert again["credential_id"] == cred["credential_id"]
+        status, prod = sc.client.raw("POST", "/v1/credentials",
+                                     {**body, "environment": "production"})
+        assert status == 403 and prod["error"]["code"] == "environment_not_allowed"
+        status, err = sc.client.raw("POST", "/v1/credentials", {**body, "environment": "qa"})
+        assert status == 400 and err["error"]["code"] == "unknown_environment"
+        assert "known: production, sandbox" in err["error"]["message"]
+    finally:
+        sc.http.close()
+        sc.service.stop_watching()
+        sc.service.client.close()
+
+
+def test_reconcile_revokes_an_orphan_in_the_vault_that_holds_it(world: World) -> None:
+    """A mint whose answer was lost in the sandbox: the token is found there and revoked."""
+    responder = world.server.responder
+    assert responder is not None
+    store = responder.store
+    cls = world.server.scope_maps.current.classes["enrichment"]  # type: ignore[union-attr]
+    now = datetime.now(UTC)
+    store.record_intent(request_id="lost-sandbox-mint", spiffe_id=TRIAGE,
+                        action_class="enrichment", target="", event_source="", event_id="",
+                        at=now, environment="sandbox")
+    store.mark_ambiguous("lost-sandbox-mint")
+    minted = responder.vaults.vault("sandbox").mint(
+        cls=cls, spiffe_id=SpiffeId.parse(TRIAGE), ttl_seconds=60, now=now,
+        metadata={"request_id": "lost-sandbox-mint", "broker_instance": store.instance_id})
+    assert alive(world.sandbox, minted.accessor)
+    report = responder.reconcile()
+    assert report.revoked == 1, report
+    assert not alive(world.sandbox, minted.accessor)
+    revoked = [r for r in world.records("credential.revoked")
+               if r["credential_id"] == minted.accessor]
+    assert revoked[0]["environment"] == "sandbox" and revoked[0]["selector"] == "reconcile"
 
 
 def test_health_names_the_environment_whose_vault_is_down(world: World) -> None:
