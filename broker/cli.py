@@ -188,11 +188,17 @@ def _workloads(items: list[str] | None) -> dict[str, str] | None:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from broker.devstack import EXAMPLE_SCOPE_MAP, DevStack, run_until_signalled
+    from broker.devstack import (
+        ENVIRONMENTS_SCOPE_MAP,
+        EXAMPLE_SCOPE_MAP,
+        DevStack,
+        run_until_signalled,
+    )
 
+    example = ENVIRONMENTS_SCOPE_MAP if args.environments else EXAMPLE_SCOPE_MAP
     stack = DevStack(run_dir=_run_dir(args.run_dir),
-                     scope_map=Path(args.scope_map) if args.scope_map else EXAMPLE_SCOPE_MAP,
-                     workloads=_workloads(args.workload))
+                     scope_map=Path(args.scope_map) if args.scope_map else example,
+                     workloads=_workloads(args.workload), environments=args.environments)
     stack.start()
     print(stack.summary(), flush=True)
     print("press Ctrl-C to stop", flush=True)
@@ -250,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a sidecar to start (repeatable; default: triage and containment agents)")
     s.add_argument("--run-dir", help="where sockets, logs and dev.json go (default: a new "
                                      "temporary directory)")
+    s.add_argument("--environments", action="store_true",
+                   help="two environments: a second OpenBao as sandbox beside production "
+                        "(default scope map: the bundled SOC example with environments)")
     s.set_defaults(func=cmd_dev)
 
     s = sub.add_parser("vault", help="Vault/OpenBao set-up")

@@ -39,6 +39,10 @@ from broker.errors import ConfigError, CredbrokerError
 _log = logging.getLogger("credbroker.dev")
 
 EXAMPLE_SCOPE_MAP = Path(__file__).parent / "examples" / "soc-scope-map.yaml"
+#: What ``credbroker dev --environments`` serves: the SOC example in production and sandbox.
+ENVIRONMENTS_SCOPE_MAP = Path(__file__).parent / "examples" / "soc-environments-scope-map.yaml"
+#: The variable the dev broker reads the sandbox OpenBao's token from (never a flag value).
+SANDBOX_TOKEN_VAR = "CREDBROKER_DEV_SANDBOX_VAULT_TOKEN"  # noqa: S105 - a variable's name
 DEFAULT_WORKLOADS = {
     "triage": "spiffe://example.org/agent/triage",
     "containment": "spiffe://example.org/agent/containment",
@@ -214,8 +218,13 @@ class DevStack:
         scope_map: Path = EXAMPLE_SCOPE_MAP,
         workloads: dict[str, str] | None = None,
         svid_ttl: timedelta = timedelta(minutes=30),
+        environments: bool = False,
     ) -> None:
+        """``environments``: also start a second OpenBao as the ``sandbox`` environment (the
+        first is ``production``)."""
         self.run_dir = run_dir.resolve()
+        self.environments = environments
+        self.sandbox: OpenBaoDev | None = None
         self.scope_map = scope_map.resolve()
         self.workloads = dict(workloads or DEFAULT_WORKLOADS)
         self.svid_ttl = svid_ttl
@@ -289,6 +298,11 @@ class DevStack:
         (self.run_dir / "sidecars").mkdir(exist_ok=True)
         self.bao = OpenBaoDev(self.run_dir)
         self.bao.start()
+        if self.environments:
+            sandbox_dir = self.run_dir / "sandbox"
+            sandbox_dir.mkdir(exist_ok=True)
+            self.sandbox = OpenBaoDev(sandbox_dir)
+            self.sandbox.start()
 
         ca = DevCA(self.trust_domain, now=datetime.now(UTC))
         self.wlapi = DevWorkloadApi(ca, svid_ttl=self.svid_ttl)
@@ -310,7 +324,12 @@ class DevStack:
         ready = self.run_dir / "broker.addr"
         ready.unlink(missing_ok=True)
         env = {**os.environ, "VAULT_TOKEN": self.bao.root_token}
-        broker = spawn("broker", [*cli, "serve", "--listen", "127.0.0.1:0",
+        environments: list[str] = []
+        if self.sandbox is not None:
+            env[SANDBOX_TOKEN_VAR] = self.sandbox.root_token
+            environments = ["--default-environment", "production", "--environment",
+                            f"sandbox={self.sandbox.addr},token-env={SANDBOX_TOKEN_VAR}"]
+        broker = spawn("broker", [*cli, "serve", "--listen", "127.0.0.1:0", *environments,
                                   "--workload-api", "unix:" + self.socket_of("broker"),
                                   "--scope-map", str(self.scope_map),
                                   "--vault-addr", self.bao.addr, "--ready-file", str(ready),
@@ -327,7 +346,8 @@ class DevStack:
         wait_for("the broker", broker, ready.exists)
         self.broker_addr = ready.read_text().strip()
 
-        side_env = {k: v for k, v in os.environ.items() if k != "VAULT_TOKEN"}
+        side_env = {k: v for k, v in os.environ.items()
+                    if k not in ("VAULT_TOKEN", SANDBOX_TOKEN_VAR)}
         for name, sid in self.workloads.items():
             sock = self.run_dir / "sidecars" / f"{name}.sock"
             child = spawn(f"sidecar {name}", [*cli, "sidecar", "--listen", str(sock),
@@ -393,6 +413,12 @@ class DevStack:
                         "users": {u: list(g) for u, g in DevIssuer.USERS.items()}},
             "logs": {c.name: str(c.log_path) for c in self.children},
         }
+        if self.sandbox is not None:  # --environments: the default Vault is production's
+            info["environments"] = {
+                "default": "production",
+                "production": {"vault_addr": self.bao.addr, "vault_token": self.bao.root_token},
+                "sandbox": {"vault_addr": self.sandbox.addr,
+                            "vault_token": self.sandbox.root_token}}
         path = self.run_dir / "dev.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -402,7 +428,10 @@ class DevStack:
         assert self.bao is not None
         lines = [
             f"credbroker dev stack is up (run dir {self.run_dir})",
-            f"  OpenBao        {self.bao.addr}   (root token in {self.run_dir / 'dev.json'})",
+            f"  OpenBao        {self.bao.addr}   (root token in {self.run_dir / 'dev.json'})"
+            + ("   environment production (the default)" if self.sandbox else ""),
+            *([f"  OpenBao        {self.sandbox.addr}   environment sandbox (root token in "
+               "dev.json)"] if self.sandbox else []),
             f"  Workload API   {self.run_dir / 'workload-api'}/<name>.sock  "
             f"(trust domain {self.trust_domain})",
             f"  broker         {self.broker_addr}   {self.broker_id}",
@@ -441,6 +470,9 @@ class DevStack:
         if self.bao is not None:
             self.bao.stop()
             self.bao = None
+        if self.sandbox is not None:
+            self.sandbox.stop()
+            self.sandbox = None
 
 
 def run_until_signalled(stack: DevStack) -> int:
@@ -455,9 +487,9 @@ def run_until_signalled(stack: DevStack) -> int:
     rc = 0
     while not stop["sig"]:
         dead = [c for c in stack.children if c.proc.poll() is not None]
-        if stack.bao is not None and stack.bao.child is not None \
-                and stack.bao.child.proc.poll() is not None:
-            dead.append(stack.bao.child)
+        for bao in (stack.bao, stack.sandbox):
+            if bao is not None and bao.child is not None and bao.child.proc.poll() is not None:
+                dead.append(bao.child)
         if dead:
             for c in dead:
                 print(f"{c.name} exited unexpectedly (exit {c.proc.returncode}); log ends:\n"
