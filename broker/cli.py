@@ -109,6 +109,7 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
     import json
 
     from broker.config import load_scope_map
+    from broker.environments import Environments
     from broker.vault import VaultAdapter
 
     env = dict(process_env())
@@ -119,6 +120,14 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
         env.update(VAULT_ADDR=info["vault_addr"], VAULT_TOKEN=info["vault_token"],
                    CREDBROKER_SCOPE_MAP=info["scope_map"])
         args.registry = args.registry or info.get("registry_path")
+        envs = info.get("environments")
+        if isinstance(envs, dict) and not args.environment:  # `credbroker dev --environments`
+            from broker.devstack import SANDBOX_TOKEN_VAR
+
+            env[SANDBOX_TOKEN_VAR] = envs["sandbox"]["vault_token"]
+            args.default_environment = args.default_environment or envs["default"]
+            args.environment = [f"sandbox={envs['sandbox']['vault_addr']},"
+                                f"token-env={SANDBOX_TOKEN_VAR}"]
     vault = vault_access_from(env=env, flags=flag_values(args, VAULT_SYNC_OPTIONS))
     scope_map = load_scope_map(Path(vault.scope_map), vault_allowed_mounts=vault.allowed_mounts)
     frozen: frozenset[str] = frozenset()
@@ -130,9 +139,12 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
             frozen = frozenset(f.pattern for f in store.freezes() if f.kind == "action_class")
         finally:
             store.close()
-    report = VaultAdapter(addr=vault.addr, token=vault.token,
-                          ca_cert=vault.ca_cert).sync_scope_map(
-        scope_map, frozen)
+    # Each environment's Vault gets the classes allowed there (one Vault: the whole map).
+    vaults = Environments.build(VaultAdapter(addr=vault.addr, token=vault.token,
+                                             ca_cert=vault.ca_cert),
+                                default=vault.default_environment, extra=vault.environments)
+    vaults.check_scope_map(scope_map)
+    report = vaults.sync_scope_map(scope_map, frozen)
     if args.json:
         print(json.dumps({"scope_map_version": scope_map.version,
                           "policies_written": list(report.policies_written),

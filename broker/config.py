@@ -207,6 +207,8 @@ class VaultAccess:
     ca_cert: Path | None
     allowed_mounts: tuple[str, ...]
     scope_map: str
+    default_environment: str = "default"
+    environments: tuple[EnvironmentConfig, ...] = ()
 
     def __repr__(self) -> str:
         return f"VaultAccess(addr={self.addr!r}, token=<redacted>)"
@@ -223,8 +225,10 @@ def vault_access_from(*, env: Mapping[str, str], flags: Mapping[str, object]) ->
     sm = str(s["scope_map"].value or "")
     if not sm:
         raise ConfigError("no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP")
+    default_env, extra_envs = _environments(s, env)
     return VaultAccess(addr=addr, token=token, ca_cert=_vault_ca_cert(s),
-                       allowed_mounts=_allowed_mounts(s), scope_map=sm)
+                       allowed_mounts=_allowed_mounts(s), scope_map=sm,
+                       default_environment=default_env, environments=extra_envs)
 
 
 def _text(s: Mapping[str, Setting], name: str) -> str:

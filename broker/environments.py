@@ -140,6 +140,20 @@ class Environments:
         """The one implicit environment of a broker that declares none."""
         return cls({IMPLICIT: vault}, default=IMPLICIT, declared=False)
 
+    @classmethod
+    def build(cls, vault: VaultAdapter, *, default: str,
+              extra: tuple[EnvironmentConfig, ...]) -> Environments:
+        """``vault`` (``--vault-addr``) as the default environment ``default``, then one
+        adapter per ``--environment``; just ``vault`` when none is declared (no extra and
+        the default keeps its implicit name)."""
+        if not extra and default == IMPLICIT:
+            return cls.single(vault)
+        adapters = {default: vault}
+        for e in extra:
+            adapters[e.name] = VaultAdapter(addr=e.addr, token=e.token, token_file=e.token_file,
+                                            ca_cert=e.ca_cert, namespace=e.namespace)
+        return cls(adapters, default=default, declared=True)
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._adapters)

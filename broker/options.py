@@ -197,6 +197,7 @@ SIDECAR_OPTIONS: tuple[Option, ...] = (
 #: What `credbroker vault sync` takes: the broker's own declarations, shared.
 VAULT_SYNC_OPTIONS: tuple[Option, ...] = (
     SCOPE_MAP, VAULT_ADDR, VAULT_TOKEN_FILE, VAULT_TOKEN, VAULT_CA_CERT, VAULT_ALLOWED_MOUNT,
+    DEFAULT_ENVIRONMENT, ENVIRONMENT,
 )
 
 

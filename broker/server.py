@@ -25,7 +25,7 @@ from broker.approvers import OidcVerifier
 from broker.audit import AuditLog, load_or_create_signing_key
 from broker.config import BrokerConfig, load_scope_map
 from broker.core.scopemap import ScopeMap
-from broker.environments import IMPLICIT, Environments
+from broker.environments import Environments
 from broker.errors import (
     AuditError,
     CredbrokerError,
@@ -56,13 +56,7 @@ def utc_now() -> datetime:
 def environments_of(cfg: BrokerConfig, vault: VaultAdapter) -> Environments:
     """Every environment's Vault adapter: ``vault`` (``--vault-addr``) as the default one,
     then each ``--environment``; just ``vault`` when none is declared."""
-    if not cfg.environments and cfg.default_environment == IMPLICIT:
-        return Environments.single(vault)
-    adapters = {cfg.default_environment: vault}
-    for e in cfg.environments:
-        adapters[e.name] = VaultAdapter(addr=e.addr, token=e.token, token_file=e.token_file,
-                                        ca_cert=e.ca_cert, namespace=e.namespace)
-    return Environments(adapters, default=cfg.default_environment, declared=True)
+    return Environments.build(vault, default=cfg.default_environment, extra=cfg.environments)
 
 
 class LoopThread:

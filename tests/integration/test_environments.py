@@ -6,6 +6,7 @@ whether the token works, whether its accessor is alive, what a policy holds.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -334,6 +335,27 @@ def test_reconcile_revokes_an_orphan_in_the_vault_that_holds_it(world: World) ->
     revoked = [r for r in world.records("credential.revoked")
                if r["credential_id"] == minted.accessor]
     assert revoked[0]["environment"] == "sandbox" and revoked[0]["selector"] == "reconcile"
+
+
+def test_vault_sync_writes_each_vault_the_classes_allowed_there(
+        world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from broker.cli import main
+
+    monkeypatch.setenv("VAULT_ADDR", world.production.addr)
+    monkeypatch.setenv("VAULT_TOKEN", world.production.root_token)
+    monkeypatch.setenv("SANDBOX_TOKEN", world.sandbox.root_token)
+    base = ["vault", "sync", "--scope-map", str(MAP), "--json"]
+    assert main(base) == 2  # the map declares environments this command was not given
+    assert "declares environment(s) production, sandbox" in capsys.readouterr().err
+    assert main([*base, "--default-environment", "production", "--environment",
+                 f"sandbox={world.sandbox.addr},token-env=SANDBOX_TOKEN"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out)
+    assert "sandbox:credbroker-enrichment" in report["unchanged"]
+    assert not any(n.startswith("production:credbroker-enrichment")
+                   for k in ("unchanged", "policies_written") for n in report[k])
+    assert world.sandbox.root_token not in out
 
 
 def test_health_names_the_environment_whose_vault_is_down(world: World) -> None:
