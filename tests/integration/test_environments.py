@@ -151,6 +151,9 @@ def test_isolation_is_free_in_the_sandbox_and_its_token_is_refused_by_production
     assert decision[0]["request"]["environment"] == "sandbox"  # type: ignore[index]
     row = SqliteStore(world.server.config.registry_path).get(cred.credential_id)
     assert row is not None and row.environment == "sandbox"
+    listed = world.admin().ListCredentials(  # type: ignore[attr-defined]
+        pb.Selector(spiffe_id=CONTAINMENT), timeout=10).credentials
+    assert {c.credential_id: c.environment for c in listed}[cred.credential_id] == "sandbox"
 
 
 def test_isolation_in_production_is_minted_in_productions_vault_once_approved(
