@@ -101,7 +101,7 @@ def _postgres(url: str) -> tuple[str, object]:
     if url:
         return url, None
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.pgserver import PgServer
+    from broker.devpg import PgServer
 
     pg = PgServer()
     pg.init()

@@ -68,7 +68,7 @@ def row_to_proto(r: CredentialRow, event: tuple[str, str] | None = None) -> pb.C
         credential_id=r.credential_id, spiffe_id=r.spiffe_id, action_class=r.action_class,
         target=r.target, request_id=r.request_id, issued_at=_ts(r.issued_at),
         expires_at=_ts(r.expires_at),
-        state="revoke_pending" if r.revoke_pending else r.state)
+        state="revoke_pending" if r.revoke_pending else r.state, environment=r.environment)
     if event is not None:
         info.initiating_event.CopyFrom(pb.InitiatingEvent(source=event[0], id=event[1]))
     return info

@@ -109,6 +109,7 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
     import json
 
     from broker.config import load_scope_map
+    from broker.environments import Environments
     from broker.vault import VaultAdapter
 
     env = dict(process_env())
@@ -121,6 +122,14 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
         if not (args.registry or args.store):  # a replicated dev stack's store is PostgreSQL
             args.store = info.get("store") or None
             args.registry = None if args.store else info.get("registry_path") or None
+        envs = info.get("environments")
+        if isinstance(envs, dict) and not args.environment:  # `credbroker dev --environments`
+            from broker.devstack import SANDBOX_TOKEN_VAR
+
+            env[SANDBOX_TOKEN_VAR] = envs["sandbox"]["vault_token"]
+            args.default_environment = args.default_environment or envs["default"]
+            args.environment = [f"sandbox={envs['sandbox']['vault_addr']},"
+                                f"token-env={SANDBOX_TOKEN_VAR}"]
     vault = vault_access_from(env=env, flags=flag_values(args, VAULT_SYNC_OPTIONS))
     scope_map = load_scope_map(Path(vault.scope_map), vault_allowed_mounts=vault.allowed_mounts)
     frozen: frozenset[str] = frozenset()
@@ -132,9 +141,12 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
             frozen = frozenset(f.pattern for f in store.freezes() if f.kind == "action_class")
         finally:
             store.close()
-    report = VaultAdapter(addr=vault.addr, token=vault.token,
-                          ca_cert=vault.ca_cert).sync_scope_map(
-        scope_map, frozen)
+    # Each environment's Vault gets the classes allowed there (one Vault: the whole map).
+    vaults = Environments.build(VaultAdapter(addr=vault.addr, token=vault.token,
+                                             ca_cert=vault.ca_cert),
+                                default=vault.default_environment, extra=vault.environments)
+    vaults.check_scope_map(scope_map)
+    report = vaults.sync_scope_map(scope_map, frozen)
     if args.json:
         print(json.dumps({"scope_map_version": scope_map.version,
                           "policies_written": list(report.policies_written),
@@ -190,12 +202,19 @@ def _workloads(items: list[str] | None) -> dict[str, str] | None:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from broker.devstack import EXAMPLE_SCOPE_MAP, DevStack, run_until_signalled
+    from broker.devstack import (
+        ENVIRONMENTS_SCOPE_MAP,
+        EXAMPLE_SCOPE_MAP,
+        DevStack,
+        run_until_signalled,
+    )
 
+    example = ENVIRONMENTS_SCOPE_MAP if args.environments else EXAMPLE_SCOPE_MAP
     stack = DevStack(run_dir=_run_dir(args.run_dir),
-                     scope_map=Path(args.scope_map) if args.scope_map else EXAMPLE_SCOPE_MAP,
+                     scope_map=Path(args.scope_map) if args.scope_map else example,
                      workloads=_workloads(args.workload), replicas=args.replicas,
-                     federated_vendor=args.federated_vendor or "")
+                     federated_vendor=args.federated_vendor or "",
+                     environments=args.environments)
     stack.start()
     print(stack.summary(), flush=True)
     print("press Ctrl-C to stop", flush=True)
@@ -261,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int, metavar="N",
                    help="N brokers sharing an embedded PostgreSQL store, the sidecars spread "
                         "across them (default: one broker on SQLite)")
+    s.add_argument("--environments", action="store_true",
+                   help="two environments: a second OpenBao as sandbox beside production "
+                        "(default scope map: the bundled SOC example with environments)")
     s.set_defaults(func=cmd_dev)
 
     s = sub.add_parser("vault", help="Vault/OpenBao set-up")

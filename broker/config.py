@@ -23,6 +23,12 @@ from broker.core.scopemap import (
     parse_scope_map,
 )
 from broker.core.spiffeid import SpiffeId
+from broker.environments import (
+    EnvironmentConfig,
+    check_environments,
+    check_name,
+    parse_environment_flag,
+)
 from broker.errors import ConfigError, InvalidSpiffeIdError
 from broker.federation import (
     FederatedBundles,
@@ -55,6 +61,10 @@ class BrokerConfig:
     vault_token: str  # secret: never log it (repr hides it)
     vault_token_file: Path | None = None  # re-read when it changes (Vault Agent sink)
     vault_ca_cert: Path | None = None  # PEM CA bundle that Vault's TLS certificate chains to
+    #: The environment of the --vault-addr Vault (requests naming none go there).
+    default_environment: str = "default"
+    #: Environments besides the default one, each with its own Vault; () : none declared.
+    environments: tuple[EnvironmentConfig, ...] = ()
     jwt_audience: str = DEFAULT_AUDIENCE
     require_jwt_svid: bool = False
     ready_file: Path | None = None
@@ -204,6 +214,8 @@ class VaultAccess:
     ca_cert: Path | None
     allowed_mounts: tuple[str, ...]
     scope_map: str
+    default_environment: str = "default"
+    environments: tuple[EnvironmentConfig, ...] = ()
 
     def __repr__(self) -> str:
         return f"VaultAccess(addr={self.addr!r}, token=<redacted>)"
@@ -220,8 +232,10 @@ def vault_access_from(*, env: Mapping[str, str], flags: Mapping[str, object]) ->
     sm = str(s["scope_map"].value or "")
     if not sm:
         raise ConfigError("no scope map: pass --scope-map PATH or set CREDBROKER_SCOPE_MAP")
+    default_env, extra_envs = _environments(s, env)
     return VaultAccess(addr=addr, token=token, ca_cert=_vault_ca_cert(s),
-                       allowed_mounts=_allowed_mounts(s), scope_map=sm)
+                       allowed_mounts=_allowed_mounts(s), scope_map=sm,
+                       default_environment=default_env, environments=extra_envs)
 
 
 def _text(s: Mapping[str, Setting], name: str) -> str:
@@ -326,6 +340,7 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
     if drift < 0:
         raise ConfigError("--vault-drift-interval must be a number of seconds (0 disables)")
     metrics, health = _text(s, "metrics_listen"), _text(s, "health_listen")
+    default_env, extra_envs = _environments(s, env)
     return BrokerConfig(
         listen=_hostport(_text(s, "listen"), "--listen"),
         workload_api_socket=_socket(_text(s, "workload_api"), "Workload API socket"),
@@ -354,7 +369,18 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
         vault_allowed_mounts=_allowed_mounts(s),
         vault_drift_interval=drift,
         federation=_federation(s),
+        default_environment=default_env,
+        environments=extra_envs,
     )
+
+
+def _environments(s: Mapping[str, Setting], env: Mapping[str, str]
+                  ) -> tuple[str, tuple[EnvironmentConfig, ...]]:
+    """Raises: ConfigError for a malformed entry or a name declared twice."""
+    default = check_name(_text(s, "default_environment") or "default", "--default-environment")
+    extra = tuple(parse_environment_flag(t, env) for t in _list(s, "environment"))
+    check_environments(default, extra)
+    return default, extra
 
 
 def _approver_config(*, issuer: str, jwks: str, audience: str, groups_file: str | None,

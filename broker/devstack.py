@@ -50,6 +50,10 @@ EXAMPLE_SCOPE_MAP = Path(__file__).parent / "examples" / "soc-scope-map.yaml"
 #: written as ``vendor.example``.
 VENDOR_SCOPE_MAP = Path(__file__).parent / "examples" / "vendor-scope-map.yaml"
 DEFAULT_VENDOR = "vendor.example"
+#: What ``credbroker dev --environments`` serves: the SOC example in production and sandbox.
+ENVIRONMENTS_SCOPE_MAP = Path(__file__).parent / "examples" / "soc-environments-scope-map.yaml"
+#: The variable the dev broker reads the sandbox OpenBao's token from (never a flag value).
+SANDBOX_TOKEN_VAR = "CREDBROKER_DEV_SANDBOX_VAULT_TOKEN"  # noqa: S105 - a variable's name
 DEFAULT_WORKLOADS = {
     "triage": "spiffe://example.org/agent/triage",
     "containment": "spiffe://example.org/agent/containment",
@@ -228,8 +232,11 @@ class DevStack:
         svid_ttl: timedelta = timedelta(minutes=30),
         federated_vendor: str = "",
         replicas: int | None = None,
+        environments: bool = False,
     ) -> None:
         """``replicas``: None, one broker on SQLite; N, N brokers on an embedded PostgreSQL.
+        ``environments``: also start a second OpenBao as the ``sandbox`` environment (the
+        first is ``production``).
 
         Raises: ConfigError (a bad scope map path, workload, run directory or replica count).
         """
@@ -239,6 +246,8 @@ class DevStack:
         self.vendor_api: DevWorkloadApi | None = None
         self.vendor: dict[str, str] = {}
         self.replicas = replicas
+        self.environments = environments
+        self.sandbox: OpenBaoDev | None = None
         self.scope_map = scope_map.resolve()
         self.workloads = dict(workloads or DEFAULT_WORKLOADS)
         self.svid_ttl = svid_ttl
@@ -335,6 +344,11 @@ class DevStack:
         (self.run_dir / "sidecars").mkdir(exist_ok=True)
         self.bao = OpenBaoDev(self.run_dir)
         self.bao.start()
+        if self.environments:
+            sandbox_dir = self.run_dir / "sandbox"
+            sandbox_dir.mkdir(exist_ok=True)
+            self.sandbox = OpenBaoDev(sandbox_dir)
+            self.sandbox.start()
 
         ca = DevCA(self.trust_domain, now=datetime.now(UTC))
         self.wlapi = DevWorkloadApi(ca, svid_ttl=self.svid_ttl)
@@ -355,9 +369,14 @@ class DevStack:
         idp.start()
         env = {**os.environ, "VAULT_TOKEN": self.bao.root_token}
         federation = self._start_vendor_domain(ca) if self.federated_vendor else []
+        if self.sandbox is not None:
+            env[SANDBOX_TOKEN_VAR] = self.sandbox.root_token
+            federation += ["--default-environment", "production", "--environment",
+                           f"sandbox={self.sandbox.addr},token-env={SANDBOX_TOKEN_VAR}"]
         self._start_brokers(cli, env, idp, federation)
 
-        side_env = {k: v for k, v in os.environ.items() if k != "VAULT_TOKEN"}
+        side_env = {k: v for k, v in os.environ.items()
+                    if k not in ("VAULT_TOKEN", SANDBOX_TOKEN_VAR)}
         for n, (name, sid) in enumerate(self.workloads.items()):
             sock = self.run_dir / "sidecars" / f"{name}.sock"
             broker_addr = self.brokers[n % len(self.brokers)]  # spread across the replicas
@@ -375,7 +394,7 @@ class DevStack:
         self._write_dev_json()
 
     def _start_brokers(self, cli: list[str], env: dict[str, str], idp: DevIdp,
-                       federation: list[str]) -> None:
+                       extra: list[str]) -> None:
         """One broker on the SQLite registry; or, with replicas, an embedded PostgreSQL and
         N brokers on it (started together: they migrate the store once, under its lock),
         each writing its own signed chain of the audit log in the store."""
@@ -392,7 +411,7 @@ class DevStack:
             ready.unlink(missing_ok=True)
             # On PostgreSQL the audit log is in the store (each broker its own signed chain).
             audit = [] if self.replicas else ["--audit-log", str(self.audit_path)]
-            broker = spawn(name, [*cli, "serve", "--listen", "127.0.0.1:0", *federation,
+            broker = spawn(name, [*cli, "serve", "--listen", "127.0.0.1:0", *extra,
                                   "--workload-api", "unix:" + self.socket_of("broker"),
                                   "--scope-map", str(self.scope_map),
                                   "--vault-addr", self.vault_addr, "--ready-file", str(ready),
@@ -548,6 +567,12 @@ class DevStack:
             "logs": {c.name: str(c.log_path) for c in self.children},
             **({"federated_vendor": self.vendor} if self.vendor else {}),
         }
+        if self.sandbox is not None:  # --environments: the default Vault is production's
+            info["environments"] = {
+                "default": "production",
+                "production": {"vault_addr": self.bao.addr, "vault_token": self.bao.root_token},
+                "sandbox": {"vault_addr": self.sandbox.addr,
+                            "vault_token": self.sandbox.root_token}}
         if self.pg is not None:
             info["store"] = self.store_url  # trust authentication: the URL holds no secret
             info["postgres"] = {"dir": str(self.pg.dir), "data_dir": str(self.pg.data),
@@ -562,7 +587,10 @@ class DevStack:
         assert self.bao is not None
         lines = [
             f"credbroker dev stack is up (run dir {self.run_dir})",
-            f"  OpenBao        {self.bao.addr}   (root token in {self.run_dir / 'dev.json'})",
+            f"  OpenBao        {self.bao.addr}   (root token in {self.run_dir / 'dev.json'})"
+            + ("   environment production (the default)" if self.sandbox else ""),
+            *([f"  OpenBao        {self.sandbox.addr}   environment sandbox (root token in "
+               "dev.json)"] if self.sandbox else []),
             f"  Workload API   {self.run_dir / 'workload-api'}/<name>.sock  "
             f"(trust domain {self.trust_domain})",
         ]
@@ -617,6 +645,9 @@ class DevStack:
         if self.bao is not None:
             self.bao.stop()
             self.bao = None
+        if self.sandbox is not None:
+            self.sandbox.stop()
+            self.sandbox = None
         if self.pg is not None:  # after the brokers: `pg_ctl stop -m fast`
             pg, self.pg = self.pg, None
             pg.stop("fast")  # its data stays in the run directory, like registry.db ...
@@ -636,9 +667,9 @@ def run_until_signalled(stack: DevStack) -> int:
     rc = 0
     while not stop["sig"]:
         dead = [c for c in stack.children if c.proc.poll() is not None]
-        if stack.bao is not None and stack.bao.child is not None \
-                and stack.bao.child.proc.poll() is not None:
-            dead.append(stack.bao.child)
+        for bao in (stack.bao, stack.sandbox):
+            if bao is not None and bao.child is not None and bao.child.proc.poll() is not None:
+                dead.append(bao.child)
         if dead:
             for c in dead:
                 print(f"{c.name} exited unexpectedly (exit {c.proc.returncode}); log ends:\n"

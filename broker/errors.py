@@ -105,6 +105,12 @@ class InvalidRequestError(CredbrokerError):
     code = "bad_request"
 
 
+class UnknownEnvironmentError(InvalidRequestError):
+    """A request (or a command) named an environment the broker does not declare."""
+
+    code = "unknown_environment"
+
+
 class NotFoundError(CredbrokerError):
     """The named object (credential, approval, ...) does not exist."""
 
@@ -197,6 +203,9 @@ ERRORS: Mapping[str, ErrorSpec] = {
     "not_found": _e("NOT_FOUND", 404, 1,
                     "no such credential (or not the caller's), record or endpoint"),
     "unknown_approval": _e("NOT_FOUND", 404, 1, "no such approval (or not the caller's)"),
+    "unknown_environment": _e("INVALID_ARGUMENT", 400, 2,
+                              "the request names an environment the broker does not declare "
+                              "(the message lists the known ones)"),
     # identity
     "unauthenticated": _e("UNAUTHENTICATED", 401, 3,
                           "no acceptable SVID, or the mTLS handshake was refused"),
@@ -224,6 +233,9 @@ ERRORS: Mapping[str, ErrorSpec] = {
     "federated_not_allowed": _e("PERMISSION_DENIED", 403, 4,
                                 "the caller is a workload of a federated trust domain and the "
                                 "class does not accept federated callers (`federated: deny`)"),
+    "environment_not_allowed": _e("PERMISSION_DENIED", 403, 4,
+                                  "the class is denied in the environment the request names "
+                                  "(its `environments:` block)"),
     "frozen": _e("FAILED_PRECONDITION", 409, 4, "the identity or the class is frozen"),
     "denied": _e("PERMISSION_DENIED", 403, 4, "the scope map denied the request"),
     "policy": _e("PERMISSION_DENIED", 403, 4, "refused by policy"),

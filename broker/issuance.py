@@ -59,13 +59,22 @@ class VaultPort(Protocol):
     def revoke_accessor(self, accessor: str, *, check: bool = True) -> bool: ...
 
 
+class VaultsPort(Protocol):
+    """The Vault of each environment (``broker.environments.Environments``)."""
+
+    def resolve(self, name: str) -> str: ...
+
+    def vault(self, name: str) -> VaultPort: ...
+
+
 class StorePort(Protocol):
     """What issuance needs from the credential store (``broker.registry``)."""
 
     instance_id: str
 
     def record_intent(self, *, request_id: str, spiffe_id: str, action_class: str, target: str,
-                      event_source: str, event_id: str, at: datetime) -> None: ...
+                      event_source: str, event_id: str, at: datetime,
+                      environment: str = "") -> None: ...
 
     def record_minted(self, *, request_id: str, credential_id: str, expires_at: datetime,
                       entity_id: str, lease_prefix: str = "") -> None: ...
@@ -111,6 +120,8 @@ class Issued:
     decision: Decision
     credential: MintedToken
     approval: ap.Approval | None = None
+    #: The environment whose Vault minted it ("" for a broker that declares none).
+    environment: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,12 +167,12 @@ class DenialCounter:
 class Issuer:
     """The issuance use case. Thread-safe; blocking (run it in the broker's executor)."""
 
-    def __init__(self, *, scope_maps: MapSource, vault: VaultPort, store: StorePort,
+    def __init__(self, *, scope_maps: MapSource, vaults: VaultsPort, store: StorePort,
                  budget: StoreBudget, audit: AuditPort, responder: Responder,
                  desk: ApprovalDesk, clock: Callable[[], datetime],
                  metrics: Metrics, write_workers: int = 16) -> None:
         self._maps = scope_maps
-        self._vault = vault
+        self._vaults = vaults
         self._store = store
         self._budget = budget
         self._audit = audit
@@ -191,7 +202,11 @@ class Issuer:
             FrozenError: a freeze made while minting; the credential was revoked.
             AuditError, StoreError: a record could not be made durable (nothing issued).
             VaultUnavailableError, VaultError: Vault did not mint.
+            UnknownEnvironmentError: the request names an environment the broker does not
+                declare (nothing recorded).
         """
+        # The environment it is for, as recorded (its default one when it names none).
+        req = replace(req, environment=self._vaults.resolve(req.environment))
         scope_map = self._maps.current
         now = self._clock()
         me = str(caller.spiffe_id)
@@ -216,8 +231,9 @@ class Issuer:
                  approval_id: str, break_glass: bool) -> Issued | PendingApproval:
         """Everything after the decision; raising gives the budget slot back."""
         me = str(caller.spiffe_id)
-        _log.info("request_id=%s spiffe_id=%s action_class=%s outcome=%s rule=%s "
+        _log.info("request_id=%s spiffe_id=%s action_class=%s%s outcome=%s rule=%s "
                   "scope_map=%s", request_id, me, req.action_class,
+                  f" environment={req.environment}" if req.environment else "",
                   decision.outcome.value, decision.rule, scope_map.version[:19])
         # Label values are bounded: unknown classes are counted as one.
         label = req.action_class if req.action_class in scope_map.classes else "(unknown)"
@@ -235,6 +251,8 @@ class Issuer:
                                  spiffe_id=caller.spiffe_id, request=req, decision=decision)
         if caller.federated_from:  # the foreign trust domain, for audit and trace
             record["federated_from"] = caller.federated_from
+        if req.environment:  # also in the request; here for readers of the log
+            record["environment"] = req.environment
         fields: dict[str, Any] = {
             **{k: v for k, v in record.items() if k not in ("type", "time")},
             "proof": {"x509_serial": caller.x509_serial, "jwt_id": caller.jwt_id},
@@ -274,11 +292,12 @@ class Issuer:
                 approval = self._desk.consume(approval_id, me, req)
             except CredbrokerError:
                 self.revoke_unrecorded(minted.accessor, request_id,
-                                       "its approval could not be used")
+                                       "its approval could not be used", req.environment)
                 raise
         if approval is not None:
             self._desk.attach_credential(approval.id, minted.accessor)
-        return Issued(decision=decision, credential=minted, approval=approval)
+        return Issued(decision=decision, credential=minted, approval=approval,
+                      environment=req.environment)
 
     def _after_denial(self, spiffe_id: SpiffeId, decision: Decision, scope_map: ScopeMap,
                       now: datetime, request_id: str) -> Decision:
@@ -390,7 +409,8 @@ class Issuer:
                                       action_class=cls.name, target=req.target,
                                       event_source=ev.source if ev else "",
                                       event_id=ev.id if ev else "",
-                                      at=self._clock())  # its age is the mint's
+                                      at=self._clock(),  # its age is the mint's
+                                      environment=req.environment)
         finally:
             if decision_written is not None:
                 _settle(decision_written)  # its error wins: the decision is not on record
@@ -399,7 +419,8 @@ class Issuer:
             self._store.forget_intent(request_id)
             raise unrecorded
         try:
-            minted = self._vault.mint(
+            # In the environment's own Vault: its token means nothing in any other.
+            minted = self._vaults.vault(req.environment).mint(
                 cls=cls, spiffe_id=caller.spiffe_id, ttl_seconds=ttl,
                 metadata={"request_id": request_id, "target": req.target[:256],
                           "scope_map_version": version,
@@ -427,7 +448,8 @@ class Issuer:
             policies=list(minted.policies), ttl_seconds=minted.ttl_seconds,
             expires_at=rfc3339(minted.expires_at), vault_entity_id=minted.entity_id,
             scope_map_version=version,
-            **({"federated_from": caller.federated_from} if caller.federated_from else {}))
+            **({"federated_from": caller.federated_from} if caller.federated_from else {}),
+            **({"environment": req.environment} if req.environment else {}))
         failed: BaseException | None = None
         why = ""
         try:
@@ -441,29 +463,33 @@ class Issuer:
         if failed is None and minted_written.exception() is not None:
             failed, why = minted_written.exception(), "the audit log could not record it"
         if failed is not None:
-            self.revoke_unrecorded(minted.accessor, request_id, why)
+            self.revoke_unrecorded(minted.accessor, request_id, why, req.environment)
             raise failed
         # A freeze made while this was minting: it either sees this credential in the
         # registry (its list comes after its record; ours after our record), or we see it.
         frozen = first_freeze(self._responder.freezes, caller.spiffe_id, cls.name)
         if frozen is not None:
             self.revoke_unrecorded(minted.accessor, request_id,
-                                   f"frozen while it was minted: {frozen.describe()}")
+                                   f"frozen while it was minted: {frozen.describe()}",
+                                   req.environment)
             raise FrozenError(f"{frozen.describe()}; the credential minted meanwhile was "
                               "revoked")
-        _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s", request_id,
-                  minted.accessor, minted.ttl_seconds, ",".join(minted.policies))
+        _log.info("request_id=%s minted credential_id=%s ttl=%ss policies=%s%s", request_id,
+                  minted.accessor, minted.ttl_seconds, ",".join(minted.policies),
+                  f" environment={req.environment}" if req.environment else "")
         return minted
 
-    def revoke_unrecorded(self, accessor: str, request_id: str, why: str) -> None:
-        """A minted credential cannot be handed out: kill it now. Never raises.
+    def revoke_unrecorded(self, accessor: str, request_id: str, why: str,
+                          environment: str = "") -> None:
+        """A minted credential cannot be handed out: kill it now (in ``environment``'s
+        Vault, which minted it). Never raises.
 
         If Vault does not confirm, the revocation stays pending in the registry (retried);
         if even that fails, the intent row makes the next start-up revoke it.
         """
         now = self._clock()
         try:
-            self._vault.revoke_accessor(accessor, check=False)
+            self._vaults.vault(environment).revoke_accessor(accessor, check=False)
         except CredbrokerError as exc:
             try:
                 self._store.mark_revoked(accessor, by="credbroker", reason=why,
@@ -484,7 +510,8 @@ class Issuer:
                          accessor, exc)
         self._audit.append_or_queue("credential.revoked", credential_id=accessor,
                                     request_id=request_id, by="credbroker",
-                                    selector="unrecorded", reason=why)
+                                    selector="unrecorded", reason=why,
+                                    **({"environment": environment} if environment else {}))
         _log.error("request_id=%s credential_id=%s revoked: %s", request_id, accessor, why)
 
 

@@ -102,12 +102,23 @@ STORE = _o("store", "--store", "credential store shared by replicas, PostgreSQL 
            "not the URL, which other users can read in the process list; wins over "
            "`--registry`; see *Replicas*)", env=("CREDBROKER_STORE",), metavar="URL",
            shown_default="none (the SQLite registry)")
+ENVIRONMENT = _o("environment", "--environment",
+                  "declare an environment besides the default one, with its own Vault/OpenBao "
+                  "(the token from `token-file` or the variable `token-env` names, never a "
+                  "value here); see *Environments*", env=("CREDBROKER_ENVIRONMENTS",),
+                  kind="list",
+                  metavar="NAME=URL[,token-file=PATH][,token-env=VAR][,namespace=NS][,ca=PATH]",
+                  shown_default="none (one implicit environment, `default`)")
+DEFAULT_ENVIRONMENT = _o("default_environment", "--default-environment",
+                         "the name of the `--vault-addr` Vault's environment, where requests "
+                         "that name none go", env=("CREDBROKER_DEFAULT_ENVIRONMENT",),
+                         default="default")
 AUDIENCE = _o("audience", "--audience", "JWT-SVID audience", env=("CREDBROKER_AUDIENCE",),
               default="credbroker")
 
 BROKER_OPTIONS: tuple[Option, ...] = (
     LISTEN, WORKLOAD_API, SCOPE_MAP, VAULT_ADDR, VAULT_TOKEN_FILE, VAULT_TOKEN, VAULT_CA_CERT,
-    AUDIENCE,
+    DEFAULT_ENVIRONMENT, ENVIRONMENT, AUDIENCE,
     _o("require_jwt_svid", "--require-jwt-svid", "require a JWT-SVID besides mTLS",
        kind="switch", default=False),
     _o("ready_file", "--ready-file", "write host:port here once serving", in_file=False,
@@ -204,6 +215,7 @@ SIDECAR_OPTIONS: tuple[Option, ...] = (
 #: What `credbroker vault sync` takes: the broker's own declarations, shared.
 VAULT_SYNC_OPTIONS: tuple[Option, ...] = (
     SCOPE_MAP, VAULT_ADDR, VAULT_TOKEN_FILE, VAULT_TOKEN, VAULT_CA_CERT, VAULT_ALLOWED_MOUNT,
+    DEFAULT_ENVIRONMENT, ENVIRONMENT,
 )
 
 

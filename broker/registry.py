@@ -106,8 +106,9 @@ CREATE TABLE IF NOT EXISTS events (
 #: schema); 3: budgets in the store, and the ``schema_version`` table; 4: each
 #: credential's lease prefix; 5: the replicas' event sequence; 6: the audit log in the
 #: store (PostgreSQL only: ``broker.store_pg.AUDIT_SCHEMA``; an SQLite registry's broker
-#: keeps the audit log in its file, and version 6 adds nothing to it).
-SCHEMA_VERSION = 6
+#: keeps the audit log in its file, and version 6 adds nothing to it); 7: each
+#: credential's environment.
+SCHEMA_VERSION = 7
 
 #: Columns added after the first release: (table, column, definition). Rows written
 #: before a column existed get its default (a freeze then was enforced before it was
@@ -119,6 +120,9 @@ MIGRATIONS = (
 #: Version 4: the Vault lease path prefix only this credential's identity and class mint
 #: under (``sys/leases/revoke-prefix`` ends all of them in one call); '' for older tokens.
 LEASE_PREFIX_COLUMN = ("credentials", "lease_prefix", "TEXT NOT NULL DEFAULT ''")
+#: Version 6: the environment (its own Vault) the credential was minted in; '' for a
+#: broker that declares no environments, and for older rows (its one Vault).
+ENVIRONMENT_COLUMN = ("credentials", "environment", "TEXT NOT NULL DEFAULT ''")
 
 
 class StoreError(CredbrokerError):
@@ -152,6 +156,8 @@ class CredentialRow:
     state: str
     revoke_pending: bool
     lease_prefix: str = ""
+    #: The environment whose Vault minted it ("": the broker's one Vault).
+    environment: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +177,8 @@ class CredentialStore(Protocol):
     shared: bool
 
     def record_intent(self, *, request_id: str, spiffe_id: str, action_class: str, target: str,
-                      event_source: str, event_id: str, at: datetime) -> None: ...
+                      event_source: str, event_id: str, at: datetime,
+                      environment: str = "") -> None: ...
     def record_minted(self, *, request_id: str, credential_id: str, expires_at: datetime,
                       entity_id: str, lease_prefix: str = "") -> None: ...
     def forget_intent(self, request_id: str) -> None: ...
@@ -275,13 +282,15 @@ class SqlStore:
         raise NotImplementedError
 
     def record_intent(self, *, request_id: str, spiffe_id: str, action_class: str, target: str,
-                      event_source: str, event_id: str, at: datetime) -> None:
+                      event_source: str, event_id: str, at: datetime,
+                      environment: str = "") -> None:
         """Raises: InvalidRequestError for a reused request id; StoreError."""
         if not self._insert_new_grouped(
                 "INSERT INTO credentials (request_id, spiffe_id, action_class, target, "
-                "event_source, event_id, issued_at, state) VALUES (?,?,?,?,?,?,?, 'intent')",
+                "event_source, event_id, issued_at, state, environment) "
+                "VALUES (?,?,?,?,?,?,?, 'intent', ?)",
                 (request_id, spiffe_id, action_class, target, event_source, event_id,
-                 _ts(at))):
+                 _ts(at), environment)):
             raise InvalidRequestError(f"request_id {request_id!r} was already used; send a new "
                                       "one, or none and the broker makes one")
 
@@ -320,7 +329,7 @@ class SqlStore:
             "SELECT credential_id FROM credentials WHERE credential_id IS NOT NULL")}
 
     _COLS = ("request_id, coalesce(credential_id, ''), spiffe_id, action_class, target, "
-             "issued_at, expires_at, entity_id, state, revoke_pending, lease_prefix")
+             "issued_at, expires_at, entity_id, state, revoke_pending, lease_prefix, environment")
 
     def _rows(self, where: str, args: tuple[object, ...] = ()) -> list[CredentialRow]:
         return [CredentialRow(request_id=str(r[0]), credential_id=str(r[1]),
@@ -328,7 +337,7 @@ class SqlStore:
                               issued_at=_dt(r[5]) or datetime.fromtimestamp(0, UTC),  # type: ignore[arg-type]
                               expires_at=_dt(r[6]),  # type: ignore[arg-type]
                               entity_id=str(r[7]), state=str(r[8]), revoke_pending=bool(r[9]),
-                              lease_prefix=str(r[10]))
+                              lease_prefix=str(r[10]), environment=str(r[11]))
                 for r in self._exec(f"SELECT {self._COLS} FROM credentials WHERE {where}",  # noqa: S608 - constant clauses, bound values
                                     args)]
 
@@ -379,12 +388,14 @@ class SqlStore:
             "AND expires_at > ?", (spiffe_id, _ts(now)))]
 
     def entity_ids(self, pattern_matches: Selector) -> dict[str, str]:
+        """Vault entity id -> SPIFFE ID of the identities ``pattern_matches`` selects; an
+        entity of a named environment's Vault as ``<environment>#<entity id>``."""
         out: dict[str, str] = {}
-        for sid, eid in self._exec("SELECT DISTINCT spiffe_id, entity_id FROM credentials "
-                                   "WHERE entity_id != ''"):
+        for sid, eid, env in self._exec("SELECT DISTINCT spiffe_id, entity_id, environment "
+                                        "FROM credentials WHERE entity_id != ''"):
             if pattern_matches.matches(credential_id="", spiffe_id=str(sid), action_class="",
                                        target="", issued_at=datetime.now(UTC)):
-                out[str(eid)] = str(sid)
+                out[f"{env}#{eid}" if env else str(eid)] = str(sid)
         return out
 
     def mark_revoked(self, credential_id: str, *, by: str, reason: str, selector: str,
@@ -548,6 +559,11 @@ def _sqlite_step(db: sqlite3.Connection, version: int) -> None:
     elif version == 5:
         db.execute(EVENTS_SCHEMA)
     # version 6: nothing in SQLite (the audit log of an SQLite broker is its file)
+    elif version == 7:
+        table, column, definition = ENVIRONMENT_COLUMN
+        have = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 @dataclass(slots=True)

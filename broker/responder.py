@@ -32,6 +32,7 @@ from broker.audit import AuditTrail
 from broker.core.revocation import Freeze, Selector, freeze_target
 from broker.core.scopemap import ScopeMap
 from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
+from broker.environments import Environments, split_entity, tag_entity
 from broker.errors import CredbrokerError, NotFoundError, VaultUnavailableError
 from broker.observability import Metrics
 from broker.people import LOGIN_HINT, PersonRequiredError
@@ -225,9 +226,13 @@ class Outcome:
 class Responder:
     def __init__(self, *, store: CredentialStore, vault: VaultAdapter, audit: AuditTrail,
                  bus: RevocationBus, scope_map: Callable[[], ScopeMap],
-                 clock: Callable[[], datetime], workers: int = 16) -> None:
+                 clock: Callable[[], datetime], workers: int = 16,
+                 environments: Environments | None = None) -> None:
+        """``vault``: the default environment's Vault; ``environments``: every environment's
+        (None: ``vault`` is the only one)."""
         self.store = store
         self.vault = vault
+        self.vaults = environments or Environments.single(vault)
         self.audit = audit
         self.bus = bus
         self._scope_map = scope_map
@@ -237,7 +242,7 @@ class Responder:
         self._stop = threading.Event()
         self._wake = threading.Event()
         #: Accessors known not to be this broker's (their metadata never changes).
-        self._foreign: set[str] = set()
+        self._foreign: dict[str, set[str]] = {}  # per environment
         #: Removed classes whose policy is emptied, and the credentials already being ended.
         self._emptied: set[str] = set()
         self._ended: dict[str, set[str]] = {}
@@ -280,7 +285,8 @@ class Responder:
         """
         now = self._clock()
         try:
-            revoked = self.vault.revoke_accessor(row.credential_id, check=check)
+            revoked = self.vaults.vault(row.environment).revoke_accessor(row.credential_id,
+                                                                         check=check)
         except VaultUnavailableError as exc:
             try:
                 self.store.mark_revoked(row.credential_id, by=by, reason=reason,
@@ -353,33 +359,35 @@ class Responder:
         of a prefix Vault did not revoke, are revoked one by one (:meth:`revoke`: pending
         and retried when Vault does not answer). Audited like :meth:`revoke`.
         """
-        groups: dict[str, list[CredentialRow]] = {}
+        # One prefix per environment's Vault: the same (identity, class) has one in each.
+        groups: dict[tuple[str, str], list[CredentialRow]] = {}
         rest: list[CredentialRow] = []
         for r in rows:
             if r.lease_prefix:
-                groups.setdefault(r.lease_prefix, []).append(r)
+                groups.setdefault((r.environment, r.lease_prefix), []).append(r)
             else:
                 rest.append(r)
 
-        def one(prefix: str) -> tuple[str, str]:
+        def one(key: tuple[str, str]) -> tuple[tuple[str, str], str]:
+            env, prefix = key
             try:
-                self.vault.revoke_prefix(prefix)
-                return prefix, ""
+                self.vaults.vault(env).revoke_prefix(prefix)
+                return key, ""
             except CredbrokerError as exc:
-                return prefix, str(exc)
+                return key, str(exc)
             except Exception as exc:  # never raises: an unexpected failure falls back
                 _log.exception("revoke-prefix %s failed unexpectedly", prefix)
-                return prefix, f"unexpected: {type(exc).__name__}"
+                return key, f"unexpected: {type(exc).__name__}"
 
         outcomes: list[Outcome] = []
         done: list[CredentialRow] = []
-        for prefix, error in self._pool.map(one, list(groups)):
+        for key, error in self._pool.map(one, list(groups)):
             if error:
                 _log.warning("revoke-prefix %s failed (%s): revoking its %d credential(s) "
-                             "one by one", prefix, error, len(groups[prefix]))
-                rest.extend(groups[prefix])
+                             "one by one", key[1], error, len(groups[key]))
+                rest.extend(groups[key])
                 continue
-            done.extend(groups[prefix])
+            done.extend(groups[key])
         if done:
             outcomes = [Outcome(r.credential_id, "revoked") for r in done]
             if self.metrics is not None:
@@ -387,7 +395,8 @@ class Responder:
             self._record_revoked([r.credential_id for r in done], by, reason, selector)
             self._announce(outcomes, done, by=by, reason=reason, selector=selector,
                            actor=actor, vault_revoke_prefixes=len(groups) - len(
-                               {r.lease_prefix for r in rest if r.lease_prefix}))
+                               {(r.environment, r.lease_prefix) for r in rest
+                                if r.lease_prefix}))
         if rest or not done:  # (nothing at all is audited too, as revoke() does)
             outcomes += list(self.revoke(rest, by=by, reason=reason, selector=selector,
                                          check=check, actor=actor))
@@ -407,6 +416,10 @@ class Responder:
         gone = [o.credential_id for o in outcomes if o.result in ("revoked", "already_dead",
                                                                    "pending")]
         owners = {r.credential_id: r.spiffe_id for r in rows}
+        envs = {r.credential_id: r.environment for r in rows if r.environment}
+        if envs:  # which environment's Vault each was revoked in
+            extra = {**extra, "environments": {o.credential_id: envs.get(o.credential_id, "")
+                                               for o in outcomes}}
         self.bus.publish(BusEvent(credential_ids=tuple(gone), reason=reason, by=by),
                          owners=owners)
         if gone:
@@ -527,18 +540,23 @@ class Responder:
         """
         error = ""
         try:
+            # In every environment's Vault: a freeze stops the identity or class everywhere.
             if fz.kind == "spiffe_id":
                 if "*" not in fz.pattern:
-                    found = self.vault.entity_of(fz.pattern)  # also one this registry never saw
-                    if found:
-                        entities.add(found)
-                for eid in sorted(entities):
-                    self.vault.set_entity_disabled(eid, True)
+                    for env, vault in self.vaults:
+                        found = vault.entity_of(fz.pattern)  # also one this registry never saw
+                        if found:
+                            entities.add(tag_entity(env if self.vaults.declared else "",
+                                                    found))
+                for tagged in sorted(entities):
+                    env, eid = split_entity(tagged)
+                    self.vaults.vault(env).set_entity_disabled(eid, True)
             else:
                 cls = self._scope_map().classes.get(fz.pattern)
                 if cls is not None:  # a class no longer in the map has no policy to freeze
                     with self.class_policy_lock:
-                        self.vault.freeze_class_policy(cls)
+                        for _, vault in self.vaults:
+                            vault.freeze_class_policy(cls)
         except CredbrokerError as exc:
             error = str(exc)
         except Exception as exc:  # never raises: retried by the loop like any failure
@@ -590,7 +608,8 @@ class Responder:
             if not rows:
                 continue
             found += len(rows)
-            new_entities = {r.entity_id for r in rows if r.entity_id} - set(entities)
+            new_entities = {tag_entity(r.environment, r.entity_id) for r in rows
+                            if r.entity_id} - set(entities)
             if fz.kind == "spiffe_id" and new_entities:
                 self._enforce(fz, set(entities) | new_entities)
             _log.warning("freeze %s: %d live credential(s) it matches are revoked now", fz.id,
@@ -633,12 +652,16 @@ class Responder:
         with self.class_policy_lock:
             try:
                 for _, entities in mine:
-                    for eid in entities:
-                        if eid not in still:
-                            self.vault.set_entity_disabled(eid, False)
+                    for tagged in entities:
+                        if tagged not in still:
+                            env, eid = split_entity(tagged)
+                            self.vaults.vault(env).set_entity_disabled(eid, False)
                 scope_map = self._scope_map()
                 if kind == "action_class" and pattern in scope_map.classes:
-                    self.vault.restore_class_policy(scope_map.classes[pattern])
+                    # Given back only where the class may be minted; elsewhere it stays empty.
+                    for env, vault in self.vaults:
+                        if pattern in self.vaults.scope_map_for(scope_map, env).classes:
+                            vault.restore_class_policy(scope_map.classes[pattern])
             except CredbrokerError as exc:
                 # Partly given back at most: enforce the freeze again until it is lifted.
                 for f, entities in mine:
@@ -719,7 +742,8 @@ class Responder:
             if not emptied:
                 try:
                     with self.class_policy_lock:
-                        self.vault.empty_policy(f"credbroker-{name}")
+                        for _, vault in self.vaults:
+                            vault.empty_policy(f"credbroker-{name}")
                     self._emptied.add(name)
                 except CredbrokerError as exc:
                     error = str(exc)
@@ -781,8 +805,14 @@ class Responder:
             in_flight = {i.request_id for i in intents} - {i.request_id for i in stale}
             wanted = {i.request_id: i for i in stale}
             known = self.store.known_credential_ids()
-            managed = self.vault.managed_accessors(self.store.instance_id, skip=known,
-                                                   foreign=self._foreign)
+            managed: dict[str, dict[str, str]] = {}
+            where: dict[str, str] = {}  # accessor -> environment ("" : the one Vault)
+            for env, vault in self.vaults:
+                found_here = vault.managed_accessors(self.store.instance_id, skip=known,
+                                                     foreign=self._foreign.setdefault(env,
+                                                                                      set()))
+                managed.update(found_here)
+                where.update(dict.fromkeys(found_here, env if self.vaults.declared else ""))
             if managed:
                 # An issuance may have begun and minted since the registry was read above:
                 # every token listed had its intent recorded before Vault listed it, so
@@ -799,7 +829,8 @@ class Responder:
                 rid = meta.get("request_id", "")
                 if rid in in_flight or accessor in known:
                     continue  # recorded, or being recorded by its request right now
-                self._revoke_orphan(accessor, meta, wanted.get(rid) or rows.get(rid))
+                self._revoke_orphan(accessor, meta, wanted.get(rid) or rows.get(rid),
+                                    environment=where.get(accessor, ""))
                 found.add(rid)
                 report.revoked += 1
             for rid, intent in wanted.items():
@@ -819,13 +850,14 @@ class Responder:
         return report
 
     def _revoke_orphan(self, accessor: str, meta: dict[str, str],
-                       intent: CredentialRow | None) -> None:
-        """A live token of ours the registry does not hold: revoke, record, audit.
+                       intent: CredentialRow | None, *, environment: str = "") -> None:
+        """A live token of ours the registry does not hold (in ``environment``'s Vault):
+        revoke, record, audit.
 
         Raises: VaultUnavailableError, VaultError (then nothing is recorded: next round).
         """
         rid = meta.get("request_id", "") or f"orphan-{accessor}"
-        self.vault.revoke_accessor(accessor, check=False)
+        self.vaults.vault(environment).revoke_accessor(accessor, check=False)
         now = self._clock()
         why = ("minted for an issuance whose outcome was lost (Vault's answer never "
                "arrived, or the broker died); never handed out")
@@ -834,7 +866,7 @@ class Responder:
                 self.store.record_intent(request_id=rid, spiffe_id=meta.get("spiffe_id", ""),
                                          action_class=meta.get("action_class", ""),
                                          target=meta.get("target", ""), event_source="",
-                                         event_id="", at=now)
+                                         event_id="", at=now, environment=environment)
             self.store.record_minted(request_id=rid, credential_id=accessor, expires_at=now,
                                      entity_id="")
             self.store.mark_revoked(accessor, by="credbroker", reason=why,
@@ -844,7 +876,8 @@ class Responder:
         self.audit.append_or_queue(
             "credential.revoked", credential_id=accessor, request_id=rid,
             spiffe_id=meta.get("spiffe_id", ""), action_class=meta.get("action_class", ""),
-            by="credbroker", selector="reconcile", reason=why)
+            by="credbroker", selector="reconcile", reason=why,
+            **({"environment": environment} if environment else {}))
         _log.warning("request_id=%s credential_id=%s: %s; revoked", rid, accessor, why)
 
     def reconcile_soon(self) -> None:

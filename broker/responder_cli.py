@@ -181,7 +181,7 @@ def _credential_json(c: pb.CredentialInfo) -> dict[str, Any]:
             "action_class": c.action_class, "target": c.target, "request_id": c.request_id,
             "initiating_event": {"source": ev.source, "id": ev.id} if ev else None,
             "issued_at": _when(c.issued_at), "expires_at": _when(c.expires_at),
-            "state": c.state}
+            "state": c.state, **({"environment": c.environment} if c.environment else {})}
 
 
 def cmd_credentials_list(args: argparse.Namespace) -> int:
@@ -196,13 +196,15 @@ def cmd_credentials_list(args: argparse.Namespace) -> int:
     if not creds:
         print("no live credential matches")
         return 0
+    envs = any(c.environment for c in creds)  # a column only when environments are declared
     rows = [(c["credential_id"], c["spiffe_id"], c["action_class"], c["target"] or "-",
              f"{c['initiating_event']['source']}:{c['initiating_event']['id']}"
              if c["initiating_event"] else "-", c["issued_at"][:19] + "Z",
-             c["expires_at"][:19] + "Z", c["state"])
+             c["expires_at"][:19] + "Z", c["state"], *([c.get("environment", "-")] if envs
+                                                        else []))
             for c in map(_credential_json, creds)]
     head = ("credential", "identity", "action class", "target", "initiating event", "issued",
-            "expires", "state")
+            "expires", "state", *(["environment"] if envs else []))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

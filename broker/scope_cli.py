@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from broker.core.scopemap.tools import (
     blast_radius,
     codeowners,
     diff_maps,
+    effective_environment_mode,
+    environment_lines,
     explain_lines,
     junit_xml,
     replay,
@@ -64,12 +67,22 @@ def cmd_lint(args: argparse.Namespace) -> int:
         _print_json({"ok": True, "version": m.version, "classes": list(m.classes),
                      "problems": [],
                      "limits": {n: limits_lines(c) for n, c in m.classes.items()
-                                if limits_lines(c)}})
+                                if limits_lines(c)},
+                     **({"environments": {
+                         "declared": list(m.environments),
+                         "classes": {n: {e: effective_environment_mode(c, e)
+                                         for e in m.environments}
+                                     for n, c in m.classes.items()}}}
+                        if m.environments else {})})
     else:
-        print(f"OK: {len(m.classes)} action classes, version {m.version}")
+        envs = f", environments {', '.join(m.environments)}" if m.environments else ""
+        print(f"OK: {len(m.classes)} action classes{envs}, version {m.version}")
         for cls in m.classes.values():
             for line in limits_lines(cls):
                 print(f"  limit: {line}")
+            if m.environments:
+                print(f"  {cls.name}: " + ", ".join(
+                    f"{e} {effective_environment_mode(cls, e)}" for e in m.environments))
     return 0
 
 
@@ -83,21 +96,41 @@ def _event(text: str | None) -> InitiatingEvent | None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    """Raises: ConfigError for an --environment the map does not declare."""
     m = _load(args.path, args)
     sid = SpiffeId.parse(args.spiffe_id)
     now = parse_time(args.at) if args.at else datetime.now(UTC)
+    env = args.environment or ""
+    if env and env not in m.environments:
+        raise ConfigError(f"--environment {env!r}: the scope map declares "
+                          + (f"only {', '.join(m.environments)}" if m.environments
+                             else "no environments"))
     req = CredentialRequest(action_class=args.action_class, target=args.target or "",
                             initiating_event=_event(args.event),
                             justification=args.justification or "", ttl_seconds=args.ttl or 0)
     local = args.trust_domain
-    d = evaluate(m, sid, req, now, federated_from=sid.trust_domain
-                 if local and sid.trust_domain != local else "")
+    fed = sid.trust_domain if local and sid.trust_domain != local else ""
+    # Without --environment, a map that declares environments is explained in each of them.
+    envs = [env] if env else list(m.environments) or [""]
+    decisions = [(e, evaluate(m, sid, replace(req, environment=e), now, federated_from=fed))
+                 for e in envs]
+    d = decisions[0][1]
     if args.json:
         cls = m.classes.get(req.action_class)
-        _print_json({"spiffe_id": str(sid), **decision_to_json(d),
-                     "limits": limits_lines(cls) if cls else []})
+        out = {"spiffe_id": str(sid), **decision_to_json(d),
+               "limits": limits_lines(cls) if cls else []}
+        if envs != [""]:
+            out = {"spiffe_id": str(sid), "environments": {
+                e: decision_to_json(x) for e, x in decisions}, "limits": out["limits"]}
+        _print_json(out)
     else:
-        print("\n".join(explain_lines(d, m)))
+        if len(decisions) > 1:
+            print("per environment:")
+            print("\n".join(environment_lines(decisions)))
+        for i, (e, x) in enumerate(decisions):
+            if i:
+                print()
+            print("\n".join(explain_lines(x, m, e)))
         if m.classes.get(req.action_class) and m.classes[req.action_class].budget:
             print("note:       budgets (limits) are not counted by explain; "
                   "`scope replay` counts them")
@@ -289,6 +322,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--event", metavar="SOURCE:ID", help="the initiating event")
     s.add_argument("--justification")
     s.add_argument("--ttl", type=int, help="requested TTL in seconds")
+    s.add_argument("--environment", metavar="NAME",
+                   help="decide for this environment only (default: each environment the "
+                        "map declares)")
     s.add_argument("--at", help="evaluate at this RFC 3339 time (default now)")
     s.add_argument("--trust-domain", metavar="TD",
                    help="the broker's own trust domain: a SPIFFE ID of another one is "

@@ -26,6 +26,7 @@ from broker.approvers import OidcVerifier
 from broker.audit import AuditLog, AuditTrail, load_or_create_signing_key
 from broker.config import BrokerConfig, load_scope_map
 from broker.core.scopemap import ScopeMap
+from broker.environments import Environments
 from broker.errors import (
     AuditError,
     ConfigError,
@@ -53,6 +54,12 @@ _T = TypeVar("_T")
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def environments_of(cfg: BrokerConfig, vault: VaultAdapter) -> Environments:
+    """Every environment's Vault adapter: ``vault`` (``--vault-addr``) as the default one,
+    then each ``--environment``; just ``vault`` when none is declared."""
+    return Environments.build(vault, default=cfg.default_environment, extra=cfg.environments)
 
 
 class LoopThread:
@@ -114,7 +121,8 @@ class BrokerServer:
         self.stopped = threading.Event()
         self.scope_maps: ScopeMapHolder | None = None
         self._issuer: Issuer | None = None
-        self._vault: VaultAdapter | None = None
+        self._vault: VaultAdapter | None = None  # the default environment's
+        self._vaults: Environments | None = None  # every environment's
         self._reload_lock = threading.Lock()
         self.audit: AuditTrail | None = None
         self.store: SqlStore | None = None
@@ -189,12 +197,15 @@ class BrokerServer:
                                    vault_allowed_mounts=cfg.vault_allowed_mounts)
         vault = VaultAdapter(addr=cfg.vault_addr, token=cfg.vault_token,
                              token_file=cfg.vault_token_file, ca_cert=cfg.vault_ca_cert)
+        vaults = environments_of(cfg, vault)
+        vaults.check_scope_map(scope_map)
         self.scope_maps = ScopeMapHolder(scope_map)
         holder = self.scope_maps
         self.responder = Responder(store=self.store, vault=vault, audit=self.audit,
                                    bus=RevocationBus(), scope_map=lambda: holder.current,
-                                   clock=self._clock)
+                                   clock=self._clock, environments=vaults)
         self._vault = vault
+        self._vaults = vaults
         responder = self.responder
 
         def leading(now: bool) -> None:
@@ -211,11 +222,13 @@ class BrokerServer:
             self.responder.replicate = self._follower.publish
         # Crash recovery and Vault set-up never keep the broker from starting: what
         # cannot be done now is pending, retried in the background, and health says so.
-        try:
-            for problem in vault.check_capabilities():
-                _log.error("VAULT: %s", problem)
-        except CredbrokerError as exc:
-            _log.error("VAULT: cannot check the broker's capabilities yet: %s", exc)
+        for env, v in vaults:
+            try:
+                for problem in v.check_capabilities():
+                    _log.error("%s: %s", vaults.label(env).upper(), problem)
+            except CredbrokerError as exc:
+                _log.error("%s: cannot check the broker's capabilities yet: %s",
+                           vaults.label(env).upper(), exc)
         report = self._sync_vault(scope_map)
         try:
             self._x509 = X509Source(socket_path=cfg.workload_api_socket, timeout_in_seconds=10)
@@ -229,7 +242,11 @@ class BrokerServer:
         me = pem_material(self._x509)
         jwt_source = self._jwt
         self.audit.append("broker.started", spiffe_id=me.spiffe_id, listen=cfg.listen,
-                          vault_addr=cfg.vault_addr, scope_map_version=scope_map.version)
+                          vault_addr=cfg.vault_addr, scope_map_version=scope_map.version,
+                          **({"environments": {cfg.default_environment: cfg.vault_addr,
+                                               **{e.name: e.addr for e in cfg.environments}},
+                              "default_environment": cfg.default_environment}
+                             if vaults.declared else {}))
         if self.audit.unsigned_at_open:
             self.audit.append("audit.unsigned_tail", records=self.audit.unsigned_at_open,
                               first_seq=self.audit.size - self.audit.unsigned_at_open,
@@ -295,7 +312,8 @@ class BrokerServer:
         service = BrokerService(scope_maps=self.scope_maps, audit=self.audit, vault=vault,
                                 responder=self.responder, desk=self.desk,
                                 authenticator=authenticator, clock=self._clock,
-                                metrics=self.metrics, executor=self._pool)
+                                metrics=self.metrics, executor=self._pool,
+                                environments=vaults)
         self._issuer = service.issuer
         self.responder.metrics = self.metrics
         self.desk.metrics = self.metrics
@@ -305,17 +323,23 @@ class BrokerServer:
             self.metrics.live_credentials.set(store.count_live(self._clock()))
             self.metrics.pending_approvals.set(len(desk.pending()))
 
-        def vault_token() -> None:
-            problems = vault.check_capabilities()
-            if problems:
-                raise VaultPermissionError("; ".join(problems))
+        def vault_token(v: VaultAdapter) -> Callable[[], None]:
+            def check() -> None:
+                problems = v.check_capabilities()
+                if problems:
+                    raise VaultPermissionError("; ".join(problems))
+            return check
 
         def vault_in_line() -> None:
             if not holder.vault_synced:
                 raise VaultUnavailableError("the scope map is not yet in Vault (retrying)")
 
-        self.health = HealthMonitor(checks={"Vault": vault.health,
-                                            "Vault token": vault_token,
+        # One pair of checks per environment's Vault, named by it ("Vault (sandbox)").
+        checks: dict[str, Callable[[], None]] = {}
+        for env, v in vaults:
+            checks[vaults.label(env)] = v.health
+            checks[vaults.label(env).replace("Vault", "Vault token", 1)] = vault_token(v)
+        self.health = HealthMonitor(checks={**checks,
                                             "Vault policies": vault_in_line,
                                             "audit log": audit.check_writable,
                                             "registry": store.check},
@@ -409,10 +433,10 @@ class BrokerServer:
     def _sync_vault(self, scope_map: ScopeMap) -> SyncReport | None:
         """Bring Vault in line with ``scope_map`` (frozen classes stay frozen). Returns None,
         with issuance refused (503) until it succeeds, when Vault cannot be reached now."""
-        assert self.scope_maps is not None and self._vault is not None
+        assert self.scope_maps is not None and self._vaults is not None
         frozen = self.responder.frozen_classes() if self.responder else frozenset()
         try:
-            report = self._vault.sync_scope_map(scope_map, frozen)
+            report = self._vaults.sync_scope_map(scope_map, frozen)
         except CredbrokerError as exc:  # unreachable, or refused: retried, health says why
             self.scope_maps.vault_synced = False
             _log.error("scope map %s is not yet in Vault (%s); issuance is refused until it is; "
@@ -458,7 +482,7 @@ class BrokerServer:
         with, is rejected and logged loudly; the map in force stays. Returns
         True when a new version is now in force. Never raises.
         """
-        assert self.scope_maps is not None and self._vault is not None
+        assert self.scope_maps is not None and self._vaults is not None
         assert self.responder is not None
         with self._reload_lock, self.responder.class_policy_lock:
             old = self.scope_maps.current
@@ -469,8 +493,9 @@ class BrokerServer:
                                      vault_allowed_mounts=self.config.vault_allowed_mounts)
                 if new.version == old.version:
                     return False
+                self._vaults.check_scope_map(new)
                 synced = True  # from here Vault may hold part of the new map
-                report = self._vault.sync_scope_map(new, frozen)
+                report = self._vaults.sync_scope_map(new, frozen)
                 if self.audit is not None:
                     self.audit.append("scope_map.loaded", scope_map_version=new.version,
                                       previous_version=old.version, sources=list(new.sources),
@@ -483,7 +508,7 @@ class BrokerServer:
                 if synced:
                     # Vault evaluates policies per request: put the old map's back at once.
                     try:
-                        self._vault.sync_scope_map(old, frozen)
+                        self._vaults.sync_scope_map(old, frozen)
                     except CredbrokerError as again:
                         _log.critical("Vault could not be put back in line with scope map %s "
                                       "after a rejected reload: %s", old.version[:19], again)
@@ -527,13 +552,14 @@ class BrokerServer:
         Holds the reload lock, so a drift check and a reload never interleave.
         Returns the sync's report, or None when Vault could not be asked. Never raises.
         """
-        assert self.scope_maps is not None and self._vault is not None
+        assert self.scope_maps is not None and self._vaults is not None
         assert self.responder is not None
         with self._reload_lock, self.responder.class_policy_lock:
             scope_map = self.scope_maps.current
             try:
-                report = self._vault.sync_scope_map(scope_map, self.responder.frozen_classes(),
-                                                    keep_frozen=True)
+                report = self._vaults.sync_scope_map(scope_map,
+                                                     self.responder.frozen_classes(),
+                                                     keep_frozen=True)
             except CredbrokerError as exc:
                 _log.warning("Vault drift check could not finish (next in %.0f s): %s",
                              self.config.vault_drift_interval, exc)

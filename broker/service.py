@@ -43,6 +43,7 @@ from broker.core.models import (
 from broker.core.records import request_to_json, rfc3339
 from broker.core.revocation import Freeze, first_freeze
 from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ScopeMap
+from broker.environments import Environments
 from broker.errors import (
     ERROR_CODE_MD_KEY,
     RETRY_AFTER_MD_KEY,
@@ -91,7 +92,7 @@ def grpc_status(code: str) -> grpc.StatusCode:
 #: logged or audited; request_id and approval_id must also be ids (``broker.inputs``).
 _MAX_FIELD = {"action_class": ACTION_CLASS_MAX, "target": TARGET_MAX, "justification": 2048,
               "request_id": ID_MAX, "approval_id": ID_MAX, "source": 128, "id": 256,
-              "summary": 1024}
+              "summary": 1024, "environment": 64}
 
 
 #: Cache hits (credential id, request id) recorded lately: a batch a sidecar sends again
@@ -138,7 +139,8 @@ def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
         InvalidRequestError: a field is missing, too long or out of range, or request_id /
             approval_id is not an id (``broker.inputs.ID_RULE``).
     """
-    for name in ("action_class", "target", "justification", "request_id", "approval_id"):
+    for name in ("action_class", "target", "justification", "request_id", "approval_id",
+                 "environment"):
         check_length(name, getattr(msg, name), _MAX_FIELD[name])
     check_id("request_id", msg.request_id)
     check_id("approval_id", msg.approval_id)
@@ -161,7 +163,7 @@ def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
     return CredentialRequest(
         action_class=msg.action_class.strip(), target=msg.target,
         initiating_event=event, justification=msg.justification,
-        ttl_seconds=int(msg.ttl_seconds),
+        ttl_seconds=int(msg.ttl_seconds), environment=msg.environment.strip(),
     )
 
 
@@ -188,7 +190,8 @@ def approval_to_proto(a: ap.Approval) -> pb.ApprovalInfo:
     ev = req.initiating_event
     msg = pb.IssueCredentialRequest(action_class=req.action_class, target=req.target,
                                     justification=req.justification,
-                                    ttl_seconds=req.ttl_seconds, request_id=a.request_id)
+                                    ttl_seconds=req.ttl_seconds, request_id=a.request_id,
+                                    environment=req.environment)
     if ev is not None:
         msg.initiating_event.source, msg.initiating_event.id = ev.source, ev.id
         msg.initiating_event.summary = ev.summary
@@ -295,7 +298,10 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         clock: Callable[[], datetime],
         metrics: Metrics | None = None,
         executor: Executor | None = None,
+        environments: Environments | None = None,
     ) -> None:
+        """``vault``: the default environment's Vault; ``environments``: every
+        environment's (None: ``vault`` is the only one)."""
         self._metrics = metrics or Metrics()
         #: Where the blocking parts of the async methods run (Vault, sqlite, audit fsync).
         self._executor = executor
@@ -305,10 +311,11 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
         self._responder = responder
         self._store = responder.store
         self._vault = vault
+        self._vaults = environments or Environments.single(vault)
         self._auth = authenticator
         self._clock = clock
         #: The issuance use case; this servicer only translates messages and errors.
-        self.issuer = Issuer(scope_maps=scope_maps, vault=vault, store=responder.store,
+        self.issuer = Issuer(scope_maps=scope_maps, vaults=self._vaults, store=responder.store,
                              budget=StoreBudget(responder.store),  # shared, durable
                              audit=audit, responder=responder, desk=desk, clock=clock,
                              metrics=self._metrics)
@@ -443,7 +450,8 @@ class BrokerService(pb_grpc.CredentialBrokerServicer):  # type: ignore[misc]
                 "credential.revoked", credential_id=request.credential_id,
                 request_id=row.request_id, spiffe_id=row.spiffe_id,
                 action_class=row.action_class, by=str(caller.spiffe_id), selector="hand-back",
-                reason=reason, result=outcome.result)
+                reason=reason, result=outcome.result,
+                **({"environment": row.environment} if row.environment else {}))
             if outcome.result == "pending":
                 raise VaultUnavailableError(
                     f"Vault did not confirm revoking {request.credential_id} ({outcome.error}); "
@@ -572,7 +580,8 @@ def issuance_response(request_id: str, result: Issued | PendingApproval
         request_id=request_id,
         credential=pb.Credential(
             credential_id=minted.accessor, token=minted.token, expires_at=expires,
-            policies=list(minted.policies), ttl_seconds=minted.ttl_seconds),
+            policies=list(minted.policies), ttl_seconds=minted.ttl_seconds,
+            environment=result.environment),
         decision=decision_to_proto(result.decision),
         approval=approval_to_proto(result.approval) if result.approval else None,
     )

@@ -30,6 +30,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from broker.errors import ConfigError
 from broker.registry import (
     BUDGET_SCHEMA,
+    ENVIRONMENT_COLUMN,
     EVENTS_SCHEMA,
     LEASE_PREFIX_COLUMN,
     SCHEMA,
@@ -208,6 +209,12 @@ class PostgresStore(SqlStore):
                         conn.execute(stmt)
                     conn.execute("INSERT INTO schema_version VALUES (%s, %s) ON CONFLICT "
                                  "DO NOTHING", (6, datetime.now(UTC).timestamp()))
+                if before < 7:
+                    table, column, definition = ENVIRONMENT_COLUMN
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} "
+                                 f"{definition}")
+                    conn.execute("INSERT INTO schema_version VALUES (%s, %s) ON CONFLICT "
+                                 "DO NOTHING", (7, datetime.now(UTC).timestamp()))
         except _DB_ERRORS as exc:
             raise StoreError(self._failed(exc, "could not be migrated")) from None
         return before, SCHEMA_VERSION

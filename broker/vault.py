@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -114,13 +114,16 @@ class VaultAdapter:
     """Everything the broker asks of Vault/OpenBao."""
 
     def __init__(self, *, addr: str, token: str, timeout: float = 5.0,
-                 token_file: Path | None = None, ca_cert: Path | None = None) -> None:
+                 token_file: Path | None = None, ca_cert: Path | None = None,
+                 namespace: str = "") -> None:
         """``ca_cert``: the PEM CA bundle Vault's TLS certificate must chain to (None: the
-        system's trust store)."""
+        system's trust store). ``namespace``: the Vault/OpenBao namespace every call goes to
+        ("": the root)."""
         self.addr = addr
         self.ca_cert = ca_cert
         self._client = hvac.Client(url=addr, token=token, timeout=timeout,
-                                   verify=str(ca_cert) if ca_cert is not None else True)
+                                   verify=str(ca_cert) if ca_cert is not None else True,
+                                   namespace=namespace or None)
         self._token_file = token_file
         self._token_stamp: tuple[int, int] | None = None
         #: True once :meth:`check_capabilities` found the token able to do everything.
@@ -514,6 +517,24 @@ class VaultAdapter:
         tokens lose their power at once). Raises: VaultUnavailableError, VaultError."""
         with self._errors(f"empty policy {name}"):
             self._client.sys.create_or_update_policy(name, FROZEN_POLICY)
+
+    def empty_policies(self, names: Iterable[str]) -> list[str]:
+        """Rewrite each managed policy that exists and grants something to grant nothing (a
+        class this Vault's environment no longer allows). Returns those rewritten.
+
+        Raises: VaultUnavailableError, VaultError.
+        """
+        out = []
+        for name in names:
+            with self._errors(f"read policy {name}"):
+                try:
+                    current = self._client.sys.read_policy(name)["data"]["rules"]
+                except hvac.exceptions.InvalidPath:
+                    continue
+            if current != FROZEN_POLICY:
+                self.empty_policy(name)
+                out.append(name)
+        return out
 
     def restore_class_policy(self, cls: ActionClass) -> None:
         """Write the class's real policy back. Raises: VaultUnavailableError, VaultError."""

@@ -152,7 +152,7 @@ def parse_issue(raw: bytes) -> tuple[pb.IssueCredentialRequest, int]:
     """
     body = load_json_object(raw)
     allowed = {"action_class", "target", "initiating_event", "justification", "ttl_seconds",
-               "break_glass", "approval_id", "wait_seconds"}
+               "break_glass", "approval_id", "wait_seconds", "environment"}
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise BadRequest(f"unknown field(s) {', '.join(unknown)}; allowed: "
@@ -161,7 +161,7 @@ def parse_issue(raw: bytes) -> tuple[pb.IssueCredentialRequest, int]:
     if not isinstance(ac, str) or not ac.strip():
         raise BadRequest('action_class is required and must be a string, e.g. "enrichment"')
     msg = pb.IssueCredentialRequest(action_class=ac)
-    for name in ("target", "justification"):
+    for name in ("target", "justification", "environment"):
         value = body.get(name)
         if value is not None and not isinstance(value, str):
             raise BadRequest(f"{name} must be a string")
@@ -330,6 +330,8 @@ class SidecarService:
             "request_id": resp.request_id,
             "decision": decision_to_json(resp.decision),
         }
+        if cred.environment:  # the environment whose Vault the token works in
+            body["environment"] = cred.environment
         if resp.HasField("approval"):
             body["approval"] = _approval_json(resp.approval)
         elif key and not resp.decision.not_reusable:  # a time-dependent decision is not

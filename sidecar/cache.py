@@ -38,6 +38,8 @@ def request_key(msg: pb.IssueCredentialRequest) -> str:
         "initiating_event": [ev.source, ev.id, ev.summary] if ev is not None else None,
         "justification": msg.justification,
         "ttl_seconds": msg.ttl_seconds,
+        # Only when named, so keys of requests without one stay as they were.
+        **({"environment": msg.environment} if msg.environment else {}),
     }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -84,11 +84,13 @@ class SidecarClient:
     def request_credential(self, action_class: str, *, target: str | None = None,
                            initiating_event: dict[str, str] | None = None,
                            justification: str | None = None,
-                           ttl_seconds: int | None = None) -> dict[str, Any]:
+                           ttl_seconds: int | None = None,
+                           environment: str | None = None) -> dict[str, Any]:
         """POST /v1/credentials. Raises: SidecarError (any non-2xx), OSError (no sidecar)."""
         body: dict[str, Any] = {"action_class": action_class}
         for k, v in (("target", target), ("initiating_event", initiating_event),
-                     ("justification", justification), ("ttl_seconds", ttl_seconds)):
+                     ("justification", justification), ("ttl_seconds", ttl_seconds),
+                     ("environment", environment)):
             if v is not None:
                 body[k] = v
         return self._ok(*self._call("POST", "/v1/credentials", body))

@@ -230,8 +230,10 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
     if req.get("justification"):
         lines.append(f"     justification: {req.get('justification')}")
     target = f" on target {req.get('target')}" if req.get("target") else ""
+    env = d.get("environment") or req.get("environment")
+    where = f" in environment {env}" if env else ""
     owner = dec.get("owner") or {}
-    lines.append(f"  3. action class: {req.get('action_class')}{target} "
+    lines.append(f"  3. action class: {req.get('action_class')}{target}{where} "
                  f"(risk {dec.get('risk') or '?'})")
     if owner:
         lines.append(f"     owner (answers for the policy): {owner.get('team')} "
@@ -257,9 +259,12 @@ def trace_lines(t: Trace, now: datetime) -> list[str]:
         lines.append("  6. credential: none was issued")
         return lines
     for m in t.minted:
-        lines.append(f"  6. credential {m.get('credential_id')} minted at {m.get('time')}, TTL "
-                     f"{m.get('ttl_seconds')}s, policies {', '.join(m.get('policies') or [])}, "
-                     f"expires {m.get('expires_at')}{_by(m)}")
+        vault = (f" in environment {m.get('environment')}'s Vault"
+                 if m.get("environment") else "")
+        lines.append(f"  6. credential {m.get('credential_id')} minted{vault} at "
+                     f"{m.get('time')}, TTL {m.get('ttl_seconds')}s, policies "
+                     f"{', '.join(m.get('policies') or [])}, expires {m.get('expires_at')}"
+                     f"{_by(m)}")
         served = [x for x in t.served() if x["credential_id"] == m.get("credential_id")]
         if len(served) > 1:
             lines.append(f"     served {len(served)} requests:")
@@ -367,6 +372,9 @@ def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
         out["actor"] = {"user": {"uid": actor, "type": "System", "name": actor}}
         if record.get("federated_from"):  # a vendor's workload: its own trust domain
             out["actor"]["user"]["domain"] = record["federated_from"]
+    env = record.get("environment") or (record.get("request") or {}).get("environment")
+    if env:  # which environment (its own Vault) the act was in
+        out["metadata"]["labels"] = [f"environment:{env}"]
     if record.get("vault_error"):
         out["status_detail"] = record["vault_error"]
     policies = record.get("policies") or dec.get("policies")
@@ -388,15 +396,19 @@ def _message(r: dict[str, Any]) -> str:
         req = r.get("request") or {}
         fed = (f" (federated trust domain {r.get('federated_from')})"
                if r.get("federated_from") else "")
-        return (f"{r.get('spiffe_id')}{fed} requested {req.get('action_class')}: "
+        env = r.get("environment") or req.get("environment")
+        where = f" in {env}" if env else ""
+        return (f"{r.get('spiffe_id')}{fed} requested {req.get('action_class')}{where}: "
                 f"{d.get('outcome')} by {d.get('rule')}")
     if kind == "credential.minted":
-        return f"credential {r.get('credential_id')} minted for {r.get('spiffe_id')}"
+        where = f" in {r.get('environment')}" if r.get("environment") else ""
+        return f"credential {r.get('credential_id')} minted{where} for {r.get('spiffe_id')}"
     if kind == "credential.reused":
         return (f"credential {r.get('credential_id')} reused from the sidecar cache for "
                 f"{r.get('spiffe_id')} (request {r.get('request_id')})")
     if kind == "credential.revoked":
-        return f"credential {r.get('credential_id')} revoked ({r.get('selector')})"
+        where = f" in {r.get('environment')}" if r.get("environment") else ""
+        return f"credential {r.get('credential_id')} revoked{where} ({r.get('selector')})"
     if kind == "credentials.revoked":
         counts = r.get("counts") or {}
         return (f"{r.get('by')} revoked {len(r.get('credential_ids') or [])} credential(s) "

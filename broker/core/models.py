@@ -31,6 +31,7 @@ class DenyCode(enum.Enum):
     CONDITION_FALSE = "condition_false"
     BUDGET_EXHAUSTED = "budget_exhausted"
     FEDERATED_NOT_ALLOWED = "federated_not_allowed"
+    ENVIRONMENT_NOT_ALLOWED = "environment_not_allowed"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +50,10 @@ class CredentialRequest:
     initiating_event: InitiatingEvent | None = None
     justification: str = ""
     ttl_seconds: int = 0  # 0: the class's TTL
+    #: The environment (its own Vault) the credential is for; "" when the broker declares
+    #: no environments (its one Vault). The broker resolves a request naming none to its
+    #: default environment before deciding.
+    environment: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

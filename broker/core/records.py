@@ -38,6 +38,8 @@ def request_to_json(req: CredentialRequest) -> dict[str, Any]:
                              if ev else None),
         "justification": req.justification,
         "ttl_seconds": req.ttl_seconds,
+        # Only when named: requests of a broker without environments stay as they were.
+        **({"environment": req.environment} if req.environment else {}),
     }
 
 
@@ -46,7 +48,7 @@ def request_from_json(obj: Any, where: str) -> CredentialRequest:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: request must be a mapping")
     unknown = set(obj) - {"action_class", "target", "initiating_event", "justification",
-                          "ttl_seconds"}
+                          "ttl_seconds", "environment"}
     if unknown:
         raise ValueError(f"{where}: unknown request field(s) {', '.join(sorted(unknown))}")
     ac = obj.get("action_class")
@@ -62,10 +64,13 @@ def request_from_json(obj: Any, where: str) -> CredentialRequest:
     ttl = obj.get("ttl_seconds") or 0
     if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
         raise ValueError(f"{where}: request.ttl_seconds must be a non-negative integer")
+    env = obj.get("environment") or ""
+    if not isinstance(env, str):
+        raise ValueError(f"{where}: request.environment must be a string")
     return CredentialRequest(action_class=ac, target=str(obj.get("target") or ""),
                              initiating_event=event,
                              justification=str(obj.get("justification") or ""),
-                             ttl_seconds=ttl)
+                             ttl_seconds=ttl, environment=env)
 
 
 def decision_to_json(d: Decision) -> dict[str, Any]:

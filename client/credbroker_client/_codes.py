@@ -48,6 +48,14 @@ class UnknownApprovalError(CredbrokerError):
     http_status = 404
 
 
+class UnknownEnvironmentError(CredbrokerError):
+    """``unknown_environment``: the request names an environment the broker does not declare
+    (the message lists the known ones)."""
+
+    code = "unknown_environment"
+    http_status = 400
+
+
 class UnauthenticatedError(CredbrokerError):
     """``unauthenticated``: no acceptable SVID, or the mTLS handshake was refused."""
 
@@ -145,6 +153,14 @@ class FederatedNotAllowedError(CredbrokerError):
     class does not accept federated callers (federated: deny)."""
 
     code = "federated_not_allowed"
+    http_status = 403
+
+
+class EnvironmentNotAllowedError(CredbrokerError):
+    """``environment_not_allowed``: the class is denied in the environment the request names
+    (its environments: block)."""
+
+    code = "environment_not_allowed"
     http_status = 403
 
 
@@ -301,6 +317,7 @@ ERROR_CLASSES: dict[str, type[CredbrokerError]] = {
     "invalid_scope_map": InvalidScopeMapError,
     "not_found": NotFoundError,
     "unknown_approval": UnknownApprovalError,
+    "unknown_environment": UnknownEnvironmentError,
     "unauthenticated": UnauthenticatedError,
     "invalid_spiffe_id": InvalidSpiffeIdError,
     "bad_id_token": BadIdTokenError,
@@ -315,6 +332,7 @@ ERROR_CLASSES: dict[str, type[CredbrokerError]] = {
     "condition_false": ConditionFalseError,
     "budget_exhausted": BudgetExhaustedError,
     "federated_not_allowed": FederatedNotAllowedError,
+    "environment_not_allowed": EnvironmentNotAllowedError,
     "frozen": FrozenError,
     "denied": DeniedError,
     "policy": PolicyError,
@@ -353,6 +371,7 @@ __all__ = [  # noqa: RUF022
     "DeniedError",
     "DevStackError",
     "ERROR_CLASSES",
+    "EnvironmentNotAllowedError",
     "FederatedNotAllowedError",
     "FrozenError",
     "InternalError",
@@ -375,6 +394,7 @@ __all__ = [  # noqa: RUF022
     "UnauthenticatedError",
     "UnknownActionClassError",
     "UnknownApprovalError",
+    "UnknownEnvironmentError",
     "VaultErrorError",
     "VaultUnavailableError",
     "WorkloadApiUnavailableError",

@@ -40,7 +40,8 @@ EventLike = InitiatingEvent | Mapping[str, str] | None
 def issue_body(action_class: str, *, target: str | None = None,
                initiating_event: EventLike = None, justification: str | None = None,
                ttl_seconds: int | None = None, approval_id: str | None = None,
-               break_glass: bool = False, wait_seconds: int | None = None) -> dict[str, Any]:
+               break_glass: bool = False, wait_seconds: int | None = None,
+               environment: str | None = None) -> dict[str, Any]:
     """The JSON body of ``POST /v1/credentials`` (fields left out when not given)."""
     body: dict[str, Any] = {"action_class": action_class}
     if isinstance(initiating_event, InitiatingEvent):
@@ -49,7 +50,8 @@ def issue_body(action_class: str, *, target: str | None = None,
         event = dict(initiating_event) if initiating_event else None
     for key, value in (("target", target), ("initiating_event", event),
                        ("justification", justification), ("ttl_seconds", ttl_seconds),
-                       ("approval_id", approval_id), ("wait_seconds", wait_seconds)):
+                       ("approval_id", approval_id), ("wait_seconds", wait_seconds),
+                       ("environment", environment)):
         if value is not None:
             body[key] = value
     if break_glass:

@@ -110,7 +110,8 @@ class Client(_Base):
                 initiating_event: EventLike = None, justification: str | None = None,
                 ttl_seconds: int | None = None, approval_id: str | None = None,
                 break_glass: bool = False,
-                wait_seconds: int | None = None) -> Credential | PendingApproval:
+                wait_seconds: int | None = None,
+                environment: str | None = None) -> Credential | PendingApproval:
         """``POST /v1/credentials``: a credential, or the pending approval it needs.
 
         Raises: the error code's :class:`CredbrokerError` subclass (e.g.
@@ -119,7 +120,7 @@ class Client(_Base):
         body = _core.issue_body(action_class, target=target, initiating_event=initiating_event,
                                 justification=justification, ttl_seconds=ttl_seconds,
                                 approval_id=approval_id, break_glass=break_glass,
-                                wait_seconds=wait_seconds)
+                                wait_seconds=wait_seconds, environment=environment)
         return self._issued(body, self._send("POST", "/v1/credentials", body,
                                              wait_seconds or 0))
 
@@ -241,12 +242,13 @@ class AsyncClient(_Base):
                       initiating_event: EventLike = None, justification: str | None = None,
                       ttl_seconds: int | None = None, approval_id: str | None = None,
                       break_glass: bool = False,
-                      wait_seconds: int | None = None) -> Credential | PendingApproval:
+                      wait_seconds: int | None = None,
+                      environment: str | None = None) -> Credential | PendingApproval:
         """See :meth:`Client.request`."""
         body = _core.issue_body(action_class, target=target, initiating_event=initiating_event,
                                 justification=justification, ttl_seconds=ttl_seconds,
                                 approval_id=approval_id, break_glass=break_glass,
-                                wait_seconds=wait_seconds)
+                                wait_seconds=wait_seconds, environment=environment)
         return self._issued(body, await self._send("POST", "/v1/credentials", body,
                                                    wait_seconds or 0))
 

@@ -97,6 +97,8 @@ class Credential:
     minted_request_id: str | None = None
     approved_by: tuple[str, ...] = ()
     approval_id: str | None = None
+    #: The environment whose Vault minted it (None: the broker declares none).
+    environment: str | None = None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Credential:
@@ -112,7 +114,8 @@ class Credential:
                    cached=bool(d.get("cached", False)),
                    minted_request_id=d.get("minted_request_id"),
                    approved_by=_strs(approval.get("approved_by")),
-                   approval_id=approval.get("approval_id"))
+                   approval_id=approval.get("approval_id"),
+                   environment=d.get("environment"))
 
     def seconds_left(self, now: datetime | None = None) -> float:
         return (self.expires_at - (now or datetime.now(UTC))).total_seconds()

@@ -73,6 +73,10 @@ def document() -> dict[str, Any]:
                                "credentials end it with `[tool NAME args sha256:HEX]`, a "
                                "SHA-256 of the tool's name and arguments"},
              "ttl_seconds": {"type": "integer", "minimum": 1},
+             "environment": {"type": "string", "maxLength": 64,
+                             "description": "the environment (its own Vault/OpenBao) the "
+                             "credential is for, e.g. sandbox; left out: the broker's default "
+                             "one; unknown: 400 unknown_environment"},
              "break_glass": {"type": "boolean"},
              "approval_id": ID,
              "wait_seconds": {"type": "integer", "minimum": 0, "maximum": 60}},
@@ -95,7 +99,10 @@ def document() -> dict[str, Any]:
              "decision": ref("Decision"), "cached": {"type": "boolean"}},
             {"minted_request_id": {"type": "string", "description": "a cached answer: the "
                                    "request that minted the credential"},
-             "approval": ref("ApprovalInfo")},
+             "approval": ref("ApprovalInfo"),
+             "environment": {"type": "string", "description": "the environment whose Vault "
+                             "minted the token (only when the broker declares environments); "
+                             "it means nothing in any other"}},
             "a minutes-long token for exactly one action class"),
         "PendingApproval": obj(
             {"approval_id": ID, "status": STRING, "action_class": STRING,

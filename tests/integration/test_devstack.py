@@ -234,3 +234,54 @@ def test_dev_replicas_share_one_store_and_every_dev_command_reaches_them() -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_dev_stack_with_environments_serves_production_and_sandbox() -> None:
+    """`credbroker dev --environments`: a second OpenBao as sandbox; a sandbox token is
+    refused by production's OpenBao."""
+    import hvac
+    import hvac.exceptions
+
+    run_dir = Path(tempfile.mkdtemp(prefix="cbe-"))
+    proc = subprocess.Popen([*CLI, "dev", "--environments", "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (run_dir / "dev.json").exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "dev.json did not appear within 90 s"
+            time.sleep(0.2)
+        info = json.loads((run_dir / "dev.json").read_text())
+        envs = info["environments"]
+        assert envs["default"] == "production"
+        assert envs["production"]["vault_addr"] == info["vault_addr"]
+        containment = SidecarClient(info["sidecars"]["containment"]["socket"])
+        event = {"source": "test", "id": "1"}
+        cred = containment.request_credential("containment.isolate_host", target="ws-1",
+                                              initiating_event=event, environment="sandbox")
+        assert cred["environment"] == "sandbox"
+        sandbox = envs["sandbox"]
+
+        def read(addr: str) -> None:  # allowed but absent: 404; not allowed: 403
+            hvac.Client(url=addr, token=cred["token"]).secrets.kv.v2.read_secret_version(
+                path="soc/containment/edr/ws-1", raise_on_deleted_version=False)
+
+        with pytest.raises(hvac.exceptions.InvalidPath):
+            read(sandbox["vault_addr"])
+        with pytest.raises(hvac.exceptions.Forbidden):
+            read(info["vault_addr"])
+        status, body = containment.raw("POST", "/v1/credentials", {
+            "action_class": "identity.disable_account", "target": "u-1",
+            "initiating_event": event, "environment": "sandbox"})
+        assert status == 403 and body["error"]["code"] == "environment_not_allowed"
+        log_text = "".join(p.read_text() for p in run_dir.glob("*.log"))
+        assert sandbox["vault_token"] not in log_text and cred["token"] not in log_text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        stdout = proc.stdout.read() if proc.stdout else ""
+        assert "environment sandbox" in stdout and sandbox["vault_token"] not in stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

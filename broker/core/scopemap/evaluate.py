@@ -41,6 +41,11 @@ def evaluate(
     its own trust domain: patterns never cross trust domains), the class's ``federated``
     setting decides: ``deny`` (the default) denies, ``approval`` makes the request need
     approval (the class's JIT rule, else ``federated_approvers``), ``allow`` goes on.
+
+    Then the class's ``environments:`` block decides for ``request.environment`` (a class
+    without one is decided alike in every environment): ``deny`` (and any environment the
+    block does not name) denies with rule ``<class>.environments.<env>``; ``approval``
+    makes the request need the class's JIT approval; ``allow`` waives that JIT approval.
     """
     frozen = first_freeze(freezes, spiffe_id, request.action_class)
     if frozen is not None:
@@ -83,6 +88,19 @@ def evaluate(
             f"{spiffe_id} is a workload of the federated trust domain {federated_from!r} and "
             f"{cls.name} does not accept federated callers (federated: deny, the default; "
             f"rule {cls.name}.federated at {cls.source}; owner {cls.owner.team})",
+        )
+    env = request.environment
+    env_rule = f"{cls.name}.environments.{env}"
+    mode = cls.environment_mode(env)
+    if mode == "deny":
+        where = (f"in environment {env!r}" if env else
+                 "when the request names no environment")
+        allowed = [e for e, m in cls.environments.items() if m != "deny"]
+        return deny(
+            DenyCode.ENVIRONMENT_NOT_ALLOWED, env_rule,
+            f"{cls.name} is denied {where} (it may be requested in: "
+            f"{', '.join(allowed) or 'no environment'}; rule {cls.name}.environments at "
+            f"{cls.source}; owner {cls.owner.team})",
         )
     present = {
         "initiating_event": request.initiating_event is not None,
@@ -139,12 +157,18 @@ def evaluate(
                 freeze_rule=f"{cls.name}.limits.on_exceed" if freeze else "")
     rule = f"{cls.name}.workloads[{matched}]"
     federated_approval = bool(federated_from) and cls.federated == "approval"
-    if cls.approval is not None or (federated_approval and cls.federated_approval is not None):
-        a = cls.approval or cls.federated_approval
+    # An environment that says `allow` waives the class's JIT rule (not a federated one).
+    jit = cls.approval if mode != "allow" else None
+    if jit is not None or (federated_approval and cls.approval_rule is not None):
+        a = jit or cls.approval_rule
         assert a is not None
         why = (f"{spiffe_id} is a workload of the federated trust domain {federated_from!r}; "
-               if federated_approval and cls.approval is None else "")
-        where = f"{cls.name}.approval" if cls.approval is not None else f"{cls.name}.federated"
+               if federated_approval and jit is None else "")
+        if mode == "approval":
+            why += f"{cls.name} needs approval in environment {env!r}; "
+            where = env_rule
+        else:
+            where = f"{cls.name}.approval" if jit is not None else f"{cls.name}.federated"
         return Decision(
             outcome=Outcome.NEEDS_APPROVAL, spiffe_id=spiffe_id, action_class=cls.name,
             rule=where,
@@ -155,10 +179,14 @@ def evaluate(
             source=cls.source, risk=cls.risk, ttl_seconds=ttl,
             policies=(cls.vault_policy_name,),
         )
+    waived = mode == "allow" and cls.approval is not None  # the environment's rule decided
     return Decision(
-        outcome=Outcome.ALLOW, spiffe_id=spiffe_id, action_class=cls.name, rule=rule,
+        outcome=Outcome.ALLOW, spiffe_id=spiffe_id, action_class=cls.name,
+        rule=env_rule if waived else rule,
         reasons=(f"{spiffe_id} matches {cls.workloads[matched]} ({rule} at {cls.source}); "
-                 "no approval required (approval: none)",),
+                 + (f"allowed in environment {env!r} without approval (rule {env_rule})"
+                    if waived else
+                    "no approval required (approval: none)"),),
         scope_map_version=scope_map.version, owner=cls.owner, escalation=cls.escalation,
         source=cls.source, risk=cls.risk, ttl_seconds=ttl, policies=(cls.vault_policy_name,),
         reusable=cls.when is None or not cls.when.uses_time,

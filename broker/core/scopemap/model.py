@@ -7,7 +7,7 @@ Built by :mod:`broker.core.scopemap.parse`, decided on by
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from broker.core.conditions import Condition
 from broker.core.models import Owner
@@ -21,6 +21,8 @@ HARD_MAX_TTL_SECONDS = 3600
 ALLOWED_CAPABILITIES = frozenset({"create", "read", "update", "patch", "delete", "list"})
 RISKS = ("low", "high", "destructive")
 FEDERATED_MODES = ("deny", "approval", "allow")
+#: What a class's ``environments:`` block may say of one environment.
+ENVIRONMENT_MODES = ("allow", "approval", "deny")
 REQUIRABLE_FIELDS = ("initiating_event", "target", "justification")
 #: Vault's control plane. No class may hold a path that could match anything under
 #: these, and no allow-list can admit them. Each names what a credential there could do.
@@ -103,6 +105,16 @@ class ActionClass:
     #: ``federated_approvers``: the approval federated callers need when the class has
     #: no JIT rule of its own.
     federated_approval: ApprovalRule | None = None
+    #: ``environments:``: environment name -> allow | approval | deny. Empty: the class is
+    #: decided by its other rules alone in every environment (as with no environments).
+    #: An environment the block does not name is denied.
+    environments: Mapping[str, str] = field(default_factory=dict)
+
+    def environment_mode(self, environment: str) -> str:
+        """allow, approval or deny in ``environment``; "" when the class has no block."""
+        if not self.environments:
+            return ""
+        return self.environments.get(environment, "deny")
 
     @property
     def approval_rule(self) -> ApprovalRule | None:
@@ -131,3 +143,13 @@ class ScopeMap:
     #: Each file's owning team (``metadata.team``), by source name; files without one
     #: are absent.
     teams: Mapping[str, str] = field(default_factory=dict)
+    #: The environments the map's documents declare (``environments:`` at the top), in
+    #: order of first declaration; the broker must declare each of them.
+    environments: tuple[str, ...] = ()
+
+    def in_environment(self, environment: str) -> ScopeMap:
+        """This map with only the classes that may be minted in ``environment`` (those
+        whose ``environments:`` block does not deny it): what that environment's Vault
+        holds policies and token roles for."""
+        return replace(self, classes={n: c for n, c in self.classes.items()
+                                      if c.environment_mode(environment) != "deny"})

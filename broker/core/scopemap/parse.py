@@ -11,6 +11,7 @@ the names to report them under).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from broker.core.models import Owner
 from broker.core.scopemap.model import (
     DEFAULT_BREAK_GLASS_LIMIT,
     DEFAULT_VAULT_ALLOWED_MOUNTS,
+    ENVIRONMENT_MODES,
     HARD_MAX_TTL_SECONDS,
     ActionClass,
     ApprovalRule,
@@ -201,6 +203,8 @@ def parse_scope_map(
     problems = _Problems()
     classes: dict[str, ActionClass] = {}
     teams: dict[str, str] = {}
+    declared: list[str] = []  # environments, in order of first declaration
+    env_refs: list[tuple[str, str, str]] = []  # (where, field, name) of class blocks
     if not documents:
         raise ScopeMapError(["no scope-map documents were given (a file or a directory of *.yaml)"])
     digest = hashlib.sha256()
@@ -219,8 +223,11 @@ def parse_scope_map(
             continue
         start = len(problems.found)
         _duplicate_keys(source, root, "", problems)
-        _parse_document(source, root, classes, problems, mounts, teams)
+        _parse_document(source, root, classes, problems, mounts, teams, declared, env_refs)
         problems.merge_schema(schema_problems(source, root), start)
+    for where, field, name in env_refs:  # every document's declarations count
+        if name not in declared:
+            problems.add(where, field, _unknown_environment(name, declared))
     if not classes and not problems.found:
         problems.note("the scope map defines no action classes; everything would be denied")
     if problems.items:
@@ -230,13 +237,30 @@ def parse_scope_map(
         classes=dict(sorted(classes.items())),
         sources=tuple(s for s, _ in sorted(documents)),
         teams=dict(sorted(teams.items())),
+        environments=tuple(declared),
     )
+
+
+def _unknown_environment(name: str, declared: Sequence[str]) -> str:
+    if not declared:
+        return (f"names environment {name!r}, but the scope map declares no environments: "
+                f"add `environments: [{name}]` at the top of a scope-map document (and declare "
+                "it in the broker's config, --environment)")
+    close = difflib.get_close_matches(name, declared, n=1)
+    return (f"{name!r} is not an environment the scope map declares ("
+            f"{', '.join(declared)})" + (f"; did you mean {close[0]!r}?" if close else
+                                         "; declare it in `environments:` or fix the name"))
 
 
 def _parse_document(
     source: str, root: yaml.MappingNode, classes: dict[str, ActionClass], problems: _Problems,
-    mounts: tuple[str, ...], teams: dict[str, str],
+    mounts: tuple[str, ...], teams: dict[str, str], declared: list[str] | None = None,
+    env_refs: list[tuple[str, str, str]] | None = None,
 ) -> None:
+    declared = [] if declared is None else declared
+    for env, _ in _strings(_get(root, "environments")):
+        if env not in declared:
+            declared.append(env)
     ac = _get(root, "action_classes")
     owning_team = (_scalar(_get(_get(root, "metadata"), "team")) or "").strip()
     if owning_team:
@@ -250,7 +274,8 @@ def _parse_document(
             problems.add(_loc(source, k), path,
                          f"is defined twice (first at {classes[name].source}); keep one")
             continue
-        cls = _parse_class(source, name, path, k, v, problems, mounts, owning_team)
+        cls = _parse_class(source, name, path, k, v, problems, mounts, owning_team,
+                           env_refs)
         if cls is not None:
             classes[name] = cls
 
@@ -258,6 +283,7 @@ def _parse_document(
 def _parse_class(
     source: str, name: str, path: str, key: yaml.Node, node: yaml.Node, problems: _Problems,
     mounts: tuple[str, ...], owning_team: str = "",
+    env_refs: list[tuple[str, str, str]] | None = None,
 ) -> ActionClass | None:
     before = len(problems.found)
     risk = _scalar(_get(node, "risk"))
@@ -310,6 +336,20 @@ def _parse_class(
         problems.add(_loc(source, fa_node), f"{path}.federated_approvers",
                      f"is only used with federated: approval (this class has federated: "
                      f"{federated})")
+    environments: dict[str, str] = {}
+    env_node = _get(node, "environments")
+    if isinstance(env_node, yaml.MappingNode):
+        for k, v in env_node.value:
+            env, mode = str(k.value), _scalar(v)
+            if mode in ENVIRONMENT_MODES:  # anything else is the schema's to report
+                environments[env] = str(mode)
+            if env_refs is not None:
+                env_refs.append((_loc(source, k), f"{path}.environments.{env}", env))
+    if "approval" in environments.values() and approval is None:
+        problems.add(_loc(source, env_node or node), f"{path}.environments",
+                     "approval needs approvers: give the class a JIT approval rule "
+                     "(approval: {mode: jit, approvers: [GROUP]}); `allow` waives it in the "
+                     "environments that say so")
     if owning_team and team and team != owning_team:
         problems.add(_loc(source, _get(_get(node, "owner"), "team") or key),
                      f"{path}.owner.team",
@@ -328,6 +368,7 @@ def _parse_class(
         approval=approval, targets=tuple(t for t, _ in _strings(_get(node, "targets"))),
         budget=budget, when=when, on_exceed=on_exceed, denial_trip=denial_trip,
         federated=federated, federated_approval=federated_approval,
+        environments=environments,
     )
 
 

@@ -29,12 +29,17 @@ from broker.errors import InvalidSpiffeIdError
 # --- explain ------------------------------------------------------------------
 
 
-def explain_lines(d: Decision, scope_map: ScopeMap) -> list[str]:
+def _head(d: Decision) -> str:
     head = {Outcome.ALLOW: "ALLOW", Outcome.DENY: "DENY",
             Outcome.NEEDS_APPROVAL: "NEEDS APPROVAL"}[d.outcome]
-    if d.deny_code is not None:
-        head += f" ({d.deny_code.value})"
-    lines = [f"decision:   {head}", f"identity:   {d.spiffe_id}"]
+    return head + (f" ({d.deny_code.value})" if d.deny_code is not None else "")
+
+
+def explain_lines(d: Decision, scope_map: ScopeMap, environment: str = "") -> list[str]:
+    """The decision ``d`` (for ``environment``, when it names one), line by line."""
+    lines = [f"decision:   {_head(d)}", f"identity:   {d.spiffe_id}"]
+    if environment:
+        lines.append(f"environment: {environment}")
     cls = scope_map.classes.get(d.action_class)
     if cls is not None:
         lines += [
@@ -49,6 +54,18 @@ def explain_lines(d: Decision, scope_map: ScopeMap) -> list[str]:
         lines.append(f"credential: policies {', '.join(d.policies)}, TTL {d.ttl_seconds}s")
     lines.append(f"scope map:  {d.scope_map_version}")
     return lines
+
+
+def environment_lines(per_environment: Iterable[tuple[str, Decision]]) -> list[str]:
+    """One line per environment: its outcome and the rule that decided it."""
+    return [f"  {env}: {_head(d)} (rule {d.rule})" for env, d in per_environment]
+
+
+def effective_environment_mode(cls: ActionClass, environment: str) -> str:
+    """allow, approval or deny: what ``cls`` takes in ``environment`` (a class without an
+    ``environments:`` block: approval when it has a JIT rule, else allow)."""
+    mode = cls.environment_mode(environment)
+    return mode or ("approval" if cls.approval is not None else "allow")
 
 
 # --- test ---------------------------------------------------------------------
@@ -316,7 +333,9 @@ def diff_maps(old: ScopeMap, new: ScopeMap) -> list[Change]:
     Widening: a new class, workloads added, fewer ``requires``, targets added or
     removed altogether (no ``targets`` is any target), a longer ``ttl`` or
     ``max_ttl``, a higher or removed budget, a removed ``when``, Vault paths or
-    capabilities added, and looser approval (none instead of JIT, fewer approvals,
+    capabilities added, an environment more open (deny → approval → allow; a class
+    without an ``environments:`` block counts as approval with a JIT rule, else allow),
+    and looser approval (none instead of JIT, fewer approvals,
     more approver groups, a longer expiry, break-glass allowed, a longer
     break-glass TTL or a higher break-glass limit). The reverse of each narrows.
     A changed ``when``, owner, ``escalate_after`` or break-glass reviewers, and a
@@ -370,6 +389,10 @@ def diff_maps(old: ScopeMap, new: ScopeMap) -> list[Change]:
                NARROWS if a.when is None else WIDENS if b.when is None else REVIEW)
         scalar("federated", a.federated, b.federated,
                _more(_FEDERATED[a.federated], _FEDERATED[b.federated]))
+        for env in dict.fromkeys((*old.environments, *new.environments, *a.environments,
+                                  *b.environments)):
+            ma, mb = effective_environment_mode(a, env), effective_environment_mode(b, env)
+            scalar(f"environment {env}", ma, mb, _more(_FEDERATED[ma], _FEDERATED[mb]))
         out.extend(_target_changes(name, a, b))
         out.extend(_policy_changes(name, a, b))
     return out

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from broker.audit import read_checkpoints
 from broker.audit_pg import PostgresAuditLog, read_db_records, verify_db
 from broker.cli import main
+from broker.devpg import PgServer
 from broker.errors import AuditError
 from broker.registry import SCHEMA_VERSION, open_store
 from broker.store_pg import AUDIT_SCHEMA, PostgresStore
-from tests.pgserver import PgServer
 
 
 def _sql(url: str, query: str, *args: object) -> list[tuple[Any, ...]]:
@@ -233,11 +233,12 @@ def test_the_schema_is_upgraded_from_version_5_keeping_everything(postgres: PgSe
     # Back to version 5, as a broker before this one left it.
     for table in ("audit_checkpoints", "audit_records", "audit_chains"):
         _sql(url, f"DROP TABLE {table}")
-    _sql(url, "DELETE FROM schema_version WHERE version = 6")
+    _sql(url, "ALTER TABLE credentials DROP COLUMN environment")  # version 7
+    _sql(url, "DELETE FROM schema_version WHERE version >= 6")
     with pytest.raises(Exception, match="credbroker store migrate"):
         open_store(url=url, migrate=False)
     store = _store(url)
-    assert store.migrated == (5, SCHEMA_VERSION) and SCHEMA_VERSION == 6
+    assert store.migrated == (5, SCHEMA_VERSION) and SCHEMA_VERSION == 7
     assert store.get("r1") is None and [r.request_id for r in store.intents()] == ["r1"]
     log = PostgresAuditLog(store, origin="pod-a/1")
     log.append("decision", request_id="r1")

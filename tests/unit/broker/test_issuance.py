@@ -23,6 +23,7 @@ from broker.core.approvals import Approver
 from broker.core.models import Caller, CredentialRequest, InitiatingEvent, MintedToken
 from broker.core.scopemap import ActionClass, ScopeMap, parse_scope_map
 from broker.core.spiffeid import SpiffeId
+from broker.environments import Environments
 from broker.errors import (
     AuditError,
     FrozenError,
@@ -131,7 +132,8 @@ def w(tmp_path: Path) -> World:
                           audit=audit, bus=RevocationBus(), scope_map=lambda: scope_map,
                           clock=lambda: T0)
     desk = ApprovalDesk(store=store, audit=audit, config=ApproverConfig(), clock=lambda: T0)
-    issuer = Issuer(scope_maps=Maps(scope_map), vault=vault, store=store,
+    issuer = Issuer(scope_maps=Maps(scope_map), vaults=Environments.single(vault),  # type: ignore[arg-type]
+                    store=store,
                     budget=StoreBudget(store), audit=audit, responder=responder, desk=desk,
                     clock=lambda: T0, metrics=Metrics())
     return World(issuer=issuer, vault=vault, store=store, audit=audit, audit_path=audit_path,

@@ -416,3 +416,18 @@ def test_a_slot_taken_by_a_decision_with_a_later_clock_is_counted(store: SqlStor
         pass
     with usage.spend(key, T0, lambda recent: (recent, False)) as recent:
         assert recent == (T0,)  # counted (as now), so a budget of 1 is spent
+
+
+def test_each_credential_keeps_its_environment(store: SqlStore) -> None:
+    """Revocation, reconcile and freezes go to the Vault the row names."""
+    store.record_intent(request_id="r-s", spiffe_id=TRIAGE, action_class="enrichment",
+                        target="t", event_source="", event_id="", at=T0,
+                        environment="sandbox")
+    store.record_minted(request_id="r-s", credential_id="acc-s",
+                        expires_at=T0 + timedelta(minutes=2), entity_id="ent-s")
+    _live(store, "r-d", "acc-d", entity="ent-d")  # a broker without environments: ''
+    row = store.get("acc-s")
+    assert row is not None and row.environment == "sandbox"
+    assert [r.environment for r in store.live(Selector.build(all=True), T0)] == ["sandbox", ""]
+    assert store.entity_ids(Selector.build(spiffe_id=TRIAGE)) == {"sandbox#ent-s": TRIAGE,
+                                                                  "ent-d": TRIAGE}

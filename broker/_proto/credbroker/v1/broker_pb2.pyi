@@ -32,7 +32,7 @@ class InitiatingEvent(_message.Message):
     def __init__(self, source: _Optional[str] = ..., id: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
 
 class IssueCredentialRequest(_message.Message):
-    __slots__ = ("action_class", "target", "initiating_event", "justification", "ttl_seconds", "request_id", "approval_id", "break_glass")
+    __slots__ = ("action_class", "target", "initiating_event", "justification", "ttl_seconds", "request_id", "approval_id", "break_glass", "environment")
     ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     INITIATING_EVENT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class IssueCredentialRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
     BREAK_GLASS_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     action_class: str
     target: str
     initiating_event: InitiatingEvent
@@ -49,21 +50,24 @@ class IssueCredentialRequest(_message.Message):
     request_id: str
     approval_id: str
     break_glass: bool
-    def __init__(self, action_class: _Optional[str] = ..., target: _Optional[str] = ..., initiating_event: _Optional[_Union[InitiatingEvent, _Mapping]] = ..., justification: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., request_id: _Optional[str] = ..., approval_id: _Optional[str] = ..., break_glass: _Optional[bool] = ...) -> None: ...
+    environment: str
+    def __init__(self, action_class: _Optional[str] = ..., target: _Optional[str] = ..., initiating_event: _Optional[_Union[InitiatingEvent, _Mapping]] = ..., justification: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., request_id: _Optional[str] = ..., approval_id: _Optional[str] = ..., break_glass: _Optional[bool] = ..., environment: _Optional[str] = ...) -> None: ...
 
 class Credential(_message.Message):
-    __slots__ = ("credential_id", "token", "expires_at", "policies", "ttl_seconds")
+    __slots__ = ("credential_id", "token", "expires_at", "policies", "ttl_seconds", "environment")
     CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     credential_id: str
     token: str
     expires_at: _timestamp_pb2.Timestamp
     policies: _containers.RepeatedScalarFieldContainer[str]
     ttl_seconds: int
-    def __init__(self, credential_id: _Optional[str] = ..., token: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policies: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    environment: str
+    def __init__(self, credential_id: _Optional[str] = ..., token: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policies: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., environment: _Optional[str] = ...) -> None: ...
 
 class Owner(_message.Message):
     __slots__ = ("team", "contact")
@@ -262,7 +266,7 @@ class ReportCacheHitsResponse(_message.Message):
     def __init__(self, recorded: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[RejectedCacheHit, _Mapping]]] = ...) -> None: ...
 
 class CredentialInfo(_message.Message):
-    __slots__ = ("credential_id", "spiffe_id", "action_class", "target", "request_id", "issued_at", "expires_at", "state", "initiating_event")
+    __slots__ = ("credential_id", "spiffe_id", "action_class", "target", "request_id", "issued_at", "expires_at", "state", "initiating_event", "environment")
     CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +276,7 @@ class CredentialInfo(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     INITIATING_EVENT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     credential_id: str
     spiffe_id: str
     action_class: str
@@ -281,7 +286,8 @@ class CredentialInfo(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     state: str
     initiating_event: InitiatingEvent
-    def __init__(self, credential_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., target: _Optional[str] = ..., request_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., initiating_event: _Optional[_Union[InitiatingEvent, _Mapping]] = ...) -> None: ...
+    environment: str
+    def __init__(self, credential_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., target: _Optional[str] = ..., request_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., initiating_event: _Optional[_Union[InitiatingEvent, _Mapping]] = ..., environment: _Optional[str] = ...) -> None: ...
 
 class ListCredentialsResponse(_message.Message):
     __slots__ = ("credentials",)
