@@ -10,6 +10,7 @@ cannot verify a server certificate that has only a URI SAN) through
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,6 +121,21 @@ SERVER_KEEPALIVE = (("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout
                     ("grpc.http2.max_ping_strikes", 0))
 
 
+def channel_credentials(m: PemMaterial) -> grpc.ChannelCredentials:
+    """mTLS client credentials: our SVID, and the broker verified against our bundle."""
+    return grpc.ssl_channel_credentials(root_certificates=m.bundle, private_key=m.key,
+                                        certificate_chain=m.chain)
+
+
+def channel_options(server_dns_name: str) -> list[tuple[str, str | int]]:
+    """Verify the broker by its SVID's DNS SAN; keep idle connections alive."""
+    return [("grpc.ssl_target_name_override", server_dns_name), *KEEPALIVE]
+
+
+#: How long a channel replaced on rotation stays open for the calls still on it.
+OLD_CHANNEL_GRACE_SECONDS = 30.0
+
+
 class RotatingChannel:
     """A client channel to the broker that is rebuilt when our SVID rotates."""
 
@@ -135,17 +151,14 @@ class RotatingChannel:
         generation = _generation(self._source)
         with self._lock:
             if self._channel is None or not _same(self._generation, generation):
-                m = pem_material(self._source)
                 old = self._channel
-                creds = grpc.ssl_channel_credentials(root_certificates=m.bundle,
-                                                     private_key=m.key, certificate_chain=m.chain)
                 self._channel = grpc.secure_channel(
-                    self._target, creds,
-                    options=[("grpc.ssl_target_name_override", self._dns), *KEEPALIVE])
+                    self._target, channel_credentials(pem_material(self._source)),
+                    options=channel_options(self._dns))
                 self._generation = generation
                 if old is not None:
                     # in-flight calls on the old channel finish; it is closed when idle
-                    closer = threading.Timer(30.0, old.close)
+                    closer = threading.Timer(OLD_CHANNEL_GRACE_SECONDS, old.close)
                     closer.daemon = True
                     closer.start()
             return self._channel
@@ -155,6 +168,54 @@ class RotatingChannel:
             if self._channel is not None:
                 self._channel.close()
                 self._channel = None
+
+
+class AioRotatingChannel:
+    """:class:`RotatingChannel` on ``grpc.aio``: one channel, rebuilt when our SVID rotates.
+
+    Used from one event loop only (a ``grpc.aio`` channel belongs to the loop it was made
+    on): :meth:`get` makes the channel on the running loop, the first time and after each
+    rotation. ``credentials`` builds the TLS credentials from our current SVID.
+    """
+
+    def __init__(self, source: X509Source, target: str, server_dns_name: str, *,
+                 credentials: Callable[[PemMaterial], grpc.ChannelCredentials]
+                 = channel_credentials) -> None:
+        self._source = source
+        self._target = target
+        self._dns = server_dns_name
+        self._credentials = credentials
+        self._generation: tuple[object, ...] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._retired: dict[asyncio.Task[None], grpc.aio.Channel] = {}
+
+    def get(self) -> grpc.aio.Channel:
+        """The channel for the current SVID (call on the loop that uses it)."""
+        generation = _generation(self._source)
+        if self._channel is None or not _same(self._generation, generation):
+            old = self._channel
+            self._channel = grpc.aio.secure_channel(
+                self._target, self._credentials(pem_material(self._source)),
+                options=channel_options(self._dns))
+            self._generation = generation
+            if old is not None:  # in-flight calls on the old channel finish first
+                task = asyncio.get_running_loop().create_task(
+                    old.close(grace=OLD_CHANNEL_GRACE_SECONDS))
+                self._retired[task] = old
+                task.add_done_callback(lambda t: self._retired.pop(t, None))
+        return self._channel
+
+    async def close(self) -> None:
+        """Close the channel and any retired one at once (calls still on them are
+        cancelled)."""
+        channels = list(self._retired.values())
+        for task in list(self._retired):
+            task.cancel()
+        if self._channel is not None:
+            channels.append(self._channel)
+            self._channel = None
+        for channel in channels:
+            await channel.close()
 
 
 def diagnose_handshake(target: str, server_dns_name: str, material: PemMaterial | None,

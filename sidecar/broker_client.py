@@ -8,8 +8,9 @@ status and stable code the agent sees: the code from the broker's
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,11 +29,17 @@ from broker.errors import (
     RETRY_AFTER_MD_KEY,
     WorkloadApiError,
 )
+from broker.server import LoopThread
 from broker.service import DECISION_MD_KEY
-from broker.tls import RotatingChannel, diagnose_handshake, pem_material
+from broker.tls import (
+    AioRotatingChannel,
+    PemMaterial,
+    channel_credentials,
+    diagnose_handshake,
+    pem_material,
+)
 
 _log = logging.getLogger("credbroker.sidecar")
-
 
 
 def http_status(code: str) -> int:
@@ -70,7 +77,16 @@ def decision_to_json(d: pb.Decision) -> dict[str, Any]:
 
 
 class BrokerClient:
+    """The sidecar's connection to the broker: one ``grpc.aio`` channel over mTLS.
+
+    The channel, and so every call, lives on :attr:`loop`, the sidecar's one asyncio
+    loop (its own thread): the HTTP server (``sidecar.app``), the revocation watch and
+    the cache-hit reporter run there too and ``await`` the calls, so no thread is held
+    per request. :meth:`close` closes the channel and stops the loop.
+    """
+
     def __init__(self, config: SidecarConfig) -> None:
+        """Raises: WorkloadApiError (no SVID from the Workload API within 10 s)."""
         self._cfg = config
         try:
             self._x509 = X509Source(socket_path=config.workload_api_socket, timeout_in_seconds=10)
@@ -81,22 +97,35 @@ class BrokerClient:
                 f"no SVID from the Workload API at {config.workload_api_socket} within 10 s "
                 f"({type(exc).__name__}); is the SPIRE agent (or `credbroker dev`) running?"
             ) from None
-        self._channel = RotatingChannel(self._x509, config.broker_addr, config.broker_dns_name)
-        self._jwt_lock = threading.Lock()
+        self._channel = AioRotatingChannel(self._x509, config.broker_addr,
+                                           config.broker_dns_name,
+                                           credentials=self._tls_credentials)
+        self.loop = LoopThread("sidecar")
+        self._jwt_lock = asyncio.Lock()
         self._jwt_token = ""
         self._jwt_refresh_at = 0.0
+
+    def _tls_credentials(self, material: PemMaterial) -> grpc.ChannelCredentials:
+        """The mTLS credentials of a (re)built channel: our current SVID, and the broker
+        verified by our trust bundle and its DNS name (``broker_dns_name``)."""
+        return channel_credentials(material)
 
     @property
     def spiffe_id(self) -> str:
         return pem_material(self._x509).spiffe_id
 
-    def _metadata(self) -> list[tuple[str, str]]:
+    async def _metadata(self) -> list[tuple[str, str]]:
+        """Our JWT-SVID as a bearer token (refreshed at half its life), if configured.
+
+        Raises: BrokerCallError (workload_api_unavailable).
+        """
         if self._jwt is None:
             return []
-        with self._jwt_lock:
+        async with self._jwt_lock:
             if time.monotonic() >= self._jwt_refresh_at:
-                try:
-                    svid = self._jwt.fetch_svid(audience={self._cfg.jwt_audience})
+                try:  # a blocking Workload API call, once per half-life: off the loop
+                    svid = await asyncio.to_thread(self._jwt.fetch_svid,
+                                                   audience={self._cfg.jwt_audience})
                 except Exception as exc:  # py-spiffe raises several unrelated types
                     raise BrokerCallError(
                         503, "workload_api_unavailable",
@@ -107,49 +136,51 @@ class BrokerClient:
                 self._jwt_refresh_at = time.monotonic() + life / 2
             return [("authorization", f"Bearer {self._jwt_token}")]
 
-    def _call(self, method: str, request: Any, timeout: float) -> Any:
-        """One unary call with our JWT-SVID. Raises: BrokerCallError."""
+    async def _call(self, method: str, request: Any, timeout: float) -> Any:
+        """One unary call with our JWT-SVID, on the loop. Raises: BrokerCallError."""
         stub = pb_grpc.CredentialBrokerStub(self._channel.get())
         try:
-            return getattr(stub, method)(request, metadata=self._metadata(), timeout=timeout)
-        except grpc.RpcError as err:
-            raise self._translate(err) from None
+            return await getattr(stub, method)(request, metadata=await self._metadata(),
+                                               timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise await self._translate(err) from None
 
-    def issue(self, request: pb.IssueCredentialRequest) -> pb.IssueCredentialResponse:
+    async def issue(self, request: pb.IssueCredentialRequest) -> pb.IssueCredentialResponse:
         """Raises: BrokerCallError."""
-        resp: pb.IssueCredentialResponse = self._call("IssueCredential", request,
-                                                      self._cfg.broker_timeout)
+        resp: pb.IssueCredentialResponse = await self._call("IssueCredential", request,
+                                                            self._cfg.broker_timeout)
         return resp
 
-    def await_approval(self, approval_id: str, wait_seconds: int) -> pb.IssueCredentialResponse:
+    async def await_approval(self, approval_id: str, wait_seconds: int
+                             ) -> pb.IssueCredentialResponse:
         """Raises: BrokerCallError."""
-        resp: pb.IssueCredentialResponse = self._call(
+        resp: pb.IssueCredentialResponse = await self._call(
             "AwaitApproval",
             pb.AwaitApprovalRequest(approval_id=approval_id, wait_seconds=wait_seconds),
             self._cfg.broker_timeout + wait_seconds)
         return resp
 
-    def revoke(self, credential_id: str, reason: str) -> pb.RevokeCredentialResponse:
+    async def revoke(self, credential_id: str, reason: str) -> pb.RevokeCredentialResponse:
         """Raises: BrokerCallError."""
-        resp: pb.RevokeCredentialResponse = self._call(
+        resp: pb.RevokeCredentialResponse = await self._call(
             "RevokeCredential",
             pb.RevokeCredentialRequest(credential_id=credential_id, reason=reason),
             self._cfg.broker_timeout)
         return resp
 
-    def freeze_self(self, reason: str) -> pb.FreezeResponse:
+    async def freeze_self(self, reason: str) -> pb.FreezeResponse:
         """Freeze this workload's own identity. Raises: BrokerCallError."""
-        resp: pb.FreezeResponse = self._call("FreezeSelf", pb.FreezeSelfRequest(reason=reason),
-                                             self._cfg.broker_timeout)
+        resp: pb.FreezeResponse = await self._call(
+            "FreezeSelf", pb.FreezeSelfRequest(reason=reason), self._cfg.broker_timeout)
         return resp
 
-    def report_cache_hits(self, hits: list[pb.CacheHit]) -> pb.ReportCacheHitsResponse:
+    async def report_cache_hits(self, hits: list[pb.CacheHit]) -> pb.ReportCacheHitsResponse:
         """Raises: BrokerCallError."""
-        resp: pb.ReportCacheHitsResponse = self._call(
+        resp: pb.ReportCacheHitsResponse = await self._call(
             "ReportCacheHits", pb.ReportCacheHitsRequest(hits=hits), self._cfg.broker_timeout)
         return resp
 
-    def _translate(self, err: grpc.RpcError) -> BrokerCallError:
+    async def _translate(self, err: grpc.aio.AioRpcError) -> BrokerCallError:
         code: grpc.StatusCode = err.code()
         details: str = err.details() or ""
         trailing = dict(err.trailing_metadata() or ())
@@ -161,9 +192,11 @@ class BrokerClient:
         if isinstance(raw, bytes):
             decision = decision_to_json(pb.Decision.FromString(raw))
         if code is grpc.StatusCode.UNAVAILABLE and ERROR_CODE_MD_KEY not in trailing:
-            # A refused mTLS handshake looks like an outage to gRPC; find out which it was.
-            refused = diagnose_handshake(self._cfg.broker_addr, self._cfg.broker_dns_name,
-                                         pem_material(self._x509))
+            # A refused mTLS handshake looks like an outage to gRPC; find out which it was
+            # (a blocking probe of a few seconds at most, on a failure only: off the loop).
+            refused = await asyncio.to_thread(
+                diagnose_handshake, self._cfg.broker_addr, self._cfg.broker_dns_name,
+                pem_material(self._x509))
             if refused is not None:
                 return BrokerCallError(
                     401, "unauthenticated",
@@ -177,39 +210,41 @@ class BrokerClient:
         return BrokerCallError(http_status(error_code), error_code, details, decision,
                                int(retry) if retry.isdigit() else None)
 
-    def watch(self, on_event: Callable[[pb.RevocationEvent], None],
-              stop: threading.Event) -> threading.Thread:
-        """Hold a WatchRevocations stream in a thread, reconnecting until ``stop`` is set.
+    async def watch(self, on_event: Callable[[pb.RevocationEvent], None],
+                    stop: asyncio.Event) -> None:
+        """Hold a WatchRevocations stream, reconnecting (after a second) until ``stop`` is
+        set or the task is cancelled.
 
         Every (re)connection starts with a ``sync`` event, so a sidecar that lost the
         stream resynchronises instead of trusting its cache.
         """
-        def loop() -> None:
-            while not stop.is_set():
-                call = None
-                try:
-                    stub = pb_grpc.CredentialBrokerStub(self._channel.get())
-                    call = stub.WatchRevocations(pb.WatchRevocationsRequest(),
-                                                 metadata=self._metadata())
-                    self._watch_call = call
-                    for event in call:
-                        on_event(event)
-                except grpc.RpcError as err:
-                    if not stop.is_set():
-                        _log.warning("revocation stream lost (%s); reconnecting", err.code())
-                except Exception:  # the stream must come back whatever happened
-                    _log.exception("revocation stream failed; reconnecting")
-                stop.wait(1.0)
+        while not stop.is_set():
+            try:
+                stub = pb_grpc.CredentialBrokerStub(self._channel.get())
+                call = stub.WatchRevocations(pb.WatchRevocationsRequest(),
+                                             metadata=await self._metadata())
+                async for event in call:
+                    on_event(event)
+            except grpc.aio.AioRpcError as err:
+                if not stop.is_set():
+                    _log.warning("revocation stream lost (%s); reconnecting", err.code())
+            except Exception:  # the stream must come back whatever happened
+                _log.exception("revocation stream failed; reconnecting")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
 
-        t = threading.Thread(target=loop, name="watch-revocations", daemon=True)
-        t.start()
-        return t
+    async def _aclose(self) -> None:
+        await self._channel.close()
 
     def close(self) -> None:
-        call = getattr(self, "_watch_call", None)
-        if call is not None:
-            call.cancel()
-        self._channel.close()
+        """Close the channel (calls still on it are cancelled), stop the loop, and let go of
+        the Workload API. Call from outside the loop; closing twice is harmless."""
+        if self.loop.loop.is_running():
+            try:
+                self.loop.run(self._aclose(), timeout=10)
+            except Exception as exc:  # closing must go on
+                _log.debug("closing the channel to the broker: %s", exc)
+        self.loop.close()
         for src in (self._x509, self._jwt):
             if src is not None:
                 try:

@@ -365,7 +365,8 @@ def test_a_hit_for_another_workloads_credential_is_not_recorded(recorded: Record
     hit = pb.CacheHit(credential_id=theirs["credential_id"], request_id="forged-1",
                       request=pb.IssueCredentialRequest(action_class="enrichment",
                                                         target="t-theirs"))
-    resp = recorded.triage.service.client.report_cache_hits([hit])
+    client = recorded.triage.service.client
+    resp = client.loop.run(client.report_cache_hits([hit]))
     assert resp.recorded == 0 and [r.index for r in resp.rejected] == [0]
     assert not [r for r in recorded.records("credential.reused")
                 if r["request_id"] == "forged-1"]
@@ -396,13 +397,14 @@ def test_a_resent_batch_is_recorded_once_and_batches_are_bounded(recorded: Recor
                       request=pb.IssueCredentialRequest(action_class="enrichment",
                                                         target="t-resend"))
     client = recorded.triage.service.client
-    assert client.report_cache_hits([hit]).recorded == 1
-    again = client.report_cache_hits([hit])  # its answer was lost: the sidecar sends it again
+    assert client.loop.run(client.report_cache_hits([hit])).recorded == 1
+    # its answer was lost: the sidecar sends it again
+    again = client.loop.run(client.report_cache_hits([hit]))
     assert (again.recorded, again.duplicates) == (0, 1)
     assert len([r for r in recorded.records("credential.reused")
                 if r["request_id"] == "resent-1"]) == 1
     with pytest.raises(BrokerCallError) as err:
-        client.report_cache_hits([hit] * 101)
+        client.loop.run(client.report_cache_hits([hit] * 101))
     assert err.value.http_status == 400 and "at most 100" in err.value.message
 
 
@@ -417,16 +419,16 @@ def test_cache_hits_outside_a_credentials_life_are_refused(recorded: Recorded) -
     client = recorded.triage.service.client
     after = Timestamp()
     after.FromDatetime(datetime.now(UTC) + timedelta(hours=2))  # past expiry (and the future)
-    resp = client.report_cache_hits([pb.CacheHit(credential_id=mine["credential_id"],
-                                                 request_id="late-1", request=req,
-                                                 served_at=after)])
+    resp = client.loop.run(client.report_cache_hits([pb.CacheHit(
+        credential_id=mine["credential_id"], request_id="late-1", request=req,
+        served_at=after)]))
     assert resp.recorded == 0 and "outside the life" in resp.rejected[0].reason
     recorded.triage.client.hand_back(mine["credential_id"])  # revoked, but in its life: fine
     now = Timestamp()
     now.FromDatetime(datetime.now(UTC))
-    assert client.report_cache_hits([pb.CacheHit(
+    assert client.loop.run(client.report_cache_hits([pb.CacheHit(
         credential_id=mine["credential_id"], request_id="in-life-1", request=req,
-        served_at=now)]).recorded == 1
+        served_at=now)])).recorded == 1
     assert not [r for r in recorded.records("credential.reused")
                 if r["request_id"] == "late-1"]
 
