@@ -59,9 +59,17 @@ def bench_scope_map(path: Path, ids: list[str]) -> Path:
     return path
 
 
-def run_for(seconds: float, warmup: float, workers: list[Callable[[], None]]) -> float:
-    """Each worker called in a loop on a thread of its own; completed calls per second
-    over ``seconds`` after ``warmup``. Raises RuntimeError on the first failed call."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_for(seconds: float, warmup: float, workers: list[Callable[[], None]],
+            pids: dict[str, list[int]]) -> tuple[float, dict[str, float]]:
+    """Each worker called in a loop on a thread of its own: completed calls per second
+    over ``seconds`` after ``warmup``, and the CPU milliseconds each group of ``pids``
+    spent per call meanwhile. Raises RuntimeError on the first failed call."""
     stop = threading.Event()
     counts = [0] * len(workers)
     failures: list[str] = []
@@ -81,15 +89,18 @@ def run_for(seconds: float, warmup: float, workers: list[Callable[[], None]]) ->
     for t in threads:
         t.start()
     time.sleep(warmup)
+    cpu0 = {name: sum(map(cpu_seconds, group)) for name, group in pids.items()}
     before, t0 = sum(counts), time.perf_counter()
     stop.wait(seconds)
     after, elapsed = sum(counts), time.perf_counter() - t0
+    cpu1 = {name: sum(map(cpu_seconds, group)) for name, group in pids.items()}
     stop.set()
     for t in threads:
         t.join(60)
     if failures:
         raise RuntimeError(f"{len(failures)} call(s) failed; first: {failures[0]}")
-    return (after - before) / elapsed
+    calls = max(1, after - before)
+    return calls / elapsed, {name: (cpu1[name] - cpu0[name]) * 1000 / calls for name in pids}
 
 
 def main() -> None:
@@ -108,6 +119,8 @@ def main() -> None:
     stack.start()
     raw_rates: list[float] = []
     issue_rates: list[float] = []
+    raw_cpu: dict[str, float] = {}
+    issue_cpu: dict[str, float] = {}
     try:
         info = json.loads((stack.run_dir / "dev.json").read_text())
         root = hvac.Client(url=info["vault_addr"], token=info["vault_token"])
@@ -141,9 +154,14 @@ def main() -> None:
             return ask
 
         pid = stack.children[0].proc.pid  # the broker
+        assert stack.bao is not None and stack.bao.child is not None
+        pids = {"this process (agents or raw threads)": [os.getpid()],
+                "OpenBao": [stack.bao.child.proc.pid], "broker": [pid],
+                "4 sidecars": [c.proc.pid for c in stack.children if c.name.startswith("sidecar")]}
         for r in range(args.rounds):
-            raw_rates.append(run_for(args.seconds, args.warmup,
-                                     [raw_worker(n) for n in range(AGENTS)]))
+            rate, raw_cpu = run_for(args.seconds, args.warmup,
+                                    [raw_worker(n) for n in range(AGENTS)], pids)
+            raw_rates.append(rate)
             spy = None
             if args.profile and r == args.rounds - 1:
                 spy = subprocess.Popen(
@@ -151,8 +169,9 @@ def main() -> None:
                      "record", "--idle", "-p", str(pid), "-d", str(int(args.seconds)),
                      "-o", str(args.profile), "-f", args.profile_format],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            issue_rates.append(run_for(args.seconds, args.warmup,
-                                       [agent(n) for n in range(AGENTS)]))
+            rate, issue_cpu = run_for(args.seconds, args.warmup,
+                                      [agent(n) for n in range(AGENTS)], pids)
+            issue_rates.append(rate)
             if spy is not None:
                 spy.wait(60)
     finally:
@@ -170,6 +189,11 @@ def main() -> None:
     print(f"| issuances, {AGENTS} agents / {SIDECARS} sidecars, cache miss | {issued:,.0f} | "
           f"{', '.join(f'{x:,.0f}' for x in issue_rates)} |")
     print(f"\nissuances/s / raw creates/s = {issued / raw:.2f} (goal >= 0.70)")
+    print("\nCPU ms per call, last round (2 cores = 2,000 ms per second):")
+    print("| process | raw create | issuance |")
+    print("|---|---:|---:|")
+    for name in raw_cpu:
+        print(f"| {name} | {raw_cpu[name]:.2f} | {issue_cpu[name]:.2f} |")
 
 
 if __name__ == "__main__":
