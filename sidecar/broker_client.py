@@ -1,4 +1,5 @@
-"""The sidecar's gRPC client to the broker: mTLS with our X.509-SVID, plus a JWT-SVID.
+"""The sidecar's gRPC client to the broker (``grpc.aio``): mTLS with our X.509-SVID, plus a
+JWT-SVID.
 
 Translates gRPC failures into :class:`BrokerCallError`, which carries the HTTP
 status and stable code the agent sees: the code from the broker's
@@ -121,6 +122,8 @@ class BrokerClient:
         """
         if self._jwt is None:
             return []
+        if time.monotonic() < self._jwt_refresh_at:  # fresh: no lock on the hot path
+            return [("authorization", f"Bearer {self._jwt_token}")]
         async with self._jwt_lock:
             if time.monotonic() >= self._jwt_refresh_at:
                 try:  # a blocking Workload API call, once per half-life: off the loop

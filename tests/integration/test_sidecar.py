@@ -474,3 +474,68 @@ def test_a_spent_budget_is_429_with_retry_after(identity: Identity, bao: OpenBao
         sc.service.stop_watching()
         sc.service.client.close()
         server.stop(grace=0)
+
+
+# --- the sidecar's client to the broker is grpc.aio (issue #12) ------------------------------
+
+
+def test_32_concurrent_misses_are_awaits_on_one_loop_not_a_thread_each(
+        identity: Identity, broker: BrokerServer, vault_root: hvac.Client,
+        short_tmp: Path) -> None:
+    """32 agents ask one sidecar at once, each for a new target: every one gets its own live
+    token, and the sidecar started no thread to serve them (the broker's own pool, in this
+    process too, is told apart by its thread names)."""
+    import threading
+
+    sc = start_sidecar(identity, "triage", f"127.0.0.1:{broker.port}", short_tmp / "sc-32.sock")
+    try:
+        # the loop, the channel and the JWT-SVID are up
+        sc.client.hand_back(sc.client.request_credential("enrichment", target="t-32")[
+            "credential_id"])
+        before = {t.ident for t in threading.enumerate()}
+        go = threading.Barrier(32)
+        bodies: list[dict[str, Any]] = []
+
+        def agent(n: int) -> None:
+            go.wait()
+            bodies.append(sc.client.request_credential("enrichment", target=f"t-32-{n}"))
+
+        agents = [threading.Thread(target=agent, args=(n,), name=f"agent-{n}")
+                  for n in range(32)]
+        for t in agents:
+            t.start()
+        for t in agents:
+            t.join(60)
+        new = sorted(t.name for t in threading.enumerate() if t.ident not in before
+                     and not t.name.startswith(("agent-", "broker")))
+        assert len(bodies) == 32 and len({b["credential_id"] for b in bodies}) == 32
+        assert not any(b["cached"] for b in bodies)
+        assert new == [], f"threads the sidecar started to serve: {new}"
+        for b in bodies:  # OpenBao says each token is alive, for the triage identity
+            meta = vault_root.auth.token.lookup_accessor(b["credential_id"])["data"]["meta"]
+            assert meta["spiffe_id"] == TRIAGE
+    finally:
+        sc.http.close()
+        sc.service.stop_watching()
+        sc.service.client.close()
+
+
+def test_after_the_svid_rotates_the_sidecar_calls_with_the_new_one(
+        recorded: Recorded, identity: Identity, vault_root: hvac.Client) -> None:
+    """The channel is rebuilt for the rotated SVID: the broker's audit record of a later
+    request names the new certificate, and that request's token works."""
+    from broker.core.spiffeid import SpiffeId
+
+    c = recorded.triage.client
+    first = c.request_credential("enrichment", target="t-rot-0")
+    old = recorded.decision_of(first["request_id"])["proof"]["x509_serial"]
+    identity.api.rotate_now(SpiffeId.parse(TRIAGE))
+    later: dict[str, Any] = {}
+
+    def new_serial() -> bool:
+        later.update(c.request_credential("enrichment", target=f"t-rot-{time.monotonic()}"))
+        return bool(recorded.decision_of(later["request_id"])["proof"]["x509_serial"] != old)
+
+    _until(new_serial, "the sidecar still calls with the SVID from before the rotation")
+    meta = vault_root.auth.token.lookup_accessor(later["credential_id"])["data"]["meta"]
+    assert meta["spiffe_id"] == TRIAGE
