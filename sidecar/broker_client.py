@@ -101,6 +101,7 @@ class BrokerClient:
         self._channel = AioRotatingChannel(self._x509, config.broker_addr,
                                            config.broker_dns_name,
                                            credentials=self._tls_credentials)
+        self._stub: tuple[object, pb_grpc.CredentialBrokerStub] | None = None
         self.loop = LoopThread("sidecar")
         self._jwt_lock = asyncio.Lock()
         self._jwt_token = ""
@@ -110,6 +111,13 @@ class BrokerClient:
         """The mTLS credentials of a (re)built channel: our current SVID, and the broker
         verified by our trust bundle and its DNS name (``broker_dns_name``)."""
         return channel_credentials(material)
+
+    def _broker(self) -> pb_grpc.CredentialBrokerStub:
+        """The stub on the current channel (a new one only after a rotation)."""
+        channel = self._channel.get()
+        if self._stub is None or self._stub[0] is not channel:
+            self._stub = (channel, pb_grpc.CredentialBrokerStub(channel))
+        return self._stub[1]
 
     @property
     def spiffe_id(self) -> str:
@@ -141,9 +149,8 @@ class BrokerClient:
 
     async def _call(self, method: str, request: Any, timeout: float) -> Any:
         """One unary call with our JWT-SVID, on the loop. Raises: BrokerCallError."""
-        stub = pb_grpc.CredentialBrokerStub(self._channel.get())
         try:
-            return await getattr(stub, method)(request, metadata=await self._metadata(),
+            return await getattr(self._broker(), method)(request, metadata=await self._metadata(),
                                                timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise await self._translate(err) from None
@@ -223,8 +230,7 @@ class BrokerClient:
         """
         while not stop.is_set():
             try:
-                stub = pb_grpc.CredentialBrokerStub(self._channel.get())
-                call = stub.WatchRevocations(pb.WatchRevocationsRequest(),
+                call = self._broker().WatchRevocations(pb.WatchRevocationsRequest(),
                                              metadata=await self._metadata())
                 async for event in call:
                     on_event(event)
