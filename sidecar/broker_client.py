@@ -154,6 +154,15 @@ class BrokerClient:
                                                timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise await self._translate(err) from None
+        except asyncio.CancelledError:
+            if _task_cancelled():
+                raise
+            # Not us: the call's channel was closed under it (retired after an SVID rotation,
+            # its grace over).
+            raise BrokerCallError(
+                503, "broker_unavailable",
+                "the call to the broker was cut off when this sidecar's connection was replaced "
+                "(its SVID rotated); retry") from None
 
     async def issue(self, request: pb.IssueCredentialRequest) -> pb.IssueCredentialResponse:
         """Raises: BrokerCallError."""
@@ -237,6 +246,11 @@ class BrokerClient:
             except grpc.aio.AioRpcError as err:
                 if not stop.is_set():
                     _log.warning("revocation stream lost (%s); reconnecting", err.code())
+            except asyncio.CancelledError:
+                if _task_cancelled():
+                    raise
+                # The stream's channel was closed under it (retired after an SVID rotation).
+                _log.info("revocation stream ended with its connection; reconnecting")
             except Exception:  # the stream must come back whatever happened
                 _log.exception("revocation stream failed; reconnecting")
             with contextlib.suppress(TimeoutError):
@@ -260,6 +274,13 @@ class BrokerClient:
                     src.close()
                 except Exception:  # noqa: S110 - closing must not mask anything
                     pass
+
+
+def _task_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (a ``grpc.aio`` call cancelled
+    by its channel closing raises ``CancelledError`` too)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _short(details: str) -> str:

@@ -539,3 +539,31 @@ def test_after_the_svid_rotates_the_sidecar_calls_with_the_new_one(
     _until(new_serial, "the sidecar still calls with the SVID from before the rotation")
     meta = vault_root.auth.token.lookup_accessor(later["credential_id"])["data"]["meta"]
     assert meta["spiffe_id"] == TRIAGE
+
+
+def test_the_revocation_stream_comes_back_when_its_channel_is_retired(
+        identity: Identity, broker: BrokerServer, short_tmp: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an SVID rotation the next call builds a new channel; the old one, with the
+    revocation stream on it, is closed once its grace is over. The stream reconnects (a new
+    sync) instead of ending with it."""
+    from broker import tls
+    from broker.core.spiffeid import SpiffeId
+
+    monkeypatch.setattr(tls, "OLD_CHANNEL_GRACE_SECONDS", 0.2)
+    sc = start_sidecar(identity, "triage", f"127.0.0.1:{broker.port}", short_tmp / "sc-ret.sock")
+    try:
+        assert sc.service.synced.wait(5)
+        first = sc.client.request_credential("enrichment", target="t-ret-0")
+        sc.service.synced.clear()
+        identity.api.rotate_now(SpiffeId.parse(TRIAGE))
+        _until(lambda: sc.client.request_credential(
+            "enrichment", target=f"t-ret-{time.monotonic()}")["credential_id"] != "" and
+            sc.service.synced.is_set(), "the revocation stream did not come back", 10.0)
+        # and it carries revocations again: a hand-back empties the cache entry it named
+        sc.client.hand_back(first["credential_id"])
+        assert not sc.service.cache.holds(first["credential_id"])
+    finally:
+        sc.http.close()
+        sc.service.stop_watching()
+        sc.service.client.close()
