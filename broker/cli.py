@@ -169,7 +169,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     client = BrokerClient(cfg)
     service = SidecarService(client)
     service.start_watching()
-    http = SidecarHttpServer(cfg.listen_socket, service)
+    http = SidecarHttpServer(cfg.listen_socket, service, loop=client.loop)
     http.serve_in_thread()
     logging.getLogger("credbroker.sidecar").info(
         "sidecar for %s serving on %s, broker %s", client.spiffe_id, cfg.listen_socket,

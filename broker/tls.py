@@ -10,6 +10,7 @@ cannot verify a server certificate that has only a URI SAN) through
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,8 +19,6 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import TrustDomain, X509Source
-
-from broker.errors import BrokerUnavailableError
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,57 +121,44 @@ SERVER_KEEPALIVE = (("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout
                     ("grpc.http2.max_ping_strikes", 0))
 
 
+def channel_credentials(m: PemMaterial) -> grpc.ChannelCredentials:
+    """mTLS client credentials: our SVID, and the broker verified against our bundle."""
+    return grpc.ssl_channel_credentials(root_certificates=m.bundle, private_key=m.key,
+                                        certificate_chain=m.chain)
+
+
+def channel_options(server_dns_name: str) -> list[tuple[str, str | int]]:
+    """Verify the broker by its SVID's DNS SAN; keep idle connections alive."""
+    return [("grpc.ssl_target_name_override", server_dns_name), *KEEPALIVE]
+
+
+#: How long a channel replaced on rotation stays open for the calls still on it.
+OLD_CHANNEL_GRACE_SECONDS = 30.0
+
+
 class RotatingChannel:
-    """A client channel to the broker that is rebuilt when our SVID rotates.
+    """A client channel to the broker that is rebuilt when our SVID rotates."""
 
-    ``roots`` (a generation number and PEM) replaces our own trust domain's bundle as the
-    CAs the broker's certificate must chain to: the broker's trust domain's bundle, for
-    a client of another trust domain (federation); the channel is rebuilt when the
-    generation changes.
-    """
-
-    def __init__(self, source: X509Source, target: str, server_dns_name: str,
-                 roots: Callable[[], tuple[int, bytes]] | None = None) -> None:
+    def __init__(self, source: X509Source, target: str, server_dns_name: str) -> None:
         self._source = source
         self._target = target
         self._dns = server_dns_name
-        self._roots = roots
         self._lock = threading.Lock()
         self._generation: tuple[object, ...] | None = None
         self._channel: grpc.Channel | None = None
 
-    def roots_pem(self, material: PemMaterial) -> bytes:
-        """The CAs the broker's certificate must chain to now.
-
-        Raises: BrokerUnavailableError when ``roots`` has none yet (its bundle endpoint
-        has not answered): never fall back to any other trust.
-        """
-        if self._roots is None:
-            return material.bundle
-        pem = self._roots()[1]
-        if not pem:
-            raise BrokerUnavailableError(
-                "the broker's trust bundle is not loaded yet (its bundle endpoint has not "
-                "answered; see the log): the broker cannot be verified")
-        return pem
-
     def get(self) -> grpc.Channel:
-        """Raises: BrokerUnavailableError (``roots`` has no bundle yet)."""
-        generation = (*_generation(self._source),
-                      self._roots()[0] if self._roots is not None else 0)
+        generation = _generation(self._source)
         with self._lock:
             if self._channel is None or not _same(self._generation, generation):
-                m = pem_material(self._source)
                 old = self._channel
-                creds = grpc.ssl_channel_credentials(root_certificates=self.roots_pem(m),
-                                                     private_key=m.key, certificate_chain=m.chain)
                 self._channel = grpc.secure_channel(
-                    self._target, creds,
-                    options=[("grpc.ssl_target_name_override", self._dns), *KEEPALIVE])
+                    self._target, channel_credentials(pem_material(self._source)),
+                    options=channel_options(self._dns))
                 self._generation = generation
                 if old is not None:
                     # in-flight calls on the old channel finish; it is closed when idle
-                    closer = threading.Timer(30.0, old.close)
+                    closer = threading.Timer(OLD_CHANNEL_GRACE_SECONDS, old.close)
                     closer.daemon = True
                     closer.start()
             return self._channel
@@ -182,6 +168,62 @@ class RotatingChannel:
             if self._channel is not None:
                 self._channel.close()
                 self._channel = None
+
+
+class AioRotatingChannel:
+    """:class:`RotatingChannel` on ``grpc.aio``: one channel, rebuilt when our SVID rotates.
+
+    Used from one event loop only (a ``grpc.aio`` channel belongs to the loop it was made
+    on): :meth:`get` makes the channel on the running loop, the first time and after each
+    rotation. ``credentials`` builds the TLS credentials from our current SVID.
+    """
+
+    def __init__(self, source: X509Source, target: str, server_dns_name: str, *,
+                 credentials: Callable[[PemMaterial], grpc.ChannelCredentials]
+                 = channel_credentials,
+                 trust_generation: Callable[[], object] | None = None) -> None:
+        self._source = source
+        self._target = target
+        self._dns = server_dns_name
+        self._credentials = credentials
+        #: Changes when what ``credentials`` trusts changes (the broker's trust domain's
+        #: bundle, for a sidecar of another trust domain): the channel is rebuilt then too.
+        self._trust_generation = trust_generation
+        self._generation: tuple[object, ...] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._retired: dict[asyncio.Task[None], grpc.aio.Channel] = {}
+
+    def get(self) -> grpc.aio.Channel:
+        """The channel for the current SVID (call on the loop that uses it).
+
+        Raises: what ``credentials`` raises (e.g. BrokerUnavailableError: no trust yet).
+        """
+        generation = (*_generation(self._source),
+                      self._trust_generation() if self._trust_generation is not None else 0)
+        if self._channel is None or not _same(self._generation, generation):
+            old = self._channel
+            self._channel = grpc.aio.secure_channel(
+                self._target, self._credentials(pem_material(self._source)),
+                options=channel_options(self._dns))
+            self._generation = generation
+            if old is not None:  # in-flight calls on the old channel finish first
+                task = asyncio.get_running_loop().create_task(
+                    old.close(grace=OLD_CHANNEL_GRACE_SECONDS))
+                self._retired[task] = old
+                task.add_done_callback(lambda t: self._retired.pop(t, None))
+        return self._channel
+
+    async def close(self) -> None:
+        """Close the channel and any retired one at once (calls still on them are
+        cancelled)."""
+        channels = list(self._retired.values())
+        for task in list(self._retired):
+            task.cancel()
+        if self._channel is not None:
+            channels.append(self._channel)
+            self._channel = None
+        for channel in channels:
+            await channel.close()
 
 
 def diagnose_handshake(target: str, server_dns_name: str, material: PemMaterial | None,

@@ -10,17 +10,16 @@ returned to the agent in the 200 body and never logged.
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
+import contextlib
 import json
 import logging
 import os
 import re
+import socket
 import threading
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.errors import DEFAULT_RETRY_AFTER_SECONDS
 from broker.inputs import ID_RULE, is_id
+from broker.server import LoopThread
 from sidecar.broker_client import BrokerCallError, BrokerClient, decision_to_json
 from sidecar.cache import CachedCredential, CredentialCache, request_key
 from sidecar.hits import HitReporter
@@ -234,7 +234,9 @@ class SidecarService:
 
     Only a request identical to the one a cached credential was minted for is answered
     from the cache (``sidecar.cache``); each such answer is reported to the broker
-    (``sidecar.hits``), which records it as ``credential.reused``.
+    (``sidecar.hits``), which records it as ``credential.reused``. Its request methods are
+    coroutines, run on the broker client's loop (``BrokerClient.loop``), as are the
+    revocation watch and the hit reporter.
     """
 
     def __init__(self, client: BrokerClient, *,
@@ -245,18 +247,42 @@ class SidecarService:
         self.reporter = reporter or HitReporter(client.report_cache_hits)
         self._clock = clock
         self.synced = threading.Event()  # set once the first revocation sync arrived
-        self._stop = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._report: asyncio.Task[None] | None = None
 
     def start_watching(self) -> None:
         """Follow the broker's revocations and scope-map changes (cached credentials that
-        died, or were decided under another map, are dropped) and report cache hits."""
-        self.client.watch(self.on_revocation_event, self._stop)
-        self.reporter.start(self._stop)
+        died, or were decided under another map, are dropped) and report cache hits: two
+        tasks on the client's loop. Call from outside that loop."""
+        self.client.loop.run(self._start_tasks(), timeout=10)
+
+    async def _start_tasks(self) -> None:
+        stop = self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._watch = loop.create_task(self.client.watch(self.on_revocation_event, stop),
+                                       name="watch-revocations")
+        self._report = loop.create_task(self.reporter.run(stop), name="report-hits")
 
     def stop_watching(self, timeout: float = 5.0) -> None:
-        """Stop both; wait up to ``timeout`` seconds for the last cache hits to be reported."""
+        """Stop both; wait up to ``timeout`` seconds for the last cache hits to be reported
+        (and log loudly what is left). Call from outside the client's loop."""
+        if self._stop is not None and self.client.loop.loop.is_running():
+            try:
+                self.client.loop.run(self._stop_tasks(timeout), timeout=timeout + 5)
+            except Exception as exc:  # stopping must go on
+                _log.debug("stopping the sidecar's background tasks: %s", exc)
+        self.reporter.log_unreported()
+
+    async def _stop_tasks(self, timeout: float) -> None:
+        assert self._stop is not None
         self._stop.set()
-        self.reporter.join(timeout)
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._report is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._report), timeout)
+            self._report.cancel()
 
     def on_revocation_event(self, event: pb.RevocationEvent) -> None:
         kind = event.WhichOneof("event")
@@ -284,7 +310,9 @@ class SidecarService:
             _log.warning("scope map %s is now in force; %d cached credential(s) decided under "
                          "another dropped", event.scope_map.version[:19], dropped)
 
-    def issue(self, msg: pb.IssueCredentialRequest, wait: int = 0) -> tuple[int, dict[str, Any]]:
+    async def issue(self, msg: pb.IssueCredentialRequest, wait: int = 0
+                    ) -> tuple[int, dict[str, Any]]:
+        """Raises: BrokerCallError."""
         now = self._clock()
         # Only plain requests use the cache: a credential released by one person's
         # approval (or break-glass) is for that exact request, never a later one.
@@ -301,15 +329,16 @@ class SidecarService:
                              "minted_request_id": cached.body["request_id"], "cached": True}
             _log.warning("%d cache hits await reporting to the broker: asking the broker "
                          "instead of answering from the cache", self.reporter.pending)
-        resp = self.client.issue(msg)
+        resp = await self.client.issue(msg)
         if not resp.HasField("credential") and resp.HasField("approval"):
             if wait:
-                return self.await_approval(resp.approval.id, wait)
+                return await self.await_approval(resp.approval.id, wait)
             return 202, _pending(resp)
         return self._credential(resp, key, now)
 
-    def await_approval(self, approval_id: str, wait: int) -> tuple[int, dict[str, Any]]:
-        resp = self.client.await_approval(approval_id, wait)
+    async def await_approval(self, approval_id: str, wait: int) -> tuple[int, dict[str, Any]]:
+        """Raises: BrokerCallError."""
+        resp = await self.client.await_approval(approval_id, wait)
         if not resp.HasField("credential"):
             return 202, _pending(resp)
         return self._credential(resp, "", self._clock())
@@ -343,27 +372,27 @@ class SidecarService:
                   resp.decision.action_class, resp.request_id)
         return 200, {**body, "cached": False}
 
-    def hand_back(self, credential_id: str) -> tuple[int, dict[str, Any]]:
+    async def hand_back(self, credential_id: str) -> tuple[int, dict[str, Any]]:
         """Revoke the credential, and forget it first: identical requests answered with the
         same cached credential lose it too, and the next one gets a fresh credential.
 
         Raises: BrokerCallError.
         """
         self.cache.drop(credential_id)
-        resp = self.client.revoke(credential_id, "handed back by the agent")
+        resp = await self.client.revoke(credential_id, "handed back by the agent")
         _log.info("handed back credential_id=%s already_dead=%s", credential_id,
                   resp.already_dead)
         return 200, {"credential_id": credential_id, "revoked": not resp.already_dead,
                      "already_dead": resp.already_dead}
 
-    def freeze_self(self, reason: str) -> tuple[int, dict[str, Any]]:
+    async def freeze_self(self, reason: str) -> tuple[int, dict[str, Any]]:
         """Freeze this workload's own identity at once (the broker makes Vault refuse every
         credential of it); drop everything cached first. It cannot be undone from here.
 
         Raises: BrokerCallError.
         """
         self.cache.clear()
-        resp = self.client.freeze_self(reason)
+        resp = await self.client.freeze_self(reason)
         fz = resp.freeze
         _log.warning("this workload froze itself (freeze %s): %s", fz.id, reason[:200])
         return 200, {"frozen": True, "freeze_id": fz.id, "spiffe_id": fz.pattern, "by": fz.by,
@@ -372,7 +401,7 @@ class SidecarService:
                      "credentials_matched": resp.credentials_matched,
                      "vault_enforced": not resp.vault_pending}
 
-    def health(self) -> tuple[int, dict[str, Any]]:
+    async def health(self) -> tuple[int, dict[str, Any]]:
         try:
             sid = self.client.spiffe_id
         except Exception as exc:
@@ -487,69 +516,67 @@ class _BoundedServer(web.Server):
 
 
 class SidecarHttpServer:
-    """The HTTP server on the unix socket: aiohttp on an asyncio loop of its own thread.
+    """The HTTP server on the unix socket: aiohttp on an asyncio loop in a thread.
 
-    At most ``max_connections`` connections at once (beyond, a quick 503 ``busy``); a
-    connection that sends nothing for ``idle_timeout`` seconds (no request, half the
-    headers, half a body, an idle keep-alive) is closed. Service methods that are
-    coroutines are awaited on the loop; plain ones run in a pool of ``max_connections``
-    threads.
+    The loop is ``loop`` when given (the sidecar passes ``BrokerClient.loop``, so the
+    handlers ``await`` the broker calls on the loop their channel lives on), else one of
+    its own. At most ``max_connections`` connections at once (beyond, a quick 503
+    ``busy``); a connection that sends nothing for ``idle_timeout`` seconds (no request,
+    half the headers, half a body, an idle keep-alive) is closed. The service's methods
+    are coroutines, awaited on the loop: no thread is used per request.
     """
 
     def __init__(self, path: Path, service: SidecarService, *,
                  idle_timeout: float = IDLE_TIMEOUT_SECONDS,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS,
+                 loop: LoopThread | None = None) -> None:
         self.service = service
         self.path = path
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self._pool = ThreadPoolExecutor(max_workers=max(1, max_connections),
-                                        thread_name_prefix="sidecar-http")
-        self._loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
+        self._own_loop = loop is None
+        self._loop = loop if loop is not None else LoopThread("sidecar-http")
         self._runner: web.ServerRunner | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             path.unlink()
         except FileNotFoundError:
             pass
-        # Bound now (as the socketserver did): the socket exists when the constructor returns.
-        self._loop.run_until_complete(self._bind())
+        # Bound now (as the socketserver did): the socket exists when the constructor
+        # returns; it listens from serve_in_thread().
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
         os.chmod(path, 0o660)
+        self._loop.run(self._setup(), timeout=10)
 
-    async def _bind(self) -> None:
+    async def _setup(self) -> None:
         server = _BoundedServer(self._handle, max_connections=self.max_connections,
                                 keepalive_timeout=self.idle_timeout, access_log=None,
                                 lingering_time=0)
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.UnixSite(self._runner, str(self.path), backlog=LISTEN_BACKLOG).start()
 
-    def serve_in_thread(self) -> threading.Thread:
-        def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_forever()
+    async def _listen(self) -> None:
+        assert self._runner is not None
+        await web.SockSite(self._runner, self._sock, backlog=LISTEN_BACKLOG).start()
 
-        self._thread = threading.Thread(target=run, name="sidecar-http", daemon=True)
-        self._thread.start()
-        return self._thread
+    def serve_in_thread(self) -> None:
+        """Start answering on the socket (on the loop's thread); returns at once."""
+        self._loop.run(self._listen(), timeout=10)
 
     def close(self) -> None:
+        """Stop answering (requests in flight get a second), and stop the loop if it is the
+        server's own."""
         if self._runner is not None:
-            cleanup = self._runner.cleanup()
-            if self._thread is not None and self._loop.is_running():
+            if self._loop.loop.is_running():
                 try:
-                    asyncio.run_coroutine_threadsafe(cleanup, self._loop).result(10)
+                    self._loop.run(self._runner.cleanup(), timeout=10)
                 except Exception as exc:  # closing must go on
                     _log.debug("stopping the HTTP server: %s", exc)
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(10)
-            else:
-                self._loop.run_until_complete(cleanup)
             self._runner = None
-        if not self._loop.is_running():
+        self._sock.close()
+        if self._own_loop:
             self._loop.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -557,17 +584,9 @@ class SidecarHttpServer:
 
     # -- requests
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Answer:
-        if inspect.iscoroutinefunction(fn):
-            answer: Answer = await fn(*args)
-            return answer
-        loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(self._pool, functools.partial(fn, *args))
-        return answer
-
-    async def _guard(self, fn: Callable[..., Any], *args: Any) -> web.Response:
+    async def _guard(self, fn: Callable[..., Awaitable[Answer]], *args: Any) -> web.Response:
         try:
-            return _json_response(*await self._call(fn, *args))
+            return _json_response(*await fn(*args))
         except BadRequest as exc:
             return _json_response(400, _error("bad_request", str(exc)))
         except BrokerCallError as exc:

@@ -10,10 +10,12 @@ from its cache: a request is never served without a record on its way.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 
@@ -27,11 +29,15 @@ BATCH_SIZE = 50
 FIRST_RETRY = 0.5
 MAX_RETRY = 10.0
 
-Send = Callable[[list[pb.CacheHit]], pb.ReportCacheHitsResponse]
+Send = Callable[[list[pb.CacheHit]], Awaitable[pb.ReportCacheHitsResponse]]
 
 
 class HitReporter:
-    """A bounded buffer of cache hits and the thread that reports them."""
+    """A bounded buffer of cache hits and the task that reports them.
+
+    :meth:`offer` and :meth:`run` are called on the sidecar's loop; :attr:`pending` may be
+    read from any thread.
+    """
 
     def __init__(self, send: Send, *, capacity: int = BUFFER_CAPACITY,
                  batch_size: int = BATCH_SIZE) -> None:
@@ -40,8 +46,7 @@ class HitReporter:
         self._batch_size = batch_size
         self._lock = threading.Lock()
         self._hits: deque[pb.CacheHit] = deque()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._wake = asyncio.Event()
         self._failing = False
 
     def offer(self, hit: pb.CacheHit) -> bool:
@@ -60,7 +65,7 @@ class HitReporter:
         with self._lock:
             return len(self._hits)
 
-    def flush_once(self) -> bool:
+    async def flush_once(self) -> bool:
         """Send one batch (the oldest hits). True when the broker answered (or there was
         nothing to send); False when it could not be reached (the hits stay buffered).
         Never raises."""
@@ -69,7 +74,7 @@ class HitReporter:
         if not batch:
             return True
         try:
-            resp = self._send(batch)
+            resp = await self._send(batch)
         except Exception as exc:  # BrokerCallError, or anything: the hits stay buffered
             if not self._failing:
                 _log.warning("cannot report %d cache hit(s) to the broker (%s); kept and "
@@ -81,7 +86,7 @@ class HitReporter:
             _log.warning("cache hits reported to the broker again")
         self._failing = False
         with self._lock:
-            # Only this thread removes hits, and offer() appends at the right: the
+            # Only this task removes hits, and offer() appends at the right: the
             # batch is still the buffer's head.
             for _ in batch:
                 self._hits.popleft()
@@ -92,32 +97,26 @@ class HitReporter:
                        hit.credential_id if hit else "?", r.reason)
         return True
 
-    def run(self, stop: threading.Event) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
         """Report until ``stop`` is set, then try once more to send what is left."""
         delay = FIRST_RETRY
         while not stop.is_set():
-            self._wake.wait(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.5)
             self._wake.clear()
             while not stop.is_set() and self.pending:
-                if self.flush_once():
+                if await self.flush_once():
                     delay = FIRST_RETRY
                     continue
-                stop.wait(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, MAX_RETRY)
-        while self.pending and self.flush_once():
+        while self.pending and await self.flush_once():
             pass
 
-    def start(self, stop: threading.Event) -> threading.Thread:
-        self._thread = threading.Thread(target=self.run, args=(stop,), name="report-hits",
-                                        daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def join(self, timeout: float) -> int:
-        """Wait (up to ``timeout`` seconds) for the reporting thread to end; log loudly what
-        is left unreported. Returns how many hits that is."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def log_unreported(self) -> int:
+        """Log loudly how many hits are left unreported (the sidecar is stopping); returns
+        that number."""
         left = self.pending
         if left:
             _log.error("%d cache hit(s) could not be reported to the broker before the "

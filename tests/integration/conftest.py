@@ -121,9 +121,10 @@ def start_sidecar(identity: Identity, name: str, broker_addr: str, sock: Path,
     }
     values.update(overrides)
     cfg = SidecarConfig(**values)  # type: ignore[arg-type]
-    service = SidecarService(BrokerClient(cfg))
+    client = BrokerClient(cfg)
+    service = SidecarService(client)
     service.start_watching()
-    http = SidecarHttpServer(cfg.listen_socket, service)
+    http = SidecarHttpServer(cfg.listen_socket, service, loop=client.loop)
     http.serve_in_thread()
     return Sidecar(client=SidecarClient(str(sock)), service=service, http=http)
 

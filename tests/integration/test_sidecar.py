@@ -365,7 +365,8 @@ def test_a_hit_for_another_workloads_credential_is_not_recorded(recorded: Record
     hit = pb.CacheHit(credential_id=theirs["credential_id"], request_id="forged-1",
                       request=pb.IssueCredentialRequest(action_class="enrichment",
                                                         target="t-theirs"))
-    resp = recorded.triage.service.client.report_cache_hits([hit])
+    client = recorded.triage.service.client
+    resp = client.loop.run(client.report_cache_hits([hit]))
     assert resp.recorded == 0 and [r.index for r in resp.rejected] == [0]
     assert not [r for r in recorded.records("credential.reused")
                 if r["request_id"] == "forged-1"]
@@ -396,13 +397,14 @@ def test_a_resent_batch_is_recorded_once_and_batches_are_bounded(recorded: Recor
                       request=pb.IssueCredentialRequest(action_class="enrichment",
                                                         target="t-resend"))
     client = recorded.triage.service.client
-    assert client.report_cache_hits([hit]).recorded == 1
-    again = client.report_cache_hits([hit])  # its answer was lost: the sidecar sends it again
+    assert client.loop.run(client.report_cache_hits([hit])).recorded == 1
+    # its answer was lost: the sidecar sends it again
+    again = client.loop.run(client.report_cache_hits([hit]))
     assert (again.recorded, again.duplicates) == (0, 1)
     assert len([r for r in recorded.records("credential.reused")
                 if r["request_id"] == "resent-1"]) == 1
     with pytest.raises(BrokerCallError) as err:
-        client.report_cache_hits([hit] * 101)
+        client.loop.run(client.report_cache_hits([hit] * 101))
     assert err.value.http_status == 400 and "at most 100" in err.value.message
 
 
@@ -417,16 +419,16 @@ def test_cache_hits_outside_a_credentials_life_are_refused(recorded: Recorded) -
     client = recorded.triage.service.client
     after = Timestamp()
     after.FromDatetime(datetime.now(UTC) + timedelta(hours=2))  # past expiry (and the future)
-    resp = client.report_cache_hits([pb.CacheHit(credential_id=mine["credential_id"],
-                                                 request_id="late-1", request=req,
-                                                 served_at=after)])
+    resp = client.loop.run(client.report_cache_hits([pb.CacheHit(
+        credential_id=mine["credential_id"], request_id="late-1", request=req,
+        served_at=after)]))
     assert resp.recorded == 0 and "outside the life" in resp.rejected[0].reason
     recorded.triage.client.hand_back(mine["credential_id"])  # revoked, but in its life: fine
     now = Timestamp()
     now.FromDatetime(datetime.now(UTC))
-    assert client.report_cache_hits([pb.CacheHit(
+    assert client.loop.run(client.report_cache_hits([pb.CacheHit(
         credential_id=mine["credential_id"], request_id="in-life-1", request=req,
-        served_at=now)]).recorded == 1
+        served_at=now)])).recorded == 1
     assert not [r for r in recorded.records("credential.reused")
                 if r["request_id"] == "late-1"]
 
@@ -472,3 +474,96 @@ def test_a_spent_budget_is_429_with_retry_after(identity: Identity, bao: OpenBao
         sc.service.stop_watching()
         sc.service.client.close()
         server.stop(grace=0)
+
+
+# --- the sidecar's client to the broker is grpc.aio (issue #12) ------------------------------
+
+
+def test_32_concurrent_misses_are_awaits_on_one_loop_not_a_thread_each(
+        identity: Identity, broker: BrokerServer, vault_root: hvac.Client,
+        short_tmp: Path) -> None:
+    """32 agents ask one sidecar at once, each for a new target: every one gets its own live
+    token, and the sidecar started no thread to serve them (the broker's own pool, in this
+    process too, is told apart by its thread names)."""
+    import threading
+
+    sc = start_sidecar(identity, "triage", f"127.0.0.1:{broker.port}", short_tmp / "sc-32.sock")
+    try:
+        # the loop, the channel and the JWT-SVID are up
+        sc.client.hand_back(sc.client.request_credential("enrichment", target="t-32")[
+            "credential_id"])
+        before = {t.ident for t in threading.enumerate()}
+        go = threading.Barrier(32)
+        bodies: list[dict[str, Any]] = []
+
+        def agent(n: int) -> None:
+            go.wait()
+            bodies.append(sc.client.request_credential("enrichment", target=f"t-32-{n}"))
+
+        agents = [threading.Thread(target=agent, args=(n,), name=f"agent-{n}")
+                  for n in range(32)]
+        for t in agents:
+            t.start()
+        for t in agents:
+            t.join(60)
+        new = sorted(t.name for t in threading.enumerate() if t.ident not in before
+                     and not t.name.startswith(("agent-", "broker")))
+        assert len(bodies) == 32 and len({b["credential_id"] for b in bodies}) == 32
+        assert not any(b["cached"] for b in bodies)
+        assert new == [], f"threads the sidecar started to serve: {new}"
+        for b in bodies:  # OpenBao says each token is alive, for the triage identity
+            meta = vault_root.auth.token.lookup_accessor(b["credential_id"])["data"]["meta"]
+            assert meta["spiffe_id"] == TRIAGE
+    finally:
+        sc.http.close()
+        sc.service.stop_watching()
+        sc.service.client.close()
+
+
+def test_after_the_svid_rotates_the_sidecar_calls_with_the_new_one(
+        recorded: Recorded, identity: Identity, vault_root: hvac.Client) -> None:
+    """The channel is rebuilt for the rotated SVID: the broker's audit record of a later
+    request names the new certificate, and that request's token works."""
+    from broker.core.spiffeid import SpiffeId
+
+    c = recorded.triage.client
+    first = c.request_credential("enrichment", target="t-rot-0")
+    old = recorded.decision_of(first["request_id"])["proof"]["x509_serial"]
+    identity.api.rotate_now(SpiffeId.parse(TRIAGE))
+    later: dict[str, Any] = {}
+
+    def new_serial() -> bool:
+        later.update(c.request_credential("enrichment", target=f"t-rot-{time.monotonic()}"))
+        return bool(recorded.decision_of(later["request_id"])["proof"]["x509_serial"] != old)
+
+    _until(new_serial, "the sidecar still calls with the SVID from before the rotation")
+    meta = vault_root.auth.token.lookup_accessor(later["credential_id"])["data"]["meta"]
+    assert meta["spiffe_id"] == TRIAGE
+
+
+def test_the_revocation_stream_comes_back_when_its_channel_is_retired(
+        identity: Identity, broker: BrokerServer, short_tmp: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an SVID rotation the next call builds a new channel; the old one, with the
+    revocation stream on it, is closed once its grace is over. The stream reconnects (a new
+    sync) instead of ending with it."""
+    from broker import tls
+    from broker.core.spiffeid import SpiffeId
+
+    monkeypatch.setattr(tls, "OLD_CHANNEL_GRACE_SECONDS", 0.2)
+    sc = start_sidecar(identity, "triage", f"127.0.0.1:{broker.port}", short_tmp / "sc-ret.sock")
+    try:
+        assert sc.service.synced.wait(5)
+        first = sc.client.request_credential("enrichment", target="t-ret-0")
+        sc.service.synced.clear()
+        identity.api.rotate_now(SpiffeId.parse(TRIAGE))
+        _until(lambda: sc.client.request_credential(
+            "enrichment", target=f"t-ret-{time.monotonic()}")["credential_id"] != "" and
+            sc.service.synced.is_set(), "the revocation stream did not come back", 10.0)
+        # and it carries revocations again: a hand-back empties the cache entry it named
+        sc.client.hand_back(first["credential_id"])
+        assert not sc.service.cache.holds(first["credential_id"])
+    finally:
+        sc.http.close()
+        sc.service.stop_watching()
+        sc.service.client.close()

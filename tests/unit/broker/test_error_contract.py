@@ -172,7 +172,7 @@ def test_a_429_the_broker_gave_no_time_for_carries_the_default_retry_after(
     from sidecar.broker_client import BrokerCallError, http_status
 
     class Spent:
-        def issue(self, msg: object, wait: int = 0) -> tuple[int, dict[str, Any]]:
+        async def issue(self, msg: object, wait: int = 0) -> tuple[int, dict[str, Any]]:
             raise BrokerCallError(http_status("budget_exhausted"), "budget_exhausted",
                                   "budget spent")
 

@@ -3,6 +3,7 @@ hostile bodies are 400s, silent connections are dropped, parallel calls are all 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -28,16 +29,17 @@ class FakeService:
         self.lock = threading.Lock()
         self.running = self.most = 0
 
-    def health(self) -> tuple[int, dict[str, Any]]:
+    async def health(self) -> tuple[int, dict[str, Any]]:
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)
-        time.sleep(self.delay)
+        await asyncio.sleep(self.delay)
         with self.lock:
             self.running -= 1
         return 200, {"status": "ok"}
 
-    def issue(self, msg: pb.IssueCredentialRequest, wait: int = 0) -> tuple[int, dict[str, Any]]:
+    async def issue(self, msg: pb.IssueCredentialRequest, wait: int = 0
+                    ) -> tuple[int, dict[str, Any]]:
         self.issued.append(msg)
         return 200, {"credential_id": "c1", "cached": False}
 

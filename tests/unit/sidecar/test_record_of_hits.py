@@ -4,9 +4,10 @@ when a new scope map is in force. The broker is a stand-in here."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -17,6 +18,7 @@ from sidecar.hits import HitReporter
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 V1, V2 = "sha256:one", "sha256:two"
+T = TypeVar("T")
 EVENT = pb.InitiatingEvent(source="splunk", id="N-1", summary="beacon")
 
 
@@ -30,7 +32,7 @@ class FakeBroker:
         self.down = False
         self.approval = False
 
-    def issue(self, msg: pb.IssueCredentialRequest) -> pb.IssueCredentialResponse:
+    async def issue(self, msg: pb.IssueCredentialRequest) -> pb.IssueCredentialResponse:
         self.issued.append(msg)
         n = len(self.issued)
         expires = T0 + timedelta(seconds=120)
@@ -45,13 +47,14 @@ class FakeBroker:
             resp.approval.id = "apr-1"
         return resp
 
-    def report_cache_hits(self, hits: list[pb.CacheHit]) -> pb.ReportCacheHitsResponse:
+    async def report_cache_hits(self, hits: list[pb.CacheHit]
+                                ) -> pb.ReportCacheHitsResponse:
         if self.down:
             raise BrokerCallError(503, "broker_unavailable", "the broker is unreachable")
         self.reported.extend(hits)
         return pb.ReportCacheHitsResponse(recorded=len(hits))
 
-    def revoke(self, credential_id: str, reason: str) -> pb.RevokeCredentialResponse:
+    async def revoke(self, credential_id: str, reason: str) -> pb.RevokeCredentialResponse:
         return pb.RevokeCredentialResponse(credential_id=credential_id)
 
 
@@ -59,6 +62,11 @@ def service(broker: FakeBroker, capacity: int = 1000,
             now: datetime = T0 + timedelta(seconds=1)) -> SidecarService:
     reporter = HitReporter(broker.report_cache_hits, capacity=capacity)
     return SidecarService(cast(BrokerClient, broker), clock=lambda: now, reporter=reporter)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """The service's coroutines, run to completion on a loop of their own."""
+    return asyncio.run(coro)
 
 
 def ask(**fields: object) -> pb.IssueCredentialRequest:
@@ -71,15 +79,15 @@ def ask(**fields: object) -> pb.IssueCredentialRequest:
 def test_an_identical_request_is_cached_and_reported() -> None:
     broker = FakeBroker()
     sc = service(broker)
-    status, first = sc.issue(ask())
+    status, first = run(sc.issue(ask()))
     assert status == 200 and first["cached"] is False
-    status, again = sc.issue(ask())
+    status, again = run(sc.issue(ask()))
     assert status == 200 and again["cached"] is True
     assert again["credential_id"] == first["credential_id"] and len(broker.issued) == 1
     # The answer names its own request id (the one on the record) and the minting one.
     assert again["request_id"] != first["request_id"]
     assert again["minted_request_id"] == first["request_id"]
-    assert sc.reporter.pending == 1 and sc.reporter.flush_once()
+    assert sc.reporter.pending == 1 and run(sc.reporter.flush_once())
     (hit,) = broker.reported
     assert (hit.credential_id, hit.request_id) == (first["credential_id"], again["request_id"])
     assert hit.request == ask() and hit.served_at.ToDatetime(tzinfo=UTC) == T0 + \
@@ -97,8 +105,8 @@ def test_an_identical_request_is_cached_and_reported() -> None:
 def test_any_other_request_goes_to_the_broker(change: dict[str, object]) -> None:
     broker = FakeBroker()
     sc = service(broker)
-    sc.issue(ask())
-    status, body = sc.issue(ask(**change))
+    run(sc.issue(ask()))
+    status, body = run(sc.issue(ask(**change)))
     assert status == 200 and body["cached"] is False and len(broker.issued) == 2
     assert broker.issued[1] == ask(**change)
     assert sc.reporter.pending == 0  # nothing was served from the cache
@@ -108,14 +116,14 @@ def test_approved_and_break_glass_credentials_are_never_cached() -> None:
     broker = FakeBroker()
     broker.approval = True
     sc = service(broker)
-    sc.issue(ask(break_glass=True))
+    run(sc.issue(ask(break_glass=True)))
     assert len(sc.cache) == 0
-    _, body = sc.issue(ask(break_glass=True))
+    _, body = run(sc.issue(ask(break_glass=True)))
     assert body["cached"] is False
-    sc.issue(ask(approval_id="apr-1"))
+    run(sc.issue(ask(approval_id="apr-1")))
     assert len(sc.cache) == 0
     # A plain request never gets a break-glass credential from the cache either.
-    _, body = sc.issue(ask())
+    _, body = run(sc.issue(ask()))
     assert body["cached"] is False and len(broker.issued) == 4
 
 
@@ -123,43 +131,47 @@ def test_when_hits_cannot_be_reported_the_cache_is_not_used_once_the_buffer_is_f
     broker = FakeBroker()
     broker.down = True
     sc = service(broker, capacity=2)
-    sc.issue(ask())
-    assert [sc.issue(ask())[1]["cached"] for _ in range(2)] == [True, True]
-    assert not sc.reporter.flush_once() and sc.reporter.pending == 2  # kept, not lost
-    _, body = sc.issue(ask())
+    run(sc.issue(ask()))
+    assert [run(sc.issue(ask()))[1]["cached"] for _ in range(2)] == [True, True]
+    assert not run(sc.reporter.flush_once()) and sc.reporter.pending == 2  # kept, not lost
+    _, body = run(sc.issue(ask()))
     assert body["cached"] is False and len(broker.issued) == 2  # asked the broker
     broker.down = False
-    assert sc.reporter.flush_once() and sc.reporter.pending == 0
+    assert run(sc.reporter.flush_once()) and sc.reporter.pending == 0
     assert len(broker.reported) == 2
-    assert sc.issue(ask())[1]["cached"] is True
+    assert run(sc.issue(ask()))[1]["cached"] is True
 
 
-def test_the_reporting_thread_retries_until_the_broker_answers() -> None:
+def test_the_reporting_task_retries_until_the_broker_answers() -> None:
     broker = FakeBroker()
     broker.down = True
     sc = service(broker)
-    sc.issue(ask())
-    sc.issue(ask())
-    stop = threading.Event()
-    sc.reporter.start(stop)
-    try:
-        threading.Event().wait(0.3)
-        assert sc.reporter.pending == 1 and not broker.reported
-        broker.down = False
-        for _ in range(100):
-            if not sc.reporter.pending:
-                break
-            threading.Event().wait(0.05)
-        assert sc.reporter.pending == 0 and len(broker.reported) == 1
-    finally:
-        stop.set()
-        sc.reporter.join(2)
+    run(sc.issue(ask()))
+    run(sc.issue(ask()))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(sc.reporter.run(stop))
+        try:
+            await asyncio.sleep(0.3)
+            assert sc.reporter.pending == 1 and not broker.reported
+            broker.down = False
+            for _ in range(100):
+                if not sc.reporter.pending:
+                    break
+                await asyncio.sleep(0.05)
+            assert sc.reporter.pending == 0 and len(broker.reported) == 1
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 2)
+
+    run(scenario())
 
 
 def test_hits_the_broker_refuses_are_dropped_not_resent() -> None:
     hits: list[list[pb.CacheHit]] = []
 
-    def send(batch: list[pb.CacheHit]) -> pb.ReportCacheHitsResponse:
+    async def send(batch: list[pb.CacheHit]) -> pb.ReportCacheHitsResponse:
         hits.append(batch)
         return pb.ReportCacheHitsResponse(recorded=1, rejected=[pb.RejectedCacheHit(
             index=1, reason="not yours")])
@@ -167,8 +179,8 @@ def test_hits_the_broker_refuses_are_dropped_not_resent() -> None:
     r = HitReporter(send, batch_size=2)
     for n in range(3):
         assert r.offer(pb.CacheHit(credential_id="acc1", request_id=f"r{n}"))
-    assert r.flush_once() and r.pending == 1
-    assert r.flush_once() and r.pending == 0
+    assert run(r.flush_once()) and r.pending == 1
+    assert run(r.flush_once()) and r.pending == 0
     assert [[h.request_id for h in b] for b in hits] == [["r0", "r1"], ["r2"]]
 
 
@@ -177,7 +189,7 @@ def test_a_new_scope_map_drops_the_cache() -> None:
     sc = service(broker)
     sc.on_revocation_event(pb.RevocationEvent(sync=pb.RevocationEvent.Sync(
         live_credential_ids=[], scope_map_version=V1)))
-    sc.issue(ask())
+    run(sc.issue(ask()))
     assert len(sc.cache) == 1
     # A reconnect whose sync names the same version keeps it (it is live).
     sc.on_revocation_event(pb.RevocationEvent(sync=pb.RevocationEvent.Sync(
@@ -186,17 +198,17 @@ def test_a_new_scope_map_drops_the_cache() -> None:
     sc.on_revocation_event(pb.RevocationEvent(
         scope_map=pb.RevocationEvent.ScopeMapInForce(version=V2)))
     assert len(sc.cache) == 0
-    _, body = sc.issue(ask())
+    _, body = run(sc.issue(ask()))
     assert body["cached"] is False  # decided again (the fake still answers V1: not cached)
     broker.version = V2
-    sc.issue(ask())
-    assert sc.issue(ask())[1]["cached"] is True
+    run(sc.issue(ask()))
+    assert run(sc.issue(ask()))[1]["cached"] is True
 
 
 def test_a_sync_naming_another_version_drops_the_cache() -> None:
     broker = FakeBroker()
     sc = service(broker)
-    sc.issue(ask())
+    run(sc.issue(ask()))
     sc.on_revocation_event(pb.RevocationEvent(sync=pb.RevocationEvent.Sync(
         live_credential_ids=["acc1"], scope_map_version=V2)))
     assert len(sc.cache) == 0
@@ -205,10 +217,10 @@ def test_a_sync_naming_another_version_drops_the_cache() -> None:
 def test_hand_back_drops_the_cache_entry() -> None:
     broker = FakeBroker()
     sc = service(broker)
-    _, first = sc.issue(ask())
-    sc.issue(ask())  # a second identical call shares it
-    sc.hand_back(first["credential_id"])
-    _, body = sc.issue(ask())
+    _, first = run(sc.issue(ask()))
+    run(sc.issue(ask()))  # a second identical call shares it
+    run(sc.hand_back(first["credential_id"]))
+    _, body = run(sc.issue(ask()))
     assert body["cached"] is False and body["credential_id"] != first["credential_id"]
 
 
@@ -216,8 +228,8 @@ def test_health_says_how_many_hits_await_reporting() -> None:
     broker = FakeBroker()
     broker.down = True
     sc = service(broker)
-    sc.issue(ask())
-    sc.issue(ask())
+    run(sc.issue(ask()))
+    run(sc.issue(ask()))
     sc.client = cast(BrokerClient, type("C", (), {"spiffe_id": "spiffe://example.org/a"})())
-    status, body = sc.health()
+    status, body = run(sc.health())
     assert status == 200 and body["unreported_cache_hits"] == 1

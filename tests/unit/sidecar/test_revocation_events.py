@@ -11,7 +11,7 @@ import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from sidecar.app import SidecarService
-from tests.unit.sidecar.test_record_of_hits import V1, V2, FakeBroker, ask, service
+from tests.unit.sidecar.test_record_of_hits import V1, V2, FakeBroker, ask, run, service
 
 
 def _filled() -> SidecarService:
@@ -19,9 +19,9 @@ def _filled() -> SidecarService:
     sc = service(FakeBroker())
     sc.on_revocation_event(pb.RevocationEvent(sync=pb.RevocationEvent.Sync(
         scope_map_version=V1)))
-    sc.issue(ask(target="h1"))
-    sc.issue(ask(target="h2"))
-    sc.issue(ask(action_class="containment"))
+    run(sc.issue(ask(target="h1")))
+    run(sc.issue(ask(target="h2")))
+    run(sc.issue(ask(action_class="containment")))
     assert [sc.cache.holds(c) for c in ("acc1", "acc2", "acc3")] == [True, True, True]
     return sc
 
