@@ -185,7 +185,7 @@ class Issuer:
         self._freeze_lock = threading.Lock()
         #: Audit appends that run while the registry is written (each waits on an fsync).
         self._writes = ThreadPoolExecutor(max_workers=write_workers,
-                                          thread_name_prefix="issue-audit")
+                                          thread_name_prefix="broker-audit")
 
     def close(self) -> None:
         """Finish the audit writes under way and stop their threads."""
