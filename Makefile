@@ -34,7 +34,7 @@ test-integration: $(STAMP)
 	$(PY) -m pytest -q tests/integration
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check broker sidecar tests bench client examples
+	$(VENV)/bin/ruff check broker sidecar credbroker_dev tests bench client examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -7,7 +7,7 @@ Appends are real decision-sized records, each durable (written and fsynced)
 before append() returns; concurrent appenders share fsyncs. Verification reads
 the file and checks the whole hash chain.
 
-``--postgres`` adds the audit log in PostgreSQL (``broker.audit_pg``: one transaction
+``--postgres`` adds the audit log in PostgreSQL (``broker.adapters.audit_pg``: one transaction
 per batch, signed head in it) beside the signed file rows: on ``--store URL`` (a fresh
 database), else on a throw-away server from the PostgreSQL binaries with fsync on, each
 as a ratio to the file at the same concurrency.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.audit import AuditLog
+from broker.adapters.audit import AuditLog
 from broker.core.auditchain import verify_chain
 
 RECORD = {
@@ -69,9 +69,9 @@ def appends(path: Path, threads: int, seconds: float, *, signed: bool = False) -
 
 def pg_appends(url: str, threads: int, seconds: float) -> float:
     """Appends per second to a new chain of the audit log in PostgreSQL, signed batches."""
-    from broker.audit_pg import PostgresAuditLog
-    from broker.registry import open_store
-    from broker.store_pg import PostgresStore
+    from broker.adapters.audit_pg import PostgresAuditLog
+    from broker.adapters.registry import open_store
+    from broker.adapters.store_pg import PostgresStore
 
     store = open_store(url=url, pool_size=4)
     assert isinstance(store, PostgresStore)
@@ -101,7 +101,7 @@ def _postgres(url: str) -> tuple[str, object]:
     if url:
         return url, None
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from broker.devpg import PgServer
+    from credbroker_dev.devpg import PgServer
 
     pg = PgServer()
     pg.init()

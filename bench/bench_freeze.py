@@ -32,13 +32,13 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import hvac
 import hvac.exceptions
 
-from broker.audit import AuditLog
+from broker.adapters.audit import AuditLog
+from broker.adapters.registry import SqliteStore
+from broker.adapters.vault import VaultAdapter, lease_prefix
+from broker.app.responder import Responder, RevocationBus
 from broker.core.scopemap import parse_scope_map
 from broker.core.spiffeid import SpiffeId
-from broker.devstack import OpenBaoDev
-from broker.registry import SqliteStore
-from broker.responder import Responder, RevocationBus
-from broker.vault import VaultAdapter, lease_prefix
+from credbroker_dev.devstack import OpenBaoDev
 
 MAP = """
 apiVersion: credbroker/v1

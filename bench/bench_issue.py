@@ -28,7 +28,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import hvac
 
-from broker.devstack import DevStack
+from credbroker_dev.devstack import DevStack
 from sidecar.client import SidecarClient
 
 

@@ -1,8 +1,8 @@
 """Replicas: 3 brokers on one PostgreSQL store vs 1 broker on SQLite, against one OpenBao.
 
 Starts a real OpenBao (dev), a dev Workload API for the brokers' SVID, a PostgreSQL
-server from the server binaries (:mod:`broker.devpg`) and the brokers as separate
-processes (``python -m broker.cli serve``); this process is the load generator. Two
+server from the server binaries (:mod:`credbroker_dev.devpg`) and the brokers as separate
+processes (``python -m broker.cli.main serve``); this process is the load generator. Two
 set-ups run one after the other against the same OpenBao:
 
 * **1 broker, SQLite**: one broker, ``--registry`` (today's default);
@@ -50,11 +50,11 @@ from bench_scale import OPTIONS, Creds, pct  # same dev SVIDs and channel option
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.audit import load_or_create_signing_key
+from broker.adapters.audit import load_or_create_signing_key
 from broker.config import DEFAULT_BROKER_DNS
-from broker.devpg import PgServer
-from broker.devspiffe import DevCA, DevWorkloadApi
-from broker.devstack import OpenBaoDev
+from credbroker_dev.devpg import PgServer
+from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
+from credbroker_dev.devstack import OpenBaoDev
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "spiffe://example.org/credbroker/admin"
@@ -105,7 +105,7 @@ class Brokers:
             ready = run / f"broker-{k}.addr"
             log = (run / f"broker-{k}.log").open("wb")
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "broker.cli", "serve", "--listen", "127.0.0.1:0",
+                [sys.executable, "-m", "broker.cli.main", "serve", "--listen", "127.0.0.1:0",
                  "--workload-api", "unix:" + wl_socket,
                  "--scope-map", str(run / "scope-map.yaml"), "--vault-addr", bao.addr,
                  "--ready-file", str(ready), "--audit-log", str(run / f"audit-{k}.log"),

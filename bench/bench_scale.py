@@ -1,7 +1,7 @@
 """One broker, N connected sidecars: issuance latency and revocation fan-out while they are held.
 
 Starts a real OpenBao (dev), a dev Workload API for the broker's own SVID, and the broker
-as a separate process (``python -m broker.cli serve``). This one load-generator process
+as a separate process (``python -m broker.cli.main serve``). This one load-generator process
 then, on one asyncio loop:
 
 1. measures an agent's issuance (IssueCredential over mTLS, new target each time) with
@@ -42,11 +42,11 @@ from cryptography.hazmat.primitives import serialization
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.audit import load_or_create_signing_key
+from broker.adapters.audit import load_or_create_signing_key
 from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
-from broker.devspiffe import DevCA, DevWorkloadApi, IssuedX509
-from broker.devstack import OpenBaoDev
+from credbroker_dev.devspiffe import DevCA, DevWorkloadApi, IssuedX509
+from credbroker_dev.devstack import OpenBaoDev
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = "spiffe://example.org/agent/triage"
@@ -240,7 +240,7 @@ def start_broker(run: Path, bao: OpenBaoDev, wl_socket: str) -> tuple[subprocess
     log = (run / "broker.log").open("wb")
     env = {**os.environ, "VAULT_TOKEN": bao.root_token}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "serve", "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "broker.cli.main", "serve", "--listen", "127.0.0.1:0",
          "--workload-api", "unix:" + wl_socket, "--scope-map", str(run / "scope-map.yaml"),
          "--vault-addr", bao.addr, "--ready-file", str(ready),
          "--audit-log", str(run / "audit.log"), "--audit-key", str(key),

@@ -43,7 +43,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import hvac
 import yaml
 
-from broker.devstack import EXAMPLE_SCOPE_MAP, DevStack
+from credbroker_dev.devstack import EXAMPLE_SCOPE_MAP, DevStack
 from sidecar.client import SidecarClient
 
 AGENTS = 32
@@ -124,7 +124,7 @@ def main() -> None:
     try:
         info = json.loads((stack.run_dir / "dev.json").read_text())
         root = hvac.Client(url=info["vault_addr"], token=info["vault_token"])
-        # The body the broker writes for its token roles (broker.vault.VaultAdapter).
+        # The body the broker writes for its token roles (broker.adapters.vault.VaultAdapter).
         root.write(f"auth/token/roles/{RAW_ROLE}", allowed_policies=["credbroker-enrichment"],
                    disallowed_policies=["root"], orphan=True, renewable=False,
                    token_explicit_max_ttl=900, token_no_default_policy=True,

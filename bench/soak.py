@@ -43,9 +43,9 @@ import hvac
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.config import DEFAULT_BROKER_DNS, BrokerConfig
-from broker.devspiffe import DevCA, DevWorkloadApi
-from broker.devstack import OpenBaoDev
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
+from credbroker_dev.devstack import OpenBaoDev
 from tests.faults.support import (
     BrokerFiles,
     VaultView,

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from broker.approvers import ApproverConfig
+from broker.adapters.approvers import ApproverConfig
+from broker.adapters.environments import (
+    EnvironmentConfig,
+    check_environments,
+    check_name,
+    parse_environment_flag,
+)
 from broker.core.scopemap import (
     DEFAULT_VAULT_ALLOWED_MOUNTS,
     ScopeMap,
@@ -23,19 +29,7 @@ from broker.core.scopemap import (
     parse_scope_map,
 )
 from broker.core.spiffeid import SpiffeId
-from broker.environments import (
-    EnvironmentConfig,
-    check_environments,
-    check_name,
-    parse_environment_flag,
-)
 from broker.errors import ConfigError, InvalidSpiffeIdError
-from broker.federation import (
-    FederatedBundles,
-    FederationSource,
-    parse_bundle_flag,
-    parse_endpoint_flag,
-)
 from broker.options import (
     AUDIENCE,
     BROKER_OPTIONS,
@@ -46,6 +40,12 @@ from broker.options import (
     Setting,
     option,
     resolve,
+)
+from broker.wire.federation import (
+    FederatedBundles,
+    FederationSource,
+    parse_bundle_flag,
+    parse_endpoint_flag,
 )
 
 DEFAULT_AUDIENCE = str(AUDIENCE.default)
@@ -316,7 +316,7 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
         if not _text(s, name):
             raise ConfigError(message)
     if store_url:
-        from broker.store_pg import check_url
+        from broker.adapters.store_pg import check_url
 
         check_url(store_url)
     elif not _text(s, "registry"):

@@ -1,10 +1,10 @@
 """One error root with families, and the one table that says what each error code means.
 
 Every error has a stable ``code``. :data:`ERRORS` gives each code its gRPC status,
-HTTP status and CLI exit code: the broker's gRPC boundary (``broker.service``)
+HTTP status and CLI exit code: the broker's gRPC boundary (``broker.grpc.service``)
 answers with the code's gRPC status and sends the code in the trailing metadata
 key ``credbroker-error-code``; the sidecar (``sidecar.broker_client``) answers the
-agent with the code's HTTP status; the CLI (``broker.cli``) exits with the code's
+agent with the code's HTTP status; the CLI (``broker.cli.main``) exits with the code's
 exit code. Clients map errors by that code, never by message text or status alone.
 The README's error table is :func:`error_table_markdown` (a test keeps them equal).
 

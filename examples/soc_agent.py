@@ -159,7 +159,7 @@ def _dev_approver(run_dir: str, user: str) -> Callable[[PendingApproval], None]:
     def approve(pending: PendingApproval) -> None:
         print(f"  approval {pending.approval_id} pending; {user} approves it", flush=True)
         threading.Thread(target=subprocess.run, daemon=True, args=([
-            sys.executable, "-m", "broker.cli", "approvals", "approve", pending.approval_id,
+            sys.executable, "-m", "broker.cli.main", "approvals", "approve", pending.approval_id,
             "--dev", run_dir, "--as", user, "--reason", "confirmed C2; isolate"],),
             kwargs={"check": False}).start()
     return approve

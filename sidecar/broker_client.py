@@ -32,10 +32,10 @@ from broker.errors import (
     BrokerUnavailableError,
     WorkloadApiError,
 )
-from broker.federation import FederatedBundles
-from broker.server import LoopThread
-from broker.service import DECISION_MD_KEY
-from broker.tls import (
+from broker.grpc.server import LoopThread
+from broker.grpc.service import DECISION_MD_KEY
+from broker.wire.federation import FederatedBundles
+from broker.wire.tls import (
     AioRotatingChannel,
     PemMaterial,
     channel_credentials,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.devpg import PgServer
+from credbroker_dev.devpg import PgServer
 
 # Set before grpc is imported anywhere (see broker.cli.main).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
@@ -36,7 +36,8 @@ def _no_personal_login(tmp_path_factory: pytest.TempPathFactory,
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PgServer]:
-    """A PostgreSQL server for the whole session (from the server binaries; see broker.devpg)."""
+    """A PostgreSQL server for the whole session (from the server binaries; see
+    credbroker_dev.devpg)."""
     server = PgServer()
     server.start()
     yield server

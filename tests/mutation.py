@@ -37,7 +37,7 @@ EQUIVALENTS_DOC = ROOT / "docs" / "mutation.md"
 
 #: The modules whose surviving mutants the integration phase samples, and the
 #: integration test files that exercise them (each starts a real OpenBao).
-INTEGRATION_MODULES = ["broker/vault.py", "broker/responder.py", "sidecar/app.py"]
+INTEGRATION_MODULES = ["broker/adapters/vault.py", "broker/app/responder.py", "sidecar/app.py"]
 INTEGRATION_TESTS = [
     "tests/integration/test_broker.py",
     "tests/integration/test_revocation.py",

@@ -3,7 +3,7 @@
 The console connects with its own X.509-SVID (which the broker must list as an
 ``--admin-id``); every state-changing call also carries the signed-in person's ID
 token in ``authorization-person`` metadata, so the broker verifies and records the
-person (:mod:`broker.people`). The channel is rebuilt when the SVID rotates.
+person (:mod:`broker.app.people`). The channel is rebuilt when the SVID rotates.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from spiffe import X509Source
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.app.people import PERSON_MD_KEY
 from broker.errors import ERROR_CODE_MD_KEY
-from broker.people import PERSON_MD_KEY
-from broker.tls import KEEPALIVE, pem_material
+from broker.wire.tls import KEEPALIVE, pem_material
 
 
 @dataclass

@@ -8,7 +8,7 @@ import os
 import signal
 from pathlib import Path
 
-from broker.audit_cli import dev_info
+from broker.cli.audit import dev_info
 from broker.config import DEFAULT_BROKER_DNS
 from broker.errors import ConfigError
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.audit import head_path_of, read_checkpoints, read_head, read_records
-from broker.audit_cli import _public_key
+from broker.adapters.audit import head_path_of, read_checkpoints, read_head, read_records
+from broker.cli.audit import _public_key
 from broker.console import app as console_app
 from broker.console import views
 from broker.console.brokerapi import BrokerRefused

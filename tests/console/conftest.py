@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.devstack import DevStack
+from credbroker_dev.devstack import DevStack
 
 CHROMIUM = os.environ.get("CREDBROKER_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from broker.devstack import DevStack
+from credbroker_dev.devstack import DevStack
 from sidecar.client import SidecarClient
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 import hvac
 import pytest
 
-from broker.devstack import OpenBaoDev
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.faults.support import BrokerFiles, VaultView
 from tests.integration import conftest as integration
 from tests.integration.conftest import Identity, broker_config

@@ -201,7 +201,7 @@ def error_code(err: grpc.RpcError) -> str:
 # -- a broker as a real process (it can be SIGKILLed)
 
 class BrokerProcess:
-    """``python -m broker.cli serve`` from this worktree, on the config's files."""
+    """``python -m broker.cli.main serve`` from this worktree, on the config's files."""
 
     def __init__(self, cfg: BrokerConfig, *, vault_token: str, log: Path) -> None:
         self.cfg = cfg
@@ -216,7 +216,7 @@ class BrokerProcess:
         self.ready.unlink(missing_ok=True)
         env = {**os.environ, "VAULT_TOKEN": self._token,
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        args = [sys.executable, "-m", "broker.cli", "serve", "--listen", "127.0.0.1:0",
+        args = [sys.executable, "-m", "broker.cli.main", "serve", "--listen", "127.0.0.1:0",
                 "--workload-api", cfg.workload_api_socket, "--scope-map",
                 str(cfg.scope_map_path), "--vault-addr", cfg.vault_addr, "--ready-file",
                 str(self.ready), "--audit-log", str(cfg.audit_path), "--audit-key",

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
 from sidecar.client import SidecarError
 from tests.faults.conftest import Factory
 from tests.faults.support import BrokerFiles, VaultView, audit_records, error_code, settle, until

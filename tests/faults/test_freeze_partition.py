@@ -11,7 +11,7 @@ import hvac.exceptions
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.devstack import OpenBaoDev
+from credbroker_dev.devstack import OpenBaoDev
 from tests.faults.conftest import Factory
 from tests.faults.support import BrokerFiles, VaultView, audit_records, error_code, settle, until
 from tests.integration.conftest import ADMIN, TRIAGE, Identity, vault_as

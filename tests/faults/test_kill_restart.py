@@ -1,6 +1,6 @@
 """A broker SIGKILLed with issuances in flight always starts again, and leaves nothing behind.
 
-The broker runs as a real process (``python -m broker.cli serve``); OpenBao is one TCP
+The broker runs as a real process (``python -m broker.cli.main serve``); OpenBao is one TCP
 hop away behind the fault proxy, which holds Vault's answers so that the kill lands
 between "Vault minted" and "the broker recorded it".
 """
@@ -16,7 +16,7 @@ import hvac
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.devstack import OpenBaoDev
+from credbroker_dev.devstack import OpenBaoDev
 from tests.faults.support import (
     BrokerFiles,
     BrokerProcess,

@@ -16,9 +16,9 @@ from datetime import timedelta
 import grpc
 import pytest
 
-import broker.responder
+import broker.app.responder
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
 from tests.faults.conftest import Factory
 from tests.faults.support import (
     BrokerFiles,
@@ -163,7 +163,7 @@ def test_black_hole_during_a_mint(
     assert not {m.get("request_id") for a, m in view.live_credbroker().items()
                 if a not in before} & {rid}
     # Intents are dropped once older than STALE_INTENT (30 s); shortened here.
-    monkeypatch.setattr(broker.responder, "STALE_INTENT", timedelta(seconds=1))
+    monkeypatch.setattr(broker.app.responder, "STALE_INTENT", timedelta(seconds=1))
     assert server.responder is not None
     server.responder.reconcile_soon()
     until(lambda: _row(server, rid) is None, "the ambiguous intent without a token to be "

@@ -20,10 +20,10 @@ import psycopg
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.audit_pg import read_db_records
-from broker.cli import main
-from broker.devpg import PgServer
-from broker.devstack import OpenBaoDev
+from broker.adapters.audit_pg import read_db_records
+from broker.cli.main import main
+from credbroker_dev.devpg import PgServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.faults.support import BrokerProcess, VaultView
 from tests.integration.conftest import CONTAINMENT, TRIAGE, Identity, broker_config
 from tests.integration.helpers import EVENT, TcpProxy, issue_request, stub, svid

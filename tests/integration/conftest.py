@@ -16,9 +16,9 @@ import hvac
 import pytest
 
 from broker.config import DEFAULT_BROKER_DNS, BrokerConfig, SidecarConfig
-from broker.devspiffe import DevCA, DevWorkloadApi
-from broker.devstack import OpenBaoDev
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
+from credbroker_dev.devstack import OpenBaoDev
 from sidecar.app import SidecarHttpServer, SidecarService
 from sidecar.broker_client import BrokerClient
 from sidecar.client import SidecarClient

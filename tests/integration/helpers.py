@@ -15,7 +15,7 @@ from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
-from broker.devspiffe import DevCA, IssuedX509
+from credbroker_dev.devspiffe import DevCA, IssuedX509
 
 
 def pem_pair(svid: IssuedX509) -> tuple[bytes, bytes]:

@@ -17,10 +17,10 @@ import hvac
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.approvers import ApproverConfig, DevIssuer
-from broker.audit import read_records
-from broker.devstack import OpenBaoDev
-from broker.server import BrokerServer
+from broker.adapters.approvers import ApproverConfig, DevIssuer
+from broker.adapters.audit import read_records
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import (
     ADMIN,
     CONTAINMENT,
@@ -301,7 +301,7 @@ def test_bad_id_tokens_and_unknown_approvals(env: Env, short_tmp: Path) -> None:
 
 
 def test_approvals_cli(env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from broker.cli import main
+    from broker.cli.main import main
 
     conn = ["--broker", f"127.0.0.1:{env.server.port}", "--workload-api",
             env.identity.socket("admin")]
@@ -336,7 +336,7 @@ def test_a_released_credential_is_never_served_from_the_cache(env: Env) -> None:
 
 
 def test_deciding_needs_a_person_whose_token_may_come_in_metadata(env: Env) -> None:
-    from broker.people import PERSON_MD_KEY
+    from broker.app.people import PERSON_MD_KEY
 
     _, pending = ask(env)
     request = pb.ApprovalDecisionRequest(approval_id=pending["approval_id"], reason="C2 seen")

@@ -20,12 +20,12 @@ import hvac
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.audit import AuditLog, read_records
-from broker.cli import main
+from broker.adapters.audit import AuditLog, read_records
+from broker.cli.main import main
 from broker.core.spiffeid import SpiffeId
-from broker.devstack import OpenBaoDev
 from broker.errors import AuditError
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import (
     CONTAINMENT,
     TEST_MAP,
@@ -200,7 +200,7 @@ def test_a_full_audit_log_fails_issuance_and_leaves_no_live_credential(
     history.close()
     env = {**os.environ, "VAULT_TOKEN": bao.root_token}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "serve", "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "broker.cli.main", "serve", "--listen", "127.0.0.1:0",
          "--workload-api", identity.socket("broker"), "--scope-map", str(TEST_MAP),
          "--vault-addr", bao.addr, "--ready-file", str(ready), "--audit-log", str(audit),
          "--audit-key", str(own / "k.pem"), "--registry", str(own / "registry.db")],

@@ -16,7 +16,7 @@ from spiffe.svid.jwt_svid import JwtSvid
 from broker._proto.spiffe.workload import workload_pb2 as wl
 from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
-from broker.devspiffe import DevCA, DevWorkloadApi
+from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
 from tests.integration.conftest import BROKER, TRIAGE, Identity
 
 
@@ -119,7 +119,7 @@ def test_calls_without_the_security_header_are_refused(identity: Identity) -> No
 
 
 def test_client_channel_is_reused_until_the_svid_rotates(identity: Identity) -> None:
-    from broker.tls import RotatingChannel
+    from broker.wire.tls import RotatingChannel
 
     src = X509Source(socket_path=identity.socket("triage"), timeout_in_seconds=5)
     channel = RotatingChannel(src, "127.0.0.1:1", DEFAULT_BROKER_DNS)

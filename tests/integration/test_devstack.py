@@ -15,7 +15,7 @@ import pytest
 
 from sidecar.client import SidecarClient
 
-CLI = [sys.executable, "-m", "broker.cli"]
+CLI = [sys.executable, "-m", "broker.cli.main"]
 
 
 def _children_of(pid: int) -> set[int]:
@@ -153,7 +153,7 @@ def test_dev_replicas_share_one_store_and_every_dev_command_reaches_them() -> No
     import hvac
     import hvac.exceptions
 
-    from broker.audit_pg import read_db_records
+    from broker.adapters.audit_pg import read_db_records
     from sidecar.client import SidecarError
 
     run_dir = Path(tempfile.mkdtemp(prefix="cbr-"))

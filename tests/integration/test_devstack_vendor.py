@@ -14,10 +14,10 @@ from pathlib import Path
 import hvac
 import pytest
 
-from broker.audit import read_records
+from broker.adapters.audit import read_records
 from sidecar.client import SidecarClient
 
-CLI = [sys.executable, "-m", "broker.cli"]
+CLI = [sys.executable, "-m", "broker.cli.main"]
 
 
 @pytest.mark.slow

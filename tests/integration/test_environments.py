@@ -19,15 +19,15 @@ import hvac.exceptions
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.approvers import ApproverConfig, DevIssuer
-from broker.audit import read_records
+from broker.adapters.approvers import ApproverConfig, DevIssuer
+from broker.adapters.audit import read_records
+from broker.adapters.environments import EnvironmentConfig
+from broker.adapters.registry import SqliteStore
+from broker.adapters.vault import FROZEN_POLICY
 from broker.core.audittrace import to_ocsf, trace, trace_lines
 from broker.core.spiffeid import SpiffeId
-from broker.devstack import OpenBaoDev
-from broker.environments import EnvironmentConfig
-from broker.registry import SqliteStore
-from broker.server import BrokerServer
-from broker.vault import FROZEN_POLICY
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import (
     ADMIN,
     CONTAINMENT,
@@ -343,7 +343,7 @@ def test_reconcile_revokes_an_orphan_in_the_vault_that_holds_it(world: World) ->
 def test_vault_sync_writes_each_vault_the_classes_allowed_there(
         world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from broker.cli import main
+    from broker.cli.main import main
 
     monkeypatch.setenv("VAULT_ADDR", world.production.addr)
     monkeypatch.setenv("VAULT_TOKEN", world.production.root_token)

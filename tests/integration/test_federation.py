@@ -17,16 +17,16 @@ from cryptography.hazmat.primitives import serialization
 
 from broker.config import SidecarConfig
 from broker.core.spiffeid import SpiffeId
-from broker.devspiffe import DevCA, DevWorkloadApi, IssuedX509
-from broker.devstack import OpenBaoDev
-from broker.federation import (
+from broker.grpc.server import BrokerServer
+from broker.wire.federation import (
     BundleEndpoint,
     FederationSource,
     bundle_document,
     parse_bundle_flag,
     parse_endpoint_flag,
 )
-from broker.server import BrokerServer
+from credbroker_dev.devspiffe import DevCA, DevWorkloadApi, IssuedX509
+from credbroker_dev.devstack import OpenBaoDev
 from sidecar.app import SidecarHttpServer, SidecarService
 from sidecar.broker_client import BrokerClient
 from sidecar.client import SidecarClient

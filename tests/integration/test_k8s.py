@@ -369,7 +369,7 @@ def test_the_dev_overlay_holds_the_openbao_its_broker_uses() -> None:
 
 
 def test_broker_config_file_keys_are_known() -> None:
-    from broker.cli import serve_file_keys
+    from broker.cli.main import serve_file_keys
 
     for path in ("base/broker-config.yaml", "overlays/production/broker-config.yaml"):
         cfg = yaml.safe_load((ROOT / "k8s" / path).read_text())
@@ -378,7 +378,7 @@ def test_broker_config_file_keys_are_known() -> None:
 
 def test_every_credbroker_container_command_parses(objects: tuple[str, list[dict[str, Any]]]
                                                    ) -> None:
-    from broker.cli import build_parser
+    from broker.cli.main import build_parser
 
     _, objs = objects
     seen = 0

@@ -23,9 +23,9 @@ import hvac.exceptions
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.audit import read_records
-from broker.devstack import OpenBaoDev
-from broker.server import BrokerServer
+from broker.adapters.audit import read_records
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import (
     ADMIN,
     CONTAINMENT,

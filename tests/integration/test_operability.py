@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from broker.devstack import OpenBaoDev, free_port
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev, free_port
 from tests.integration.conftest import CONTAINMENT, TRIAGE, Identity, broker_config
 from tests.integration.helpers import EVENT, issue_request, stub, svid
 
@@ -97,7 +97,7 @@ def test_reflection_lists_the_services(broker: BrokerServer, identity: Identity)
 
 def test_config_file_with_flags_winning(tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from broker.cli import main
+    from broker.cli.main import main
 
     bad = tmp_path / "broker.yaml"
     bad.write_text("listen: 127.0.0.1:1\ncolour: red\n")

@@ -20,14 +20,14 @@ import hvac
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.approvers import ApproverConfig
-from broker.audit import read_records
+from broker.adapters.approvers import ApproverConfig
+from broker.adapters.audit import read_records
+from broker.app.people import PERSON_MD_KEY
+from broker.cli.login import TokenCache
 from broker.config import DEFAULT_BROKER_DNS
-from broker.devidp import DevIdp
-from broker.devstack import OpenBaoDev
-from broker.login import TokenCache
-from broker.people import PERSON_MD_KEY
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devidp import DevIdp
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import ADMIN, TRIAGE, Identity, broker_config
 from tests.integration.helpers import admin_stub, svid
 from tests.integration.test_revocation import _exists, mint
@@ -185,7 +185,7 @@ def _cli(people: People, xdg: Path, *argv: str) -> subprocess.CompletedProcess[s
            if k not in ("CREDBROKER_BROKER", "SPIFFE_ENDPOINT_SOCKET",
                         "CREDBROKER_ID_TOKEN_FILE")}
     dev = [] if argv[0] == "logout" else ["--dev", str(people.dev_dir)]
-    return subprocess.run([sys.executable, "-m", "broker.cli", *argv, *dev], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "broker.cli.main", *argv, *dev], cwd=ROOT,
                           env=env | {"XDG_CONFIG_HOME": str(xdg)}, capture_output=True,
                           text=True, timeout=120)
 

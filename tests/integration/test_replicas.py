@@ -28,14 +28,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.approvers import ApproverConfig, DevIssuer
-from broker.audit_pg import chain_origin, read_db_records
-from broker.cli import main
-from broker.devpg import PgServer
-from broker.devstack import OpenBaoDev
+from broker.adapters.approvers import ApproverConfig, DevIssuer
+from broker.adapters.audit_pg import chain_origin, read_db_records
+from broker.app.replicas import LEADER_LOCK
+from broker.cli.main import main
 from broker.errors import ERROR_CODE_MD_KEY
-from broker.replicas import LEADER_LOCK
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devpg import PgServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import (
     ADMIN,
     CONTAINMENT,

@@ -21,9 +21,9 @@ import hvac
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.cli import main
-from broker.devstack import OpenBaoDev
-from broker.server import BrokerServer
+from broker.cli.main import main
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import (
     ADMIN,
     CONTAINMENT,
@@ -49,10 +49,10 @@ def server(bao: OpenBaoDev, identity: Identity, vault_root: hvac.Client
 
 
 def run(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python -m broker.cli ARGV`` in a subprocess (a traceback would show), with ``env``."""
+    """``python -m broker.cli.main ARGV`` in a subprocess (a traceback would show), with ``env``."""
     clean = {k: v for k, v in os.environ.items()
              if k not in ("CREDBROKER_BROKER", "CREDBROKER_BROKER_ADDR", "SPIFFE_ENDPOINT_SOCKET")}
-    return subprocess.run([sys.executable, "-m", "broker.cli", *argv], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "broker.cli.main", *argv], cwd=ROOT,
                           env=clean | env, capture_output=True, text=True, timeout=120)
 
 

@@ -18,12 +18,12 @@ import hvac.exceptions
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.audit import read_records
-from broker.cli import main
+from broker.adapters.audit import read_records
+from broker.adapters.registry import SqliteStore
+from broker.cli.main import main
 from broker.config import BrokerConfig
-from broker.devstack import OpenBaoDev
-from broker.registry import SqliteStore
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import (
     ADMIN,
     CONTAINMENT,
@@ -288,7 +288,7 @@ def test_sigkill_between_mint_and_record_leaves_no_live_token(
     cfg = broker_config(bao, identity, vault_addr=proxy.addr)
     ready = cfg.audit_path.parent / "ready"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "serve", "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "broker.cli.main", "serve", "--listen", "127.0.0.1:0",
          "--workload-api", cfg.workload_api_socket, "--scope-map", str(TEST_MAP),
          "--vault-addr", proxy.addr, "--ready-file", str(ready), "--audit-log",
          str(cfg.audit_path), "--audit-key", str(cfg.audit_key_path), "--registry",

@@ -19,12 +19,12 @@ import hvac
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.approvers import ApproverConfig
-from broker.audit import read_records
+from broker.adapters.approvers import ApproverConfig
+from broker.adapters.audit import read_records
 from broker.core.revocation import Selector
-from broker.devidp import DevIdp
-from broker.devstack import OpenBaoDev, free_port
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devidp import DevIdp
+from credbroker_dev.devstack import OpenBaoDev, free_port
 from tests.integration.conftest import (
     ADMIN,
     CONTAINMENT,

@@ -18,11 +18,11 @@ import hvac.exceptions
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.audit import read_records
-from broker.cli import main as cli_main
-from broker.devspiffe import DevCA, DevWorkloadApi
-from broker.devstack import OpenBaoDev, free_port
-from broker.server import BrokerServer
+from broker.adapters.audit import read_records
+from broker.cli.main import main as cli_main
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
+from credbroker_dev.devstack import OpenBaoDev, free_port
 from sidecar.broker_client import BrokerCallError
 from sidecar.client import SidecarError
 from tests.integration.conftest import (
@@ -547,8 +547,8 @@ def test_the_revocation_stream_comes_back_when_its_channel_is_retired(
     """After an SVID rotation the next call builds a new channel; the old one, with the
     revocation stream on it, is closed once its grace is over. The stream reconnects (a new
     sync) instead of ending with it."""
-    from broker import tls
     from broker.core.spiffeid import SpiffeId
+    from broker.wire import tls
 
     monkeypatch.setattr(tls, "OLD_CHANNEL_GRACE_SECONDS", 0.2)
     sc = start_sidecar(identity, "triage", f"127.0.0.1:{broker.port}", short_tmp / "sc-ret.sock")

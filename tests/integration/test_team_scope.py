@@ -16,12 +16,12 @@ import hvac
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.approvers import ApproverConfig, DevIssuer
-from broker.audit import read_records
-from broker.devstack import OpenBaoDev
+from broker.adapters.approvers import ApproverConfig, DevIssuer
+from broker.adapters.audit import read_records
+from broker.app.people import PERSON_MD_KEY
 from broker.errors import ERROR_CODE_MD_KEY
-from broker.people import PERSON_MD_KEY
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import ADMIN, Identity, broker_config
 from tests.integration.helpers import EVENT, admin_stub, approvals_stub, stub, svid
 from tests.integration.test_revocation import _exists, works

@@ -9,10 +9,10 @@ from collections.abc import Callable
 import hvac
 import pytest
 
-from broker.audit import read_records
-from broker.devstack import OpenBaoDev
-from broker.server import BrokerServer
-from broker.vault import FROZEN_POLICY
+from broker.adapters.audit import read_records
+from broker.adapters.vault import FROZEN_POLICY
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import ADMIN, Identity, broker_config
 
 ENRICH = "credbroker-enrichment"
@@ -104,7 +104,7 @@ def test_an_identity_role_deleted_behind_the_brokers_back_is_written_again(
         broker: BrokerServer, identity: Identity, vault_root: hvac.Client) -> None:
     """Another broker's sync or an operator removed the role this process had written:
     the next mint writes it again instead of failing the agent's request."""
-    from broker.vault import identity_role_name
+    from broker.adapters.vault import identity_role_name
     from tests.integration.conftest import TRIAGE
     from tests.integration.helpers import issue_request, stub, svid
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import hvac
 import pytest
 
-from broker.cli import main
+from broker.cli.main import main
 from broker.config import broker_config_from
-from broker.devstack import OpenBaoDev
 from broker.errors import ConfigError
-from broker.server import BrokerServer
+from broker.grpc.server import BrokerServer
+from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import TEST_MAP, Identity, broker_config, start_sidecar
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jwt
 
-from broker.devidp import DevIdp, s256
+from credbroker_dev.devidp import DevIdp, s256
 
 
 def _q(idp: DevIdp, verifier: str, redirect: str = "https://127.0.0.1:8600/callback") \

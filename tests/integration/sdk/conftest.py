@@ -22,9 +22,9 @@ ROOT = Path(__file__).parents[3]
 sys.path.insert(0, str(ROOT / "client"))
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb  # noqa: E402
-from broker.approvers import ApproverConfig, DevIssuer  # noqa: E402
-from broker.devstack import OpenBaoDev  # noqa: E402
-from broker.server import BrokerServer  # noqa: E402
+from broker.adapters.approvers import ApproverConfig, DevIssuer  # noqa: E402
+from broker.grpc.server import BrokerServer  # noqa: E402
+from credbroker_dev.devstack import OpenBaoDev  # noqa: E402
 from tests.integration.conftest import (  # noqa: E402
     ADMIN,
     Identity,

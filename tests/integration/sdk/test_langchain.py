@@ -9,7 +9,7 @@ import re
 from credbroker_client import AsyncClient, Client, Credential, arguments_digest, incident
 from credbroker_client.langchain import credentialed_tool
 
-from broker.audit import read_records
+from broker.adapters.audit import read_records
 from tests.integration.sdk.conftest import Stack
 
 

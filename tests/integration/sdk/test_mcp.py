@@ -15,7 +15,7 @@ from credbroker_client.mcp import INCIDENT_META_KEY, CredentialedTools
 from mcp import Client as McpClient
 from mcp.server.mcpserver import MCPServer
 
-from broker.audit import read_records
+from broker.adapters.audit import read_records
 from tests.integration.sdk.conftest import Stack
 
 CLIENT_SECRET = "Bearer mcp-client-secret-0123456789"

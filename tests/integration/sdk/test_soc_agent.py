@@ -11,7 +11,7 @@ import threading
 import pytest
 from credbroker_client import AsyncClient, PendingApproval, arguments_digest
 
-from broker.cli import main as credbroker
+from broker.cli.main import main as credbroker
 from tests.integration.sdk.conftest import ROOT, Stack
 
 

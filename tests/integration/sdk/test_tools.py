@@ -21,7 +21,7 @@ from credbroker_client import (
     using_approval,
 )
 
-from broker.audit import read_records
+from broker.adapters.audit import read_records
 from tests.integration.sdk.conftest import Stack
 
 

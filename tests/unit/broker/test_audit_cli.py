@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import AuditLog, read_records
-from broker.cli import main
+from broker.adapters.audit import AuditLog, read_records
+from broker.cli.main import main
 from broker.core.audittrace import to_ocsf
 
 TRIAGE = "spiffe://example.org/agent/triage"

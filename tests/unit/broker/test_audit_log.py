@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.audit import AuditLog, load_or_create_signing_key, read_checkpoints, read_records
+from broker.adapters.audit import (
+    AuditLog,
+    load_or_create_signing_key,
+    read_checkpoints,
+    read_records,
+)
 from broker.core.auditchain import verify_chain
 from broker.errors import AuditError, ConfigError
 
@@ -153,8 +158,8 @@ def _forge(path: Path, record: dict[str, object]) -> None:
 
 def test_every_acknowledged_batch_is_signed_so_a_forged_tail_is_caught(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from broker.audit import head_path_of, read_head
-    from broker.cli import main
+    from broker.adapters.audit import head_path_of, read_head
+    from broker.cli.main import main
 
     path = tmp_path / "audit.log"
     key = load_or_create_signing_key(tmp_path / "audit.key", create=True)

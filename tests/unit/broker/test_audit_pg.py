@@ -1,4 +1,5 @@
-"""The audit log in PostgreSQL (``broker.audit_pg``), on a real server (the session fixture).
+"""The audit log in PostgreSQL (``broker.adapters.audit_pg``), on a real server (the session
+fixture).
 
 What the database holds is read with SQL and ``credbroker audit verify --store``, not
 through the writer; tampering is done with SQL, as someone with database access would.
@@ -17,13 +18,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from broker.audit import read_checkpoints
-from broker.audit_pg import PostgresAuditLog, read_db_records, verify_db
-from broker.cli import main
-from broker.devpg import PgServer
+from broker.adapters.audit import read_checkpoints
+from broker.adapters.audit_pg import PostgresAuditLog, read_db_records, verify_db
+from broker.adapters.registry import SCHEMA_VERSION, open_store
+from broker.adapters.store_pg import AUDIT_SCHEMA, PostgresStore
+from broker.cli.main import main
 from broker.errors import AuditError
-from broker.registry import SCHEMA_VERSION, open_store
-from broker.store_pg import AUDIT_SCHEMA, PostgresStore
+from credbroker_dev.devpg import PgServer
 
 
 def _sql(url: str, query: str, *args: object) -> list[tuple[Any, ...]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from broker.responder import MAX_STREAMS_PER_IDENTITY, BusEvent, RevocationBus
+from broker.app.responder import MAX_STREAMS_PER_IDENTITY, BusEvent, RevocationBus
 
 A = "spiffe://example.org/agent/a"
 B = "spiffe://example.org/fleet/b"

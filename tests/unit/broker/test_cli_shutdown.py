@@ -9,7 +9,7 @@ import time
 
 SCRIPT = """
 import threading, time
-from broker.cli import _serve_until_signalled
+from broker.cli.main import _serve_until_signalled
 print("ready", flush=True)
 raise SystemExit(_serve_until_signalled(lambda: time.sleep({stop}), deadline=1.0, name="t"))
 """

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import build_parser
+from broker.adapters.environments import IMPLICIT, Environments, split_entity, tag_entity
+from broker.adapters.vault import VaultAdapter
+from broker.cli.main import build_parser
 from broker.config import broker_config_from
 from broker.core.scopemap import parse_scope_map
-from broker.environments import IMPLICIT, Environments, split_entity, tag_entity
 from broker.errors import ConfigError, UnknownEnvironmentError
+from broker.grpc.server import environments_of
 from broker.options import BROKER_OPTIONS, flag_values, read_config_file
-from broker.server import environments_of
-from broker.vault import VaultAdapter
 
 ENV = {"VAULT_TOKEN": "s.env-token", "VAULT_ADDR": "http://127.0.0.1:8200",
        "SPIFFE_ENDPOINT_SOCKET": "unix:/run/spire/agent.sock",

@@ -58,7 +58,7 @@ def _codes_in_source() -> set[tuple[int | None, str]]:
 
 
 def test_every_code_an_error_or_a_denial_can_carry_is_in_the_table() -> None:
-    from broker.service import ApprovalClosedError
+    from broker.grpc.service import ApprovalClosedError
 
     codes = {cls.code for cls in _all_error_classes()} | {d.value for d in DenyCode}
     codes |= {ApprovalClosedError("x", state=s).code for s in ("denied", "expired")}
@@ -102,7 +102,7 @@ def test_the_readme_error_table_is_the_modules() -> None:
 
 
 def test_the_broker_answers_each_code_with_the_tables_grpc_status() -> None:
-    from broker.service import grpc_status
+    from broker.grpc.service import grpc_status
 
     for code, spec in ERRORS.items():
         expected = grpc.StatusCode[spec.grpc_status] if spec.grpc_status \

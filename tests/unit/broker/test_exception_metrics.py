@@ -6,15 +6,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from broker.approval_desk import ApprovalDesk
-from broker.approvers import ApproverConfig
-from broker.audit import AuditLog
+from broker.adapters.approvers import ApproverConfig
+from broker.adapters.audit import AuditLog
+from broker.adapters.registry import SqliteStore
+from broker.app.approval_desk import ApprovalDesk
+from broker.app.issuance import DenialCounter
 from broker.core.approvals import Approver
 from broker.core.models import CredentialRequest, InitiatingEvent
 from broker.core.scopemap import parse_scope_map
-from broker.issuance import DenialCounter
-from broker.observability import Metrics
-from broker.registry import SqliteStore
+from broker.grpc.observability import Metrics
 
 MAP = """
 apiVersion: credbroker/v1

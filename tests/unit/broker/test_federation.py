@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from broker.core.models import CredentialRequest, DenyCode, Outcome
 from broker.core.scopemap import evaluate, parse_scope_map
 from broker.core.spiffeid import SpiffeId
-from broker.devspiffe import DevCA, IssuedX509
 from broker.errors import ConfigError, IdentityError, ScopeMapError
-from broker.federation import (
+from broker.grpc.identity import check_chain, spiffe_id_from_certificate
+from broker.wire.federation import (
     BundleEndpoint,
     BundleError,
     FederatedBundles,
@@ -29,7 +29,7 @@ from broker.federation import (
     parse_endpoint_flag,
     refresh_seconds,
 )
-from broker.identity import check_chain, spiffe_id_from_certificate
+from credbroker_dev.devspiffe import DevCA, IssuedX509
 
 NOW = datetime.now(UTC)
 VENDOR = "vendor.example"

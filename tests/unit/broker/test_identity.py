@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.core.spiffeid import SpiffeId
-from broker.devspiffe import DevCA
 from broker.errors import IdentityError
-from broker.identity import spiffe_id_from_certificate
+from broker.grpc.identity import spiffe_id_from_certificate
+from credbroker_dev.devspiffe import DevCA
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 CA = DevCA("example.org", now=NOW)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.admin import AdminService, selector_from_proto
 from broker.errors import InvalidRequestError
-from broker.inputs import check_id, check_ids, check_length, is_id
+from broker.grpc.admin import AdminService, selector_from_proto
+from broker.wire.inputs import check_id, check_ids, check_length, is_id
 
 
 def test_ids() -> None:

@@ -15,25 +15,25 @@ from typing import Any
 
 import pytest
 
-from broker.approval_desk import ApprovalDesk
-from broker.approvers import ApproverConfig
-from broker.audit import AuditLog, read_records
-from broker.budget import StoreBudget
+from broker.adapters.approvers import ApproverConfig
+from broker.adapters.audit import AuditLog, read_records
+from broker.adapters.environments import Environments
+from broker.adapters.registry import SqliteStore, StoreError
+from broker.app.approval_desk import ApprovalDesk
+from broker.app.budget import StoreBudget
+from broker.app.issuance import DeniedByPolicy, Issued, Issuer, PendingApproval
+from broker.app.responder import Responder, RevocationBus
 from broker.core.approvals import Approver
 from broker.core.models import Caller, CredentialRequest, InitiatingEvent, MintedToken
 from broker.core.scopemap import ActionClass, ScopeMap, parse_scope_map
 from broker.core.spiffeid import SpiffeId
-from broker.environments import Environments
 from broker.errors import (
     AuditError,
     FrozenError,
     VaultPermissionError,
     VaultUnavailableError,
 )
-from broker.issuance import DeniedByPolicy, Issued, Issuer, PendingApproval
-from broker.observability import Metrics
-from broker.registry import SqliteStore, StoreError
-from broker.responder import Responder, RevocationBus
+from broker.grpc.observability import Metrics
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 MAP = Path(__file__).parents[2] / "data" / "test-scope-map.yaml"

@@ -9,9 +9,9 @@ import pytest
 from spiffe import JwtBundle, TrustDomain
 
 from broker.core.spiffeid import SpiffeId
-from broker.devspiffe import DevCA
 from broker.errors import IdentityError
-from broker.identity import JwtSvidCache
+from broker.grpc.identity import JwtSvidCache
+from credbroker_dev.devspiffe import DevCA
 
 NOW = datetime.now(UTC)
 CA = DevCA("example.org", now=NOW)

@@ -17,18 +17,18 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.approvers import ApproverConfig, ApproverTokenError, DevIssuer, OidcVerifier
-from broker.cli import main
-from broker.devidp import DevIdp
-from broker.errors import InvalidRequestError
-from broker.login import LoginError, TokenCache, config_dir, device_login, discover
-from broker.people import (
+from broker.adapters.approvers import ApproverConfig, ApproverTokenError, DevIssuer, OidcVerifier
+from broker.app.people import (
     PERSON_MD_KEY,
     NotResponderError,
     PersonRequiredError,
     ResponderGate,
     person_token,
 )
+from broker.cli.login import LoginError, TokenCache, config_dir, device_login, discover
+from broker.cli.main import main
+from broker.errors import InvalidRequestError
+from credbroker_dev.devidp import DevIdp
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ def test_an_expired_login_stops_an_act_before_the_broker_is_asked(idp: DevIdp) -
     TokenCache.from_env(os.environ).save(
         idp.signer.id_token("alice@example.org", audience=idp.client_id, ttl=1),
         issuer=idp.issuer)
-    from broker.responder_cli import person_token as cli_person_token
+    from broker.cli.responder import person_token as cli_person_token
 
     class Args:
         as_user = None

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker import cli
-from broker.observability import EscapeControlChars, JsonFormatter, escape_control
+from broker.cli import main as cli
+from broker.grpc.observability import EscapeControlChars, JsonFormatter, escape_control
 
 FORGED = "r1\n2026-11-27 12:00:00,000 INFO credbroker.broker request_id=x minted"
 

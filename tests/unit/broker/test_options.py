@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from broker.cli import build_parser, serve_file_keys
+from broker.cli.main import build_parser, serve_file_keys
 from broker.config import broker_config_from, sidecar_config_from, vault_access_from
 from broker.errors import ConfigError
 from broker.options import (

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import AuditLog, read_records
+from broker.adapters.audit import AuditLog, read_records
+from broker.adapters.registry import SqliteStore
+from broker.app.responder import STALE_INTENT, Responder, RevocationBus
 from broker.core.scopemap import parse_scope_map
 from broker.errors import VaultUnavailableError
-from broker.registry import SqliteStore
-from broker.responder import STALE_INTENT, Responder, RevocationBus
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 TRIAGE = "spiffe://example.org/agent/triage"

@@ -9,7 +9,7 @@ import pytest
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.config import broker_config_from, load_scope_map, sidecar_config_from
 from broker.errors import ConfigError, InvalidRequestError, ScopeMapError
-from broker.service import request_from_proto
+from broker.grpc.service import request_from_proto
 
 EXAMPLE = Path(__file__).parents[3] / "broker" / "examples" / "soc-scope-map.yaml"
 

@@ -1,6 +1,6 @@
 """The responder's CLI before it reaches a broker: parsing, environment, version, completion.
 
-Each case runs as a person would type it (``python -m broker.cli ...`` in a subprocess
+Each case runs as a person would type it (``python -m broker.cli.main ...`` in a subprocess
 where a traceback would show) or through the in-process ``main``.
 """
 
@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 from broker import __version__
-from broker.cli import build_parser, main
+from broker.cli.main import build_parser, main
+from broker.cli.responder import broker_location
 from broker.config import DEFAULT_BROKER_DNS
 from broker.errors import ConfigError
-from broker.responder_cli import broker_location
 
 ROOT = Path(__file__).parents[3]
 
 
 def cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "broker.cli", *argv], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "broker.cli.main", *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

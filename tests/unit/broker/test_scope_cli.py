@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import main
+from broker.cli.main import main
 from broker.config import load_scope_map
 from broker.core.models import CredentialRequest, InitiatingEvent
 from broker.core.records import decision_record

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import main
+from broker.cli.main import main
 
 MAP = Path(__file__).parents[2] / "data" / "environments-map.yaml"
 CONTAINMENT = "spiffe://example.org/agent/containment"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from broker.adapters.registry import SCHEMA_VERSION, SqlStore, StoreError, open_store
 from broker.core.revocation import Freeze, Selector
-from broker.devpg import PgServer
 from broker.errors import InvalidRequestError
-from broker.registry import SCHEMA_VERSION, SqlStore, StoreError, open_store
+from credbroker_dev.devpg import PgServer
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 TRIAGE = "spiffe://example.org/agent/triage"
@@ -409,7 +409,7 @@ def test_a_budget_is_never_exceeded_by_concurrent_brokers(opener: Opener) -> Non
 def test_a_slot_taken_by_a_decision_with_a_later_clock_is_counted(store: SqlStore) -> None:
     """Two replicas' clocks (or two decisions that read the clock before the hold) disagree:
     a slot stamped after this decision's now is spent all the same."""
-    from broker.budget import StoreBudget
+    from broker.app.budget import StoreBudget
 
     usage, key, later = StoreBudget(store), (TRIAGE, "enrichment"), T0 + timedelta(seconds=2)
     with usage.spend(key, later, lambda recent: (recent, True)):

@@ -14,12 +14,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from broker.budget import StoreBudget
-from broker.cli import main
-from broker.devpg import PgServer
+from broker.adapters.registry import SCHEMA_VERSION, SqliteStore, StoreError, open_store
+from broker.adapters.store_pg import FIRST_PG_VERSION
+from broker.app.budget import StoreBudget
+from broker.cli.main import main
 from broker.errors import ConfigError
-from broker.registry import SCHEMA_VERSION, SqliteStore, StoreError, open_store
-from broker.store_pg import FIRST_PG_VERSION
+from credbroker_dev.devpg import PgServer
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 TRIAGE = "spiffe://example.org/agent/triage"

@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from broker.adapters.vault import VaultAdapter
 from broker.core.scopemap import parse_scope_map
 from broker.core.spiffeid import SpiffeId
 from broker.errors import VaultPermissionError, VaultUnavailableError
-from broker.vault import VaultAdapter
 
 MAP = """apiVersion: credbroker/v1
 kind: ScopeMap

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from broker.audit import AuditLog, read_records
+from broker.adapters.audit import AuditLog, read_records
 from broker.core.auditreport import build_report, to_html, to_json, to_markdown
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
@@ -121,7 +121,7 @@ def test_renderings_say_the_same() -> None:
 
 def test_the_cli_reports_a_recorded_log(tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from broker.cli import main
+    from broker.cli.main import main
 
     log = AuditLog(tmp_path / "audit.log")
     for r in recorded():

@@ -101,7 +101,7 @@ def test_codeowners_are_generated_and_checked(tmp_path: Path,
     m = parse_scope_map(three_teams())
     text = codeowners(m, prefix="/policies/", handle="@acme/{team}")
     assert "/policies/soc.yaml @acme/soc" in text and "/policies/iam.yaml @acme/iam" in text
-    from broker.cli import main
+    from broker.cli.main import main
 
     d = tmp_path / "maps"
     d.mkdir()
@@ -120,7 +120,7 @@ def test_codeowners_are_generated_and_checked(tmp_path: Path,
 
 def test_explain_decides_a_foreign_id_as_federated(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from broker.cli import main
+    from broker.cli.main import main
 
     path = tmp_path / "map.yaml"
     path.write_text(doc("soc", cls("enrichment", "soc",

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from broker.adapters.registry import SqlStore, open_store
 from broker.config import process_env
 from broker.errors import ConfigError
-from broker.registry import SqlStore, open_store
 
 
 def store_from(args: argparse.Namespace, *, migrate: bool = True) -> SqlStore:

@@ -312,7 +312,7 @@ def device_login(issuer: str, client_id: str, *, scope: str = DEFAULT_SCOPE,
 def _where(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[str, str]:
     """(issuer, client id) for this login. Raises: ConfigError."""
     if args.dev:
-        from broker.audit_cli import dev_info
+        from broker.cli.audit import dev_info
 
         idp = dev_info(args.dev).get("dev_idp") or {}
         if not idp.get("url"):
@@ -332,7 +332,7 @@ def _where(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[str, str]:
 def dev_id_token(dev_dir: str, user: str) -> str:
     """A fresh ID token for dev user ``user`` from the dev stack's identity provider (the
     device grant with ``login_hint``; not cached). Raises: ConfigError, LoginError."""
-    from broker.audit_cli import dev_info
+    from broker.cli.audit import dev_info
 
     idp = dev_info(dev_dir).get("dev_idp") or {}
     if not idp.get("url"):

@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from broker.audit import head_path_of, read_checkpoints, read_head, read_records
+from broker.adapters.audit import head_path_of, read_checkpoints, read_head, read_records
 from broker.core.auditchain import FORMAT_NAMES, line_format, verify_chain
 from broker.core.auditreport import (
     DEFAULT_RUBBER_STAMP_SECONDS,
@@ -60,7 +60,7 @@ def _store_url(args: argparse.Namespace, env: dict[str, str] | None = None) -> s
 
     Raises: ConfigError (not a postgresql:// URL; both a file and a store named).
     """
-    from broker.store_pg import check_url
+    from broker.adapters.store_pg import check_url
 
     url = getattr(args, "store", None) or ""
     if url and getattr(args, "log", None):
@@ -81,8 +81,8 @@ def _records(args: argparse.Namespace, command: str) -> tuple[str, Iterator[dict
     """
     url = _store_url(args)
     if url:
-        from broker.audit_pg import read_db_records
-        from broker.store_pg import redact
+        from broker.adapters.audit_pg import read_db_records
+        from broker.adapters.store_pg import redact
 
         return redact(url), read_db_records(url)
     log = _log_path(args)
@@ -176,8 +176,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _verify_store(args: argparse.Namespace, url: str) -> int:
     """Verify every chain of the audit log in a PostgreSQL store (see ``verify_db``)."""
-    from broker.audit_pg import verify_db
-    from broker.store_pg import redact
+    from broker.adapters.audit_pg import verify_db
+    from broker.adapters.store_pg import redact
 
     if args.head or args.no_head:
         raise ConfigError("--head and --no-head are for an audit log file; in a PostgreSQL "

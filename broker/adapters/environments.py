@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.adapters.vault import SyncReport, VaultAdapter
 from broker.core.scopemap import ScopeMap
 from broker.errors import (
     ConfigError,
@@ -27,7 +28,6 @@ from broker.errors import (
     VaultPermissionError,
     VaultUnavailableError,
 )
-from broker.vault import SyncReport, VaultAdapter
 
 #: The one environment of a broker that declares none.
 IMPLICIT = "default"

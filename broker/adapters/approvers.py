@@ -119,7 +119,7 @@ class DevIssuer:
     """The dev stack's OIDC issuer: signs ID tokens for named dev users (never in production).
 
     ``issuer`` is the ``iss`` it signs: :data:`ISSUER` for tests that sign tokens in
-    process, the loopback URL of :class:`broker.devidp.DevIdp` when served over HTTP.
+    process, the loopback URL of :class:`credbroker_dev.devidp.DevIdp` when served over HTTP.
     """
 
     ISSUER = "https://dev-idp.credbroker.invalid"

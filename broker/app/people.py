@@ -4,7 +4,7 @@ The responder's tool connects with an admin SVID (mTLS): that proves the *tool*,
 not who typed the command. The person comes with the call, as their OIDC ID token
 in the gRPC metadata key ``authorization-person`` (``Bearer <ID token>``; the
 approvals API also takes the older ``id_token`` request field). The broker
-verifies it with :class:`broker.approvers.OidcVerifier` (signature against the
+verifies it with :class:`broker.adapters.approvers.OidcVerifier` (signature against the
 configured JWKS, exact issuer, audience, expiry) and records the person's
 subject (their verified e-mail, else ``sub``) as ``by``.
 
@@ -20,11 +20,11 @@ from typing import Any
 
 import grpc
 
-from broker.approvers import ApproverTokenError, OidcVerifier
+from broker.adapters.approvers import ApproverTokenError, OidcVerifier
 from broker.core.approvals import Approver
 from broker.core.teams import teams_of
 from broker.errors import IdentityError, InvalidRequestError, PolicyError
-from broker.inputs import ID_TOKEN_MAX
+from broker.wire.inputs import ID_TOKEN_MAX
 
 #: The gRPC metadata key carrying the person's ID token: ``Bearer <ID token>``.
 PERSON_MD_KEY = "authorization-person"

@@ -1,7 +1,7 @@
 """The tamper-evident audit log: append-only file, group-committed, fail-closed.
 
 The broker uses it through :class:`AuditTrail`; with a PostgreSQL store the log lives in
-the database instead (``broker.audit_pg``), with the same records, chain and signatures.
+the database instead (``broker.adapters.audit_pg``), with the same records, chain and signatures.
 
 ``append`` returns only once the record is on disk (written and fsynced). Many
 concurrent appends share one fsync (group commit): the first waiting caller
@@ -57,7 +57,7 @@ class Appended:
 
 class AuditTrail(Protocol):
     """What the broker writes its records through: the file (:class:`AuditLog`) or the
-    database (``broker.audit_pg.PostgresAuditLog``). Every implementation is thread-safe,
+    database (``broker.adapters.audit_pg.PostgresAuditLog``). Every implementation is thread-safe,
     commits concurrent appends together, signs every batch before acknowledging it, and
     fails closed (:class:`~broker.errors.AuditError`)."""
 

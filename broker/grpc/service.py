@@ -28,9 +28,13 @@ from spiffe import JwtBundle, TrustDomain
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.approval_desk import ApprovalDesk
-from broker.audit import AuditTrail
-from broker.budget import StoreBudget
+from broker.adapters.audit import AuditTrail
+from broker.adapters.environments import Environments
+from broker.adapters.vault import VaultAdapter
+from broker.app.approval_desk import ApprovalDesk
+from broker.app.budget import StoreBudget
+from broker.app.issuance import DeniedByPolicy, Issued, Issuer, PendingApproval
+from broker.app.responder import BusEvent, FreezeResult, Responder
 from broker.core import approvals as ap
 from broker.core.approvals import ApprovalError, ApprovalNotFoundError
 from broker.core.models import (
@@ -43,7 +47,6 @@ from broker.core.models import (
 from broker.core.records import request_to_json, rfc3339
 from broker.core.revocation import Freeze, first_freeze
 from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ScopeMap
-from broker.environments import Environments
 from broker.errors import (
     ERROR_CODE_MD_KEY,
     RETRY_AFTER_MD_KEY,
@@ -58,9 +61,10 @@ from broker.errors import (
     VaultUnavailableError,
     spec_for,
 )
-from broker.federation import FederatedBundles
-from broker.identity import JwtSvidCache, check_chain, spiffe_id_from_certificate
-from broker.inputs import (
+from broker.grpc.identity import JwtSvidCache, check_chain, spiffe_id_from_certificate
+from broker.grpc.observability import Metrics
+from broker.wire.federation import FederatedBundles
+from broker.wire.inputs import (
     ACTION_CLASS_MAX,
     CACHE_HITS_MAX,
     ID_MAX,
@@ -70,10 +74,6 @@ from broker.inputs import (
     check_length,
     is_id,
 )
-from broker.issuance import DeniedByPolicy, Issued, Issuer, PendingApproval
-from broker.observability import Metrics
-from broker.responder import BusEvent, FreezeResult, Responder
-from broker.vault import VaultAdapter
 
 _log = logging.getLogger("credbroker.broker")
 
@@ -89,7 +89,7 @@ def grpc_status(code: str) -> grpc.StatusCode:
 
 
 #: Length limits (characters) of the IssueCredential fields, checked before anything is
-#: logged or audited; request_id and approval_id must also be ids (``broker.inputs``).
+#: logged or audited; request_id and approval_id must also be ids (``broker.wire.inputs``).
 _MAX_FIELD = {"action_class": ACTION_CLASS_MAX, "target": TARGET_MAX, "justification": 2048,
               "request_id": ID_MAX, "approval_id": ID_MAX, "source": 128, "id": 256,
               "summary": 1024, "environment": 64}
@@ -137,7 +137,7 @@ def request_from_proto(msg: pb.IssueCredentialRequest) -> CredentialRequest:
 
     Raises:
         InvalidRequestError: a field is missing, too long or out of range, or request_id /
-            approval_id is not an id (``broker.inputs.ID_RULE``).
+            approval_id is not an id (``broker.wire.inputs.ID_RULE``).
     """
     for name in ("action_class", "target", "justification", "request_id", "approval_id",
                  "environment"):

@@ -17,7 +17,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from broker import audit_cli, scope_cli, store_cli
+from broker.cli import audit as audit_cli
+from broker.cli import scope as scope_cli
+from broker.cli import store as store_cli
 from broker.config import (
     broker_config_from,
     process_env,
@@ -37,7 +39,7 @@ from broker.options import (
 
 
 def _logging(verbose: bool, json_lines: bool = False) -> None:
-    from broker.observability import EscapeControlChars, JsonFormatter
+    from broker.grpc.observability import EscapeControlChars, JsonFormatter
 
     handler = logging.StreamHandler()
     handler.addFilter(EscapeControlChars())  # one record, one line: no forged log lines
@@ -86,7 +88,7 @@ def serve_file_keys() -> tuple[str, ...]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker.server import BrokerServer
+    from broker.grpc.server import BrokerServer
 
     cfg = broker_config_from(env=process_env(), flags=flag_values(args, BROKER_OPTIONS),
                              file=read_config_file(args.config, BROKER_OPTIONS))
@@ -108,13 +110,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_vault_sync(args: argparse.Namespace) -> int:
     import json
 
+    from broker.adapters.environments import Environments
+    from broker.adapters.vault import VaultAdapter
     from broker.config import load_scope_map
-    from broker.environments import Environments
-    from broker.vault import VaultAdapter
 
     env = dict(process_env())
     if args.dev:
-        from broker.audit_cli import dev_info
+        from broker.cli.audit import dev_info
 
         info = dev_info(args.dev)
         env.update(VAULT_ADDR=info["vault_addr"], VAULT_TOKEN=info["vault_token"],
@@ -124,7 +126,7 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
             args.registry = None if args.store else info.get("registry_path") or None
         envs = info.get("environments")
         if isinstance(envs, dict) and not args.environment:  # `credbroker dev --environments`
-            from broker.devstack import SANDBOX_TOKEN_VAR
+            from credbroker_dev.devstack import SANDBOX_TOKEN_VAR
 
             env[SANDBOX_TOKEN_VAR] = envs["sandbox"]["vault_token"]
             args.default_environment = args.default_environment or envs["default"]
@@ -134,7 +136,7 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
     scope_map = load_scope_map(Path(vault.scope_map), vault_allowed_mounts=vault.allowed_mounts)
     frozen: frozenset[str] = frozenset()
     if args.registry or args.store or env.get("CREDBROKER_STORE"):
-        from broker.store_cli import store_from
+        from broker.cli.store import store_from
 
         store = store_from(args)  # a PostgreSQL store holds every replica's freezes
         try:
@@ -202,7 +204,7 @@ def _workloads(items: list[str] | None) -> dict[str, str] | None:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from broker.devstack import (
+    from credbroker_dev.devstack import (
         ENVIRONMENTS_SCOPE_MAP,
         EXAMPLE_SCOPE_MAP,
         DevStack,
@@ -222,7 +224,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from broker.demo import run_demo
+    from credbroker_dev.demo import run_demo
 
     return run_demo(_run_dir(args.run_dir))
 
@@ -241,7 +243,7 @@ def version() -> str:
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    from broker.completion import bash_script, zsh_script
+    from broker.cli.completion import bash_script, zsh_script
 
     parser = build_parser()
     print(bash_script(parser) if args.shell == "bash" else zsh_script(parser), end="")
@@ -298,10 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     scope_cli.add_parser(sub)
     store_cli.add_parser(sub)
     audit_cli.add_parser(sub)
-    from broker import responder_cli  # imports grpc: after main() configured it
+    from broker.cli import responder as responder_cli  # imports grpc: after main() configured it
 
     responder_cli.add_parsers(sub)
-    from broker import login
+    from broker.cli import login
 
     login.add_parsers(sub)
     from broker.console.cli import add_parser as add_console_parser

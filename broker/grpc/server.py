@@ -19,14 +19,18 @@ from spiffe import JwtSource, X509Source
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.admin import AdminService
-from broker.approval_desk import ApprovalDesk
-from broker.approvals_api import ApprovalsService
-from broker.approvers import OidcVerifier
-from broker.audit import AuditLog, AuditTrail, load_or_create_signing_key
+from broker.adapters.approvers import OidcVerifier
+from broker.adapters.audit import AuditLog, AuditTrail, load_or_create_signing_key
+from broker.adapters.environments import Environments
+from broker.adapters.registry import SqlStore, open_store
+from broker.adapters.vault import SyncReport, VaultAdapter
+from broker.app.approval_desk import ApprovalDesk
+from broker.app.issuance import Issuer
+from broker.app.people import ResponderGate
+from broker.app.replicas import Leadership, ReplicaFollower, new_replica_id
+from broker.app.responder import BusEvent, Responder, RevocationBus
 from broker.config import BrokerConfig, load_scope_map
 from broker.core.scopemap import ScopeMap
-from broker.environments import Environments
 from broker.errors import (
     AuditError,
     ConfigError,
@@ -35,16 +39,12 @@ from broker.errors import (
     VaultUnavailableError,
     WorkloadApiError,
 )
-from broker.federation import FederatedBundles
-from broker.issuance import Issuer
-from broker.observability import HealthMonitor, Metrics
-from broker.people import ResponderGate
-from broker.registry import SqlStore, open_store
-from broker.replicas import Leadership, ReplicaFollower, new_replica_id
-from broker.responder import BusEvent, Responder, RevocationBus
-from broker.service import Authenticator, BrokerService, ScopeMapHolder
-from broker.tls import SERVER_KEEPALIVE, local_authorities, pem_material, server_credentials
-from broker.vault import SyncReport, VaultAdapter
+from broker.grpc.admin import AdminService
+from broker.grpc.approvals import ApprovalsService
+from broker.grpc.observability import HealthMonitor, Metrics
+from broker.grpc.service import Authenticator, BrokerService, ScopeMapHolder
+from broker.wire.federation import FederatedBundles
+from broker.wire.tls import SERVER_KEEPALIVE, local_authorities, pem_material, server_credentials
 
 _log = logging.getLogger("credbroker.broker")
 
@@ -173,8 +173,8 @@ class BrokerServer:
         """The audit log: in the database with a PostgreSQL store (one chain for this
         process), else the file. Raises: AuditError; ConfigError (no file configured)."""
         if store.shared:
-            from broker.audit_pg import PostgresAuditLog, chain_origin
-            from broker.store_pg import PostgresStore
+            from broker.adapters.audit_pg import PostgresAuditLog, chain_origin
+            from broker.adapters.store_pg import PostgresStore
 
             assert isinstance(store, PostgresStore)
             if cfg.audit_path is not None:

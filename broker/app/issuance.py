@@ -4,7 +4,7 @@
 :class:`Issued` or :class:`PendingApproval`, or raises one of ``broker.errors``
 (:class:`DeniedByPolicy` carries a deny decision). It knows Vault, the credential
 store and the audit log only through the small ports below; the gRPC servicer
-(``broker.service``) only translates messages and errors.
+(``broker.grpc.service``) only translates messages and errors.
 
 Order of the durable steps, and what undoes each when a later one fails:
 
@@ -28,8 +28,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from broker.approval_desk import ApprovalDesk
-from broker.budget import StoreBudget
+from broker.app.approval_desk import ApprovalDesk
+from broker.app.budget import StoreBudget
+from broker.app.responder import AUTO_FREEZE_BY, SELF_FREEZE_BY, FreezeResult, Responder
 from broker.core import approvals as ap
 from broker.core.approvals import ApprovalError
 from broker.core.limits import Trip, counts_as_denial, denial_trip, exceed_trip
@@ -44,14 +45,13 @@ from broker.errors import (
     VaultPermissionError,
     VaultUnavailableError,
 )
-from broker.observability import Metrics
-from broker.responder import AUTO_FREEZE_BY, SELF_FREEZE_BY, FreezeResult, Responder
+from broker.grpc.observability import Metrics
 
 _log = logging.getLogger("credbroker.broker")
 
 
 class VaultPort(Protocol):
-    """What issuance needs from Vault (``broker.vault.VaultAdapter``)."""
+    """What issuance needs from Vault (``broker.adapters.vault.VaultAdapter``)."""
 
     def mint(self, *, cls: ActionClass, spiffe_id: SpiffeId, ttl_seconds: int,
              metadata: Mapping[str, str], now: datetime) -> MintedToken: ...
@@ -60,7 +60,7 @@ class VaultPort(Protocol):
 
 
 class VaultsPort(Protocol):
-    """The Vault of each environment (``broker.environments.Environments``)."""
+    """The Vault of each environment (``broker.adapters.environments.Environments``)."""
 
     def resolve(self, name: str) -> str: ...
 
@@ -68,7 +68,7 @@ class VaultsPort(Protocol):
 
 
 class StorePort(Protocol):
-    """What issuance needs from the credential store (``broker.registry``)."""
+    """What issuance needs from the credential store (``broker.adapters.registry``)."""
 
     instance_id: str
 
@@ -88,7 +88,8 @@ class StorePort(Protocol):
 
 
 class AuditPort(Protocol):
-    """What issuance needs from the audit log (``broker.audit.AuditLog``, ``broker.audit_pg``)."""
+    """What issuance needs from the audit log (``broker.adapters.audit.AuditLog``, or
+    ``broker.adapters.audit_pg.PostgresAuditLog``)."""
 
     def append(self, event: str, **fields: Any) -> object: ...
 

@@ -16,11 +16,11 @@ from typing import Any
 import hvac
 import hvac.exceptions
 
-from broker.approvers import DevIssuer
-from broker.audit import read_records
+from broker.adapters.approvers import DevIssuer
+from broker.adapters.audit import read_records
 from broker.core.auditchain import verify_chain
 from broker.core.audittrace import trace, trace_lines
-from broker.devstack import DevStack
+from credbroker_dev.devstack import DevStack
 from sidecar.client import SidecarClient, SidecarError
 
 ALERT = {"source": "splunk", "id": "NOTABLE-4242",
@@ -51,7 +51,7 @@ def _decision_line(d: dict[str, Any]) -> str:
 
 def _cli(*argv: str) -> str:
     """Run a credbroker command as a responder would, in this process; its output."""
-    from broker.cli import main as cli_main
+    from broker.cli.main import main as cli_main
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):

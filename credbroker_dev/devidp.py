@@ -11,7 +11,7 @@ It serves what ``credbroker login`` needs from any OIDC provider:
 - ``POST /token``: ``grant_type=urn:ietf:params:oauth:grant-type:device_code``
   answers ``authorization_pending``, ``slow_down``, ``access_denied`` or
   ``expired_token`` (RFC 8628, section 3.5) until the login is approved, then
-  the ID token (signed by :class:`broker.approvers.DevIssuer`), once;
+  the ID token (signed by :class:`broker.adapters.approvers.DevIssuer`), once;
   ``grant_type=authorization_code`` exchanges a code with its PKCE verifier;
 - ``GET/POST /authorize``: the authorization code flow with PKCE (RFC 6749 4.1,
   RFC 7636, ``S256`` only) for the web console: a sign-in page where a person picks
@@ -43,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from broker.approvers import DevIssuer
+from broker.adapters.approvers import DevIssuer
 
 _log = logging.getLogger("credbroker.dev-idp")
 

@@ -1,7 +1,7 @@
 """The credential registry: every credential the broker minted, and every freeze.
 
 SQLite by default (one file, WAL, ``synchronous=FULL``: a committed row is on
-disk); PostgreSQL (``broker.store_pg``) for several replicas sharing one registry.
+disk); PostgreSQL (``broker.adapters.store_pg``) for several replicas sharing one registry.
 The broker talks to either only through :class:`CredentialStore`; both share the
 SQL of :class:`SqlStore` and run the same contract tests.
 
@@ -105,7 +105,7 @@ CREATE TABLE IF NOT EXISTS events (
 #: enforcement columns); 2: freezes record their enforcement (the last unversioned
 #: schema); 3: budgets in the store, and the ``schema_version`` table; 4: each
 #: credential's lease prefix; 5: the replicas' event sequence; 6: the audit log in the
-#: store (PostgreSQL only: ``broker.store_pg.AUDIT_SCHEMA``; an SQLite registry's broker
+#: store (PostgreSQL only: ``broker.adapters.store_pg.AUDIT_SCHEMA``; an SQLite registry's broker
 #: keeps the audit log in its file, and version 6 adds nothing to it); 7: each
 #: credential's environment.
 SCHEMA_VERSION = 7
@@ -788,7 +788,7 @@ def open_store(*, url: str = "", registry: Path | None = None, migrate: bool = T
     that is not postgresql://).
     """
     if url:
-        from broker.store_pg import PostgresStore, check_url
+        from broker.adapters.store_pg import PostgresStore, check_url
 
         check_url(url)
         return PostgresStore(url, migrate=migrate, pool_size=pool_size)

@@ -20,16 +20,16 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from broker.approvers import ApproverConfig
-from broker.audit import AuditTrail
+from broker.adapters.approvers import ApproverConfig
+from broker.adapters.audit import AuditTrail
+from broker.adapters.registry import CredentialStore
 from broker.core import approvals as ap
 from broker.core.models import CredentialRequest
 from broker.core.records import rfc3339
 from broker.core.scopemap import ActionClass
 from broker.core.teams import TeamScopes, check_approval, teams_of
 from broker.errors import CredbrokerError, OutsideTeamError, TooManyWaitsError
-from broker.observability import Metrics
-from broker.registry import CredentialStore
+from broker.grpc.observability import Metrics
 
 _log = logging.getLogger("credbroker.approvals")
 

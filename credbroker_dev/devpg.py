@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from broker.devstack import DevStackError
+from credbroker_dev.devstack import DevStackError
 
 #: The unix socket PostgreSQL creates in its directory (port 5432).
 SOCKET_NAME = ".s.PGSQL.5432"

@@ -26,7 +26,7 @@ from spiffe import X509Source
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.audit_cli import dev_info
+from broker.cli.audit import dev_info
 from broker.config import DEFAULT_BROKER_DNS
 from broker.core.records import rfc3339
 from broker.core.revocation import Selector, freeze_target, parse_when
@@ -41,7 +41,7 @@ from broker.errors import (
     PolicyError,
     VaultUnavailableError,
 )
-from broker.tls import RotatingChannel, diagnose_handshake, pem_material
+from broker.wire.tls import RotatingChannel, diagnose_handshake, pem_material
 
 _CODES: dict[grpc.StatusCode, type[CredbrokerError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
@@ -366,7 +366,7 @@ def person_token(args: argparse.Namespace) -> str:
         LoginError: the cached login expired or is unsafe (run `credbroker login`); the dev
             identity provider refused.
     """
-    from broker.login import TokenCache, dev_id_token
+    from broker.cli.login import TokenCache, dev_id_token
 
     if getattr(args, "as_user", None):
         if not args.dev:
@@ -385,7 +385,7 @@ def person_token(args: argparse.Namespace) -> str:
 
 def person_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
     """gRPC metadata carrying the person's ID token (``authorization-person``), or None."""
-    from broker.people import PERSON_MD_KEY
+    from broker.app.people import PERSON_MD_KEY
 
     return ((PERSON_MD_KEY, f"Bearer {token}"),) if token else None
 

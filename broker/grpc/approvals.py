@@ -15,13 +15,13 @@ import grpc
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.approval_desk import ApprovalDesk
-from broker.approvers import ApproverTokenError, OidcVerifier
+from broker.adapters.approvers import ApproverTokenError, OidcVerifier
+from broker.app.approval_desk import ApprovalDesk
+from broker.app.people import LOGIN_HINT, PERSON_MD_KEY, person_token, verify_person
 from broker.core.approvals import Approver
 from broker.errors import InvalidRequestError, PolicyError
-from broker.inputs import ID_TOKEN_MAX, REASON_MAX, check_id, check_length, is_id
-from broker.people import LOGIN_HINT, PERSON_MD_KEY, person_token, verify_person
-from broker.service import Authenticator, _boundary, approval_to_proto
+from broker.grpc.service import Authenticator, _boundary, approval_to_proto
+from broker.wire.inputs import ID_TOKEN_MAX, REASON_MAX, check_id, check_length, is_id
 
 _log = logging.getLogger("credbroker.approvals")
 

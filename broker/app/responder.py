@@ -28,16 +28,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from broker.audit import AuditTrail
+from broker.adapters.audit import AuditTrail
+from broker.adapters.environments import Environments, split_entity, tag_entity
+from broker.adapters.registry import CredentialRow, CredentialStore
+from broker.adapters.vault import VaultAdapter
+from broker.app.people import LOGIN_HINT, PersonRequiredError
 from broker.core.revocation import Freeze, Selector, freeze_target
 from broker.core.scopemap import ScopeMap
 from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
-from broker.environments import Environments, split_entity, tag_entity
 from broker.errors import CredbrokerError, NotFoundError, VaultUnavailableError
-from broker.observability import Metrics
-from broker.people import LOGIN_HINT, PersonRequiredError
-from broker.registry import CredentialRow, CredentialStore
-from broker.vault import VaultAdapter
+from broker.grpc.observability import Metrics
 
 _log = logging.getLogger("credbroker.responder")
 
@@ -316,7 +316,7 @@ class Responder:
                ) -> Iterator[Outcome]:
         """Revoke ``rows`` in parallel; yields each outcome as it completes, then audits.
 
-        ``actor`` (who ``by`` is and how it was proven, :meth:`broker.people.Actor.audit`)
+        ``actor`` (who ``by`` is and how it was proven, :meth:`broker.app.people.Actor.audit`)
         goes into the audit record as ``actor``.
         """
         futures = [self._pool.submit(self.revoke_one, r, by=by, reason=reason,

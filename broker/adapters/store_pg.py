@@ -1,11 +1,11 @@
 """The credential registry on PostgreSQL: one store shared by several broker replicas.
 
-Same SQL and semantics as the SQLite store (:class:`broker.registry.SqlStore`, one contract
+Same SQL and semantics as the SQLite store (:class:`broker.adapters.registry.SqlStore`, one contract
 test suite for both); psycopg 3 with a ``psycopg_pool`` connection pool (sync: the store is
 called from the broker's executor threads). Every database failure is a
-:class:`~broker.registry.StoreError` (``store_unavailable``): issuance fails closed with 503
-and health says NOT_SERVING until the pool reaches PostgreSQL again; connections are checked
-before use, so a restarted server is picked up without restarting the broker.
+:class:`~broker.adapters.registry.StoreError` (``store_unavailable``): issuance fails closed
+with 503 and health says NOT_SERVING until the pool reaches PostgreSQL again; connections are
+checked before use, so a restarted server is picked up without restarting the broker.
 
 Budgets are exact across replicas: a decision locks its (identity, class) row in
 ``budget_keys`` (``SELECT … FOR UPDATE``), counts, and takes its slot in the same
@@ -27,8 +27,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from broker.errors import ConfigError
-from broker.registry import (
+from broker.adapters.registry import (
     BUDGET_SCHEMA,
     ENVIRONMENT_COLUMN,
     EVENTS_SCHEMA,
@@ -42,6 +41,7 @@ from broker.registry import (
     _ts,
     statements,
 )
+from broker.errors import ConfigError
 
 #: pg_advisory_xact_lock key held while the schema is migrated ("credbrok" in ASCII).
 MIGRATE_LOCK = 0x63726564_62726F6B
@@ -53,7 +53,7 @@ POOL_TIMEOUT = 5.0
 PG_SCHEMA = re.sub(r"\bREAL\b", "DOUBLE PRECISION", SCHEMA + BUDGET_SCHEMA)
 PG_EVENTS_SCHEMA = re.sub(r"\bREAL\b", "DOUBLE PRECISION", EVENTS_SCHEMA).replace(
     "INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
-#: Version 6: the audit log, one hash chain per broker process (``broker.audit_pg``).
+#: Version 6: the audit log, one hash chain per broker process (``broker.adapters.audit_pg``).
 #: ``audit_chains`` holds each chain's durable size and head and the signed checkpoint of
 #: its newest batch, updated in the transaction that inserts the batch's records;
 #: ``written`` orders records across chains (a record written after another replica's

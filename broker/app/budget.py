@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+from broker.adapters.registry import CredentialStore
 from broker.errors import CredbrokerError
-from broker.registry import CredentialStore
 
 _log = logging.getLogger("credbroker.budget")
 

@@ -27,14 +27,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from broker.app.responder import BusEvent, Responder
 from broker.errors import CredbrokerError
-from broker.responder import BusEvent, Responder
 
 if TYPE_CHECKING:
     import psycopg
 
-    from broker.approval_desk import ApprovalDesk
-    from broker.registry import SqlStore
+    from broker.adapters.registry import SqlStore
+    from broker.app.approval_desk import ApprovalDesk
 
 _log = logging.getLogger("credbroker.replicas")
 
@@ -188,7 +188,7 @@ class ReplicaFollower:
     def _listen(self, session: Callable[[str], psycopg.Connection[Any]]) -> None:
         """LISTEN for new events and wake the poll at once (best effort: the poll runs
         every ``interval`` anyway)."""
-        from broker.store_pg import EVENTS_CHANNEL
+        from broker.adapters.store_pg import EVENTS_CHANNEL
 
         while not self._stop.is_set():
             try:

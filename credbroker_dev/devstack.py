@@ -1,6 +1,6 @@
 """``credbroker dev``: OpenBao dev, the dev Workload API, the broker and one sidecar per workload.
 
-With ``replicas`` (``--replicas N``) an embedded PostgreSQL (:mod:`broker.devpg`) holds the
+With ``replicas`` (``--replicas N``) an embedded PostgreSQL (:mod:`credbroker_dev.devpg`) holds the
 credential store and N brokers share it, the sidecars spread across them; without, one
 broker on an SQLite registry in the run directory.
 
@@ -32,26 +32,29 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from broker.approvers import DevIssuer
-from broker.audit import load_or_create_signing_key
+import broker
+from broker.adapters.approvers import DevIssuer
+from broker.adapters.audit import load_or_create_signing_key
 from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
-from broker.devidp import DevIdp
-from broker.devspiffe import DevCA, DevWorkloadApi
 from broker.errors import ConfigError, CredbrokerError
+from credbroker_dev.devidp import DevIdp
+from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
 
-if TYPE_CHECKING:  # broker.devpg imports this module
-    from broker.devpg import PgServer
+if TYPE_CHECKING:  # credbroker_dev.devpg imports this module
+    from credbroker_dev.devpg import PgServer
 
 _log = logging.getLogger("credbroker.dev")
 
-EXAMPLE_SCOPE_MAP = Path(__file__).parent / "examples" / "soc-scope-map.yaml"
+#: The example scope maps ship with the broker package (``broker/examples``).
+EXAMPLES = Path(broker.__file__).parent / "examples"
+EXAMPLE_SCOPE_MAP = EXAMPLES / "soc-scope-map.yaml"
 #: The class a vendor-hosted agent may use (``--federated-vendor``), its trust domain
 #: written as ``vendor.example``.
-VENDOR_SCOPE_MAP = Path(__file__).parent / "examples" / "vendor-scope-map.yaml"
+VENDOR_SCOPE_MAP = EXAMPLES / "vendor-scope-map.yaml"
 DEFAULT_VENDOR = "vendor.example"
 #: What ``credbroker dev --environments`` serves: the SOC example in production and sandbox.
-ENVIRONMENTS_SCOPE_MAP = Path(__file__).parent / "examples" / "soc-environments-scope-map.yaml"
+ENVIRONMENTS_SCOPE_MAP = EXAMPLES / "soc-environments-scope-map.yaml"
 #: The variable the dev broker reads the sandbox OpenBao's token from (never a flag value).
 SANDBOX_TOKEN_VAR = "CREDBROKER_DEV_SANDBOX_VAULT_TOKEN"  # noqa: S105 - a variable's name
 DEFAULT_WORKLOADS = {
@@ -362,7 +365,7 @@ class DevStack:
         self.wlapi.add_workload(self.console_id, self.socket_of("console"))
         self.wlapi.start()
 
-        cli = [sys.executable, "-m", "broker.cli"]
+        cli = [sys.executable, "-m", "broker.cli.main"]
         load_or_create_signing_key(self.audit_key, create=True)
         # The dev identity provider (OIDC discovery, device grant) for `credbroker login`.
         idp = self.idp = DevIdp(self.run_dir)
@@ -437,7 +440,7 @@ class DevStack:
         """
         import psycopg
 
-        from broker.devpg import PgServer, run_as
+        from credbroker_dev.devpg import PgServer, run_as
 
         self.pg = PgServer(None if run_as() else self.run_dir / "postgres")
         self.pg.start()
@@ -460,7 +463,7 @@ class DevStack:
 
         Raises: ConfigError (the scope map directory holds no files).
         """
-        from broker.federation import bundle_document
+        from broker.wire.federation import bundle_document
 
         td = self.federated_vendor
         fed = self.run_dir / "federation"
@@ -512,7 +515,7 @@ class DevStack:
 
     def _start_console(self, cli: list[str], env: dict[str, str]) -> None:
         """The web console over HTTPS (a certificate from a throwaway dev CA)."""
-        from broker.console.devcert import issue_dev_console_cert
+        from credbroker_dev.devcert import issue_dev_console_cert
 
         assert self.idp is not None
         self.console_ca, cert, key = issue_dev_console_cert(self.run_dir)

@@ -45,7 +45,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from broker.audit import Appended, append_checkpoint_line
+from broker.adapters.audit import Appended, append_checkpoint_line
+from broker.adapters.store_pg import DB_ERRORS, PostgresStore, redact
 from broker.core.auditchain import (
     CHAIN_OPENED,
     GENESIS,
@@ -61,7 +62,6 @@ from broker.core.auditchain import (
 )
 from broker.core.records import rfc3339
 from broker.errors import AuditError
-from broker.store_pg import DB_ERRORS, PostgresStore, redact
 
 _log = logging.getLogger("credbroker.audit")
 

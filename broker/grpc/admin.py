@@ -2,7 +2,7 @@
 
 Listing needs only an admin SVID. Revoking, freezing and unfreezing also need a
 person in a responder group (their ID token in ``authorization-person``), or a
-caller configured as automation: see :mod:`broker.people`. A team-scoped responder
+caller configured as automation: see :mod:`broker.app.people`. A team-scoped responder
 (``--team-scope``) acts only on its teams' classes, agents and credentials
 (:mod:`broker.core.teams`); a refusal is audited (``responder.refused``) with who tried.
 Listing is not scoped: every responder sees everything.
@@ -19,10 +19,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.adapters.registry import CredentialRow
+from broker.app.people import Actor, ResponderGate
+from broker.app.responder import Responder
 from broker.core import teams as team_scope
 from broker.core.revocation import Selector, check_known, freeze_target
 from broker.errors import InvalidRequestError, OutsideTeamError, PolicyError
-from broker.inputs import (
+from broker.grpc.service import Authenticator, _boundary, freeze_response, freeze_to_proto
+from broker.wire.inputs import (
     ACTION_CLASS_MAX,
     REASON_MAX,
     SPIFFE_ID_MAX,
@@ -30,10 +34,6 @@ from broker.inputs import (
     check_ids,
     check_length,
 )
-from broker.people import Actor, ResponderGate
-from broker.registry import CredentialRow
-from broker.responder import Responder
-from broker.service import Authenticator, _boundary, freeze_response, freeze_to_proto
 
 _log = logging.getLogger("credbroker.admin")
 

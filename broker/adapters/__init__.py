@@ -1,0 +1,1 @@
+"""Adapters: Vault, the credential store (SQLite, PostgreSQL), the audit log, OIDC, federation."""

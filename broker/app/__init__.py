@@ -1,0 +1,1 @@
+"""Use cases: issuance, responder, approval desk — behind ports for Vault, store, audit."""

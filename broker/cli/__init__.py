@@ -1,0 +1,1 @@
+"""The ``credbroker`` command line: one module per command family."""

@@ -1,0 +1,1 @@
+"""gRPC boundary: authentication, the error boundary, the services, the server."""

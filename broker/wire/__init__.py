@@ -1,0 +1,1 @@
+"""The wire contract shared by broker and sidecar: metadata keys, bounds, mTLS."""
