@@ -321,7 +321,7 @@ _ENV_NAME = re.compile(r"\b(?:CREDBROKER|VAULT|BAO|SPIFFE)_[A-Z0-9_]*[A-Z0-9]\b"
 
 
 def _names_the_code_reads() -> set[str]:
-    text = "".join(p.read_text() for d in ("broker", "sidecar") for p in (ROOT / d).glob("*.py"))
+    text = "".join(p.read_text() for d in ("broker", "sidecar") for p in (ROOT / d).rglob("*.py"))
     return set(re.findall(r'"((?:CREDBROKER|VAULT|BAO|SPIFFE)_[A-Z0-9_]*[A-Z0-9])"', text))
 
 
