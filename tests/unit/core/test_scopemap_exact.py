@@ -155,10 +155,10 @@ def test_a_yaml_error_without_a_position_or_without_a_problem() -> None:
     assert yaml_error_text("s.yaml", "x", yaml.YAMLError("boom")) == "s.yaml: not valid YAML: boom"
     unplaced = yaml.MarkedYAMLError(context="ctx", problem="p")
     assert yaml_error_text("s.yaml", "x", unplaced) == "s.yaml: not valid YAML: p"
-    mark = yaml.Mark("s", 0, 0, 0, None, None)
+    mark = yaml.Mark("s", 0, 0, 0, "x: 1\n", 0)
     no_problem = yaml.MarkedYAMLError(context="while parsing", problem=None, problem_mark=mark)
     assert yaml_error_text("s.yaml", "x: 1\n", no_problem) == (
-        's.yaml:1: not valid YAML: while parsing\n  in "s", line 1, column 1')
+        's.yaml:1: not valid YAML: while parsing\n  in "s", line 1, column 1:\n    x: 1\n    ^')
 
 
 @pytest.mark.parametrize(("text", "message"), [

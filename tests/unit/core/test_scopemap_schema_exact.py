@@ -36,7 +36,9 @@ def _text(cls: dict[str, Any], **top: Any) -> str:
 
 
 def _problems(text: str) -> list[tuple[str, str, str]]:
-    return schema_problems("m.yaml", yaml.compose(text))
+    root = yaml.compose(text)
+    assert root is not None
+    return schema_problems("m.yaml", root)
 
 
 JIT = {"mode": "jit", "approvers": ["a"]}
