@@ -51,7 +51,7 @@ from bench_scale import OPTIONS, Creds, pct  # same dev SVIDs and channel option
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.adapters.audit import load_or_create_signing_key
-from broker.config import DEFAULT_BROKER_DNS
+from broker.options import DEFAULT_BROKER_DNS
 from credbroker_dev.devpg import PgServer
 from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
 from credbroker_dev.devstack import OpenBaoDev

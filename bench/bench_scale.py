@@ -43,8 +43,8 @@ from cryptography.hazmat.primitives import serialization
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.adapters.audit import load_or_create_signing_key
-from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
+from broker.options import DEFAULT_BROKER_DNS
 from credbroker_dev.devspiffe import DevCA, DevWorkloadApi, IssuedX509
 from credbroker_dev.devstack import OpenBaoDev
 

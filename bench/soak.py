@@ -42,8 +42,9 @@ import grpc
 import hvac
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.config import DEFAULT_BROKER_DNS, BrokerConfig
+from broker.config import BrokerConfig
 from broker.grpc.server import BrokerServer
+from broker.options import DEFAULT_BROKER_DNS
 from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
 from credbroker_dev.devstack import OpenBaoDev
 from tests.faults.support import (

@@ -1,8 +1,8 @@
 """Configuration values, validated at the edge (flags > environment > config file > defaults).
 
 Each option is declared once, in :mod:`broker.options`; this module turns the resolved
-values into validated BrokerConfig/SidecarConfig. Library code never reads ``os.environ``:
-the CLI builds these with :func:`broker_config_from` / :func:`sidecar_config_from` and
+values into a validated BrokerConfig (the sidecar's: ``sidecar.config``). Library code
+never reads ``os.environ``: the CLI builds these with :func:`broker_config_from` and
 passes them down.
 """
 
@@ -31,15 +31,16 @@ from broker.core.scopemap import (
 from broker.core.spiffeid import SpiffeId
 from broker.errors import ConfigError, InvalidSpiffeIdError
 from broker.options import (
-    AUDIENCE,
     BROKER_OPTIONS,
+    DEFAULT_AUDIENCE,
     DEFAULT_RESPONDER_GROUPS,
-    SIDECAR_OPTIONS,
     VAULT_ALLOWED_MOUNT,
     VAULT_SYNC_OPTIONS,
     Setting,
-    option,
+    hostport_value,
     resolve,
+    socket_value,
+    text_value,
 )
 from broker.wire.federation import (
     FederatedBundles,
@@ -47,9 +48,6 @@ from broker.wire.federation import (
     parse_bundle_flag,
     parse_endpoint_flag,
 )
-
-DEFAULT_AUDIENCE = str(AUDIENCE.default)
-DEFAULT_BROKER_DNS = str(option(SIDECAR_OPTIONS, "broker_dns_name").default)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,38 +99,6 @@ class BrokerConfig:
     def __repr__(self) -> str:
         return (f"BrokerConfig(listen={self.listen!r}, scope_map_path={self.scope_map_path!r}, "
                 f"vault_addr={self.vault_addr!r}, vault_token=<redacted>)")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SidecarConfig:
-    listen_socket: Path  # the agent-facing unix socket
-    workload_api_socket: str
-    broker_addr: str  # host:port
-    broker_dns_name: str = DEFAULT_BROKER_DNS
-    jwt_audience: str = DEFAULT_AUDIENCE
-    send_jwt_svid: bool = True
-    broker_timeout: float = 10.0
-    #: The broker's trust domain's bundle, when the sidecar's own trust domain is another
-    #: (a vendor-hosted agent): None verifies the broker with our own bundle.
-    broker_trust: FederationSource | None = None
-
-
-def _socket(value: str, what: str) -> str:
-    if not value:
-        raise ConfigError(
-            f"{what} is not set: pass --workload-api unix:/path or set SPIFFE_ENDPOINT_SOCKET"
-        )
-    path = value.removeprefix("unix:")
-    if not path.startswith("/"):
-        raise ConfigError(f"{what} {value!r} must be an absolute unix socket path (unix:/path)")
-    return "unix:" + path
-
-
-def _hostport(value: str, what: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what} {value!r} must be host:port, e.g. 127.0.0.1:8443")
-    return value
 
 
 def _vault(s: Mapping[str, Setting]) -> tuple[str, str, Path | None]:
@@ -238,10 +204,6 @@ def vault_access_from(*, env: Mapping[str, str], flags: Mapping[str, object]) ->
                        default_environment=default_env, environments=extra_envs)
 
 
-def _text(s: Mapping[str, Setting], name: str) -> str:
-    return str(s[name].value or "")
-
-
 def _number(s: Mapping[str, Setting], name: str) -> float:
     value = s[name].value
     return float(value) if isinstance(value, int | float) else 0.0
@@ -309,26 +271,26 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
         "audit_key": "no checkpoint signing key: pass --audit-key PATH or set "
                      "CREDBROKER_AUDIT_KEY (an Ed25519 PEM key; created if missing)",
     }
-    store_url = _text(s, "store")
+    store_url = text_value(s, "store")
     if store_url:  # the audit log lives in the database
         del required["audit_log"]
     for name, message in required.items():
-        if not _text(s, name):
+        if not text_value(s, name):
             raise ConfigError(message)
     if store_url:
         from broker.adapters.store_pg import check_url
 
         check_url(store_url)
-    elif not _text(s, "registry"):
+    elif not text_value(s, "registry"):
         raise ConfigError("no credential registry: pass --registry PATH (an SQLite file) or set "
                           "CREDBROKER_REGISTRY; or --store postgresql://… (CREDBROKER_STORE) "
                           "for replicas sharing one")
     approvers = _approver_config(
-        issuer=_text(s, "approver_issuer"), jwks=_text(s, "approver_jwks"),
-        audience=_text(s, "approver_audience"), groups_file=_text(s, "approver_groups"),
+        issuer=text_value(s, "approver_issuer"), jwks=text_value(s, "approver_jwks"),
+        audience=text_value(s, "approver_audience"), groups_file=text_value(s, "approver_groups"),
         bots=list(_list(s, "approval_bot")),
         owner_team_cannot_approve=bool(s["owner_team_cannot_approve"].value),
-        webhook=_text(s, "escalation_webhook"))
+        webhook=text_value(s, "escalation_webhook"))
     fast = _number(s, "approval_fast_seconds")
     if fast <= 0:
         raise ConfigError("--approval-fast-seconds must be a positive number of seconds")
@@ -339,32 +301,32 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
     drift = _number(s, "vault_drift_interval")
     if drift < 0:
         raise ConfigError("--vault-drift-interval must be a number of seconds (0 disables)")
-    metrics, health = _text(s, "metrics_listen"), _text(s, "health_listen")
+    metrics, health = text_value(s, "metrics_listen"), text_value(s, "health_listen")
     default_env, extra_envs = _environments(s, env)
     return BrokerConfig(
-        listen=_hostport(_text(s, "listen"), "--listen"),
-        workload_api_socket=_socket(_text(s, "workload_api"), "Workload API socket"),
-        scope_map_path=Path(_text(s, "scope_map")),
+        listen=hostport_value(text_value(s, "listen"), "--listen"),
+        workload_api_socket=socket_value(text_value(s, "workload_api"), "Workload API socket"),
+        scope_map_path=Path(text_value(s, "scope_map")),
         vault_addr=addr,
         vault_token_file=token_file,
         vault_token=token,
         vault_ca_cert=_vault_ca_cert(s),
-        jwt_audience=_text(s, "audience"),
+        jwt_audience=text_value(s, "audience"),
         require_jwt_svid=bool(s["require_jwt_svid"].value),
-        ready_file=Path(_text(s, "ready_file")) if _text(s, "ready_file") else None,
-        audit_path=Path(_text(s, "audit_log")) if _text(s, "audit_log") else None,
-        registry_path=Path(_text(s, "registry")),
+        ready_file=Path(text_value(s, "ready_file")) if text_value(s, "ready_file") else None,
+        audit_path=Path(text_value(s, "audit_log")) if text_value(s, "audit_log") else None,
+        registry_path=Path(text_value(s, "registry")),
         store_url=store_url,
         admin_ids=_spiffe_ids(_list(s, "admin_id"), "--admin-id"),
         responder_groups=_list(s, "responder_group") or DEFAULT_RESPONDER_GROUPS,
         automation_ids=_spiffe_ids(_list(s, "automation_id"), "--automation-id"),
         team_scopes=_team_scopes(_list(s, "team_scope")),
         approvers=approvers,
-        metrics_listen=_hostport(metrics, "--metrics-listen") if metrics else "",
-        health_listen=_hostport(health, "--health-listen") if health else "",
-        audit_key_path=Path(_text(s, "audit_key")),
-        checkpoint_mirror=(Path(_text(s, "checkpoint_mirror"))
-                           if _text(s, "checkpoint_mirror") else None),
+        metrics_listen=hostport_value(metrics, "--metrics-listen") if metrics else "",
+        health_listen=hostport_value(health, "--health-listen") if health else "",
+        audit_key_path=Path(text_value(s, "audit_key")),
+        checkpoint_mirror=(Path(text_value(s, "checkpoint_mirror"))
+                           if text_value(s, "checkpoint_mirror") else None),
         checkpoint_interval=interval,
         vault_allowed_mounts=_allowed_mounts(s),
         vault_drift_interval=drift,
@@ -377,7 +339,7 @@ def broker_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | 
 def _environments(s: Mapping[str, Setting], env: Mapping[str, str]
                   ) -> tuple[str, tuple[EnvironmentConfig, ...]]:
     """Raises: ConfigError for a malformed entry or a name declared twice."""
-    default = check_name(_text(s, "default_environment") or "default", "--default-environment")
+    default = check_name(text_value(s, "default_environment") or "default", "--default-environment")
     extra = tuple(parse_environment_flag(t, env) for t in _list(s, "environment"))
     check_environments(default, extra)
     return default, extra
@@ -416,53 +378,6 @@ def _approver_config(*, issuer: str, jwks: str, audience: str, groups_file: str 
                           jwks_path=Path(jwks) if jwks else None, static_groups=static,
                           bots=bot_groups, owner_team_may_approve=not owner_team_cannot_approve,
                           webhook_url=webhook)
-
-
-def _broker_trust(bundle: str, endpoint: str) -> FederationSource | None:
-    """The source of the broker's trust domain's bundle (``--broker-bundle`` and/or
-    ``--broker-bundle-endpoint``), or None (the sidecar's own trust domain).
-
-    Raises: ConfigError for a malformed value, or the two naming different trust domains.
-    """
-    if not bundle and not endpoint:
-        return None
-    file = parse_bundle_flag(bundle, flag="--broker-bundle") if bundle else None
-    if not endpoint:
-        return file
-    source = parse_endpoint_flag(endpoint, flag="--broker-bundle-endpoint")
-    if file is None:
-        return source
-    if file.trust_domain != source.trust_domain:
-        raise ConfigError(f"--broker-bundle names {file.trust_domain} but "
-                          f"--broker-bundle-endpoint {source.trust_domain}: both are the "
-                          "broker's trust domain")
-    if source.path is not None and source.path != file.path:
-        raise ConfigError("--broker-bundle-endpoint has bundle=PATH and --broker-bundle "
-                          "another file: give the first bundle once")
-    return replace(source, path=file.path)
-
-
-def sidecar_config_from(*, env: Mapping[str, str], flags: Mapping[str, object] | None = None
-                        ) -> SidecarConfig:
-    """Build and validate sidecar configuration from :data:`SIDECAR_OPTIONS`.
-
-    Raises:
-        ConfigError: something is missing or malformed.
-    """
-    s = resolve(SIDECAR_OPTIONS, flags=flags or {}, env=env, file={})
-    sock = _text(s, "listen")
-    if not sock:
-        raise ConfigError("no agent socket: pass --listen /run/credbroker/sidecar.sock")
-    return SidecarConfig(
-        broker_trust=_broker_trust(_text(s, "broker_bundle"),
-                                   _text(s, "broker_bundle_endpoint")),
-        listen_socket=Path(sock.removeprefix("unix:")),
-        workload_api_socket=_socket(_text(s, "workload_api"), "Workload API socket"),
-        broker_addr=_hostport(_text(s, "broker"), "--broker"),
-        broker_dns_name=_text(s, "broker_dns_name"),
-        jwt_audience=_text(s, "audience"),
-        send_jwt_svid=not s["no_jwt_svid"].value,
-    )
 
 
 def load_scope_map(

@@ -287,8 +287,6 @@ FALLBACK_CODES: Mapping[str, str] = {
 }
 
 #: gRPC trailing metadata keys of the contract: the code, and seconds until a retry may work.
-ERROR_CODE_MD_KEY = "credbroker-error-code"
-RETRY_AFTER_MD_KEY = "credbroker-retry-after"
 
 #: ``Retry-After`` (seconds) of a 429 when the broker did not say when to retry.
 DEFAULT_RETRY_AFTER_SECONDS = 30

@@ -353,3 +353,30 @@ def markdown_table(options: Iterable[Option], heading: str) -> str:
             env += " (comma-separated)"
         rows.append(f"| {o.help} | {flag} | {env} | {o.default_text()} |")
     return "\n".join(rows) + "\n"
+
+
+#: Defaults other modules name (the broker's DNS SAN, the JWT-SVID audience).
+DEFAULT_AUDIENCE = str(AUDIENCE.default)
+DEFAULT_BROKER_DNS = str(option(SIDECAR_OPTIONS, "broker_dns_name").default)
+
+
+def socket_value(value: str, what: str) -> str:
+    if not value:
+        raise ConfigError(
+            f"{what} is not set: pass --workload-api unix:/path or set SPIFFE_ENDPOINT_SOCKET"
+        )
+    path = value.removeprefix("unix:")
+    if not path.startswith("/"):
+        raise ConfigError(f"{what} {value!r} must be an absolute unix socket path (unix:/path)")
+    return "unix:" + path
+
+
+def hostport_value(value: str, what: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} {value!r} must be host:port, e.g. 127.0.0.1:8443")
+    return value
+
+
+def text_value(s: Mapping[str, Setting], name: str) -> str:
+    return str(s[name].value or "")

@@ -35,9 +35,9 @@ from typing import IO, TYPE_CHECKING, Any
 import broker
 from broker.adapters.approvers import DevIssuer
 from broker.adapters.audit import load_or_create_signing_key
-from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
 from broker.errors import ConfigError, CredbrokerError
+from broker.options import DEFAULT_BROKER_DNS
 from credbroker_dev.devidp import DevIdp
 from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
 

@@ -32,8 +32,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.errors import DEFAULT_RETRY_AFTER_SECONDS
-from broker.grpc.server import LoopThread
 from broker.wire.inputs import ID_RULE, is_id
+from broker.wire.loop import LoopThread
 from sidecar.broker_client import BrokerCallError, BrokerClient, decision_to_json
 from sidecar.cache import CachedCredential, CredentialCache, request_key
 from sidecar.hits import HitReporter

@@ -23,18 +23,15 @@ from spiffe import JwtSource, X509Source
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.config import SidecarConfig
 from broker.errors import (
-    ERROR_CODE_MD_KEY,
     ERRORS,
     FALLBACK_CODES,
-    RETRY_AFTER_MD_KEY,
     BrokerUnavailableError,
     WorkloadApiError,
 )
-from broker.grpc.server import LoopThread
-from broker.grpc.service import DECISION_MD_KEY
 from broker.wire.federation import FederatedBundles
+from broker.wire.loop import LoopThread
+from broker.wire.metadata import DECISION_MD_KEY, ERROR_CODE_MD_KEY, RETRY_AFTER_MD_KEY
 from broker.wire.tls import (
     AioRotatingChannel,
     PemMaterial,
@@ -42,6 +39,7 @@ from broker.wire.tls import (
     diagnose_handshake,
     pem_material,
 )
+from sidecar.config import SidecarConfig
 
 _log = logging.getLogger("credbroker.sidecar")
 

@@ -20,12 +20,7 @@ from pathlib import Path
 from broker.cli import audit as audit_cli
 from broker.cli import scope as scope_cli
 from broker.cli import store as store_cli
-from broker.config import (
-    broker_config_from,
-    process_env,
-    sidecar_config_from,
-    vault_access_from,
-)
+from broker.config import broker_config_from, process_env, vault_access_from
 from broker.errors import ConfigError, CredbrokerError, exit_code_for
 from broker.options import (
     BROKER_OPTIONS,
@@ -36,6 +31,7 @@ from broker.options import (
     flag_values,
     read_config_file,
 )
+from sidecar.config import sidecar_config_from
 
 
 def _logging(verbose: bool, json_lines: bool = False) -> None:

@@ -27,11 +27,9 @@ from spiffe import X509Source
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.cli.audit import dev_info
-from broker.config import DEFAULT_BROKER_DNS
 from broker.core.records import rfc3339
 from broker.core.revocation import Selector, freeze_target, parse_when
 from broker.errors import (
-    ERROR_CODE_MD_KEY,
     BrokerUnavailableError,
     ConfigError,
     CredbrokerError,
@@ -41,6 +39,8 @@ from broker.errors import (
     PolicyError,
     VaultUnavailableError,
 )
+from broker.options import DEFAULT_BROKER_DNS
+from broker.wire.metadata import ERROR_CODE_MD_KEY
 from broker.wire.tls import RotatingChannel, diagnose_handshake, pem_material
 
 _CODES: dict[grpc.StatusCode, type[CredbrokerError]] = {

@@ -31,12 +31,13 @@ import aiohttp
 from aiohttp import web
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.config import DEFAULT_BROKER_DNS, load_scope_map
+from broker.config import load_scope_map
 from broker.console import views
 from broker.console.brokerapi import BrokerApi, BrokerRefused
 from broker.console.oidc import LoginError, OidcClient
 from broker.console.sessions import LOGIN_COOKIE, LOGIN_TTL, SESSION_COOKIE, Session, SessionStore
 from broker.core.scopemap import ScopeMap
+from broker.options import DEFAULT_BROKER_DNS
 
 _log = logging.getLogger("credbroker.console")
 STATIC = Path(__file__).parent / "static"

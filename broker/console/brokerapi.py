@@ -16,7 +16,7 @@ from spiffe import X509Source
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.app.people import PERSON_MD_KEY
-from broker.errors import ERROR_CODE_MD_KEY
+from broker.wire.metadata import ERROR_CODE_MD_KEY
 from broker.wire.tls import KEEPALIVE, pem_material
 
 

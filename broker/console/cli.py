@@ -9,8 +9,8 @@ import signal
 from pathlib import Path
 
 from broker.cli.audit import dev_info
-from broker.config import DEFAULT_BROKER_DNS
 from broker.errors import ConfigError
+from broker.options import DEFAULT_BROKER_DNS
 
 
 def config_from_args(args: argparse.Namespace) -> object:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -44,12 +43,12 @@ from broker.grpc.approvals import ApprovalsService
 from broker.grpc.observability import HealthMonitor, Metrics
 from broker.grpc.service import Authenticator, BrokerService, ScopeMapHolder
 from broker.wire.federation import FederatedBundles
+from broker.wire.loop import LoopThread
 from broker.wire.tls import SERVER_KEEPALIVE, local_authorities, pem_material, server_credentials
 
 _log = logging.getLogger("credbroker.broker")
 
 
-_T = TypeVar("_T")
 
 
 def utc_now() -> datetime:
@@ -60,41 +59,6 @@ def environments_of(cfg: BrokerConfig, vault: VaultAdapter) -> Environments:
     """Every environment's Vault adapter: ``vault`` (``--vault-addr``) as the default one,
     then each ``--environment``; just ``vault`` when none is declared."""
     return Environments.build(vault, default=cfg.default_environment, extra=cfg.environments)
-
-
-class LoopThread:
-    """An asyncio event loop running in its own (daemon) thread, driven from sync code."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
-        """Run ``coro`` on the loop; block until it is done and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        """Cancel what still runs, stop the loop and join its thread."""
-        async def cancel_rest() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        if self.loop.is_running():
-            try:
-                self.run(cancel_rest(), timeout=5)
-            except Exception as exc:  # stopping must go on
-                _log.debug("cancelling the loop's tasks: %s", exc)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        if not self._thread.is_alive():
-            self.loop.close()
 
 
 def _signature(path: Path) -> tuple[object, ...]:

@@ -48,8 +48,6 @@ from broker.core.records import request_to_json, rfc3339
 from broker.core.revocation import Freeze, first_freeze
 from broker.core.scopemap import HARD_MAX_TTL_SECONDS, ScopeMap
 from broker.errors import (
-    ERROR_CODE_MD_KEY,
-    RETRY_AFTER_MD_KEY,
     AuditError,
     CredbrokerError,
     IdentityError,
@@ -74,10 +72,14 @@ from broker.wire.inputs import (
     check_length,
     is_id,
 )
+from broker.wire.metadata import (
+    DECISION_MD_KEY,
+    ERROR_CODE_MD_KEY,
+    REQUEST_ID_MD_KEY,
+    RETRY_AFTER_MD_KEY,
+)
 
 _log = logging.getLogger("credbroker.broker")
-
-DECISION_MD_KEY = "credbroker-decision-bin"
 
 _T = TypeVar("_T")
 
@@ -625,21 +627,21 @@ def _failure(exc: Exception, request_id: str, method: str
         trailer: list[tuple[str, str | bytes]] = [
             (DECISION_MD_KEY, decision_to_proto(d).SerializeToString()),
             (ERROR_CODE_MD_KEY, code),
-            ("credbroker-request-id", request_id),
+            (REQUEST_ID_MD_KEY, request_id),
         ]
         if d.retry_after_seconds:
             trailer.append((RETRY_AFTER_MD_KEY, str(d.retry_after_seconds)))
         return grpc_status(code), "; ".join(d.reasons), tuple(trailer)
     if isinstance(exc, CredbrokerError):
         _log.warning("request_id=%s %s failed: %s: %s", request_id, method, exc.code, exc)
-        trailer = [(ERROR_CODE_MD_KEY, exc.code), ("credbroker-request-id", request_id)]
+        trailer = [(ERROR_CODE_MD_KEY, exc.code), (REQUEST_ID_MD_KEY, request_id)]
         if exc.retry_after_seconds:
             trailer.append((RETRY_AFTER_MD_KEY, str(exc.retry_after_seconds)))
         return grpc_status(exc.code), str(exc), tuple(trailer)
     _log.error("request_id=%s %s failed unexpectedly", request_id, method, exc_info=exc)
     return (grpc.StatusCode.INTERNAL,
             f"the broker failed unexpectedly; request id {request_id} is in its log",
-            ((ERROR_CODE_MD_KEY, "internal"), ("credbroker-request-id", request_id)))
+            ((ERROR_CODE_MD_KEY, "internal"), (REQUEST_ID_MD_KEY, request_id)))
 
 
 @contextmanager

@@ -15,13 +15,15 @@ from pathlib import Path
 import hvac
 import pytest
 
-from broker.config import DEFAULT_BROKER_DNS, BrokerConfig, SidecarConfig
+from broker.config import BrokerConfig
 from broker.grpc.server import BrokerServer
+from broker.options import DEFAULT_BROKER_DNS
 from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
 from credbroker_dev.devstack import OpenBaoDev
 from sidecar.app import SidecarHttpServer, SidecarService
 from sidecar.broker_client import BrokerClient
 from sidecar.client import SidecarClient
+from sidecar.config import SidecarConfig
 
 TEST_MAP = Path(__file__).parent.parent / "data" / "test-scope-map.yaml"
 TRIAGE = "spiffe://example.org/agent/triage"

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
+from broker.options import DEFAULT_BROKER_DNS
 from credbroker_dev.devspiffe import DevCA, IssuedX509
 
 

@@ -13,9 +13,9 @@ import pytest
 from cryptography import x509
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.config import DEFAULT_BROKER_DNS
 from broker.grpc.server import BrokerServer
-from broker.grpc.service import DECISION_MD_KEY, ERROR_CODE_MD_KEY
+from broker.options import DEFAULT_BROKER_DNS
+from broker.wire.metadata import DECISION_MD_KEY, ERROR_CODE_MD_KEY
 from broker.wire.tls import PemMaterial, diagnose_handshake
 from credbroker_dev.devspiffe import DevCA
 from credbroker_dev.devstack import OpenBaoDev

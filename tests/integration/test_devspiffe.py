@@ -14,8 +14,8 @@ from spiffe import JwtSource, WorkloadApiClient, X509Source
 from spiffe.svid.jwt_svid import JwtSvid
 
 from broker._proto.spiffe.workload import workload_pb2 as wl
-from broker.config import DEFAULT_BROKER_DNS
 from broker.core.spiffeid import SpiffeId
+from broker.options import DEFAULT_BROKER_DNS
 from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
 from tests.integration.conftest import BROKER, TRIAGE, Identity
 

@@ -15,7 +15,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from broker.config import SidecarConfig
 from broker.core.spiffeid import SpiffeId
 from broker.grpc.server import BrokerServer
 from broker.wire.federation import (
@@ -30,6 +29,7 @@ from credbroker_dev.devstack import OpenBaoDev
 from sidecar.app import SidecarHttpServer, SidecarService
 from sidecar.broker_client import BrokerClient
 from sidecar.client import SidecarClient
+from sidecar.config import SidecarConfig
 from tests.integration.conftest import Identity, Sidecar, broker_config, vault_as
 from tests.integration.helpers import issue_request, stub, svid
 

@@ -79,7 +79,7 @@ def test_health_follows_vault_and_metrics_count(identity: Identity, short_tmp: P
 
 
 def test_reflection_lists_the_services(broker: BrokerServer, identity: Identity) -> None:
-    from broker.config import DEFAULT_BROKER_DNS
+    from broker.options import DEFAULT_BROKER_DNS
     from tests.integration.helpers import pem_pair
 
     key, cert = pem_pair(svid(identity.ca, TRIAGE))

@@ -24,8 +24,8 @@ from broker.adapters.approvers import ApproverConfig
 from broker.adapters.audit import read_records
 from broker.app.people import PERSON_MD_KEY
 from broker.cli.login import TokenCache
-from broker.config import DEFAULT_BROKER_DNS
 from broker.grpc.server import BrokerServer
+from broker.options import DEFAULT_BROKER_DNS
 from credbroker_dev.devidp import DevIdp
 from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import ADMIN, TRIAGE, Identity, broker_config

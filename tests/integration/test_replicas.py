@@ -32,8 +32,8 @@ from broker.adapters.approvers import ApproverConfig, DevIssuer
 from broker.adapters.audit_pg import chain_origin, read_db_records
 from broker.app.replicas import LEADER_LOCK
 from broker.cli.main import main
-from broker.errors import ERROR_CODE_MD_KEY
 from broker.grpc.server import BrokerServer
+from broker.wire.metadata import ERROR_CODE_MD_KEY
 from credbroker_dev.devpg import PgServer
 from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import (

@@ -18,8 +18,8 @@ import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.app.approval_desk import MAX_WAITS_PER_IDENTITY
-from broker.errors import ERROR_CODE_MD_KEY
 from broker.grpc.server import BrokerServer
+from broker.wire.metadata import ERROR_CODE_MD_KEY
 from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import ADMIN, TRIAGE, Identity, broker_config
 from tests.integration.helpers import EVENT, admin_stub, issue_request, stub, svid

@@ -15,7 +15,7 @@ import pytest
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.adapters.audit import read_records
 from broker.grpc.server import BrokerServer
-from broker.grpc.service import ERROR_CODE_MD_KEY
+from broker.wire.metadata import ERROR_CODE_MD_KEY
 from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import (
     CONTAINMENT,

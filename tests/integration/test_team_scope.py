@@ -19,8 +19,8 @@ from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.adapters.approvers import ApproverConfig, DevIssuer
 from broker.adapters.audit import read_records
 from broker.app.people import PERSON_MD_KEY
-from broker.errors import ERROR_CODE_MD_KEY
 from broker.grpc.server import BrokerServer
+from broker.wire.metadata import ERROR_CODE_MD_KEY
 from credbroker_dev.devstack import OpenBaoDev
 from tests.integration.conftest import ADMIN, Identity, broker_config
 from tests.integration.helpers import EVENT, admin_stub, approvals_stub, stub, svid

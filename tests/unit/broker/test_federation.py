@@ -350,7 +350,7 @@ def test_a_bundle_may_be_pem_ca_certificates(vendor: DevCA) -> None:
 
 
 def test_the_sidecar_trusts_the_brokers_domain_by_file_and_or_endpoint(tmp_path: Path) -> None:
-    from broker.config import sidecar_config_from
+    from sidecar.config import sidecar_config_from
 
     env = {"SPIFFE_ENDPOINT_SOCKET": "unix:/run/w.sock", "CREDBROKER_BROKER_ADDR": "b:8443"}
     flags: dict[str, object] = {"listen": str(tmp_path / "s.sock")}

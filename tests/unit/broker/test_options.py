@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from broker.cli.main import build_parser, serve_file_keys
-from broker.config import broker_config_from, sidecar_config_from, vault_access_from
+from broker.config import broker_config_from, vault_access_from
 from broker.errors import ConfigError
 from broker.options import (
     BROKER_OPTIONS,
@@ -22,6 +22,7 @@ from broker.options import (
     read_config_file,
     resolve,
 )
+from sidecar.config import sidecar_config_from
 
 ROOT = Path(__file__).parents[3]
 ALL = [*(("serve", o) for o in BROKER_OPTIONS), *(("sidecar", o) for o in SIDECAR_OPTIONS)]

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
-from broker.config import broker_config_from, load_scope_map, sidecar_config_from
+from broker.config import broker_config_from, load_scope_map
 from broker.errors import ConfigError, InvalidRequestError, ScopeMapError
 from broker.grpc.service import request_from_proto
+from sidecar.config import sidecar_config_from
 
 EXAMPLE = Path(__file__).parents[3] / "broker" / "examples" / "soc-scope-map.yaml"
 

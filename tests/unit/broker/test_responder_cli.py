@@ -16,8 +16,8 @@ import pytest
 from broker import __version__
 from broker.cli.main import build_parser, main
 from broker.cli.responder import broker_location
-from broker.config import DEFAULT_BROKER_DNS
 from broker.errors import ConfigError
+from broker.options import DEFAULT_BROKER_DNS
 
 ROOT = Path(__file__).parents[3]
 
