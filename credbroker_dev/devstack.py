@@ -528,7 +528,8 @@ class DevStack:
                                   "--oidc-issuer", self.idp.issuer,
                                   "--oidc-client-id", self.idp.client_id,
                                   "--scope-map", str(self.scope_map),
-                                  "--audit-log", str(self.audit_path),
+                                  *(["--audit-store", self.store_url] if self.replicas
+                                    else ["--audit-log", str(self.audit_path)]),
                                   "--audit-public-key", str(self.audit_key.with_suffix(".pub")),
                                   "--ready-file", str(ready)],
                       self.run_dir / "console.log", env)

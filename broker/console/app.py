@@ -67,6 +67,9 @@ class ConsoleConfig:
     owner_team_cannot_approve: bool = False
     scope_map: Path | None = None
     audit_log: Path | None = None
+    #: The PostgreSQL store whose audit log (every replica's chain) the pages read, when
+    #: the brokers keep it there; wins over ``audit_log``.
+    audit_store: str = ""
     audit_public_key: Path | None = None
     session_ttl: float = 8 * 3600
     idle_timeout: float = 1800

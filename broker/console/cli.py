@@ -45,6 +45,8 @@ def config_from_args(args: argparse.Namespace) -> object:
                                                                 info.get("scope_map")) else None,
         audit_log=Path(args.audit_log or info["audit_path"]) if (args.audit_log or
                                                                  info.get("audit_path")) else None,
+        # With replicas the audit log is in the store (dev.json `store`): every chain.
+        audit_store="" if args.audit_log else str(args.audit_store or info.get("store") or ""),
         audit_public_key=Path(args.audit_public_key or info["audit_public_key"])
         if (args.audit_public_key or info.get("audit_public_key")) else None,
         session_ttl=args.session_ttl, idle_timeout=args.idle_timeout,
@@ -91,7 +93,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     s.add_argument("--owner-team-cannot-approve", action="store_true",
                    help="as the broker's flag: hide approve from a class's owner team")
     s.add_argument("--scope-map", help="the broker's scope map (risk, rules, reviewers)")
-    s.add_argument("--audit-log", help="the audit log (search, trace, verification)")
+    s.add_argument("--audit-log", help="the audit log file (search, trace, verification)")
+    s.add_argument("--audit-store", metavar="URL",
+                   help="the PostgreSQL store holding the audit log of replicated brokers "
+                        "(every replica's chain; instead of --audit-log)")
     s.add_argument("--audit-public-key", help="the checkpoint signing public key")
     s.add_argument("--session-ttl", type=float, default=8 * 3600,
                    help="seconds a session lasts at most (and never past the ID token)")

@@ -40,6 +40,34 @@ def verify_now(log: Path, public_key: Path | None) -> dict[str, Any]:
             "problem": v.problem, "at": checked_at, "head": v.head}
 
 
+def verify_store_now(url: str, public_key: Path | None) -> dict[str, Any]:
+    """The same check of the audit log in a PostgreSQL store: every replica's chain."""
+    from broker.adapters.audit_pg import verify_db
+
+    checked_at = datetime.now(UTC)
+    try:
+        v = verify_db(url, [_public_key(str(public_key))] if public_key else [])
+    except (CredbrokerError, ValueError) as exc:
+        return {"ok": False, "problem": f"cannot verify: {exc}", "at": checked_at}
+    problems = [*v.problems, *(f"chain {c.origin}: {c.verdict.problem}" for c in v.chains
+                               if not c.verdict.ok)]
+    return {"ok": v.ok, "records": v.records,
+            "checkpoints": sum(c.verdict.checkpoints_checked for c in v.chains),
+            "problem": "; ".join(problems), "at": checked_at}
+
+
+def _records(cfg: Any) -> list[dict[str, Any]]:
+    """Every audit record the console reads: the store's (all replicas) or the file's.
+
+    Raises: AuditError, OSError.
+    """
+    if cfg.audit_store:
+        from broker.adapters.audit_pg import read_db_records
+
+        return list(read_db_records(cfg.audit_store))
+    return list(read_records(cfg.audit_log))
+
+
 def badge(v: dict[str, Any]) -> str:
     at = v["at"].strftime("%Y-%m-%d %H:%M:%S UTC")
     if v["ok"]:
@@ -60,8 +88,8 @@ def _matches(r: dict[str, Any], q: str) -> bool:
     return walk(r)
 
 
-def _audit_search(log: Path, q: str) -> tuple[list[str] | None, list[dict[str, Any]]]:
-    records = list(read_records(log))
+def _audit_search(cfg: Any, q: str) -> tuple[list[str] | None, list[dict[str, Any]]]:
+    records = _records(cfg)
     t = trace(records, q)
     lines = trace_lines(t, datetime.now(UTC)) if t is not None else None
     hits = [r for r in records if _matches(r, q)][-200:] if t is None else []
@@ -72,15 +100,21 @@ async def audit(request: web.Request) -> web.StreamResponse:
     c = console_app._c(request)
     s = console_app._s(request)
     log = c.cfg.audit_log
-    if log is None:
+    if log is None and not c.cfg.audit_store:
         return console_app._html(views.message_page(
-            "Audit", "This console was started without --audit-log.", s), 200)
+            "Audit", "This console was started without --audit-log or --audit-store.", s),
+            200)
     loop = asyncio.get_running_loop()
-    v = await loop.run_in_executor(None, verify_now, log, c.cfg.audit_public_key)
+    if c.cfg.audit_store:
+        v = await loop.run_in_executor(None, verify_store_now, c.cfg.audit_store,
+                                       c.cfg.audit_public_key)
+    else:
+        assert log is not None
+        v = await loop.run_in_executor(None, verify_now, log, c.cfg.audit_public_key)
     q = request.query.get("q", "").strip()[:300]
     out = ""
     if q:
-        lines, hits = await loop.run_in_executor(None, _audit_search, log, q)
+        lines, hits = await loop.run_in_executor(None, _audit_search, c.cfg, q)
         if lines is not None:
             out = (f'<h2>Trace of <code>{e(q)}</code></h2>'
                    f'<pre class="trace" data-testid="trace">{e(chr(10).join(lines))}</pre>')
@@ -185,10 +219,10 @@ async def overview(request: web.Request) -> web.StreamResponse:
     except BrokerRefused as exc:
         return console_app._refused(request, exc, "/overview")
     charts = ""
-    if c.cfg.audit_log is not None and c.cfg.audit_log.exists():
-        log = c.cfg.audit_log
+    if c.cfg.audit_store or (c.cfg.audit_log is not None and c.cfg.audit_log.exists()):
+        cfg = c.cfg
         report = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: build_report(read_records(log), since=now - timedelta(hours=24)))
+            None, lambda: build_report(_records(cfg), since=now - timedelta(hours=24)))
         classes = sorted(report.classes.values(), key=lambda x: x.action_class)
         charts += _bar_chart("Decisions per action class, last 24 h (issued / needed approval "
                              "/ denied)", [

@@ -261,3 +261,37 @@ def _now() -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC)
+
+
+def test_the_console_reads_and_verifies_every_replicas_chain_in_the_store(
+        postgres: PgServer, tmp_path: Path) -> None:
+    """The web console of replicated brokers (``--audit-store``): its search and trace see
+    both replicas' records, its badge verifies both chains and turns red on a row edited
+    with SQL."""
+    from broker.console.app import ConsoleConfig
+    from broker.console.pages import _audit_search, verify_store_now
+
+    url = postgres.new_database()
+    store = _store(url)
+    key, pub = _key(tmp_path)
+    a = PostgresAuditLog(store, origin="pod-a/1", signing_key=key)
+    b = PostgresAuditLog(store, origin="pod-b/1", signing_key=key)
+    a.append("decision", request_id="r-1", spiffe_id="spiffe://example.org/agent/triage")
+    a.append("credential.minted", request_id="r-1", credential_id="acc-1")
+    b.append("credential.revoked", credential_id="acc-1", by="dave@example.org")
+    cfg = ConsoleConfig(tls_cert=tmp_path / "c", tls_key=tmp_path / "k", broker_addr="x:1",
+                        workload_api="unix:/x", oidc_issuer="https://idp", audit_store=url,
+                        audit_public_key=pub)
+    verdict = verify_store_now(url, pub)
+    assert verdict["ok"] and verdict["records"] == 5, verdict  # 2 chain openings + 3
+    lines, _hits = _audit_search(cfg, "acc-1")
+    assert lines is not None
+    text = "\n".join(lines)
+    assert "acc-1" in text and "dave@example.org" in text  # minted on A, revoked on B
+    _sql(url, "UPDATE audit_records SET record = replace(record, 'dave', 'mallory') "
+              "WHERE origin = %s AND strpos(record, 'dave') > 0", "pod-b/1")
+    broken = verify_store_now(url, pub)
+    assert not broken["ok"] and "pod-b/1" in broken["problem"]
+    a.close()
+    b.close()
+    store.close()
