@@ -361,7 +361,7 @@ class SqlStore:
         return [r for r in self._rows(where + " ORDER BY issued_at", tuple(args))
                 if selector.matches(credential_id=r.credential_id, spiffe_id=r.spiffe_id,
                                     action_class=r.action_class, target=r.target,
-                                    issued_at=r.issued_at)]
+                                    issued_at=r.issued_at, environment=r.environment)]
 
     def initiating_events(self, credential_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
         """credential id -> (event source, event id) of the event it was issued for (read-only;

@@ -150,14 +150,16 @@ def _selector(args: argparse.Namespace, *, all_if_empty: bool = False) -> pb.Sel
     until = parse_when(args.until, now, flag="--until") if args.until else None
     ids = getattr(args, "credential_id", None) or []
     everything = getattr(args, "all", False)
+    environment = getattr(args, "environment", None) or ""
     if all_if_empty and not (args.spiffe_id or args.action_class or args.target or since
-                             or until or ids):
+                             or until or ids or environment):
         everything = True
     Selector.build(spiffe_id=args.spiffe_id or "", action_class=args.action_class or "",
                    target=args.target or "", since=since, until=until, credential_ids=ids,
-                   all=everything)
+                   all=everything, environment=environment)
     sel = pb.Selector(spiffe_id=args.spiffe_id or "", action_class=args.action_class or "",
-                      target=args.target or "", credential_ids=ids, all=everything)
+                      target=args.target or "", credential_ids=ids, all=everything,
+                      environment=environment)
     for field, value in (("since", _ts(since)), ("until", _ts(until))):
         if value is not None:
             getattr(sel, field).CopyFrom(value)
@@ -460,6 +462,8 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--spiffe-id", help="SPIFFE ID pattern (scope-map semantics)")
         p.add_argument("--action-class")
         p.add_argument("--target", help="exact target, or a pattern with * and ?")
+        p.add_argument("--environment", help="only credentials minted in this environment's "
+                       "Vault (a broker that declares environments)")
         for flag, what in (("--since", "at or after"), ("--until", "at or before")):
             p.add_argument(flag, metavar="TIME", help=f"issued {what}: a duration back from "
                            "now (10m, 2h, 1d) or RFC 3339 with a zone (2026-11-27T03:00:00Z)")

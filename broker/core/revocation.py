@@ -135,18 +135,23 @@ class Selector:
     until: datetime | None = None
     credential_ids: frozenset[str] = frozenset()
     all: bool = False
+    #: Only credentials minted in this environment's Vault ("": any).
+    environment: str = ""
 
     @classmethod
     def build(cls, *, spiffe_id: str = "", action_class: str = "", target: str = "",
               since: datetime | None = None, until: datetime | None = None,
-              credential_ids: Iterable[str] = (), all: bool = False) -> Selector:
+              credential_ids: Iterable[str] = (), all: bool = False,
+              environment: str = "") -> Selector:
         """Raises: InvalidRequestError for an empty selector or a malformed pattern."""
         ids = frozenset(i for i in credential_ids if i)
-        narrowed = bool(spiffe_id or action_class or target or since or until or ids)
+        narrowed = bool(spiffe_id or action_class or target or since or until or ids
+                        or environment)
         if not narrowed and not all:
             raise InvalidRequestError("no selector given: name --spiffe-id, --action-class, "
-                                      "--target, --since/--until or --credential-id, or pass "
-                                      "--all to select every live credential")
+                                      "--target, --environment, --since/--until or "
+                                      "--credential-id, or pass --all to select every live "
+                                      "credential")
         if narrowed and all:
             raise InvalidRequestError("--all cannot be combined with other selectors")
         if since and until and since > until:
@@ -158,13 +163,15 @@ class Selector:
             except InvalidSpiffeIdError as exc:
                 raise InvalidRequestError(str(exc)) from None
         return cls(spiffe_id=pattern, action_class=action_class, target=target, since=since,
-                   until=until, credential_ids=ids, all=all)
+                   until=until, credential_ids=ids, all=all, environment=environment)
 
     def matches(self, *, credential_id: str, spiffe_id: str, action_class: str, target: str,
-                issued_at: datetime) -> bool:
+                issued_at: datetime, environment: str = "") -> bool:
         if self.all:
             return True
         if self.credential_ids and credential_id not in self.credential_ids:
+            return False
+        if self.environment and environment != self.environment:
             return False
         if self.spiffe_id is not None:
             try:
@@ -190,6 +197,8 @@ class Selector:
             parts.append(f"action_class={self.action_class}")
         if self.target:
             parts.append(f"target={self.target}")
+        if self.environment:
+            parts.append(f"environment={self.environment}")
         if self.since:
             parts.append(f"since={self.since.isoformat()}")
         if self.until:

@@ -49,15 +49,21 @@ def _ts(dt: datetime | None) -> Timestamp:
     return t
 
 
-def selector_from_proto(sel: pb.Selector) -> Selector:
-    """Raises: InvalidRequestError (empty selector, a field too long or a malformed credential
-    id, malformed pattern, since > until)."""
+def selector_from_proto(sel: pb.Selector,
+                        resolve: Callable[[str], str] = lambda name: name) -> Selector:
+    """``resolve`` maps an environment name to the one credentials are recorded with.
+
+    Raises: InvalidRequestError (empty selector, a field too long or a malformed credential
+    id, malformed pattern, since > until); UnknownEnvironmentError (from ``resolve``).
+    """
     check_length("selector spiffe_id", sel.spiffe_id, SPIFFE_ID_MAX)
     check_length("selector action_class", sel.action_class, ACTION_CLASS_MAX)
     check_length("selector target", sel.target, TARGET_MAX)
+    check_length("selector environment", sel.environment, ACTION_CLASS_MAX)
     check_ids("selector credential_id", sel.credential_ids)
     return Selector.build(
         spiffe_id=sel.spiffe_id, action_class=sel.action_class, target=sel.target,
+        environment=resolve(sel.environment) if sel.environment else "",
         since=sel.since.ToDatetime(tzinfo=UTC) if sel.HasField("since") else None,
         until=sel.until.ToDatetime(tzinfo=UTC) if sel.HasField("until") else None,
         credential_ids=list(sel.credential_ids), all=sel.all)
@@ -171,7 +177,7 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
                         context: grpc.ServicerContext) -> pb.ListCredentialsResponse:
         with _boundary(context, "admin", "ListCredentials"):
             self._admin(context)
-            selector = selector_from_proto(request)
+            selector = selector_from_proto(request, self._r.vaults.resolve)
             self._known(spiffe_id=request.spiffe_id, action_class=request.action_class)
             rows = self._r.store.live(selector, self._clock())
             events = self._r.store.initiating_events(r.credential_id for r in rows)
@@ -185,7 +191,7 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
             actor = self._actor(context, "revoke credentials")
             by = actor.by
             reason = self._reason(request.reason)
-            selector = selector_from_proto(request.selector)
+            selector = selector_from_proto(request.selector, self._r.vaults.resolve)
             self._known(spiffe_id=request.selector.spiffe_id,
                         action_class=request.selector.action_class)
             rows = self._r.store.live(selector, self._clock())

@@ -231,6 +231,27 @@ def test_a_hand_back_revokes_in_the_vault_that_minted_it(world: World) -> None:
     assert revoked[0]["environment"] == "sandbox" and revoked[0]["result"] == "revoked"
 
 
+def test_a_revoke_by_environment_ends_only_that_environments_credentials(
+        world: World) -> None:
+    """``credbroker revoke --environment sandbox``: OpenBao says which tokens died."""
+    sand = world.issue(TRIAGE, "ticket.comment", "sandbox").credential
+    prod = world.issue(TRIAGE, "ticket.comment", "production").credential
+    admin = world.admin()
+    listed = admin.ListCredentials(pb.Selector(environment="sandbox"),  # type: ignore[attr-defined]
+                                   timeout=10)
+    ids = {c.credential_id for c in listed.credentials}
+    assert sand.credential_id in ids and prod.credential_id not in ids
+    for _ in admin.RevokeCredentials(pb.RevokeCredentialsRequest(  # type: ignore[attr-defined]
+            selector=pb.Selector(environment="sandbox"), reason="sandbox reset"), timeout=30):
+        pass
+    assert not alive(world.sandbox, sand.credential_id)
+    assert alive(world.production, prod.credential_id)
+    with pytest.raises(grpc.RpcError) as err:
+        admin.ListCredentials(pb.Selector(environment="staging"),  # type: ignore[attr-defined]
+                              timeout=10)
+    assert "staging" in (err.value.details() or "") and "sandbox" in (err.value.details() or "")
+
+
 def test_a_freeze_reaches_every_environments_vault(world: World) -> None:
     prod = world.issue(TRIAGE, "ticket.comment", "production").credential
     sand = world.issue(TRIAGE, "ticket.comment", "sandbox").credential

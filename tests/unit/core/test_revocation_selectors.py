@@ -59,8 +59,9 @@ def test_build_keeps_what_it_was_given_and_drops_empty_ids() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({}, "no selector given: name --spiffe-id, --action-class, --target, --since/--until or "
-         "--credential-id, or pass --all to select every live credential"),
+    ({}, "no selector given: name --spiffe-id, --action-class, --target, --environment, "
+         "--since/--until or --credential-id, or pass --all to select every live credential"),
+    ({"all": True, "environment": "sandbox"}, "--all cannot be combined with other selectors"),
     ({"all": True, "target": "x"}, "--all cannot be combined with other selectors"),
     ({"all": True, "since": T0}, "--all cannot be combined with other selectors"),
     ({"all": True, "until": T0}, "--all cannot be combined with other selectors"),

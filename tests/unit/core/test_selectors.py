@@ -102,3 +102,19 @@ def test_a_holder_of_a_live_credential_counts_as_existing() -> None:
 def test_pattern_overlap(a: str, b: str, overlap: bool) -> None:
     pa, pb = SpiffeIdPattern.parse(a), SpiffeIdPattern.parse(b)
     assert pa.overlaps(pb) is overlap and pb.overlaps(pa) is overlap
+
+
+def test_an_environment_alone_is_a_selector_and_matches_only_its_credentials() -> None:
+    from broker.core.revocation import Selector
+
+    sel = Selector.build(environment="sandbox")
+    assert sel.describe() == "environment=sandbox"
+    common = {"credential_id": "a", "spiffe_id": "spiffe://example.org/agent/t",
+              "action_class": "c", "target": "t", "issued_at": NOW}
+    assert sel.matches(**common, environment="sandbox")
+    assert not sel.matches(**common, environment="production")
+    assert not sel.matches(**common)  # a credential of a broker without environments
+    both = Selector.build(action_class="c", environment="production")
+    assert both.matches(**common, environment="production")
+    assert not both.matches(**{**common, "action_class": "d"}, environment="production")
+    assert Selector.build(action_class="c").matches(**common, environment="sandbox")

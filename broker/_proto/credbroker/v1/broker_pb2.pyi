@@ -212,7 +212,7 @@ class RevokeCredentialResponse(_message.Message):
     def __init__(self, credential_id: _Optional[str] = ..., already_dead: _Optional[bool] = ...) -> None: ...
 
 class Selector(_message.Message):
-    __slots__ = ("spiffe_id", "action_class", "target", "since", "until", "credential_ids", "all")
+    __slots__ = ("spiffe_id", "action_class", "target", "since", "until", "credential_ids", "all", "environment")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_CLASS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,7 @@ class Selector(_message.Message):
     UNTIL_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_IDS_FIELD_NUMBER: _ClassVar[int]
     ALL_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     action_class: str
     target: str
@@ -227,7 +228,8 @@ class Selector(_message.Message):
     until: _timestamp_pb2.Timestamp
     credential_ids: _containers.RepeatedScalarFieldContainer[str]
     all: bool
-    def __init__(self, spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., target: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credential_ids: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ...) -> None: ...
+    environment: str
+    def __init__(self, spiffe_id: _Optional[str] = ..., action_class: _Optional[str] = ..., target: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., credential_ids: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ..., environment: _Optional[str] = ...) -> None: ...
 
 class CacheHit(_message.Message):
     __slots__ = ("credential_id", "request_id", "request", "served_at")
