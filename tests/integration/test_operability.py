@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from broker.grpc.server import BrokerServer
-from credbroker_dev.devstack import OpenBaoDev, free_port
+from credbroker_dev.devstack import DevStackError, OpenBaoDev, free_port
 from tests.integration.conftest import CONTAINMENT, TRIAGE, Identity, broker_config
 from tests.integration.helpers import EVENT, issue_request, stub, svid
 
@@ -69,9 +69,16 @@ def test_health_follows_vault_and_metrics_count(identity: Identity, short_tmp: P
         _until(lambda: _status(server.health_port) != serving, "still SERVING without Vault")
         assert any("Vault" in p for p in server.health.problems)  # type: ignore[union-attr]
         token = own.root_token
-        own = OpenBaoDev(short_tmp, port=port)  # ... and comes back (same broker token)
-        own.root_token = token
-        own.start()
+        for attempt in range(3):  # ... and comes back (same broker token, same port;
+            own = OpenBaoDev(short_tmp, port=port)  # the port may take a moment to free)
+            own.root_token = token
+            try:
+                own.start()
+                break
+            except DevStackError:
+                if attempt == 2:
+                    raise
+                time.sleep(1.0)
         _until(lambda: _status(server.health_port) == serving, "not SERVING after Vault returned")
     finally:
         server.stop(grace=0)
