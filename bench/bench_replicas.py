@@ -14,7 +14,10 @@ For each it measures
    one mTLS connection each, spread round-robin over the brokers) issue ``--n`` credentials
    in all (IssueCredential, a new target each time: every one a real Vault mint), as fast
    as they can: p50/p99 latency and throughput;
-2. bulk revocation: ``--revoke-n`` credentials of another class minted the same way (spread
+2. propagation: a revocation made through the first broker, timed until a sidecar's
+   ``WatchRevocations`` stream held on the last broker receives it (``--propagation``
+   rounds; with one broker, the same one) — the issue's "within 1 s" across replicas;
+3. bulk revocation: ``--revoke-n`` credentials of another class minted the same way (spread
    over the brokers), then one ``RevokeCredentials`` by class through the first broker,
    timed from the call until its summary arrives; afterwards a sample of the tokens is
    looked up in OpenBao (not timed), which must say every one is dead.
@@ -211,6 +214,40 @@ def bulk_revoke(addr: str, creds: Creds, action_class: str) -> tuple[float, pb.R
     return took, summary
 
 
+def propagation(addrs: list[str], creds: Creds, rounds: int) -> list[float]:
+    """A revocation through the first broker, seen on a sidecar's stream held on the last
+    one (the same broker when there is one): milliseconds from the call to the event, for
+    ``rounds`` credentials issued one at a time through the stream's broker."""
+    me = "spiffe://example.org/fleet/watcher"
+    on = grpc.secure_channel(addrs[-1], creds.for_id(me), options=OPTIONS)
+    via = grpc.secure_channel(addrs[0], creds.for_id(ADMIN), options=OPTIONS)
+    broker, admin = pb_grpc.CredentialBrokerStub(on), pb_grpc.CredentialAdminStub(via)
+    ev = pb.InitiatingEvent(source="bench", id="PROPAGATION-1")
+    stream = broker.WatchRevocations(pb.WatchRevocationsRequest(), timeout=600)
+    next(stream)  # the sync event: the stream is up
+    out: list[float] = []
+    try:
+        for k in range(rounds):
+            cred = broker.IssueCredential(pb.IssueCredentialRequest(
+                action_class="enrichment", target=f"prop-{k}", initiating_event=ev),
+                timeout=60).credential
+            started = time.perf_counter()
+            for _ in admin.RevokeCredentials(pb.RevokeCredentialsRequest(
+                    selector=pb.Selector(credential_ids=[cred.credential_id]),
+                    reason="bench: propagation"), timeout=60):
+                pass
+            for event in stream:
+                if event.HasField("revoked") and \
+                        cred.credential_id in event.revoked.credential_ids:
+                    break
+            out.append((time.perf_counter() - started) * 1000)
+    finally:
+        stream.cancel()
+        on.close()
+        via.close()
+    return out
+
+
 def dead_in_vault(vault: hvac.Client, tokens: list[str], sample: int) -> int:
     """How many of a random sample of ``tokens`` OpenBao says are dead."""
     dead = 0
@@ -226,6 +263,10 @@ def measure(name: str, brokers: Brokers, creds: Creds, vault: hvac.Client,
             args: argparse.Namespace, note: Callable[[str], None]) -> dict[str, float]:
     lat, wall, _ = run_agents(brokers.addrs, creds, args.agents, args.n, "enrichment", name)
     note(f"{name}: issued {len(lat)} in {wall:.1f} s")
+    seen = propagation(brokers.addrs, creds, args.propagation)
+    note(f"{name}: a revocation through the first broker reached a stream on the last in "
+         f"p50 {statistics.median(seen):.0f} ms, p99 {pct(seen, 0.99):.0f} ms "
+         f"({len(seen)} rounds)")
     _, mint_wall, tokens = run_agents(brokers.addrs, creds, args.agents, args.revoke_n,
                                       "bulk", name + "-bulk")
     note(f"{name}: minted {len(tokens)} for the bulk revocation in {mint_wall:.1f} s")
@@ -238,6 +279,7 @@ def measure(name: str, brokers: Brokers, creds: Creds, vault: hvac.Client,
     if dead != sample or summary.failed or summary.pending:
         raise SystemExit(f"{name}: the bulk revocation did not kill every credential")
     return {"p50": statistics.median(lat), "p99": pct(lat, 0.99), "rps": len(lat) / wall,
+            "prop_p50": statistics.median(seen), "prop_p99": pct(seen, 0.99),
             "revoke_s": took, "revoked": float(summary.revoked + summary.already_dead)}
 
 
@@ -247,6 +289,9 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=32, help="concurrent agents")
     ap.add_argument("--revoke-n", type=int, default=10000,
                     help="credentials revoked in one bulk revocation")
+    ap.add_argument("--propagation", type=int, default=50,
+                    help="revocations timed from the call to the event on another replica's "
+                         "stream")
     ap.add_argument("--verify", type=int, default=300,
                     help="tokens looked up in OpenBao after each bulk revocation")
     args = ap.parse_args()
@@ -290,14 +335,17 @@ def main() -> None:
 
     one, three = results["1 broker, SQLite"], results["3 brokers, PostgreSQL"]
     print(f"\n| set-up ({args.agents} agents) | issuance p50 ms | p99 ms | issuances/s | "
-          f"bulk revocation of {args.revoke_n} s | revoked/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"bulk revocation of {args.revoke_n} s | revoked/s | revocation to a stream "
+          "p50 / p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['p50']:.1f} | {r['p99']:.1f} | {r['rps']:.0f} | "
-              f"{r['revoke_s']:.1f} | {r['revoked'] / r['revoke_s']:.0f} |")
+              f"{r['revoke_s']:.1f} | {r['revoked'] / r['revoke_s']:.0f} | "
+              f"{r['prop_p50']:.0f} / {r['prop_p99']:.0f} |")
     print(f"| ratio 3 on PostgreSQL / 1 on SQLite | {three['p50'] / one['p50']:.2f}x | "
           f"{three['p99'] / one['p99']:.2f}x | {three['rps'] / one['rps']:.2f}x | "
-          f"{three['revoke_s'] / one['revoke_s']:.2f}x | |")
+          f"{three['revoke_s'] / one['revoke_s']:.2f}x | | "
+          f"{three['prop_p99'] / one['prop_p99']:.2f}x (p99) |")
 
 
 if __name__ == "__main__":
