@@ -116,10 +116,14 @@ class PgServer:
                   "-t", "30", "start")
         self.running = True
 
+    def stop_command(self, mode: str = "fast") -> list[str]:
+        """The command that stops this server (``pg_ctl stop -m MODE``, waiting)."""
+        return self._cmd(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w",
+                         "stop")
+
     def stop(self, mode: str = "fast") -> None:
         """``pg_ctl stop -m MODE``; waits until the server is gone. Never raises."""
-        subprocess.run(self._cmd(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode,
-                                 "-w", "stop"), check=False, capture_output=True)
+        subprocess.run(self.stop_command(mode), check=False, capture_output=True)
         self.running = False
 
     def postmaster_pid(self) -> int | None:

@@ -444,6 +444,15 @@ class DevStack:
 
         self.pg = PgServer(None if run_as() else self.run_dir / "postgres")
         self.pg.start()
+        # pg_ctl runs the server in the background, so it would outlive a dev stack killed
+        # with SIGKILL. A guard child (which, like every child, gets SIGTERM when we die)
+        # stops it then, and removes a temporary directory; on a normal stop it goes after
+        # the brokers (children stop in reverse order).
+        temporary = not self.pg.dir.is_relative_to(self.run_dir)
+        self.children.append(spawn(
+            "postgres guard", [sys.executable, "-c", _PG_GUARD,
+                               str(self.pg.dir) if temporary else "-", *self.pg.stop_command()],
+            self.run_dir / "postgres-guard.log", dict(os.environ)))
         try:
             return self.pg.ensure_database("credbroker")
         except psycopg.Error as exc:
@@ -657,6 +666,22 @@ class DevStack:
             pg.stop("fast")  # its data stays in the run directory, like registry.db ...
             if not pg.dir.is_relative_to(self.run_dir):
                 pg.destroy()  # ... but not in a temporary directory (under root)
+
+
+#: The embedded PostgreSQL's guard: on SIGTERM (the dev stack stopping, or dying: every
+#: child has PR_SET_PDEATHSIG) run the stop command in argv[2:], remove argv[1] unless "-".
+_PG_GUARD = """
+import shutil, signal, subprocess, sys, time
+def stop(*_):
+    subprocess.run(sys.argv[2:], check=False, capture_output=True)
+    if sys.argv[1] != "-":
+        shutil.rmtree(sys.argv[1], ignore_errors=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while True:
+    time.sleep(3600)
+"""
 
 
 def run_until_signalled(stack: DevStack) -> int:

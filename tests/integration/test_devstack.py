@@ -174,7 +174,8 @@ def test_dev_replicas_share_one_store_and_every_dev_command_reaches_them() -> No
                      .read_text().split()[0])
         assert _alive(pg_pid)
         children = _children_of(proc.pid)
-        assert len(children) == 7  # OpenBao, three brokers, two sidecars, the console
+        # OpenBao, PostgreSQL's guard, three brokers, two sidecars, the console
+        assert len(children) == 8
 
         # Issued through the triage sidecar, on broker 1; revoked through broker 2.
         triage = SidecarClient(info["sidecars"]["triage"]["socket"])
@@ -230,6 +231,31 @@ def test_dev_replicas_share_one_store_and_every_dev_command_reaches_them() -> No
         assert not [c for c in children if _alive(c)], "children outlived the dev stack"
         assert not _alive(pg_pid), "PostgreSQL outlived the dev stack"
         assert not (Path(info["postgres"]["data_dir"]) / "postmaster.pid").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_a_replicated_dev_stack_killed_hard_leaves_no_postgresql() -> None:
+    """SIGKILL gives the dev stack no chance to stop PostgreSQL (pg_ctl runs it in the
+    background): its guard child, which dies with the stack, stops it."""
+    run_dir = Path(tempfile.mkdtemp(prefix="cbk-"))
+    proc = subprocess.Popen([*CLI, "dev", "--replicas", "1", "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        info = _wait_for_dev_json(proc, run_dir)
+        data = Path(info["postgres"]["data_dir"])
+        pg_pid = int((data / "postmaster.pid").read_text().split()[0])
+        assert _alive(pg_pid)
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while _alive(pg_pid):
+            assert time.monotonic() < deadline, "PostgreSQL outlived a dev stack killed hard"
+            time.sleep(0.2)
+        assert not (data / "postmaster.pid").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
