@@ -365,14 +365,16 @@ def _selector(q: Any) -> pb.Selector:
     """Raises: ValueError (a malformed time)."""
     sel = pb.Selector(spiffe_id=str(q.get("spiffe_id", "")).strip(),
                       action_class=str(q.get("action_class", "")).strip(),
-                      target=str(q.get("target", "")).strip())
+                      target=str(q.get("target", "")).strip(),
+                      environment=str(q.get("environment", "")).strip())
     since = _when_param(str(q.get("since", "")), "since")
     until = _when_param(str(q.get("until", "")), "until")
     if since:
         sel.since.FromDatetime(since)
     if until:
         sel.until.FromDatetime(until)
-    if not (sel.spiffe_id or sel.action_class or sel.target or since or until):
+    if not (sel.spiffe_id or sel.action_class or sel.target or sel.environment or since
+            or until):
         sel.all = True
     return sel
 
@@ -396,12 +398,15 @@ async def credentials(request: web.Request) -> web.StreamResponse:
     except BrokerRefused as exc:
         return _refused(request, exc, "/credentials")
     may = not _responder(c, s, "revoke")
-    f = {k: e(q.get(k, "")) for k in ("spiffe_id", "action_class", "target", "since", "until")}
+    f = {k: e(q.get(k, "")) for k in ("spiffe_id", "action_class", "target", "environment",
+                                      "since", "until")}
     filters = ('<form method="get" action="/credentials" class="filters">'
                f'<label>Identity pattern <input name="spiffe_id" value="{f["spiffe_id"]}" '
                'placeholder="spiffe://example.org/agent/*"></label>'
                f'<label>Action class <input name="action_class" value="{f["action_class"]}">'
                f'</label><label>Target <input name="target" value="{f["target"]}"></label>'
+               f'<label>Environment <input name="environment" value="{f["environment"]}" '
+               'placeholder="any"></label>'
                f'<label>Issued since (UTC) <input type="datetime-local" name="since" '
                f'value="{f["since"]}"></label><label>until (UTC) <input type="datetime-local" '
                f'name="until" value="{f["until"]}"></label>'

@@ -184,6 +184,9 @@ def counts_table(title: str, counter: Counter[str]) -> str:
 
 
 def credential_rows(creds: Sequence[pb.CredentialInfo], *, selectable: bool) -> str:
+    """The live-credentials table; an environment column when any credential carries one
+    (a broker that declares environments: production and sandbox each their own Vault)."""
+    envs = any(c.environment for c in creds)
     out = []
     for c in creds:
         ev = c.initiating_event
@@ -193,15 +196,18 @@ def credential_rows(creds: Sequence[pb.CredentialInfo], *, selectable: bool) -> 
                "Revoke…</button> "
                f'<a href="/freezes?spiffe_id={e(c.spiffe_id)}">Freeze agent…</a></td>'
                ) if selectable else ""
+        env = f'<td data-testid="environment">{e(c.environment)}</td>' if envs else ""
         out.append(f'<tr data-testid="credential">{pick}<td><code>{e(c.credential_id)}</code>'
                    f"</td><td><code>{e(c.spiffe_id)}</code></td><td>{e(c.action_class)}</td>"
-                   f"<td>{e(c.target)}</td><td>{e(ev.source)} {e(ev.id)}</td>"
+                   f"{env}<td>{e(c.target)}</td><td>{e(ev.source)} {e(ev.id)}</td>"
                    f"<td>{when(c.issued_at)}</td><td>{when(c.expires_at)}</td>"
                    f"<td>{e(c.state)}</td>{one}</tr>")
     head = ("<tr>" + ('<th><input type="checkbox" id="select-all" aria-label="select all">'
                       "</th>" if selectable else "")
-            + "<th>credential</th><th>identity</th><th>action class</th><th>target</th>"
-              "<th>initiating event</th><th>issued</th><th>expires</th><th>state</th>"
+            + "<th>credential</th><th>identity</th><th>action class</th>"
+            + ("<th>environment</th>" if envs else "")
+            + "<th>target</th><th>initiating event</th><th>issued</th><th>expires</th>"
+              "<th>state</th>"
             + ("<th></th>" if selectable else "") + "</tr>")
     return f'<table class="creds">{head}{"".join(out)}</table>'
 
