@@ -120,7 +120,7 @@ MIGRATIONS = (
 #: Version 4: the Vault lease path prefix only this credential's identity and class mint
 #: under (``sys/leases/revoke-prefix`` ends all of them in one call); '' for older tokens.
 LEASE_PREFIX_COLUMN = ("credentials", "lease_prefix", "TEXT NOT NULL DEFAULT ''")
-#: Version 6: the environment (its own Vault) the credential was minted in; '' for a
+#: Version 7: the environment (its own Vault) the credential was minted in; '' for a
 #: broker that declares no environments, and for older rows (its one Vault).
 ENVIRONMENT_COLUMN = ("credentials", "environment", "TEXT NOT NULL DEFAULT ''")
 

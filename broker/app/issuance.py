@@ -189,8 +189,24 @@ class Issuer:
                                           thread_name_prefix="broker-audit")
 
     def close(self) -> None:
-        """Finish the audit writes under way and stop their threads."""
+        """Finish the audit writes under way and stop their threads (a write asked for
+        later runs in its caller's thread)."""
         self._writes.shutdown(wait=True)
+
+    def _background(self, fn: Callable[..., object], *args: Any, **kwargs: Any
+                    ) -> Future[object]:
+        """``fn`` in the write pool, so the caller can write its other medium meanwhile;
+        in the caller's thread once the pool is shut down (the broker stopping while an
+        issuance is under way). The future holds the outcome; nothing is raised here."""
+        try:
+            return self._writes.submit(fn, *args, **kwargs)
+        except RuntimeError:  # shut down: write inline rather than lose the write
+            done: Future[object] = Future()
+            try:
+                done.set_result(fn(*args, **kwargs))
+            except Exception as exc:
+                done.set_exception(exc)
+            return done
 
     def issue(self, caller: Caller, req: CredentialRequest, request_id: str, *,
               approval_id: str = "", break_glass: bool = False) -> Issued | PendingApproval:
@@ -268,7 +284,7 @@ class Issuer:
             decision.outcome is Outcome.NEEDS_APPROVAL and approval is not None))
         decision_written: Future[object] | None = None
         if straight:
-            decision_written = self._writes.submit(self._audit.append, "decision", **fields)
+            decision_written = self._background(self._audit.append, "decision", **fields)
         else:
             self._audit.append("decision", **fields)
         if refused is not None:
@@ -442,7 +458,7 @@ class Issuer:
             self._store.forget_intent(request_id)  # Vault refused: nothing minted
             raise
         # The credential's registry row and its audit record, written at the same time.
-        minted_written = self._writes.submit(
+        minted_written = self._background(
             self._audit.append,
             "credential.minted", request_id=request_id, credential_id=minted.accessor,
             spiffe_id=str(caller.spiffe_id), action_class=cls.name, target=req.target,
@@ -457,7 +473,7 @@ class Issuer:
             self._store.record_minted(request_id=request_id, credential_id=minted.accessor,
                                       expires_at=minted.expires_at, entity_id=minted.entity_id,
                                       lease_prefix=minted.lease_prefix)
-        except CredbrokerError as exc:
+        except Exception as exc:  # any failure here: the credential must not live on
             # The intent row stays, so a restart would find and revoke it; do it now.
             failed, why = exc, "the registry could not record it"
         _settle(minted_written)
@@ -497,7 +513,9 @@ class Issuer:
                                          selector="unrecorded", at=now, pending=True,
                                          error=str(exc))
                 _log.error("request_id=%s credential_id=%s (%s): Vault did not confirm its "
-                           "revocation; retried until it does", request_id, accessor, why)
+                           "revocation; the registry retries it where it holds its row, and "
+                           "the reconcile scan of Vault finds it otherwise", request_id,
+                           accessor, why)
             except CredbrokerError as store_exc:
                 _log.critical("request_id=%s credential_id=%s (%s) could not be revoked (%s) "
                               "nor queued (%s): revoke it by hand", request_id, accessor, why,

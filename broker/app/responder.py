@@ -34,7 +34,7 @@ from broker.adapters.registry import CredentialRow, CredentialStore
 from broker.adapters.vault import VaultAdapter
 from broker.app.people import LOGIN_HINT, PersonRequiredError
 from broker.core.revocation import Freeze, Selector, freeze_target
-from broker.core.scopemap import ScopeMap
+from broker.core.scopemap import ActionClass, ScopeMap
 from broker.core.spiffeid import SpiffeId, SpiffeIdPattern
 from broker.errors import CredbrokerError, NotFoundError, VaultUnavailableError
 from broker.grpc.observability import Metrics
@@ -538,30 +538,44 @@ class Responder:
 
         Returns (enforced, entities covered, error).
         """
-        error = ""
-        try:
-            # In every environment's Vault: a freeze stops the identity or class everywhere.
-            if fz.kind == "spiffe_id":
-                if "*" not in fz.pattern:
-                    for env, vault in self.vaults:
+        errors: list[str] = []
+
+        def attempt(env: str, act: Callable[[], None]) -> None:
+            """One Vault's part; a Vault that fails does not keep the others from theirs."""
+            where = f"Vault ({env}): " if self.vaults.declared else ""
+            try:
+                act()
+            except CredbrokerError as exc:
+                errors.append(f"{where}{exc}")
+            except Exception as exc:  # never raises: retried by the loop like any failure
+                _log.exception("freeze %s: Vault enforcement failed unexpectedly", fz.id)
+                errors.append(f"{where}unexpected: {type(exc).__name__}")
+
+        # In every environment's Vault: a freeze stops the identity or class everywhere.
+        if fz.kind == "spiffe_id":
+            if "*" not in fz.pattern:
+                for env, vault in self.vaults:
+                    def find(env: str = env, vault: VaultAdapter = vault) -> None:
                         found = vault.entity_of(fz.pattern)  # also one this registry never saw
                         if found:
-                            entities.add(tag_entity(env if self.vaults.declared else "",
-                                                    found))
-                for tagged in sorted(entities):
-                    env, eid = split_entity(tagged)
+                            entities.add(tag_entity(env if self.vaults.declared else "", found))
+                    attempt(env, find)
+            for tagged in sorted(entities):
+                env, eid = split_entity(tagged)
+
+                def disable(env: str = env, eid: str = eid) -> None:
                     self.vaults.vault(env).set_entity_disabled(eid, True)
-            else:
-                cls = self._scope_map().classes.get(fz.pattern)
-                if cls is not None:  # a class no longer in the map has no policy to freeze
-                    with self.class_policy_lock:
-                        for _, vault in self.vaults:
+                attempt(env or self.vaults.default, disable)
+        else:
+            cls = self._scope_map().classes.get(fz.pattern)
+            if cls is not None:  # a class no longer in the map has no policy to freeze
+                with self.class_policy_lock:
+                    for env, vault in self.vaults:
+                        def freeze(vault: VaultAdapter = vault,
+                                   cls: ActionClass = cls) -> None:
                             vault.freeze_class_policy(cls)
-        except CredbrokerError as exc:
-            error = str(exc)
-        except Exception as exc:  # never raises: retried by the loop like any failure
-            _log.exception("freeze %s: Vault enforcement failed unexpectedly", fz.id)
-            error = f"unexpected: {type(exc).__name__}"
+                        attempt(env, freeze)
+        error = "; ".join(errors)
         try:
             self.store.set_freeze_enforcement(fz.id, entity_ids=entities, enforced=not error,
                                               error=error)
@@ -807,10 +821,15 @@ class Responder:
             known = self.store.known_credential_ids()
             managed: dict[str, dict[str, str]] = {}
             where: dict[str, str] = {}  # accessor -> environment ("" : the one Vault)
+            unlisted: dict[str, str] = {}  # environment -> why its Vault was not listed
             for env, vault in self.vaults:
-                found_here = vault.managed_accessors(self.store.instance_id, skip=known,
-                                                     foreign=self._foreign.setdefault(env,
-                                                                                      set()))
+                try:  # one Vault down does not stop the others' reconcile
+                    found_here = vault.managed_accessors(
+                        self.store.instance_id, skip=known,
+                        foreign=self._foreign.setdefault(env, set()))
+                except CredbrokerError as exc:
+                    unlisted[env] = str(exc)
+                    continue
                 managed.update(found_here)
                 where.update(dict.fromkeys(found_here, env if self.vaults.declared else ""))
             if managed:
@@ -829,18 +848,34 @@ class Responder:
                 rid = meta.get("request_id", "")
                 if rid in in_flight or accessor in known:
                     continue  # recorded, or being recorded by its request right now
-                self._revoke_orphan(accessor, meta, wanted.get(rid) or rows.get(rid),
-                                    environment=where.get(accessor, ""))
+                try:
+                    self._revoke_orphan(accessor, meta, wanted.get(rid) or rows.get(rid),
+                                        environment=where.get(accessor, ""))
+                except CredbrokerError as exc:  # that Vault went away: next round
+                    unlisted.setdefault(where.get(accessor, "") or self.vaults.default,
+                                        str(exc))
+                    found.add(rid)  # its intent is not "no token": keep it
+                    report.pending += 1
+                    continue
                 found.add(rid)
                 report.revoked += 1
             for rid, intent in wanted.items():
                 if rid in found:
+                    continue
+                if (intent.environment or self.vaults.default) in unlisted:
+                    report.pending += 1  # its Vault was not asked: it may hold a token
                     continue
                 if startup or intent.issued_at <= now - STALE_INTENT:
                     self.store.forget_intent(rid)
                     report.cleared += 1
                 else:
                     report.pending += 1
+            if unlisted:
+                report.error = "; ".join(
+                    (f"Vault ({env}): {why}" if self.vaults.declared else why)
+                    for env, why in sorted(unlisted.items()))
+                _log.warning("reconcile postponed where Vault did not answer: %s",
+                             report.error)
         except CredbrokerError as exc:
             report.error = str(exc)
             _log.warning("reconcile with Vault postponed: %s", exc)

@@ -122,6 +122,7 @@ def cmd_vault_sync(args: argparse.Namespace) -> int:
             args.registry = None if args.store else info.get("registry_path") or None
         envs = info.get("environments")
         if isinstance(envs, dict) and not args.environment:  # `credbroker dev --environments`
+            _need_dev_tooling("vault sync --dev")
             from credbroker_dev.devstack import SANDBOX_TOKEN_VAR
 
             env[SANDBOX_TOKEN_VAR] = envs["sandbox"]["vault_token"]
@@ -199,7 +200,20 @@ def _workloads(items: list[str] | None) -> dict[str, str] | None:
     return out
 
 
+def _need_dev_tooling(command: str) -> None:
+    """Raises: ConfigError when this installation has no dev tooling (``credbroker_dev``),
+    as the container image: it runs the broker and the sidecar, not the dev stack."""
+    import importlib.util
+
+    if importlib.util.find_spec("credbroker_dev") is None:
+        raise ConfigError(f"`credbroker {command}` needs the dev tooling (package "
+                          "credbroker_dev), which this installation leaves out (the container "
+                          "image runs only the broker and the sidecar): run it from a source "
+                          "checkout, e.g. `make demo`")
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
+    _need_dev_tooling("dev")
     from credbroker_dev.devstack import (
         ENVIRONMENTS_SCOPE_MAP,
         EXAMPLE_SCOPE_MAP,
@@ -220,6 +234,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _need_dev_tooling("demo")
     from credbroker_dev.demo import run_demo
 
     return run_demo(_run_dir(args.run_dir))

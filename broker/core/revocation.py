@@ -137,12 +137,15 @@ class Selector:
     all: bool = False
     #: Only credentials minted in this environment's Vault ("": any).
     environment: str = ""
+    #: The environment of credentials recorded without one (minted before the broker
+    #: declared environments: by the default environment's Vault).
+    default_environment: str = ""
 
     @classmethod
     def build(cls, *, spiffe_id: str = "", action_class: str = "", target: str = "",
               since: datetime | None = None, until: datetime | None = None,
               credential_ids: Iterable[str] = (), all: bool = False,
-              environment: str = "") -> Selector:
+              environment: str = "", default_environment: str = "") -> Selector:
         """Raises: InvalidRequestError for an empty selector or a malformed pattern."""
         ids = frozenset(i for i in credential_ids if i)
         narrowed = bool(spiffe_id or action_class or target or since or until or ids
@@ -163,7 +166,8 @@ class Selector:
             except InvalidSpiffeIdError as exc:
                 raise InvalidRequestError(str(exc)) from None
         return cls(spiffe_id=pattern, action_class=action_class, target=target, since=since,
-                   until=until, credential_ids=ids, all=all, environment=environment)
+                   until=until, credential_ids=ids, all=all, environment=environment,
+                   default_environment=default_environment)
 
     def matches(self, *, credential_id: str, spiffe_id: str, action_class: str, target: str,
                 issued_at: datetime, environment: str = "") -> bool:
@@ -171,7 +175,7 @@ class Selector:
             return True
         if self.credential_ids and credential_id not in self.credential_ids:
             return False
-        if self.environment and environment != self.environment:
+        if self.environment and (environment or self.default_environment) != self.environment:
             return False
         if self.spiffe_id is not None:
             try:

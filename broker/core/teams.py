@@ -1,6 +1,6 @@
 """Team scope: what a team-scoped responder or approver may act on (pure).
 
-The broker's ``--team-scope WHO=TEAM[,TEAM]`` names who acts only for some teams: WHO is
+The broker's ``--team-scope WHO=TEAM[+TEAM]`` names who acts only for some teams: WHO is
 a group (of people, or of an approval bot) or a SPIFFE ID (configured automation, an
 approval bot). Everyone else acts for every team, as before.
 

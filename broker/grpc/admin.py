@@ -50,8 +50,10 @@ def _ts(dt: datetime | None) -> Timestamp:
 
 
 def selector_from_proto(sel: pb.Selector,
-                        resolve: Callable[[str], str] = lambda name: name) -> Selector:
-    """``resolve`` maps an environment name to the one credentials are recorded with.
+                        resolve: Callable[[str], str] = lambda name: name,
+                        default_environment: str = "") -> Selector:
+    """``resolve`` maps an environment name to the one credentials are recorded with;
+    credentials recorded with none were minted in ``default_environment``.
 
     Raises: InvalidRequestError (empty selector, a field too long or a malformed credential
     id, malformed pattern, since > until); UnknownEnvironmentError (from ``resolve``).
@@ -64,6 +66,7 @@ def selector_from_proto(sel: pb.Selector,
     return Selector.build(
         spiffe_id=sel.spiffe_id, action_class=sel.action_class, target=sel.target,
         environment=resolve(sel.environment) if sel.environment else "",
+        default_environment=default_environment,
         since=sel.since.ToDatetime(tzinfo=UTC) if sel.HasField("since") else None,
         until=sel.until.ToDatetime(tzinfo=UTC) if sel.HasField("until") else None,
         credential_ids=list(sel.credential_ids), all=sel.all)
@@ -104,6 +107,11 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
     def _actor(self, context: grpc.ServicerContext, what: str) -> Actor:
         """Who this act is recorded as. Raises: as _admin and ResponderGate.actor."""
         return self._gate.actor(context, self._admin(context), what)
+
+    def _default_env(self) -> str:
+        """Where credentials recorded without an environment were minted ("": no
+        environments declared)."""
+        return self._r.vaults.default if self._r.vaults.declared else ""
 
     def _known(self, *, spiffe_id: str, action_class: str) -> None:
         """Raises: InvalidRequestError naming what exists, for a class or identity pattern
@@ -177,7 +185,7 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
                         context: grpc.ServicerContext) -> pb.ListCredentialsResponse:
         with _boundary(context, "admin", "ListCredentials"):
             self._admin(context)
-            selector = selector_from_proto(request, self._r.vaults.resolve)
+            selector = selector_from_proto(request, self._r.vaults.resolve, self._default_env())
             self._known(spiffe_id=request.spiffe_id, action_class=request.action_class)
             rows = self._r.store.live(selector, self._clock())
             events = self._r.store.initiating_events(r.credential_id for r in rows)
@@ -191,7 +199,8 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
             actor = self._actor(context, "revoke credentials")
             by = actor.by
             reason = self._reason(request.reason)
-            selector = selector_from_proto(request.selector, self._r.vaults.resolve)
+            selector = selector_from_proto(request.selector, self._r.vaults.resolve,
+                                           self._default_env())
             self._known(spiffe_id=request.selector.spiffe_id,
                         action_class=request.selector.action_class)
             rows = self._r.store.live(selector, self._clock())

@@ -393,3 +393,42 @@ def test_health_names_the_environment_whose_vault_is_down(world: World) -> None:
         world.issue(TRIAGE, "enrichment", "sandbox")
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert world.issue(TRIAGE, "ticket.comment", "production").credential.token
+
+
+def test_one_environments_vault_down_does_not_stop_freeze_or_reconcile_in_the_others(
+        world: World) -> None:
+    """The sandbox OpenBao is down (the test above stopped it): a freeze is still enforced
+    at once by production's OpenBao, and reconcile still revokes production's orphans and
+    keeps the sandbox intent it could not check."""
+    world.sandbox.stop()  # (already stopped when the module runs in order)
+    assert not world.server.health.check_now()  # type: ignore[union-attr]
+    responder = world.server.responder
+    assert responder is not None
+    prod = world.issue(TRIAGE, "ticket.comment", "production").credential
+    assert reads(world.production, prod.token, "soc/enrichment/ti")
+    # A lost mint in production, and one in the (unreachable) sandbox.
+    store, now = responder.store, datetime.now(UTC)
+    cls = world.server.scope_maps.current.classes["ticket.comment"]  # type: ignore[union-attr]
+    for rid, env in (("lost-prod", "production"), ("lost-sand", "sandbox")):
+        store.record_intent(request_id=rid, spiffe_id=TRIAGE, action_class=cls.name,
+                            target="", event_source="", event_id="", at=now, environment=env)
+        store.mark_ambiguous(rid)
+    orphan = responder.vaults.vault("production").mint(
+        cls=cls, spiffe_id=SpiffeId.parse(TRIAGE), ttl_seconds=60, now=now,
+        metadata={"request_id": "lost-prod", "broker_instance": store.instance_id})
+    report = responder.reconcile()
+    assert report.revoked == 1 and "Vault (sandbox)" in report.error, report
+    assert not alive(world.production, orphan.accessor)
+    left = {i.request_id: i.environment for i in store.intents()}
+    assert "lost-prod" not in left and left["lost-sand"] == "sandbox"  # not "no token"
+    assert set(left.values()) == {"sandbox"}
+    admin = world.admin()
+    resp = admin.Freeze(pb.FreezeRequest(spiffe_id=TRIAGE,  # type: ignore[attr-defined]
+                                         reason="drill with sandbox down"), timeout=30)
+    assert resp.vault_pending and "Vault (sandbox)" in resp.vault_error
+    assert not reads(world.production, prod.token, "soc/enrichment/ti")  # at once
+    # Unfreezing needs every Vault to give the power back: with one down it stays frozen.
+    with pytest.raises(grpc.RpcError) as err:
+        admin.Unfreeze(pb.UnfreezeRequest(spiffe_id=TRIAGE,  # type: ignore[attr-defined]
+                                          reason="drill over"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 #: Layers only the broker process itself may load.
 SERVER = ("broker.grpc", "broker.app", "broker.adapters", "broker.cli", "broker.console",
@@ -53,3 +55,20 @@ def test_the_pure_core_imports_nothing_of_the_broker_outside_it() -> None:
     mods = _ours(_loaded("import " + ", ".join(core)))
     assert [m for m in mods if m not in ("broker", "broker.errors")
             and not m.startswith("broker.core")] == []
+
+
+def test_dev_commands_say_so_where_the_dev_tooling_is_left_out(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The container image installs the broker and the sidecar only: `credbroker dev` and
+    `demo` there answer with one line saying what to do, not a traceback."""
+    import importlib.util
+
+    from broker.cli.main import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name == "credbroker_dev" else real(name, *a))
+    for command in (["demo"], ["dev"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "dev tooling" in err and "make demo" in err and "Traceback" not in err

@@ -276,3 +276,15 @@ def test_nothing_is_minted_before_vault_holds_the_map(w: World) -> None:
         w.issuer.issue(caller(CONTAINMENT), disable_request(), "r1")
     assert w.vault.live == {} and w.store.intents() == []
     assert w.budget_used(CONTAINMENT, "identity.disable_account") == 0
+
+
+def test_an_issuance_under_way_while_the_broker_stops_still_records_its_credential(
+        w: World) -> None:
+    """The write pool is shut down (the broker stopping) while an issuance runs: its audit
+    writes happen in its own thread instead of failing after the mint."""
+    w.issuer.close()
+    out = w.issuer.issue(caller(CONTAINMENT), disable_request(), "r1")
+    assert isinstance(out, Issued)
+    assert [r["credential_id"] for r in w.records("credential.minted")] == ["acc-1"]
+    row = w.store.get("acc-1")
+    assert row is not None and row.state == "live"

@@ -118,3 +118,16 @@ def test_an_environment_alone_is_a_selector_and_matches_only_its_credentials() -
     assert both.matches(**common, environment="production")
     assert not both.matches(**{**common, "action_class": "d"}, environment="production")
     assert Selector.build(action_class="c").matches(**common, environment="sandbox")
+
+
+def test_credentials_recorded_without_an_environment_count_as_the_default_ones() -> None:
+    """Minted before the broker declared environments, by the default environment's Vault:
+    `--environment production` (the default) selects them too, `sandbox` does not."""
+    from broker.core.revocation import Selector
+
+    common = {"credential_id": "a", "spiffe_id": "spiffe://example.org/agent/t",
+              "action_class": "c", "target": "t", "issued_at": NOW}
+    prod = Selector.build(environment="production", default_environment="production")
+    assert prod.matches(**common) and prod.matches(**common, environment="production")
+    sand = Selector.build(environment="sandbox", default_environment="production")
+    assert not sand.matches(**common) and sand.matches(**common, environment="sandbox")
