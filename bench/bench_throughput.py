@@ -111,7 +111,8 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, help="py-spy the broker in the last sidecar round")
     ap.add_argument("--profile-format", default="speedscope", choices=["speedscope", "raw"])
     ap.add_argument("--profile-cpu", action="store_true",
-                    help="profile on-CPU time only (default: wall time, waits included)")
+                    help="profile only what holds the GIL (the broker is one interpreter; "
+                         "default: wall time, waits included)")
     args = ap.parse_args()
     names = [f"bench-{n}" for n in range(SIDECARS)]
     ids = [f"spiffe://example.org/agent/{n}" for n in names]
@@ -168,7 +169,7 @@ def main() -> None:
             if args.profile and r == args.rounds - 1:
                 spy = subprocess.Popen(
                     [shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
-                     "record", *([] if args.profile_cpu else ["--idle"]), "-p", str(pid),
+                     "record", *(["--gil"] if args.profile_cpu else ["--idle"]), "-p", str(pid),
                      "-d", str(int(args.seconds)),
                      "-o", str(args.profile), "-f", args.profile_format],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
