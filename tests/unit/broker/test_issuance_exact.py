@@ -50,6 +50,7 @@ from tests.unit.broker.test_issuance import (
 )
 
 TRIAGE = SpiffeId.parse("spiffe://example.org/agent/triage")
+VENDOR = SpiffeId.parse("spiffe://vendor.example/agent/triage")
 CONTAINMENT = SpiffeId.parse("spiffe://example.org/agent/containment")
 
 MAP = """
@@ -86,6 +87,29 @@ action_classes:
     workloads: [spiffe://example.org/agent/triage, spiffe://example.org/agent/containment]
     targets: ["ok-*"]
     limits: {denials: 2/5m}
+    credential:
+      ttl: 2m
+      max_ttl: 5m
+      vault_policy:
+        - path: secret/data/soc/lookup/*
+          capabilities: [read]
+  vendor.enrichment:
+    risk: low
+    owner: {team: soc-platform, contact: soc-platform@example.org}
+    escalation: [soc-oncall]
+    workloads: [spiffe://vendor.example/agent/triage]
+    federated: allow
+    credential:
+      ttl: 2m
+      max_ttl: 5m
+      vault_policy:
+        - path: secret/data/soc/enrichment/*
+          capabilities: [read]
+  vendor.lookup:
+    risk: low
+    owner: {team: soc-platform, contact: soc-platform@example.org}
+    escalation: [soc-oncall]
+    workloads: [spiffe://vendor.example/agent/triage]
     credential:
       ttl: 2m
       max_ttl: 5m
@@ -660,3 +684,26 @@ def test_break_glass_opens_its_approval_for_this_request(w: World) -> None:
             out.approval.request.target) == ("r1", str(CONTAINMENT), "revoke.tokens", "user-9")
     assert out.approval.credential_id == "" and out.decision.outcome is Outcome.NEEDS_APPROVAL
     assert w.desk.get(out.approval.id).credential_id == out.credential.accessor
+
+
+def test_a_federated_caller_is_decided_as_one_and_on_the_record_as_one(w: World) -> None:
+    vendor = Caller(spiffe_id=VENDOR, x509_serial="0c", federated_from="vendor.example")
+    with pytest.raises(DeniedByPolicy) as denied:  # federated: deny, the default
+        w.issuer.issue(vendor, request("vendor.lookup"), "r1")
+    assert denied.value.decision.rule == "vendor.lookup.federated"
+    out = w.issuer.issue(vendor, request("vendor.enrichment"), "r2")
+    assert isinstance(out, Issued)
+    assert [r.get("federated_from") for r in w.records("decision")] == ["vendor.example"] * 2
+    (minted,) = w.records("credential.minted")
+    assert minted["federated_from"] == "vendor.example"
+
+
+def test_the_minted_record_says_what_vault_issued(envs: World) -> None:
+    out = envs.issuer.issue(caller(TRIAGE), request(environment="lab"), "r1")
+    assert isinstance(out, Issued)
+    assert envs.records("credential.minted") == [{
+        "type": "credential.minted", "request_id": "r1", "credential_id": "acc-1",
+        "spiffe_id": str(TRIAGE), "action_class": "enrichment", "target": "host-1",
+        "policies": ["credbroker-enrichment"], "ttl_seconds": 120,
+        "expires_at": "2026-11-28T12:02:00Z", "vault_entity_id": "e-1",
+        "scope_map_version": envs.issuer._maps.current.version, "environment": "lab"}]
