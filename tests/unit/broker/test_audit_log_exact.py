@@ -285,3 +285,41 @@ def test_the_signing_key_is_loaded_back_and_must_be_ed25519(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as err:
         load_or_create_signing_key(other, create=False)
     assert str(err.value) == f"audit signing key {other} is not an Ed25519 key"
+
+
+def test_a_queued_record_stays_owed_until_a_write_succeeds(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, clock=lambda: T0)
+    with no_growth(log), caplog.at_level(logging.ERROR, logger="credbroker.audit"):
+        assert log.append_or_queue("credential.revoked", credential_id="c1") is None
+        record = {"type": "credential.revoked", "time": "2026-11-28T12:00:00Z",
+                  "credential_id": "c1"}
+        assert (f"AUDIT LOG NOT WRITABLE: credential.revoked record queued in memory until "
+                f"the log accepts writes again: {json.dumps(record)} (the audit log {path} is "
+                "not writable (File too large); the request was not carried out)"
+                in caplog.messages)
+        with pytest.raises(AuditError):  # the queued one fails again with it: still owed
+            log.append("decision", request_id="lost")
+    with caplog.at_level(logging.WARNING, logger="credbroker.audit"):
+        log.append("decision", request_id="r2")
+    assert "audit log: 1 queued record(s) written" in caplog.messages
+    log.close()
+    assert [(r["type"], r["seq"]) for r in read_records(path)] == [
+        ("credential.revoked", 1), ("decision", 2)]
+
+
+def test_an_unreadable_or_malformed_log_is_named_with_the_record(tmp_path: Path) -> None:
+    missing = tmp_path / "none.log"
+    with pytest.raises(AuditError) as err:
+        list(read_records(missing))
+    assert str(err.value) == f"cannot read the audit log {missing}: No such file or directory"
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.append("decision", request_id="r1")
+    log.close()
+    with path.open("ab") as f:
+        f.write(b"not a record\n")
+    with pytest.raises(AuditError) as err:
+        list(read_records(path))
+    assert str(err.value) == f"{path}: record 2 is malformed; run `credbroker audit verify`"
