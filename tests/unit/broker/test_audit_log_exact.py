@@ -323,3 +323,42 @@ def test_an_unreadable_or_malformed_log_is_named_with_the_record(tmp_path: Path)
     with pytest.raises(AuditError) as err:
         list(read_records(path))
     assert str(err.value) == f"{path}: record 2 is malformed; run `credbroker audit verify`"
+
+
+def test_the_head_checkpoint_is_one_fixed_slot_signed_by_this_origin(tmp_path: Path) -> None:
+    from broker.adapters.audit import head_path_of
+
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, signing_key=Ed25519PrivateKey.generate(), clock=lambda: T0)
+    log.append("decision", request_id="r1")
+    log.append("decision", request_id="r2")
+    head = read_head(head_path_of(path))
+    assert head is not None
+    assert (head.origin, head.size, head.head, head.time) == (
+        "credbroker", 2, log.head, "2026-11-28T12:00:00Z")
+    line = json.dumps(head.to_json(), sort_keys=True).encode()
+    assert head_path_of(path).read_bytes() == line.ljust(511) + b"\n"  # 512 bytes, in place
+    log.close()
+
+
+def test_a_log_file_deleted_or_replaced_under_the_broker_refuses_appends(
+        tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.append("decision", request_id="r1")
+    path.rename(tmp_path / "moved.log")
+    deleted = "the log file was deleted under the running broker"
+    with pytest.raises(AuditError) as health:  # before any append fails
+        log.check_writable()
+    assert str(health.value) == f"the audit log {path} is not writable ({deleted})"
+    with pytest.raises(AuditError) as err:
+        log.append("decision", request_id="lost")
+    assert str(err.value) == (f"the audit log {path} is not writable ({deleted}); the "
+                              "request was not carried out")
+    path.write_bytes(b"")
+    with pytest.raises(AuditError) as err:
+        log.append("decision", request_id="lost")
+    assert str(err.value) == (f"the audit log {path} is not writable (the log file was "
+                              "replaced under the running broker); the request was not "
+                              "carried out")
+    log.close()
