@@ -362,3 +362,85 @@ def test_a_log_file_deleted_or_replaced_under_the_broker_refuses_appends(
                               "replaced under the running broker); the request was not "
                               "carried out")
     log.close()
+
+
+def test_opening_a_log_cut_mid_record_says_where_it_is_cut(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.append("decision", request_id="r1")
+    log.close()
+    size = path.stat().st_size
+    with path.open("ab") as f:
+        f.write(b'{"hash":"00","record":{"half')
+    with caplog.at_level(logging.WARNING, logger="credbroker.audit"):
+        AuditLog(path).close()
+    assert (f"audit log {path} ends in a partial record (a crash while writing); cutting it "
+            f"off at byte {size}") in caplog.messages
+    assert path.stat().st_size == size
+
+
+def test_a_malformed_record_stops_the_broker_with_what_to_run(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.append("decision", request_id="r1")
+    log.close()
+    with path.open("ab") as f:
+        f.write(b"not a record\n")
+    with pytest.raises(AuditError) as err:
+        AuditLog(path)
+    assert str(err.value) == (f"audit log {path} record 2 is malformed; run `credbroker audit "
+                              "verify` and investigate before starting the broker")
+
+
+def test_records_no_signature_covers_are_counted_and_said_at_open(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from broker.adapters.audit import head_path_of
+
+    path = tmp_path / "audit.log"
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(path, signing_key=key)
+    for i in range(3):
+        log.append("decision", request_id=f"r{i}")
+    log.close()
+    assert oct(head_path_of(path).stat().st_mode & 0o777) == "0o644"
+    head_path_of(path).write_text("not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="credbroker.audit"):
+        again = AuditLog(path, signing_key=key)
+    assert again.unsigned_at_open == 3
+    assert (f"audit head checkpoint {head_path_of(path)} is unreadable; it is rewritten with "
+            "the next record") in caplog.messages
+    assert (f"audit log {path}: the last 3 record(s) were never covered by a signature "
+            "(written before a crash, or appended by someone else); the next signature covers "
+            "them and the log records it") in caplog.messages
+    again.append("decision", request_id="r3")
+    again.close()
+    assert AuditLog(path, signing_key=key).unsigned_at_open == 0
+
+
+def test_a_head_checkpoint_covering_more_than_the_log_counts_nothing_unsigned(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "audit.log"
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(path, signing_key=key)
+    log.append("decision", request_id="r1")
+    log.append("decision", request_id="r2")
+    log.close()
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0])  # the log lost its last record; the head still says 2
+    with caplog.at_level(logging.WARNING, logger="credbroker.audit"):
+        again = AuditLog(path, signing_key=key)
+    assert again.unsigned_at_open == 0 and again.size == 1
+    assert not any("never covered" in m for m in caplog.messages)
+    again.close()
+
+
+def test_a_head_checkpoint_that_cannot_be_opened_stops_the_broker(tmp_path: Path) -> None:
+    from broker.adapters.audit import head_path_of
+
+    path = tmp_path / "audit.log"
+    head_path_of(path).mkdir(parents=True)
+    with pytest.raises(AuditError) as err:
+        AuditLog(path, signing_key=Ed25519PrivateKey.generate())
+    assert str(err.value) == (f"cannot open the audit head checkpoint {head_path_of(path)}: "
+                              "Is a directory")
