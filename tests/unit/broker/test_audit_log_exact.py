@@ -444,3 +444,22 @@ def test_a_head_checkpoint_that_cannot_be_opened_stops_the_broker(tmp_path: Path
         AuditLog(path, signing_key=Ed25519PrivateKey.generate())
     assert str(err.value) == (f"cannot open the audit head checkpoint {head_path_of(path)}: "
                               "Is a directory")
+
+
+def test_opening_creates_the_directories_and_says_what_fails(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a" / "b" / "audit.log")
+    assert log.unsigned_at_open == 0 and log.size == 0  # no key: nothing to count
+    log.append("decision", request_id="r1")
+    log.close()
+    (tmp_path / "dir.log").mkdir()
+    with pytest.raises(AuditError) as err:
+        AuditLog(tmp_path / "dir.log")
+    assert str(err.value) == (f"cannot open the audit log {tmp_path / 'dir.log'}: Is a "
+                              "directory; the broker does not run without a writable audit log")
+    path = tmp_path / "a" / "b" / "audit.log"
+    path.write_bytes(path.read_bytes().replace(b'"r1"', b'"rX"'))
+    with pytest.raises(AuditError) as err:
+        AuditLog(path)
+    assert str(err.value) == (f"audit log {path} fails verification at record 1; run "
+                              "`credbroker audit verify` and investigate before starting the "
+                              "broker")
