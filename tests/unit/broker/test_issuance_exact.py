@@ -707,3 +707,21 @@ def test_the_minted_record_says_what_vault_issued(envs: World) -> None:
         "policies": ["credbroker-enrichment"], "ttl_seconds": 120,
         "expires_at": "2026-11-28T12:02:00Z", "vault_entity_id": "e-1",
         "scope_map_version": envs.issuer._maps.current.version, "environment": "lab"}]
+
+
+def test_a_frozen_identity_is_denied_at_the_decision_before_vault_is_asked(w: World) -> None:
+    w.responder.freeze(spiffe_id=str(TRIAGE), action_class="", reason="rogue",
+                       by="alice@example.org")
+    with pytest.raises(DeniedByPolicy) as denied:
+        w.issuer.issue(caller(TRIAGE), request(), "r1")
+    assert denied.value.decision.deny_code is not None
+    assert denied.value.decision.deny_code.value == "frozen"
+    assert w.vaults[""].mints == [] and w.store.intents() == []
+
+
+def test_break_glass_asked_for_a_class_that_needs_no_approval_is_not_recorded_as_used(
+        w: World) -> None:
+    out = w.issuer.issue(caller(TRIAGE), request(), "r1", break_glass=True)
+    assert isinstance(out, Issued) and out.approval is None
+    (rec,) = w.records("decision")
+    assert rec["break_glass"] is False
