@@ -627,6 +627,8 @@ def test_a_decision_that_cannot_be_recorded_is_never_answered(w: World) -> None:
     assert w.desk.pending() == []
     with pytest.raises(AuditError):  # not the refused approval
         w.issuer.issue(caller(CONTAINMENT), request("revoke.tokens"), "r3", approval_id="nope")
+    with pytest.raises(AuditError):  # allowed, but the approval named is refused: not that
+        w.issuer.issue(caller(TRIAGE), request(), "r4", approval_id="nope")
 
 
 def test_a_pending_approval_holds_no_budget_slot_and_the_approved_mint_takes_one(
