@@ -70,7 +70,8 @@ class ScriptedVault:
             self.on_mint()
         return MintedToken(token=f"tok-{self._n}", accessor=accessor,
                            policies=(f"credbroker-{cls.name}",), ttl_seconds=ttl_seconds,
-                           expires_at=now + timedelta(seconds=ttl_seconds), entity_id="e-1")
+                           expires_at=now + timedelta(seconds=ttl_seconds), entity_id="e-1",
+                           lease_prefix=f"auth/token/create/credbroker-{cls.name}/")
 
     def revoke_accessor(self, accessor: str, *, check: bool = True) -> bool:
         self.revokes.append((accessor, check))

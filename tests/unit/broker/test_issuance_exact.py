@@ -29,6 +29,7 @@ import pytest
 from broker.adapters.approvers import ApproverConfig
 from broker.adapters.audit import read_records
 from broker.adapters.environments import Environments
+from broker.adapters.registry import StoreError
 from broker.app.approval_desk import ApprovalDesk
 from broker.app.budget import StoreBudget
 from broker.app.issuance import DenialCounter, DeniedByPolicy, Issued, Issuer, PendingApproval
@@ -38,7 +39,7 @@ from broker.core.limits import Trip
 from broker.core.models import Caller, CredentialRequest, Outcome
 from broker.core.scopemap import parse_scope_map
 from broker.core.spiffeid import SpiffeId
-from broker.errors import AuditError, VaultError, VaultUnavailableError
+from broker.errors import AuditError, FrozenError, VaultError, VaultUnavailableError
 from broker.grpc.observability import Metrics
 from tests.unit.broker.test_issuance import (
     EVENT,
@@ -727,3 +728,73 @@ def test_break_glass_asked_for_a_class_that_needs_no_approval_is_not_recorded_as
     assert isinstance(out, Issued) and out.approval is None
     (rec,) = w.records("decision")
     assert rec["break_glass"] is False
+
+
+def test_a_minted_credential_is_logged_recorded_with_its_lease_prefix_and_not_tagged(
+        w: World, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="credbroker.broker"):
+        out = w.issuer.issue(caller(TRIAGE), request(), "r1")
+    assert isinstance(out, Issued)
+    assert ("request_id=r1 minted credential_id=acc-1 ttl=120s policies=credbroker-enrichment"
+            in caplog.messages)
+    row = w.store.get("acc-1")
+    assert row is not None and row.lease_prefix == "auth/token/create/credbroker-enrichment/"
+    (minted,) = w.records("credential.minted")
+    assert "environment" not in minted and "federated_from" not in minted
+
+
+def test_a_credential_minted_in_an_environment_is_logged_and_revoked_there(
+        envs: World, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="credbroker.broker"):
+        envs.issuer.issue(caller(TRIAGE), request(environment="lab"), "r1")
+    assert ("request_id=r1 minted credential_id=acc-1 ttl=120s policies=credbroker-enrichment "
+            "environment=lab" in caplog.messages)
+    envs.audit.fail = "credential.minted"
+    with pytest.raises(AuditError):
+        envs.issuer.issue(caller(TRIAGE), request(environment="lab"), "r2")
+    assert envs.vaults["lab"].revokes == [("acc-2", False)] and envs.vaults["prod"].revokes == []
+
+
+def test_when_registry_and_audit_log_both_fail_the_registry_is_the_reason(w: World) -> None:
+    w.store.fail = "record_minted"
+    w.audit.fail = "credential.minted"
+    with pytest.raises(StoreError):
+        w.issuer.issue(caller(TRIAGE), request(), "r1")
+    assert w.vaults[""].revokes == [("acc-1", False)]
+    (rec,) = w.records("credential.revoked")
+    assert rec["reason"] == "the registry could not record it"
+
+
+def test_a_class_frozen_while_minting_revokes_the_credential_in_its_environment(
+        envs: World) -> None:
+    def frozen_meanwhile() -> None:
+        envs.vaults["lab"].on_mint = None
+        envs.responder.freeze(spiffe_id="", action_class="enrichment", reason="leak",
+                              by="alice@example.org")
+
+    envs.vaults["lab"].on_mint = frozen_meanwhile
+    with pytest.raises(FrozenError) as err:
+        envs.issuer.issue(caller(TRIAGE), request(environment="lab"), "r1")
+    (fz,) = envs.store.freezes()
+    assert str(err.value) == (f"{fz.describe()}; the credential minted meanwhile was revoked")
+    assert envs.vaults["lab"].revokes == [("acc-1", False)]
+    assert envs.records("credential.revoked") == [{
+        "type": "credential.revoked", "credential_id": "acc-1", "request_id": "r1",
+        "by": "credbroker", "selector": "unrecorded",
+        "reason": f"frozen while it was minted: {fz.describe()}", "environment": "lab"}]
+
+
+def test_an_approval_used_meanwhile_is_revoked_in_its_environment(envs: World) -> None:
+    req = request("revoke.tokens", environment="lab")
+    pending = envs.issuer.issue(caller(CONTAINMENT), req, "r1")
+    assert isinstance(pending, PendingApproval)
+    envs.desk.decide(pending.approval.id, LEAD, "checked the ticket", approve=True)
+
+    def used_meanwhile() -> None:
+        envs.vaults["lab"].on_mint = None
+        envs.desk.consume(pending.approval.id, str(CONTAINMENT), pending.approval.request)
+
+    envs.vaults["lab"].on_mint = used_meanwhile
+    with pytest.raises(ApprovalError):
+        envs.issuer.issue(caller(CONTAINMENT), req, "r2", approval_id=pending.approval.id)
+    assert envs.vaults["lab"].revokes == [("acc-1", False)] and envs.vaults["prod"].revokes == []
