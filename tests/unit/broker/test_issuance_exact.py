@@ -798,3 +798,16 @@ def test_an_approval_used_meanwhile_is_revoked_in_its_environment(envs: World) -
     with pytest.raises(ApprovalError):
         envs.issuer.issue(caller(CONTAINMENT), req, "r2", approval_id=pending.approval.id)
     assert envs.vaults["lab"].revokes == [("acc-1", False)] and envs.vaults["prod"].revokes == []
+
+
+def test_denials_of_a_frozen_identity_do_not_count_towards_the_next_freeze(w: World) -> None:
+    me = str(TRIAGE)
+    w.responder.freeze(spiffe_id=me, action_class="", reason="rogue", by="alice@example.org")
+    for n in range(2):  # denied as frozen: not a denial that limits.denials counts
+        with pytest.raises(DeniedByPolicy):
+            w.issuer.issue(caller(TRIAGE), request("lookup", target=f"bad-{n}"), f"r{n}")
+    w.responder.unfreeze(spiffe_id=me, action_class="", reason="checked", by="alice@example.org")
+    with pytest.raises(DeniedByPolicy) as denied:
+        w.issuer.issue(caller(TRIAGE), request("lookup", target="bad-2"), "r2")
+    assert "now frozen" not in denied.value.decision.reasons[-1]
+    assert w.store.freezes() == []
