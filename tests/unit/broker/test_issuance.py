@@ -45,17 +45,22 @@ EVENT = InitiatingEvent(source="siem", id="42")
 
 class ScriptedVault:
     """The Vault port over a table of live tokens; ``fail_mint`` / ``fail_revoke`` make
-    the next call fail, ``on_mint`` runs after a token exists (a race)."""
+    the next call fail, ``on_mint`` runs after a token exists (a race). ``mints`` and
+    ``revokes`` are what Vault was asked (the arguments), in order."""
 
     def __init__(self) -> None:
         self.live: dict[str, str] = {}  # accessor -> class
         self.fail_mint: Exception | None = None
         self.fail_revoke: Exception | None = None
         self.on_mint: Callable[[], None] | None = None
+        self.mints: list[dict[str, Any]] = []
+        self.revokes: list[tuple[str, bool]] = []
         self._n = 0
 
     def mint(self, *, cls: ActionClass, spiffe_id: SpiffeId, ttl_seconds: int,
              metadata: Mapping[str, str], now: datetime) -> MintedToken:
+        self.mints.append({"cls": cls.name, "spiffe_id": spiffe_id, "ttl_seconds": ttl_seconds,
+                           "metadata": dict(metadata), "now": now})
         if self.fail_mint is not None:
             raise self.fail_mint
         self._n += 1
@@ -65,9 +70,11 @@ class ScriptedVault:
             self.on_mint()
         return MintedToken(token=f"tok-{self._n}", accessor=accessor,
                            policies=(f"credbroker-{cls.name}",), ttl_seconds=ttl_seconds,
-                           expires_at=now + timedelta(seconds=ttl_seconds), entity_id="e-1")
+                           expires_at=now + timedelta(seconds=ttl_seconds), entity_id="e-1",
+                           lease_prefix=f"auth/token/create/credbroker-{cls.name}/")
 
     def revoke_accessor(self, accessor: str, *, check: bool = True) -> bool:
+        self.revokes.append((accessor, check))
         if self.fail_revoke is not None:
             raise self.fail_revoke
         return self.live.pop(accessor, None) is not None
@@ -86,6 +93,16 @@ class FailingStore(SqliteStore):
         if self.fail == "record_minted":
             raise StoreError("the registry could not be written (test)")
         super().record_minted(**kwargs)
+
+    def mark_revoked(self, credential_id: str, **kwargs: Any) -> None:
+        if self.fail == "mark_revoked":
+            raise StoreError("the registry could not be written (test)")
+        super().mark_revoked(credential_id, **kwargs)
+
+    def add_freeze(self, freeze: Any, entity_ids: Any) -> None:
+        if self.fail == "add_freeze":
+            raise StoreError("the registry could not be written (test)")
+        super().add_freeze(freeze, entity_ids)
 
 
 class FailingAudit(AuditLog):
