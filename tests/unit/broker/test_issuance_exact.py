@@ -348,7 +348,8 @@ def test_an_unconfirmed_revocation_is_queued_with_vaults_error_and_said_so(
                                           "the audit log could not record it", "unrecorded",
                                           1, "Vault is unreachable (test)")
     assert ("request_id=r1 credential_id=acc-1 (the audit log could not record it): Vault "
-            "did not confirm its revocation; retried until it does") in caplog.messages
+            "did not confirm its revocation; the registry retries it where it holds its row, "
+            "and the reconcile scan of Vault finds it otherwise") in caplog.messages
 
 
 def test_a_credential_neither_revoked_nor_queued_tells_the_operator_to_revoke_it_by_hand(
