@@ -97,6 +97,31 @@ def test_outside_validity_window() -> None:
                                    now=NOW + timedelta(minutes=6))
 
 
+@pytest.mark.parametrize(("pem", "message"), [
+    (_cert(GOOD_SAN, ca=True),
+     "the client certificate is a CA certificate (basicConstraints cA true), not an X.509-SVID "
+     "(X509-SVID spec 4.1: a leaf MUST set cA to false)"),
+    (_cert(GOOD_SAN, with_usage=False),
+     "the client certificate has no keyUsage extension; an X.509-SVID MUST have one "
+     "(X509-SVID spec 4.3)"),
+    (_cert(GOOD_SAN, usage=_usage(key_cert_sign=True)),
+     "the client certificate's keyUsage includes keyCertSign or cRLSign; a leaf X.509-SVID "
+     "MUST NOT set them (X509-SVID spec 4.3, 5.2)"),
+    (_cert(GOOD_SAN, usage=_usage(digital_signature=False, key_agreement=True)),
+     "the client certificate's keyUsage lacks digitalSignature; a leaf X.509-SVID MUST set it "
+     "(X509-SVID spec 4.3)"),
+    (_cert(GOOD_SAN, eku=[ExtendedKeyUsageOID.SERVER_AUTH]),
+     "the client certificate's extendedKeyUsage does not include clientAuth; an X.509-SVID "
+     "that has the extension MUST set it (X509-SVID spec 4.4)"),
+])
+def test_x509_svid_4_each_refusal_names_the_rule_it_breaks_in_full(pem: bytes,
+                                                                    message: str) -> None:
+    """The operator reads which rule of X509-SVID §4.1/§4.3/§4.4 the certificate breaks."""
+    with pytest.raises(IdentityError) as err:
+        spiffe_id_from_certificate(pem, trust_domain="example.org", now=NOW)
+    assert str(err.value) == message
+
+
 @pytest.mark.parametrize("pem", [
     _cert(GOOD_SAN, ca=None),  # no basicConstraints: cA defaults to false (RFC 5280)
     _cert(GOOD_SAN, usage=_usage(key_agreement=True)),  # MAY set keyAgreement
@@ -227,7 +252,8 @@ def test_x509_svid_5_every_certificate_on_the_path_is_within_its_validity(which:
             root = _Node("root")
             mid = _Node("intermediate", parent=root, not_before=before, not_after=after)
         leaf = _Node("leaf", parent=mid, ca=False)
-        assert _chains(_chain(leaf, mid), root, now=minute + timedelta(seconds=30)) is ok, window
+        now = minute + timedelta(seconds=30, microseconds=5)
+        assert _chains(_chain(leaf, mid), root, now=now) is ok, window
 
 
 def test_x509_svid_5_an_unreadable_chain_is_no_path() -> None:
@@ -245,3 +271,18 @@ def test_x509_svid_5_a_name_match_without_the_signature_is_no_path() -> None:
     leaf2 = _Node("leaf", parent=mid, ca=False)
     assert not _chains(_chain(leaf2, fake_mid), root)
     assert _chains(_chain(leaf2, fake_mid, mid), root)
+
+
+def test_x509_svid_5_chain_refusals_say_what_is_wrong_in_full() -> None:
+    root = _Node("root")
+    with pytest.raises(IdentityError) as err:
+        check_chain(_Node("leaf", parent=_Node("other"), ca=False).pem, [root.cert],
+                    trust_domain="example.org", now=NOW)
+    assert str(err.value) == (
+        "the client certificate does not chain to the bundle of its own trust domain "
+        "'example.org': another trust domain's CA may not vouch for it")
+    with pytest.raises(IdentityError) as err:
+        check_chain(_Node("leaf", parent=root, ca=False).pem, [], trust_domain="example.org",
+                    now=NOW)
+    assert str(err.value) == ("no X.509 bundle for trust domain 'example.org' (yet): its "
+                              "workloads cannot be verified")
