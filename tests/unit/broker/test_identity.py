@@ -89,6 +89,20 @@ def test_unacceptable_certificates(pem: bytes, words: str) -> None:
     assert words in str(err.value)
 
 
+def test_x509_svid_valid_from_not_before_through_not_after_inclusive() -> None:
+    """RFC 5280 4.1.2.5: the validity period includes both of its ends."""
+    issued = CA.issue_x509(SpiffeId.parse("spiffe://example.org/a"), now=NOW,
+                           ttl=timedelta(minutes=5), not_before=NOW)
+    for at in (NOW, NOW + timedelta(minutes=5)):
+        sid, _ = spiffe_id_from_certificate(_pem(issued.cert_der), trust_domain="example.org",
+                                            now=at)
+        assert str(sid) == "spiffe://example.org/a"
+    for at in (NOW - timedelta(seconds=1), NOW + timedelta(minutes=5, seconds=1)):
+        with pytest.raises(IdentityError, match="not valid at"):
+            spiffe_id_from_certificate(_pem(issued.cert_der), trust_domain="example.org",
+                                       now=at)
+
+
 def test_outside_validity_window() -> None:
     issued = CA.issue_x509(SpiffeId.parse("spiffe://example.org/a"), now=NOW,
                            ttl=timedelta(minutes=5))
