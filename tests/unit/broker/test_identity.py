@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -34,7 +35,7 @@ def _usage(*, digital_signature: bool = True, key_cert_sign: bool = False,
                          crl_sign=crl_sign, encipher_only=False, decipher_only=False)
 
 
-def _cert(sans: list[x509.GeneralName], *, ca: bool | None = False,
+def _cert(sans: Sequence[x509.GeneralName], *, ca: bool | None = False,
           usage: x509.KeyUsage | None = None, with_usage: bool = True,
           eku: list[x509.ObjectIdentifier] | None = None) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())

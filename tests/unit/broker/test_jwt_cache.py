@@ -118,7 +118,7 @@ def test_a_hit_needs_the_same_audience_too() -> None:
     cache = JwtSvidCache()
     now = time.time()
     assert cache.verify(token, peer=PEER, audience="credbroker", bundle_for=_only_ours, now=now)
-    with pytest.raises(IdentityError, match="(?i)audience"):
+    with pytest.raises(IdentityError, match=r"(?i)audience"):
         cache.verify(token, peer=PEER, audience="other", bundle_for=_only_ours, now=now + 1)
 
 
