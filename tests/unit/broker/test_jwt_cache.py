@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe import JwtBundle, TrustDomain
 
 from broker.core.spiffeid import SpiffeId
@@ -167,3 +169,17 @@ def test_which_entries_the_cache_answers_from() -> None:
     assert ask(ageing, a1, 4) is None                                   # evicted as lapsed
     assert ask(full, f3, 1) == jf3
     assert ask(full, f1, 1) is None and ask(full, f2, 1) is None       # cleared when full
+
+
+def test_the_jti_is_returned_and_a_token_without_one_yields_empty() -> None:
+    """The jti (JWT-SVID §3 leaves it optional) goes to the audit record as is."""
+    token = CA.issue_jwt(PEER, ["credbroker"], now=datetime.now(UTC), ttl=timedelta(minutes=5))
+    assert verify_jwt_svid(token, peer=PEER, audience="credbroker", bundle_for=_only_ours) == \
+        jwt.decode(token, options={"verify_signature": False})["jti"]
+    key = ec.generate_private_key(ec.SECP256R1())
+    bundle = JwtBundle(TrustDomain("example.org"), {"k1": key.public_key()})
+    bare = jwt.encode({"sub": str(PEER), "aud": ["credbroker"],
+                       "exp": int(time.time()) + 300}, key, algorithm="ES256",
+                      headers={"kid": "k1", "typ": "JWT"})
+    assert verify_jwt_svid(bare, peer=PEER, audience="credbroker",
+                           bundle_for=lambda _td: bundle) == ""
