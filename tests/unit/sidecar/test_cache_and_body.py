@@ -201,7 +201,7 @@ def test_every_documented_field_of_the_issue_body_reaches_the_request() -> None:
 
 
 def test_an_approval_answers_with_the_documented_field_names() -> None:
-    """The sidecar HTTP API's approval object (openapi.json `Approval`)."""
+    """The sidecar HTTP API's approval object (openapi.json `ApprovalInfo`)."""
     from sidecar.app import _approval_json
 
     a = pb.ApprovalInfo(id="ap1", state="pending", action_class="containment",
