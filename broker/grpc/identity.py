@@ -242,7 +242,7 @@ class JwtSvidCache:
     """
 
     def __init__(self, *, max_entries: int = 4096, max_age: float = 60.0) -> None:
-        self._entries: dict[bytes, tuple[object, str, str, float]] = {}
+        self._entries: dict[bytes, tuple[object, str, str, str, float]] = {}
         self._max_entries = max_entries
         self._max_age = max_age
         self._lock = threading.Lock()
@@ -266,17 +266,19 @@ class JwtSvidCache:
         with self._lock:
             hit = self._entries.get(key)
         if hit is not None:
-            cached_bundle, cached_peer, jti, until = hit
-            if cached_bundle is bundle and cached_peer == str(peer) and now < until:
+            cached_bundle, cached_peer, cached_audience, jti, until = hit
+            if cached_bundle is bundle and cached_peer == str(peer) \
+                    and cached_audience == audience and now < until:
                 return jti
         jti = verify_jwt_svid(token, peer=peer, audience=audience, bundle_for=lambda _td: bundle)
         exp = float(jwt.decode(token, options={"verify_signature": False})["exp"])
         with self._lock:
             if len(self._entries) >= self._max_entries:
-                self._entries = {k: v for k, v in self._entries.items() if v[3] > now}
+                self._entries = {k: v for k, v in self._entries.items() if v[4] > now}
                 if len(self._entries) >= self._max_entries:
                     self._entries.clear()
-            self._entries[key] = (bundle, str(peer), jti, min(exp, now + self._max_age))
+            self._entries[key] = (bundle, str(peer), audience, jti,
+                                  min(exp, now + self._max_age))
         return jti
 
 

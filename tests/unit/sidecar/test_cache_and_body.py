@@ -191,3 +191,23 @@ def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     msg, wait = parse_issue(b'{"action_class": "a", "justification": "' + b"[{" * 1000 +
                             b'\\"]", "wait_seconds": 5}')
     assert msg.justification.startswith("[{[{") and wait == 5
+
+
+def test_every_documented_field_of_the_issue_body_reaches_the_request() -> None:
+    """POST /v1/credentials: environment and break_glass are carried, not dropped."""
+    msg, _ = parse_issue(b'{"action_class": "a", "environment": "prod", "break_glass": true}')
+    assert msg.environment == "prod"
+    assert msg.break_glass is True
+
+
+def test_an_approval_answers_with_the_documented_field_names() -> None:
+    """The sidecar HTTP API's approval object (openapi.json `ApprovalInfo`)."""
+    from sidecar.app import _approval_json
+
+    a = pb.ApprovalInfo(id="ap1", state="pending", action_class="containment",
+                        approvers=["spiffe://example.org/h"], approvals_required=1)
+    a.expires_at.FromDatetime(T0)
+    assert _approval_json(a) == {
+        "approval_id": "ap1", "status": "pending", "action_class": "containment",
+        "approvers": ["spiffe://example.org/h"], "approvals_required": 1, "approved_by": [],
+        "expires_at": "2026-11-27T12:00:00Z"}
