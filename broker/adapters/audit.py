@@ -97,7 +97,106 @@ class AuditTrail(Protocol):
     def close(self) -> None: ...
 
 
-class AuditLog:
+class GroupCommitFront:
+    """The appending side both audit logs share: the queue of records still owed to the
+    log, one record, several at once, and append-or-queue. A subclass supplies the
+    group commit: :meth:`_submit` (a record into the next batch; its ticket) and
+    :meth:`_await` (wait for, or run, the batch holding a ticket), both called holding
+    ``_cond``."""
+
+    _cond: threading.Condition
+    _clock: Callable[[], datetime]
+    _queued: list[dict[str, Any]]
+    _durable_seq: int
+    _durable_head: bytes
+
+    def _submit(self, record: dict[str, Any]) -> int:
+        raise NotImplementedError
+
+    def _await(self, ticket: int) -> Appended:
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        with self._cond:
+            return self._durable_seq
+
+    @property
+    def head(self) -> str:
+        with self._cond:
+            return self._durable_head.hex()
+
+    # -- appending
+
+    def append(self, event: str, **fields: Any) -> Appended:
+        """Append one record and return once it is durable.
+
+        Raises:
+            AuditError: the record could not be made durable; the message says the
+                audit log is not writable and why.
+        """
+        record = {"type": event, "time": rfc3339(self._clock()), **fields}
+        with self._cond:
+            queued, self._queued = self._queued, []
+            tickets = [self._submit(q) for q in queued]
+            ticket = self._submit(record)
+            error: AuditError | None = None
+            for t, q in zip(tickets, queued, strict=True):
+                try:
+                    self._await(t)
+                except AuditError as exc:
+                    error = exc
+                    self._queued.append(q)  # still owed to the log
+            try:
+                appended = self._await(ticket)
+            except AuditError as exc:
+                error = exc
+            if error is not None:
+                raise error
+            if queued:
+                _log.warning("audit log: %d queued record(s) written", len(queued))
+            return appended
+
+    def append_many(self, events: list[tuple[str, dict[str, Any]]]) -> list[Appended]:
+        """Append several records at once (one group commit) and return once all are
+        durable, in order.
+
+        Raises:
+            AuditError: they could not be made durable (then none of them is).
+        """
+        if not events:
+            return []
+        now = rfc3339(self._clock())
+        with self._cond:
+            tickets = [self._submit({"type": event, "time": now, **fields})
+                       for event, fields in events]
+            out: list[Appended] = []
+            error: AuditError | None = None
+            for t in tickets:
+                try:
+                    out.append(self._await(t))
+                except AuditError as exc:
+                    error = error or exc
+            if error is not None:
+                raise error
+            return out
+
+    def append_or_queue(self, event: str, **fields: Any) -> Appended | None:
+        """For actions that must happen even when the log cannot be written (revocations):
+        try to append; if that fails, keep the event for the next successful append and
+        alert loudly. Never raises."""
+        try:
+            return self.append(event, **fields)
+        except AuditError as exc:
+            record = {"type": event, "time": rfc3339(self._clock()), **fields}
+            with self._cond:
+                self._queued.append(record)
+            _log.error("AUDIT LOG NOT WRITABLE: %s record queued in memory until the log "
+                       "accepts writes again: %s (%s)", event, json.dumps(record), exc)
+            return None
+
+
+class AuditLog(GroupCommitFront):
     """One writer's handle on the log file. Thread-safe."""
 
     def __init__(
@@ -132,6 +231,7 @@ class AuditLog:
         self._flushing = False
         self._ticket = 0  # never reused, unlike seq after a roll-back
         self._done: dict[int, str | None] = {}  # ticket -> None (durable) or why it failed
+        self._sealed: dict[int, Appended] = {}  # ticket -> its place in the chain
         self._queued: list[dict[str, Any]] = []  # events that could not be written yet
         self._fd = -1
         self._open()
@@ -198,83 +298,19 @@ class AuditLog:
                              "else); the next signature covers them and the log records it",
                              self.path, self.unsigned_at_open)
 
-    @property
-    def size(self) -> int:
-        with self._cond:
-            return self._durable_seq
+    def _submit(self, record: dict[str, Any]) -> int:
+        """Seal ``record`` into the chain; its ticket. Caller holds the condition."""
+        ticket, seq, digest = self._seal(record)
+        self._sealed[ticket] = Appended(seq=seq, hash=digest)
+        return ticket
 
-    @property
-    def head(self) -> str:
-        with self._cond:
-            return self._durable_head.hex()
-
-    # -- appending
-
-    def append(self, event: str, **fields: Any) -> Appended:
-        """Append one record and return once it is durable.
-
-        Raises:
-            AuditError: the record could not be made durable; the message says the
-                audit log is not writable and why.
-        """
-        record = {"type": event, "time": rfc3339(self._clock()), **fields}
-        with self._cond:
-            queued, self._queued = self._queued, []
-            tickets = [self._seal(q)[0] for q in queued]
-            ticket, seq, digest = self._seal(record)
-            error: AuditError | None = None
-            for t, q in zip(tickets, queued, strict=True):
-                try:
-                    self._wait_durable(t)
-                except AuditError as exc:
-                    error = exc
-                    self._queued.append(q)  # still owed to the log
-            try:
-                self._wait_durable(ticket)
-            except AuditError as exc:
-                error = exc
-            if error is not None:
-                raise error
-            if queued:
-                _log.warning("audit log: %d queued record(s) written", len(queued))
-            return Appended(seq=seq, hash=digest)
-
-    def append_many(self, events: list[tuple[str, dict[str, Any]]]) -> list[Appended]:
-        """Append several records at once (one group commit) and return once all are
-        durable, in order.
-
-        Raises:
-            AuditError: they could not be made durable (then none of them is).
-        """
-        if not events:
-            return []
-        now = rfc3339(self._clock())
-        with self._cond:
-            sealed = [self._seal({"type": event, "time": now, **fields})
-                      for event, fields in events]
-            error: AuditError | None = None
-            for ticket, _, _ in sealed:
-                try:
-                    self._wait_durable(ticket)
-                except AuditError as exc:
-                    error = error or exc
-            if error is not None:
-                raise error
-            return [Appended(seq=seq, hash=digest) for _, seq, digest in sealed]
-
-    def append_or_queue(self, event: str, **fields: Any) -> Appended | None:
-        """For actions that must happen even when the log cannot be written (revocations):
-        try to append; if that fails, keep the event for the next successful append and
-        alert loudly. Never raises."""
+    def _await(self, ticket: int) -> Appended:
+        """Wait until ``ticket`` is durable. Caller holds the condition. Raises: AuditError."""
         try:
-            return self.append(event, **fields)
-        except AuditError as exc:
-            record = {"type": event, "time": rfc3339(self._clock()), **fields}
-            with self._cond:
-                self._queued.append(record)
-            _log.error("AUDIT LOG NOT WRITABLE: %s record queued in memory until the log "
-                       "accepts writes again: %s (%s)", event, json.dumps(record), exc)
-            return None
+            self._wait_durable(ticket)
+        finally:
+            appended = self._sealed.pop(ticket)
+        return appended
 
     def _seal(self, record: dict[str, Any]) -> tuple[int, int, str]:
         """Give the record its place in the chain; returns (ticket, seq, hash)."""

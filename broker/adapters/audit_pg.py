@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from broker.adapters.audit import Appended, append_checkpoint_line
+from broker.adapters.audit import Appended, GroupCommitFront, append_checkpoint_line
 from broker.adapters.store_pg import DB_ERRORS, PostgresStore, redact
 from broker.core.auditchain import (
     CHAIN_OPENED,
@@ -71,7 +71,7 @@ def chain_origin(replica_id: str) -> str:
     return f"{socket.gethostname()}/{replica_id}"
 
 
-class PostgresAuditLog:
+class PostgresAuditLog(GroupCommitFront):
     """This broker process's chain of the audit log in the PostgreSQL store. Thread-safe."""
 
     def __init__(
@@ -127,90 +127,12 @@ class PostgresAuditLog:
         return (f"{self.where} is not writable ({self._store.redacted(exc)}); the request "
                 "was not carried out")
 
-    @property
-    def size(self) -> int:
-        with self._cond:
-            return self._durable_seq
-
-    @property
-    def head(self) -> str:
-        with self._cond:
-            return self._durable_head.hex()
-
-    # -- appending
-
-    def append(self, event: str, **fields: Any) -> Appended:
-        """Append one record; returns once it is committed with its batch's signature.
-
-        Raises:
-            AuditError: it could not be committed (PostgreSQL unreachable, the chain's row
-                gone); it is then not in the log.
-        """
-        record = {"type": event, "time": rfc3339(self._clock()), **fields}
-        with self._cond:
-            queued, self._queued = self._queued, []
-            tickets = [self._enqueue(q) for q in queued]
-            ticket = self._enqueue(record)
-            error: AuditError | None = None
-            for t, q in zip(tickets, queued, strict=True):
-                try:
-                    self._wait(t)
-                except AuditError as exc:
-                    error = exc
-                    self._queued.append(q)  # still owed to the log
-            try:
-                appended = self._wait(ticket)
-            except AuditError as exc:
-                error = exc
-            if error is not None:
-                raise error
-            if queued:
-                _log.warning("audit log: %d queued record(s) written", len(queued))
-            return appended
-
-    def append_many(self, events: list[tuple[str, dict[str, Any]]]) -> list[Appended]:
-        """Append several records in one transaction; returns once all are committed.
-
-        Raises:
-            AuditError: they could not be committed (then none of them is).
-        """
-        if not events:
-            return []
-        now = rfc3339(self._clock())
-        with self._cond:
-            tickets = [self._enqueue({"type": event, "time": now, **fields})
-                       for event, fields in events]
-            out: list[Appended] = []
-            error: AuditError | None = None
-            for t in tickets:
-                try:
-                    out.append(self._wait(t))
-                except AuditError as exc:
-                    error = error or exc
-            if error is not None:
-                raise error
-            return out
-
-    def append_or_queue(self, event: str, **fields: Any) -> Appended | None:
-        """For actions that must happen even when the log cannot be written (revocations):
-        try to append; if that fails, keep the record for the next successful append and
-        alert loudly. Never raises."""
-        try:
-            return self.append(event, **fields)
-        except AuditError as exc:
-            record = {"type": event, "time": rfc3339(self._clock()), **fields}
-            with self._cond:
-                self._queued.append(record)
-            _log.error("AUDIT LOG NOT WRITABLE: %s record queued in memory until the log "
-                       "accepts writes again: %s (%s)", event, json.dumps(record), exc)
-            return None
-
-    def _enqueue(self, record: dict[str, Any]) -> int:
+    def _submit(self, record: dict[str, Any]) -> int:
         self._ticket += 1
         self._pending.append((self._ticket, record))
         return self._ticket
 
-    def _wait(self, ticket: int) -> Appended:
+    def _await(self, ticket: int) -> Appended:
         """Wait for the batch holding ``ticket``, or commit it (and every record queued
         meanwhile) in one transaction. Caller holds the condition. Raises: AuditError."""
         while ticket not in self._done:
