@@ -94,6 +94,9 @@ def broker_config(bao: OpenBaoDev, identity: Identity, **overrides: object) -> B
         "scope_map_path": TEST_MAP,
         "vault_addr": bao.addr,
         "vault_token": bao.root_token,
+        # Many brokers with different maps share the session's OpenBao: a background drift
+        # check would rewrite another test's roles mid-test. Drift tests own their OpenBao.
+        "vault_drift_interval": 0,
     }
     values.update(overrides)
     return BrokerConfig(**values)  # type: ignore[arg-type]
