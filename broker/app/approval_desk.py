@@ -209,15 +209,22 @@ class ApprovalDesk:
             check_approval(teams, owner_team=a.owner_team, action_class=a.action_class,
                            what=f"{what} approval {a.id}")
         except OutsideTeamError as exc:
-            self._audit.append_or_queue(
-                "approval.refused", approval_id=a.id, request_id=a.request_id,
-                spiffe_id=a.spiffe_id, action_class=a.action_class, owner_team=a.owner_team,
-                act=what, by=who.subject, approver=who.subject,
-                approver_groups=list(who.groups), via=who.via,
-                teams=sorted(teams or ()), error=str(exc))
-            _log.warning("%s refused: %s", who.subject, exc)
+            self._refused(a, who, what, exc, teams)
             raise
         return {} if teams is None else {"teams": sorted(teams)}
+
+    def _refused(self, a: ap.Approval, who: ap.Approver, what: str, exc: Exception,
+                 teams: frozenset[str] | None) -> None:
+        """Audit (queued if the log is down) and log a refused decision: an approver's
+        attempt is an act on the record too (self-approval, not an approver, a second vote,
+        too late, another team's class)."""
+        self._audit.append_or_queue(
+            "approval.refused", approval_id=a.id, request_id=a.request_id,
+            spiffe_id=a.spiffe_id, action_class=a.action_class, owner_team=a.owner_team,
+            act=what, by=who.subject, approver=who.subject,
+            approver_groups=list(who.groups), via=who.via,
+            teams=sorted(teams or ()), error=str(exc))
+        _log.warning("%s refused: %s", who.subject, exc)
 
     def decide(self, approval_id: str, who: ap.Approver, reason: str, *, approve: bool
                ) -> ap.Approval:
@@ -231,11 +238,16 @@ class ApprovalDesk:
         a = self.get(approval_id)
         teams = self._in_team(a, who, "approve" if approve else "deny", review=False)
         now = self._clock()
-        if approve:
-            new = ap.approve(a, who, reason, now,
-                             owner_team_may_approve=self._cfg.owner_team_may_approve)
-        else:
-            new = ap.deny(a, who, reason, now)
+        try:
+            if approve:
+                new = ap.approve(a, who, reason, now,
+                                 owner_team_may_approve=self._cfg.owner_team_may_approve)
+            else:
+                new = ap.deny(a, who, reason, now)
+        except ap.ApprovalError as exc:
+            self._refused(a, who, "approve" if approve else "deny", exc,
+                          self.teams_of(a, who, review=False))
+            raise
         self._save(new, "approval.approved" if approve else "approval.denied",
                    approver=who.subject, approver_groups=list(who.groups), via=who.via,
                    issuer=who.issuer, reason=reason,
@@ -339,7 +351,11 @@ class ApprovalDesk:
         def sign() -> ap.Approval:
             a = self.get(approval_id)
             teams = self._in_team(a, who, "sign off", review=True)
-            new = ap.sign_off(a, who, reason, self._clock())
+            try:
+                new = ap.sign_off(a, who, reason, self._clock())
+            except ap.ApprovalError as exc:
+                self._refused(a, who, "sign off", exc, self.teams_of(a, who, review=True))
+                raise
             self._save(new, "approval.reviewed", reviewer=who.subject, via=who.via,
                        reason=reason, **teams)
             return new

@@ -39,9 +39,14 @@ class PersonRequiredError(IdentityError):
 
 
 class NotResponderError(PolicyError):
-    """The person is not in any of the groups that may revoke, freeze and unfreeze."""
+    """The person is not in any of the groups that may revoke, freeze and unfreeze;
+    ``person`` is who they proved to be (their refused attempt is audited as them)."""
 
     code = "not_responder"
+
+    def __init__(self, message: str, *, person: Approver) -> None:
+        super().__init__(message)
+        self.person = person
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,7 +138,8 @@ class ResponderGate:
                 raise NotResponderError(
                     f"{person.subject} may not {what}: only members of "
                     f"{', '.join(self.groups) or '(no group configured)'} may revoke, freeze "
-                    f"and unfreeze; their groups: {', '.join(person.groups) or 'none'}")
+                    f"and unfreeze; their groups: {', '.join(person.groups) or 'none'}",
+                    person=person)
             granting = [g for g in person.groups if g in self.groups]
             return Actor(by=person.subject, kind="person", client=client, groups=person.groups,
                          issuer=person.issuer,

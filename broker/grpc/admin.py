@@ -20,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker._proto.credbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.adapters.registry import CredentialRow
-from broker.app.people import Actor, ResponderGate
+from broker.app.people import Actor, NotResponderError, PersonRequiredError, ResponderGate
 from broker.app.responder import Responder
 from broker.core import teams as team_scope
 from broker.core.revocation import Selector, check_known, freeze_target
@@ -40,6 +40,13 @@ _log = logging.getLogger("credbroker.admin")
 
 class NotAdminError(PolicyError):
     code = "not_admin"
+
+
+def _target(request: pb.FreezeRequest | pb.UnfreezeRequest) -> str:
+    """What a freeze or unfreeze names (lengths already checked), for a refusal's record."""
+    parts = ([f"identity {request.spiffe_id}"] if request.spiffe_id else []) + (
+        [f"action class {request.action_class}"] if request.action_class else [])
+    return ", ".join(parts)
 
 
 def _ts(dt: datetime | None) -> Timestamp:
@@ -98,15 +105,42 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
 
         Raises: IdentityError (not an acceptable workload), NotAdminError.
         """
-        caller = str(self._auth.authenticate(context).spiffe_id)
+        return self._admin_id(str(self._auth.authenticate(context).spiffe_id))
+
+    def _admin_id(self, caller: str) -> str:
+        """``caller`` if it is an administrator or configured automation. Raises: NotAdminError."""
         if caller not in self._admins and caller not in self._gate.automation:
             raise NotAdminError(f"{caller} is not a credbroker administrator; only the SPIFFE IDs "
                                 "in the broker's --admin-id list may revoke or freeze")
         return caller
 
-    def _actor(self, context: grpc.ServicerContext, what: str) -> Actor:
-        """Who this act is recorded as. Raises: as _admin and ResponderGate.actor."""
-        return self._gate.actor(context, self._admin(context), what)
+    def _actor(self, context: grpc.ServicerContext, what: str, target: str = "") -> Actor:
+        """Who this act is recorded as. A refusal by who the caller proved to be (its SVID,
+        or the person's verified ID token) is audited as ``responder.refused`` first: an
+        attempt to revoke or freeze is an act on the record too.
+
+        Raises: as _admin and ResponderGate.actor.
+        """
+        caller = str(self._auth.authenticate(context).spiffe_id)
+        try:
+            return self._gate.actor(context, self._admin_id(caller), what)
+        except NotResponderError as exc:
+            p = exc.person
+            self._refused(what, target, by=p.subject, error=exc,
+                          actor={"kind": "person", "client": caller, "issuer": p.issuer,
+                                 "groups": list(p.groups)})
+            raise
+        except (NotAdminError, PersonRequiredError) as exc:
+            self._refused(what, target, by=caller, error=exc, actor={"kind": "workload",
+                                                             "client": caller})
+            raise
+
+    def _refused(self, act: str, target: str, *, by: str, error: Exception,
+                 actor: dict[str, object]) -> None:
+        """Audit (queued if the log is down) and log a refused responder act."""
+        self._r.audit.append_or_queue("responder.refused", act=act, target=target, by=by,
+                                      actor=actor, error=str(error))
+        _log.warning("%s refused: %s", by, error)
 
     def _default_env(self) -> str:
         """Where credentials recorded without an environment were minted ("": no
@@ -237,9 +271,9 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
     def Freeze(self, request: pb.FreezeRequest,
                context: grpc.ServicerContext) -> pb.FreezeResponse:
         with _boundary(context, "admin", "Freeze"):
-            actor = self._actor(context, "freeze")
-            by = actor.by
             self._freeze_target(request)
+            actor = self._actor(context, "freeze", _target(request))
+            by = actor.by
             self._known(spiffe_id=request.spiffe_id, action_class=request.action_class)
             self._check_target(actor, "freeze", request.spiffe_id, request.action_class)
             res = self._r.freeze(
@@ -256,8 +290,8 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
     def Unfreeze(self, request: pb.UnfreezeRequest,
                  context: grpc.ServicerContext) -> pb.UnfreezeResponse:
         with _boundary(context, "admin", "Unfreeze"):
-            actor = self._actor(context, "unfreeze")
             self._freeze_target(request)
+            actor = self._actor(context, "unfreeze", _target(request))
             self._check_target(actor, "unfreeze", request.spiffe_id, request.action_class)
             lifted = self._r.unfreeze(spiffe_id=request.spiffe_id,
                                       action_class=request.action_class,

@@ -203,6 +203,18 @@ def test_self_approval_double_approval_and_outsiders_are_refused(env: Env) -> No
         env.decide(two["approval_id"], "alice@example.org")
     assert "already approved" in err.value.details()
     assert env.decide(two["approval_id"], "carol@example.org").state == "approved"
+    # Every refused attempt is on the record with who made it and why it was refused.
+    refused = [r for r in read_records(env.server.config.audit_path)
+               if r["type"] == "approval.refused"]
+    assert [(r["approval_id"], r["act"], r["by"], r["via"]) for r in refused] == [
+        (pending["approval_id"], "approve", CONTAINMENT, "spiffe"),
+        (pending["approval_id"], "approve", "dave@example.org", "oidc"),
+        (two["approval_id"], "approve", "alice@example.org", "oidc")]
+    assert "separation of duties" in refused[0]["error"]
+    assert "none of the groups" in refused[1]["error"]
+    assert "already approved" in refused[2]["error"]
+    assert refused[1]["spiffe_id"] == CONTAINMENT and refused[1]["action_class"] == (
+        "containment.isolate_host")
 
 
 @pytest.mark.parametrize("field", ["target", "justification", "initiating_event", "ttl_seconds"])

@@ -138,6 +138,13 @@ def test_without_a_person_acts_are_refused_with_the_login_hint(people: People) -
     # Reading needs only the admin SVID.
     assert admin.ListCredentials(pb.Selector(all=True), timeout=10).credentials
     assert not people.records("freeze") and not people.records("credentials.revoked")
+    # Each attempt is on the record as the tool that made it.
+    refused = people.records("responder.refused")
+    assert [(r["act"], r["target"], r["by"], r["actor"]) for r in refused] == [
+        ("freeze", "action class enrichment", ADMIN, {"kind": "workload", "client": ADMIN}),
+        ("revoke credentials", "", ADMIN, {"kind": "workload", "client": ADMIN}),
+        ("unfreeze", "action class enrichment", ADMIN, {"kind": "workload", "client": ADMIN})]
+    assert all("run `credbroker login`" in r["error"] for r in refused)
     assert _exists(hvac.Client(url=people.server.config.vault_addr,
                                token=people.server.config.vault_token), cred.credential_id)
 
@@ -148,6 +155,25 @@ def test_a_person_outside_the_responder_groups_is_permission_denied(people: Peop
         metadata=people.md("carol@example.org")), grpc.StatusCode.PERMISSION_DENIED)
     assert "carol@example.org may not freeze: only members of responders" in details
     assert not people.records("freeze")
+    (refused,) = people.records("responder.refused")  # the attempt is on the record as her
+    assert (refused["act"], refused["target"], refused["by"]) == (
+        "freeze", "action class enrichment", "carol@example.org")
+    assert refused["actor"] == {"kind": "person", "client": ADMIN,
+                                "issuer": people.idp.issuer, "groups": ["iam-leads"]}
+    assert refused["error"] == details
+    assert not any(t in people.server.config.audit_path.read_text() for t in people.issued)
+
+
+def test_a_workload_that_is_not_an_administrator_is_refused_on_the_record(
+        people: People) -> None:
+    details = _refused(lambda: people.admin(TRIAGE).Freeze(
+        pb.FreezeRequest(spiffe_id=TRIAGE, reason="r"), timeout=10,
+        metadata=people.md("alice@example.org")), grpc.StatusCode.PERMISSION_DENIED)
+    assert f"{TRIAGE} is not a credbroker administrator" in details
+    assert not people.records("freeze")
+    (refused,) = people.records("responder.refused")
+    assert (refused["act"], refused["target"], refused["by"], refused["actor"]) == (
+        "freeze", f"identity {TRIAGE}", TRIAGE, {"kind": "workload", "client": TRIAGE})
 
 
 def test_an_expired_or_forged_token_is_refused(people: People, tmp_path: Path) -> None:
