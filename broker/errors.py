@@ -140,6 +140,15 @@ class VaultPermissionError(VaultUnavailableError):
     """
 
 
+class VaultNamespaceError(VaultPermissionError):
+    """The Vault/OpenBao namespace an environment names (``namespace=``) does not exist
+    there: Vault did nothing, and knows no token, role or entity of the broker's in it.
+
+    Never read as "no such token": a misspelt namespace must not pass live credentials
+    elsewhere for dead ones. For an agent an outage (503 ``vault_unavailable``).
+    """
+
+
 class TooManyWaitsError(CredbrokerError):
     """The caller already holds as many revocation streams or approval waits as one
     workload may: it must not take the broker's capacity from every other workload."""

@@ -38,7 +38,13 @@ import requests
 from broker.core.models import MintedToken
 from broker.core.scopemap import ActionClass, ScopeMap
 from broker.core.spiffeid import SpiffeId
-from broker.errors import CredbrokerError, VaultError, VaultPermissionError, VaultUnavailableError
+from broker.errors import (
+    CredbrokerError,
+    VaultError,
+    VaultNamespaceError,
+    VaultPermissionError,
+    VaultUnavailableError,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -110,6 +116,26 @@ REQUIRED_CAPABILITIES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 
 
+class _NamespaceNotFound(hvac.exceptions.VaultError):  # type: ignore[misc]
+    """OpenBao/Vault's 404 "namespace not found": the request's namespace does not exist."""
+
+
+class _Adapter(hvac.adapters.JSONAdapter):  # type: ignore[misc]
+    """hvac's JSON adapter, except that a 404 for a namespace that does not exist is not an
+    ``InvalidPath``: hvac and this module read ``InvalidPath`` as "no such token, policy,
+    role or entity", and a misspelt namespace must never pass for that."""
+
+    def _raise_for_error(self, method: str, url: str, response: requests.Response) -> None:
+        if response.status_code == 404:
+            try:
+                errors = response.json().get("errors") or []
+            except (ValueError, AttributeError):
+                errors = []
+            if "namespace not found" in errors:
+                raise _NamespaceNotFound(f"namespace not found, on {method} {url}")
+        super()._raise_for_error(method, url, response)
+
+
 class VaultAdapter:
     """Everything the broker asks of Vault/OpenBao."""
 
@@ -118,12 +144,19 @@ class VaultAdapter:
                  namespace: str = "") -> None:
         """``ca_cert``: the PEM CA bundle Vault's TLS certificate must chain to (None: the
         system's trust store). ``namespace``: the Vault/OpenBao namespace every call goes to
-        ("": the root)."""
+        ("": the root); policies, token roles, entities and tokens are that namespace's."""
         self.addr = addr
         self.ca_cert = ca_cert
-        self._client = hvac.Client(url=addr, token=token, timeout=timeout,
-                                   verify=str(ca_cert) if ca_cert is not None else True,
-                                   namespace=namespace or None)
+        self.namespace = namespace
+        #: How messages name this Vault: its address, and its namespace if it has one.
+        self._at = f"{addr} (namespace {namespace})" if namespace else addr
+        verify = str(ca_cert) if ca_cert is not None else True
+        self._client = hvac.Client(url=addr, token=token, timeout=timeout, verify=verify,
+                                   namespace=namespace or None, adapter=_Adapter)
+        #: ``sys/health`` answers only at the root (in a namespace: 400 "operation
+        #: unavailable in namespaces"), and needs no token.
+        self._root = self._client if not namespace else hvac.Client(
+            url=addr, token="", timeout=timeout, verify=verify)
         self._token_file = token_file
         self._token_stamp: tuple[int, int] | None = None
         #: True once :meth:`check_capabilities` found the token able to do everything.
@@ -159,42 +192,49 @@ class VaultAdapter:
             trust = (f"the CA certificate {self.ca_cert}" if self.ca_cert is not None
                      else "the system's trust store")
             raise VaultUnavailableError(
-                f"Vault at {self.addr}: TLS failed while trying to {what}: its certificate is "
+                f"Vault at {self._at}: TLS failed while trying to {what}: its certificate is "
                 f"not trusted by {trust} ({_tls_reason(exc)}); pass --vault-ca-cert PATH or "
                 "set VAULT_CACERT to the CA that signed Vault's certificate"
             ) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise VaultUnavailableError(
-                f"Vault at {self.addr} is unreachable while trying to {what} "
+                f"Vault at {self._at} is unreachable while trying to {what} "
                 f"({type(exc).__name__}); check that Vault/OpenBao is running and reachable"
             ) from None
         except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError,
                 hvac.exceptions.BadGateway) as exc:
             raise VaultUnavailableError(
-                f"Vault at {self.addr} is not serving ({_first_line(exc)}) while trying to {what}; "
+                f"Vault at {self._at} is not serving ({_first_line(exc)}) while trying to {what}; "
                 "it may be sealed or restarting"
+            ) from None
+        except _NamespaceNotFound:
+            raise VaultNamespaceError(
+                f"Vault at {self.addr}: namespace {self.namespace!r} does not exist (OpenBao/"
+                f"Vault answers 'namespace not found' while the broker tries to {what}); "
+                f"create it (bao/vault namespace create {self.namespace}) or correct namespace= in "
+                "this environment's --environment entry"
             ) from None
         except hvac.exceptions.Forbidden:
             raise VaultPermissionError(
-                f"Vault at {self.addr} refused the broker permission to {what}: the broker's "
+                f"Vault at {self._at} refused the broker permission to {what}: the broker's "
                 "own Vault token is revoked, expired or lacks a capability (operator: give the "
                 "broker a valid token with the policy in the README, Security model)"
             ) from None
         except hvac.exceptions.VaultError as exc:
-            raise VaultError(f"Vault at {self.addr} failed to {what}: {_first_line(exc)}") from None
+            raise VaultError(f"Vault at {self._at} failed to {what}: {_first_line(exc)}") from None
         except CredbrokerError:
             raise
         except requests.RequestException as exc:
             # e.g. an answer cut off mid-body (ChunkedEncodingError): Vault may have acted.
             raise VaultUnavailableError(
-                f"Vault's answer at {self.addr} was lost while trying to {what} "
+                f"Vault's answer at {self._at} was lost while trying to {what} "
                 f"({type(exc).__name__}); check the network path to Vault/OpenBao"
             ) from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             # A 200 that is not Vault's JSON (a proxy's page, a truncated body): what Vault
             # did is unknown, so it is handled like a lost answer.
             raise VaultUnavailableError(
-                f"Vault at {self.addr} gave an answer the broker cannot read while trying to "
+                f"Vault at {self._at} gave an answer the broker cannot read while trying to "
                 f"{what} ({type(exc).__name__}); is something other than Vault answering?"
             ) from None
 
@@ -213,9 +253,12 @@ class VaultAdapter:
         try:
             with self._errors("check its own capabilities"):
                 resp = self._client.write("sys/capabilities-self", paths=list(paths))
+        except VaultNamespaceError as exc:
+            self._capabilities_ok = False
+            return [str(exc)]
         except VaultPermissionError:
             self._capabilities_ok = False
-            return [f"Vault at {self.addr} refuses the broker's token itself (it is revoked or "
+            return [f"Vault at {self._at} refuses the broker's token itself (it is revoked or "
                     "expired, or lacks sys/capabilities-self): give the broker a valid token"]
         data = (resp or {}).get("data", resp or {})
         missing = []
@@ -240,11 +283,22 @@ class VaultAdapter:
             return False
 
     def health(self) -> None:
-        """Raises: VaultUnavailableError if Vault is unreachable, sealed or uninitialised."""
+        """Asks ``sys/health`` at the root (the only place it answers), then, for a
+        namespace, whether the namespace exists.
+
+        Raises:
+            VaultUnavailableError: Vault is unreachable, sealed or uninitialised.
+            VaultNamespaceError: the namespace does not exist.
+        """
         with self._errors("check its health"):
-            status = self._client.sys.read_health_status(method="GET")
+            status = self._root.sys.read_health_status(method="GET")
             if isinstance(status, dict) and status.get("sealed"):
-                raise VaultUnavailableError(f"Vault at {self.addr} is sealed")
+                raise VaultUnavailableError(f"Vault at {self._at} is sealed")
+            if self.namespace:
+                try:
+                    self._client.auth.token.lookup_self()
+                except hvac.exceptions.Forbidden:
+                    pass  # the namespace exists; the token check says what the token lacks
 
     # -- scope map → Vault
 
