@@ -160,6 +160,7 @@ class OpenBaoDev:
     """
 
     def __init__(self, run_dir: Path, *, port: int | None = None, tls: bool = False) -> None:
+        self._chosen_port = port is None  # a port we picked may be taken before we bind it
         self.port = port or free_port()
         self.tls = tls
         self.addr = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
@@ -169,7 +170,24 @@ class OpenBaoDev:
         self.ca_cert: Path | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        """Raises: DevStackError when the server does not become healthy in time."""
+        """Start it; a port this object picked that another process took in the meantime
+        is replaced by a new one (up to three times).
+
+        Raises: DevStackError when the server exits at start or does not answer as itself
+        (its own root token) in time.
+        """
+        for attempt in range(3):
+            try:
+                self._start(timeout)
+                return
+            except DevStackError as exc:
+                if not (self._chosen_port and "address already in use" in str(exc)
+                        and attempt < 2):
+                    raise
+                self.port = free_port()
+                self.addr = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def _start(self, timeout: float) -> None:
         env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": self.root_token,
                "VAULT_DEV_ROOT_TOKEN_ID": self.root_token}
         env.pop("BAO_ADDR", None)
@@ -193,8 +211,10 @@ class OpenBaoDev:
                 except (OSError, ssl.SSLError):
                     time.sleep(0.1)
                     continue
-            try:
-                with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=1,  # noqa: S310
+            try:  # answered with our random root token: this server, not one that had the port
+                ask = urllib.request.Request(f"{self.addr}/v1/auth/token/lookup-self",  # noqa: S310
+                                             headers={"X-Vault-Token": self.root_token})
+                with urllib.request.urlopen(ask, timeout=1,  # noqa: S310
                                             context=tls_context) as r:
                     if r.status == 200:
                         return

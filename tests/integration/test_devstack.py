@@ -311,3 +311,38 @@ def test_dev_stack_with_environments_serves_production_and_sandbox() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_openbao_on_a_port_taken_in_the_meantime_moves_to_another(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Between picking a free port and binding it another process may take it: the dev
+    OpenBao starts on a new port, and is only "up" when it answers with its own root token
+    (not whatever server holds the port)."""
+    import socket
+
+    import hvac
+
+    from credbroker_dev import devstack
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        picks = [port]
+        real = devstack.free_port
+        monkeypatch.setattr(devstack, "free_port", lambda: picks.pop() if picks else real())
+        bao = devstack.OpenBaoDev(tmp_path)
+        assert bao.port == port
+        bao.start()
+        try:
+            assert bao.port != port and str(bao.port) in bao.addr
+            assert hvac.Client(url=bao.addr, token=bao.root_token).is_authenticated()
+        finally:
+            bao.stop()
+    fixed = devstack.OpenBaoDev(tmp_path, port=port)  # a port the caller chose is not moved
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with pytest.raises(devstack.DevStackError, match="address already in use"):
+            fixed.start(timeout=10)
+    fixed.stop()
