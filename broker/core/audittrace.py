@@ -325,6 +325,9 @@ _OCSF: dict[str, tuple[int, int, int, str]] = {
     "unfreeze.failed/action_class": (3, 3005, 1, "Assign Privileges"),
     # A class removed from the map: its credentials lose their privileges.
     "scope_map.class_removed": (3, 3005, 2, "Revoke Privileges"),
+    # A revoke, freeze or unfreeze refused (not an administrator, no person, outside the
+    # responder groups or the actor's teams): an attempt on access management that failed.
+    "responder.refused": (3, 3005, 99, "Other"),
     "vault.drift_corrected": (6, 6002, 8, "Update"),
     "audit.unsigned_tail": (6, 6002, 99, "Other"),
     "broker.started": (6, 6002, 3, "Start"),
@@ -343,7 +346,8 @@ def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
     category, cls, activity, name = _OCSF.get(
         key, (3, 3005, 99, kind) if kind.startswith("approval.") else (6, 6002, 99, kind))
     dec = record.get("decision") or {}
-    failed = kind == "scope_map.rejected" or dec.get("outcome") == "deny" \
+    failed = kind == "scope_map.rejected" or kind.endswith("refused") \
+        or dec.get("outcome") == "deny" \
         or bool((record.get("counts") or {}).get("failed")) or bool(record.get("vault_error"))
     when = parse_time(str(record.get("time")))
     out: dict[str, Any] = {
@@ -420,4 +424,8 @@ def _message(r: dict[str, Any]) -> str:
             else f"identities matching {r.get('pattern')}"
         verb = "froze" if kind == "freeze" else "unfroze"
         return f"{r.get('by')} {verb} {what}: {r.get('reason')}"
+    if kind in ("responder.refused", "approval.refused"):
+        what = f"{r.get('act')} approval {r.get('approval_id')}" if kind == "approval.refused" \
+            else " ".join(str(p) for p in (r.get("act"), r.get("target")) if p)
+        return f"{r.get('by')} was refused: {what}: {r.get('error')}"
     return str(kind)

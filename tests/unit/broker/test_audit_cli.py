@@ -125,6 +125,25 @@ def test_ocsf_maps_freeze_unfreeze_and_bulk_revocation(
     assert (unfreeze_class["class_uid"], unfreeze_class["activity_id"]) == (3005, 1)
 
 
+def test_refused_acts_export_as_failed_access_management_by_who_tried() -> None:
+    responder = to_ocsf({"type": "responder.refused", "act": "freeze",
+                         "target": "action class enrichment", "by": "carol@example.org",
+                         "error": "carol@example.org may not freeze", "time":
+                         "2026-11-27T00:00:00Z"})
+    assert (responder["class_uid"], responder["activity_id"], responder["status"]) == (
+        3005, 99, "Failure")
+    assert responder["actor"]["user"]["uid"] == "carol@example.org"
+    assert responder["message"] == ("carol@example.org was refused: freeze action class "
+                                    "enrichment: carol@example.org may not freeze")
+    approval = to_ocsf({"type": "approval.refused", "act": "approve", "approval_id": "ap-1",
+                        "by": "dave@example.org", "error": "in none of the groups",
+                        "spiffe_id": TRIAGE, "time": "2026-11-27T00:00:00Z"})
+    assert (approval["class_uid"], approval["status_id"]) == (3005, 2)
+    assert approval["actor"]["user"]["uid"] == "dave@example.org"
+    assert approval["message"] == ("dave@example.org was refused: approve approval ap-1: "
+                                   "in none of the groups")
+
+
 @pytest.mark.parametrize("fmt", ["ocsf", "jsonl"])
 def test_an_export_fed_back_is_refused_with_a_clear_error(
         fmt: str, log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
