@@ -7,7 +7,7 @@
     as killed if any phase killed it. Equivalent mutants are the ones listed in
     docs/mutation.md, each with its reason.
 
-``python -m tests.mutation integration [--sample N] [--seed S] [--max-minutes M]``
+``python -m tests.mutation integration [--sample N] [--seed S] [--max-minutes M] [--module PATH]``
     The second phase: the adapter mutants the unit phase left alive (survived, or no
     unit test reaches them), run against the real-server integration tests that
     exercise them. mutmut has one configuration per directory and resets every result
@@ -15,6 +15,9 @@
     (``.mutation-integration/``, symlinks to the code and tests plus a generated
     ``pyproject.toml``) and never touches the unit phase's results. Each mutant starts
     its own OpenBao, so the phase samples N of them (seeded) rather than running all.
+    ``--module`` (repeatable) samples only those of INTEGRATION_MODULES; ``--tests``
+    (repeatable) runs only those integration test files (a new selection resets the
+    directory's results).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ INTEGRATION_TESTS = [
     "tests/integration/test_freeze_push.py",
     "tests/integration/test_vault_policy.py",
     "tests/integration/test_vault_drift.py",
+    "tests/integration/test_vault_adapter_exact.py",
+    "tests/integration/test_responder_exact.py",
 ]
 
 # mutmut's exit-code vocabulary (mutmut.stats.status_by_exit_code, 3.8).
@@ -154,7 +159,8 @@ def _toml_value(v: object) -> str:
     raise TypeError(v)
 
 
-def _prepare_integration_dir() -> None:
+def _prepare_integration_dir(tests: list[str] | None = None,
+                             modules: list[str] | None = None) -> None:
     INTEGRATION_DIR.mkdir(exist_ok=True)
     for name in ("broker", "sidecar", "tests", "README.md", "docs", "k8s", "proto"):
         link = INTEGRATION_DIR / name
@@ -162,8 +168,8 @@ def _prepare_integration_dir() -> None:
             link.symlink_to(ROOT / name)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     mut = dict(project["tool"]["mutmut"])
-    mut["only_mutate"] = INTEGRATION_MODULES
-    mut["pytest_add_cli_args_test_selection"] = INTEGRATION_TESTS
+    mut["only_mutate"] = modules or INTEGRATION_MODULES
+    mut["pytest_add_cli_args_test_selection"] = tests or INTEGRATION_TESTS
     mut["also_copy"] = [p for p in mut.get("also_copy", []) if (INTEGRATION_DIR / p).exists()]
     # A mutant that hangs a real server waits on sockets, not the CPU: bound wall time.
     mut.setdefault("timeout_multiplier", 3.0)
@@ -175,13 +181,19 @@ def _prepare_integration_dir() -> None:
     (INTEGRATION_DIR / "pyproject.toml").write_text("\n".join(lines) + "\n")
 
 
-def integration(sample: int, seed: int, max_minutes: float, max_children: int) -> int:
+def integration(sample: int, seed: int, max_minutes: float, max_children: int,
+                modules: list[str] | None = None, tests: list[str] | None = None) -> int:
     unit = load_results(ROOT)
     if not unit:
         print("run the unit phase first (`make mutation`)", file=sys.stderr)
         return 1
+    unknown = [m for m in modules or [] if m not in INTEGRATION_MODULES]
+    if unknown:
+        print(f"--module {', '.join(unknown)}: not one of {', '.join(INTEGRATION_MODULES)}",
+              file=sys.stderr)
+        return 2
     eq = equivalents()
-    alive = sorted(name for source in INTEGRATION_MODULES
+    alive = sorted(name for source in (modules or INTEGRATION_MODULES)
                    for name, code in unit.get(source, {}).items()
                    if code in SURVIVED | NO_TESTS and name not in eq)
     done = load_results(INTEGRATION_DIR)
@@ -192,7 +204,7 @@ def integration(sample: int, seed: int, max_minutes: float, max_children: int) -
           f"{len(already)} already run here, running a sample of {len(chosen)} (seed {seed})")
     if not chosen:
         return 0
-    _prepare_integration_dir()
+    _prepare_integration_dir(tests, modules)
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *chosen]
     try:
         subprocess.run(cmd, cwd=INTEGRATION_DIR, timeout=max_minutes * 60, check=False)
@@ -239,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--seed", type=int, default=18)
     i.add_argument("--max-minutes", type=float, default=45.0)
     i.add_argument("--max-children", type=int, default=1)
+    i.add_argument("--module", action="append", default=[],
+                   help="only this module's mutants, e.g. broker/app/responder.py")
+    i.add_argument("--tests", action="append", default=[],
+                   help="run only these of INTEGRATION_TESTS (changing the selection resets "
+                        "the directory's results)")
     r = sub.add_parser("sample")
     r.add_argument("--per-module", type=int, default=100)
     r.add_argument("--seed", type=int, default=18)
@@ -250,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "summary":
         return summary(a.dirs, show_survivors=a.survivors)
     if a.cmd == "integration":
-        return integration(a.sample, a.seed, a.max_minutes, a.max_children)
+        return integration(a.sample, a.seed, a.max_minutes, a.max_children, a.module, a.tests)
     if a.cmd == "sample":
         return run_sample(a.per_module, a.seed, a.module, a.max_children, a.recheck)
     clean()

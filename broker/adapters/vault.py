@@ -292,8 +292,14 @@ class VaultAdapter:
         """
         with self._errors("check its health"):
             status = self._root.sys.read_health_status(method="GET")
-            if isinstance(status, dict) and status.get("sealed"):
+            if isinstance(status, requests.Response):
+                # hvac hands back any answer but a 200 as it came (503 sealed, 501 not
+                # initialised, 429 standby): its body is the same JSON status.
+                status = status.json()
+            if status.get("sealed"):
                 raise VaultUnavailableError(f"Vault at {self._at} is sealed")
+            if status.get("initialized") is False:
+                raise VaultUnavailableError(f"Vault at {self._at} is not initialised")
             if self.namespace:
                 try:
                     self._client.auth.token.lookup_self()
@@ -559,7 +565,9 @@ class VaultAdapter:
                                           alias_mount_accessor=accessor)
             except hvac.exceptions.InvalidPath:
                 return None
-            return str(resp["data"]["id"]) if resp and resp.get("data") else None
+            if not isinstance(resp, dict):  # 204, no body: no entity has that alias
+                return None
+            return str(resp["data"]["id"]) if resp.get("data") else None
 
     def freeze_class_policy(self, cls: ActionClass) -> None:
         """Rewrite the class policy to grant nothing. Raises: VaultUnavailableError, VaultError."""
