@@ -18,6 +18,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +30,7 @@ from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.errors import DEFAULT_RETRY_AFTER_SECONDS
 from broker.wire.inputs import ID_RULE
 from broker.wire.loop import LoopThread
-from sidecar.app import OPENAPI_PATH, SidecarHttpServer, SidecarService
+from sidecar.app import OPENAPI_PATH, BadRequest, SidecarHttpServer, SidecarService
 from sidecar.broker_client import BrokerCallError, BrokerClient
 from sidecar.hits import HitReporter
 
@@ -181,17 +182,20 @@ class Sidecar:
         s.connect(str(self.http.path))
         return s
 
-    def raw(self, data: bytes) -> tuple[int, dict[str, str], bytes, bool]:
-        """Send ``data``; the answer's status, headers (lower-case names), body, and
-        whether the sidecar closed the connection after it."""
+    def raw(self, data: bytes, *, see_close: bool = False
+            ) -> tuple[int, dict[str, str], bytes, bool]:
+        """Send ``data``; the answer's status, headers (lower-case names), body, and (with
+        ``see_close``) whether the sidecar then closed the connection."""
         with self.connect() as s:
             s.sendall(data)
             status, headers, body = read_answer(s)
-            s.settimeout(2)
-            try:
-                closed = s.recv(1) == b""
-            except TimeoutError:
-                closed = False
+            closed = False
+            if see_close:
+                s.settimeout(5)
+                try:
+                    closed = s.recv(1) == b""
+                except TimeoutError:
+                    closed = False
             return status, headers, body, closed
 
     def call(self, method: str, target: str, body: Any = None,
@@ -444,6 +448,7 @@ def test_wait_seconds_waits_for_the_approval_at_the_broker(sidecar: Sidecar) -> 
      'the body nests arrays or objects more than 8 deep; send a flat JSON object, e.g. '
      '{"action_class": "enrichment"}'),
     (b'{"action_class": NaN}', "NaN is not a JSON number; send whole numbers only"),
+    (b"XXXXXXXXXX", "the body is not valid JSON (Expecting value at character 0)"),
     (b'{"action_class": "a", "ttl_seconds": ' + b"9" * 5000 + b"}",
      "the body is not acceptable JSON (ValueError: Exceeds the limit (4300 digits) for "
      "integer string conversion: value has 5000 digits; use sys.set_in)"),
@@ -487,8 +492,11 @@ def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(sidecar: S
     status, body, _ = sidecar.call("POST", "/v1/credentials", raw_body=raw)
     assert status == 200 and body["credential_id"] == "acc1"
     assert len(sidecar.broker.asked("issue")[0].justification) == 65536 - len(base)
+    # The whole body sent at once (nothing is left unread in the stream): the sidecar
+    # closes the connection all the same.
     status, _headers, data, closed = sidecar.raw(
-        b"POST /v1/credentials HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n")
+        b"POST /v1/credentials HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n"
+        + b" " * 65537, see_close=True)
     assert (status, json.loads(data)) == (413, _err("too_large",
                                                     "body is larger than 65536 bytes"))
     assert closed
@@ -497,7 +505,7 @@ def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(sidecar: S
 def test_a_chunked_body_is_refused_with_the_connection_closed(sidecar: Sidecar) -> None:
     status, _, data, closed = sidecar.raw(
         b"POST /v1/credentials HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"2\r\n{}\r\n0\r\n\r\n")
+        b"2\r\n{}\r\n0\r\n\r\n", see_close=True)
     assert (status, json.loads(data)) == (400, _err(
         "bad_request", "send the body with a Content-Length; chunked bodies are not accepted"))
     assert closed and sidecar.broker.calls == []
@@ -768,7 +776,8 @@ def test_a_bad_freeze_body_is_a_400(sidecar: Sidecar, raw: bytes, message: str) 
 
 def test_a_malformed_request_gets_the_json_error_and_the_connection_is_closed(
         sidecar: Sidecar) -> None:
-    status, headers, data, closed = sidecar.raw(b"GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n")
+    status, headers, data, closed = sidecar.raw(b"GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n",
+                                               see_close=True)
     body = json.loads(data)
     assert status == 400 and body["error"]["code"] == "bad_request"
     message = body["error"]["message"]
@@ -851,12 +860,22 @@ def test_the_socket_is_made_in_a_new_directory_replacing_a_stale_one_and_removed
     assert http._runner is None
 
 
-def test_a_server_on_a_shared_loop_leaves_the_loop_running(sock_dir: Path) -> None:
+def test_a_server_on_a_shared_loop_leaves_the_loop_running(
+        sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     loop = LoopThread("shared")
     try:
         http = SidecarHttpServer(sock_dir / "s.sock", _service(Broker()), loop=loop)
         http.serve_in_thread()
-        http.close()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(http.path))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_answer(s)[0] == 200  # a keep-alive connection, left open
+            with caplog.at_level(logging.DEBUG, logger="credbroker.sidecar"):
+                http.close()
+            # The server stopped on a loop that goes on: its connections are closed too.
+            assert s.recv(1) == b""
+        assert not any("stopping the HTTP server" in m for m in caplog.messages)
         assert loop.loop.is_running()
         assert loop.run(asyncio.sleep(0, "alive"), timeout=5) == "alive"
         http.close()  # a second close is harmless
@@ -958,3 +977,63 @@ def test_an_empty_post_is_a_400_not_a_dropped_connection(sidecar: Sidecar, head:
     assert (status, json.loads(data)) == (400, _err(
         "bad_request", 'send a JSON object, e.g. {"action_class": "enrichment"}'))
     assert sidecar.broker.calls == []
+
+
+def test_a_service_refusal_as_a_bad_request_is_a_400(sock_dir: Path) -> None:
+    """The HTTP layer's mapping: a service method that refuses the input (``BadRequest``)
+    is answered 400 with its message, whatever route it came from."""
+    class Refusing:
+        async def health(self) -> tuple[int, dict[str, Any]]:
+            raise BadRequest("say it differently")
+
+    http = SidecarHttpServer(sock_dir / "s.sock", cast(SidecarService, Refusing()))
+    http.serve_in_thread()
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(http.path))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, data = read_answer(s)
+        assert (status, json.loads(data)) == (400, _err("bad_request", "say it differently"))
+    finally:
+        http.close()
+
+
+def test_without_a_reporter_given_hits_are_reported_through_the_broker_client() -> None:
+    broker = Broker()
+    sc = SidecarService(cast(BrokerClient, broker), clock=lambda: NOW)
+    req = pb.IssueCredentialRequest(action_class="enrichment")
+    asyncio.run(sc.issue(req))
+    assert asyncio.run(sc.issue(req))[1]["cached"] is True
+    assert asyncio.run(sc.reporter.flush_once())
+    assert [h.credential_id for h in broker.reported] == ["acc1"]
+
+
+def test_stopping_goes_on_when_the_loop_is_stuck(caplog: pytest.LogCaptureFixture) -> None:
+    """``stop_watching`` bounds its wait (``timeout`` + 5 s) even when the client's loop
+    never gets to run the stop: the sidecar still shuts down."""
+    broker = WatchingBroker([])
+    sc = _service(broker)
+    release = threading.Event()
+    safety = threading.Timer(20, release.set)  # a stop that waited for the loop: fails
+    try:
+        sc.start_watching()
+        stuck = threading.Event()
+
+        def block() -> None:
+            stuck.set()
+            release.wait(30)
+
+        broker.loop.loop.call_soon_threadsafe(block)
+        assert stuck.wait(5)
+        safety.start()
+        with caplog.at_level(logging.DEBUG, logger="credbroker.sidecar"):
+            sc.stop_watching(timeout=0)
+        returned_while_stuck = not release.is_set()
+        assert returned_while_stuck
+        assert any(m.startswith("stopping the sidecar's background tasks: ")
+                   for m in caplog.messages)
+    finally:
+        release.set()
+        safety.cancel()
+        broker.loop.close()
