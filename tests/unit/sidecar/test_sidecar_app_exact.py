@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto.credbroker.v1 import broker_pb2 as pb
 from broker.errors import DEFAULT_RETRY_AFTER_SECONDS
@@ -44,8 +45,7 @@ ASK = {"action_class": "enrichment", "target": "h1", "justification": "enrich th
 NOT_FOUND_HINT = "try POST /v1/credentials or GET /healthz"
 
 
-def _ts(dt: datetime) -> Any:
-    from google.protobuf.timestamp_pb2 import Timestamp
+def _ts(dt: datetime) -> Timestamp:
     t = Timestamp()
     t.FromDatetime(dt)
     return t
@@ -893,13 +893,11 @@ class WatchingBroker(Broker):
         super().__init__()
         self.loop = LoopThread("sidecar-test")
         self.events = events
-        self.watch_ended = asyncio.Event()
 
     async def watch(self, on_event: Any, stop: asyncio.Event) -> None:
         for event in self.events:
             on_event(event)
         await stop.wait()
-        self.calls.append(("watch_ended", None))
 
 
 def test_watching_applies_the_stream_and_stopping_reports_the_last_hits() -> None:
