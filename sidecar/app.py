@@ -655,8 +655,10 @@ class SidecarHttpServer:
                                               f"body is larger than {_MAX_BODY} bytes"),
                                   close=True)
         try:
+            # An empty body is read as b"" (aiohttp's empty stream refuses readexactly(0)),
+            # so it is answered with a 400 that says what to send, not a dropped connection.
             raw = await asyncio.wait_for(request.content.readexactly(length),
-                                         self.idle_timeout)
+                                         self.idle_timeout) if length else b""
         except (TimeoutError, asyncio.IncompleteReadError):
             # Half a body, then silence (or the client closed its end half-way): drop it.
             request.protocol.force_close()
