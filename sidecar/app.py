@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -442,11 +443,15 @@ def _json_response(status: int, body: dict[str, Any],
     return resp
 
 
-_BUSY = json.dumps(_error("busy", "the sidecar is serving as many connections as it may; "
-                                  "retry in a moment")).encode()
-_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: " + str(len(_BUSY)).encode() + b"\r\nRetry-After: 1\r\n"
-                  b"Cache-Control: no-store\r\nConnection: close\r\n\r\n" + _BUSY)
+@functools.cache
+def busy_response() -> bytes:
+    """The whole HTTP answer to a connection over the limit, written straight to its
+    socket (built once, at first use: nothing of this module runs at import)."""
+    body = json.dumps(_error("busy", "the sidecar is serving as many connections as it may; "
+                                     "retry in a moment")).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nRetry-After: 1\r\n"
+            b"Cache-Control: no-store\r\nConnection: close\r\n\r\n" + body)
 
 Answer = tuple[int, dict[str, Any]]
 
@@ -505,7 +510,7 @@ class _BoundedServer(web.Server):
         # A connection holds its slot until its handler task has finished (aiohttp drops it
         # from ``_connections`` then), as a thread of the sync server held it.
         if len(self._connections) >= self._max_connections:
-            transport.write(_BUSY_RESPONSE)  # a few hundred bytes into an empty buffer
+            transport.write(busy_response())  # a few hundred bytes into an empty buffer
             transport.close()
             _log.warning("sidecar busy: a connection was answered 503 (all slots taken)")
             return

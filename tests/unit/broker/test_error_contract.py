@@ -72,9 +72,9 @@ def test_the_sidecar_answers_each_of_its_own_codes_with_the_tables_status() -> N
     for status, code in _codes_in_source():
         if status is not None:
             assert ERRORS[code].http_status == status, code
-    from sidecar.app import _BUSY_RESPONSE
+    from sidecar.app import busy_response
 
-    assert _BUSY_RESPONSE.startswith(f"HTTP/1.1 {ERRORS['busy'].http_status} ".encode())
+    assert busy_response().startswith(f"HTTP/1.1 {ERRORS['busy'].http_status} ".encode())
 
 
 def test_every_status_in_the_table_is_a_real_one() -> None:
