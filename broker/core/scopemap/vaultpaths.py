@@ -71,15 +71,18 @@ def _path_tokens(path: str) -> tuple[list[str], str]:
 
 
 def _could_start_with(tokens: Sequence[str], prefix: str) -> bool:
-    """True when some path the tokens match begins with ``prefix``."""
-    seen: set[tuple[int, int]] = set()
+    """True when some path the tokens match begins with ``prefix``.
+
+    Linear without memoising: a ``+`` is a whole segment, so the token after it is ``/``
+    or the end, and of the lengths a ``+`` may take only the one reaching the next ``/``
+    of ``prefix`` (or its end) goes on; every other branch stops at once.
+    """
 
     def walk(i: int, j: int) -> bool:
         if j == len(prefix):
             return True
-        if i == len(tokens) or (i, j) in seen:
+        if i == len(tokens):
             return False
-        seen.add((i, j))
         tok = tokens[i]
         if tok == _ANY:
             return True
