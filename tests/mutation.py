@@ -51,6 +51,7 @@ INTEGRATION_TESTS = [
     "tests/integration/test_vault_drift.py",
     "tests/integration/test_vault_adapter_exact.py",
     "tests/integration/test_responder_exact.py",
+    "tests/integration/test_responder_environments.py",
 ]
 
 # mutmut's exit-code vocabulary (mutmut.stats.status_by_exit_code, 3.8).

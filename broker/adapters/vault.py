@@ -167,7 +167,8 @@ class VaultAdapter:
         self._roles_lock = threading.Lock()
 
     def _fresh_token(self) -> None:
-        """Follow a token file that a Vault Agent sink rewrites (checked by mtime)."""
+        """Follow a token file that a Vault Agent sink rewrites (checked by mtime). Never
+        raises: a file that cannot be read, or is not text, leaves the token in use."""
         if self._token_file is None:
             return
         try:
@@ -181,6 +182,13 @@ class VaultAdapter:
         except OSError as exc:
             _log.warning("cannot re-read the Vault token file %s: %s", self._token_file,
                          exc.strerror)
+        except UnicodeDecodeError:
+            # Not a token (a sink that wrote something else): the token in use stays, and
+            # this version of the file is not read again.
+            self._token_stamp = stamp
+            _log.warning("the Vault token file %s is not text (not UTF-8): the token read "
+                         "before stays in use; check what writes that file (a Vault Agent "
+                         "sink writes the token as text)", self._token_file)
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:

@@ -6,6 +6,7 @@ has its own registry, audit log and workloads."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sqlite3
 import tempfile
@@ -13,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import pytest
 
 from broker.adapters.audit import AuditLog, read_records
 from broker.adapters.environments import Environments
-from broker.adapters.registry import SqliteStore
+from broker.adapters.registry import SqliteStore, StoreError
 from broker.adapters.vault import FROZEN_POLICY, VaultAdapter
 from broker.app.people import PersonRequiredError
 from broker.app.responder import BusEvent, Responder, RevocationBus
@@ -417,6 +419,87 @@ def test_leftovers_of_an_old_freeze_are_revoked_by_the_freezes_author(
     assert idf.freeze.kind == "spiffe_id"
 
 
+def test_a_class_freezes_leftovers_give_it_no_entity_for_its_unfreeze_to_enable(
+        w: World, root: hvac.Client) -> None:
+    me = w.who()
+    res = w.responder.freeze(spiffe_id="", action_class="enrichment", reason="leak",
+                             by="ir-8")
+    w.join()
+    late = w.mint(me)  # minted in a race with the freeze
+    # An operator disabled this workload's entity by hand, for reasons of their own.
+    root.write(f"identity/entity/id/{late.entity_id}", disabled=True)
+    try:
+        assert w.responder.revoke_frozen_leftovers(min_age=timedelta(0)) == 1
+        assert not alive(root, late.accessor)
+        [(fz, entities)] = w.store.active_freezes()
+        assert (fz.id, entities) == (res.freeze.id, [])  # a class freeze disables no entity
+        w.responder.unfreeze(spiffe_id="", action_class="enrichment", reason="clear",
+                             by="ir-8")
+        assert entity_disabled(root, late.entity_id)  # so its unfreeze enables none
+    finally:
+        root.write(f"identity/entity/id/{late.entity_id}", disabled=False)
+
+
+def test_enforcement_the_registry_cannot_record_is_logged_and_recorded_later(
+        w: World, root: hvac.Client, caplog: pytest.LogCaptureFixture) -> None:
+    me = w.who()
+    m = w.mint(me)
+    w.responder.vaults = Environments.single(
+        VaultAdapter(addr=f"http://127.0.0.1:{_free_port()}", token="t", timeout=1))
+    res = w.responder.freeze(spiffe_id=me, action_class="", reason="rogue", by="ir")
+    assert res.vault_pending
+    w.join()
+    w.responder.vaults = Environments.single(w.vault)
+    # Another process holds the registry's write lock (reads still work: WAL) for longer
+    # than the registry waits for it.
+    lock = sqlite3.connect(w.registry_path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.ERROR, logger="credbroker.responder"):
+            assert w.responder.enforce_pending_freezes() == 0
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert entity_disabled(root, m.entity_id)  # Vault enforces it...
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "credbroker.responder" and r.levelno >= logging.ERROR] == [
+        f"freeze {res.freeze.id}: could not record its Vault enforcement: the credential "
+        f"registry {w.registry_path} failed: database is locked"]
+    # ...and the registry, which could not hear it, has it enforced on the next round.
+    assert [f.id for f, _ in w.store.unenforced_freezes()] == [res.freeze.id]
+    assert w.responder.enforce_pending_freezes() == 0
+    assert w.store.unenforced_freezes() == []
+    assert entity_disabled(root, m.entity_id)
+
+
+def test_a_lift_the_registry_refuses_after_vault_gave_the_power_back_is_enforced_again(
+        w: World, root: hvac.Client, own: OpenBaoDev) -> None:
+    me = w.who()
+    m = w.mint(me)
+    res = w.responder.freeze(spiffe_id=me, action_class="", reason="rogue", by="ir")
+    w.join()
+    # The registry refuses to record the lift (a guard on its file) but takes other writes.
+    with closing(sqlite3.connect(w.registry_path)) as db, db:
+        db.execute("CREATE TRIGGER no_lift BEFORE UPDATE OF lifted_at ON freezes "
+                   "BEGIN SELECT RAISE(ABORT, 'lifting is refused'); END")
+    with pytest.raises(StoreError) as err:
+        w.responder.unfreeze(spiffe_id=me, action_class="", reason="ok", by="ir")
+    assert str(err.value) == (f"the credential registry {w.registry_path} failed: lifting "
+                              "is refused")
+    assert not entity_disabled(root, m.entity_id)  # Vault gave the power back...
+    # ...but the freeze is still recorded, so it is marked for Vault to enforce again.
+    assert [f.id for f, _ in w.store.unenforced_freezes()] == [res.freeze.id]
+    with closing(sqlite3.connect(w.registry_path)) as db, db:
+        db.execute("DROP TRIGGER no_lift")
+    assert w.responder.enforce_pending_freezes() == 0
+    assert entity_disabled(root, m.entity_id)
+    [again] = w.records("freeze.enforced")[1:]
+    assert (again["freeze_id"], again["by"]) == (res.freeze.id, "credbroker")
+    w.responder.unfreeze(spiffe_id=me, action_class="", reason="ok", by="ir")
+    assert not entity_disabled(root, m.entity_id)
+
+
 # -- classes removed from the scope map
 
 
@@ -485,6 +568,24 @@ def test_an_orphan_token_is_revoked_recorded_and_audited_in_full(
     assert (rec["spiffe_id"], rec["action_class"], rec["by"], rec["selector"],
             rec["reason"]) == (me, "enrichment", "credbroker", "reconcile", ORPHAN_WHY)
     assert "environment" not in rec
+
+
+def test_a_token_an_operator_minted_by_hand_with_the_brokers_marks_is_an_orphan_of_nobody(
+        w: World, root: hvac.Client) -> None:
+    made = root.auth.token.create(policies=[ENRICH], ttl="10m", meta={
+        "credbroker": "1", "broker_instance": w.store.instance_id})
+    accessor = made["auth"]["accessor"]
+    report = w.responder.reconcile(full=True)
+    assert (report.revoked, report.error) == (1, "")
+    assert not alive(root, accessor)
+    row = w.store.get(accessor)
+    assert row is not None and row.state == "revoked"
+    assert (row.request_id, row.spiffe_id, row.action_class, row.target) == (
+        f"orphan-{accessor}", "", "", "")
+    assert w.revoked_by(accessor) == ("credbroker", ORPHAN_WHY, "reconcile")
+    [rec] = w.records("credential.revoked")
+    assert (rec["credential_id"], rec["request_id"], rec["spiffe_id"], rec["action_class"]) == (
+        accessor, f"orphan-{accessor}", "", "")
 
 
 def test_reconcile_without_vault_says_why_and_asks_known_tokens_once(

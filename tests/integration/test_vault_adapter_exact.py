@@ -557,3 +557,13 @@ def test_the_token_file_is_followed(own: OpenBaoDev, root: hvac.Client, tmp_path
         assert adapter.check_capabilities() == []  # the last token read goes on
     assert [r.getMessage() for r in caplog.records] == [
         f"cannot re-read the Vault token file {path}: No such file or directory"]
+    caplog.clear()
+    path.write_bytes(b"\xff\xfe" + weak.encode())  # not text: the token in use stays
+    with caplog.at_level(logging.WARNING, logger="broker.adapters.vault"):
+        assert adapter.check_capabilities() == []
+        assert adapter.check_capabilities() == []  # warned once for that version of the file
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the Vault token file {path} is not text (not UTF-8): the token read before stays "
+        "in use; check what writes that file (a Vault Agent sink writes the token as text)"]
+    path.write_text(weak)
+    assert adapter.check_capabilities() != []
