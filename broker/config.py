@@ -119,6 +119,9 @@ def _vault(s: Mapping[str, Setting]) -> tuple[str, str, Path | None]:
         except OSError as exc:
             raise ConfigError(f"cannot read --vault-token-file {path}: "
                               f"{exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--vault-token-file {path} is not a text file (a Vault token "
+                              "is text): write the token alone into it") from None
     token = token or str(env_token.value or "")
     if not token:
         raise ConfigError("no Vault token: set VAULT_TOKEN or pass --vault-token-file PATH")

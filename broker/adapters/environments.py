@@ -91,6 +91,9 @@ def parse_environment_flag(text: str, env: Mapping[str, str]) -> EnvironmentConf
         except OSError as exc:
             raise ConfigError(f"{FLAG} {name}: cannot read token-file {token_file}: "
                               f"{exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{FLAG} {name}: token-file {token_file} is not a text file (a "
+                              "Vault token is text): write the token alone into it") from None
     elif "token-env" in opts:
         token = env.get(opts["token-env"], "").strip()
         if not token:

@@ -691,7 +691,7 @@ class Responder:
                     lifted = self.store.lift_freezes(kind, pattern, by=by, reason=reason,
                                                      at=self._clock())
                     self._freezes = self.store.freezes()
-            except CredbrokerError:
+            except CredbrokerError as exc:
                 # Vault gave the power back but the freeze is still recorded: enforce it
                 # again (retried) rather than leave it in force for issuance only.
                 for f, entities in mine:
@@ -701,6 +701,10 @@ class Responder:
                                                           "could not be recorded")
                     except CredbrokerError:
                         pass
+                # The log said "unfreeze": it must also say the freeze stayed in force.
+                self.audit.append_or_queue("unfreeze.failed", kind=kind, pattern=pattern,
+                                           by=by, error=f"the registry could not record the "
+                                           f"lift: {exc}", **_actor_field(actor))
                 raise
         self._replicate("unfreeze", {"kind": kind, "pattern": pattern})
         return [f for f, _ in lifted]

@@ -488,6 +488,10 @@ def test_a_lift_the_registry_refuses_after_vault_gave_the_power_back_is_enforced
     assert str(err.value) == (f"the credential registry {w.registry_path} failed: lifting "
                               "is refused")
     assert not entity_disabled(root, m.entity_id)  # Vault gave the power back...
+    # The log said "unfreeze" first; it also says the freeze stayed in force, and why.
+    [failed] = w.records("unfreeze.failed")
+    assert (failed["kind"], failed["pattern"], failed["by"], failed["error"]) == (
+        "spiffe_id", me, "ir", f"the registry could not record the lift: {err.value}")
     # ...but the freeze is still recorded, so it is marked for Vault to enforce again.
     assert [f.id for f, _ in w.store.unenforced_freezes()] == [res.freeze.id]
     with closing(sqlite3.connect(w.registry_path)) as db, db:

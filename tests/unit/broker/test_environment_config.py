@@ -99,6 +99,14 @@ def test_bad_entries_say_what_to_write(entry: str, message: str) -> None:
     assert SECRET not in str(err.value)
 
 
+def test_a_token_file_that_is_not_text_says_so(tmp_path: Path) -> None:
+    binary = tmp_path / "t"
+    binary.write_bytes(b"\xff\xfe s.x")
+    with pytest.raises(ConfigError) as err:
+        cfg("--environment", f"sandbox=http://x:1,token-file={binary}")
+    assert f"token-file {binary} is not a text file" in str(err.value)
+
+
 def test_the_broker_refuses_a_map_naming_environments_it_does_not_declare() -> None:
     m = parse_scope_map([("m.yaml", "apiVersion: credbroker/v1\nkind: ScopeMap\n"
                           "environments: [production, sandbox]\naction_classes:\n"

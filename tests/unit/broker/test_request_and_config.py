@@ -135,6 +135,12 @@ def test_vault_token_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read --vault-token-file"):
         broker_config_from(env=ENV, flags={"scope_map": "m",
                                            "vault_token_file": str(tmp_path / "none")})
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe s.x")
+    with pytest.raises(ConfigError) as err:
+        broker_config_from(env=ENV, flags={"scope_map": "m", "vault_token_file": str(binary)})
+    assert str(err.value) == (f"--vault-token-file {binary} is not a text file (a Vault token "
+                              "is text): write the token alone into it")
 
 
 @pytest.mark.parametrize(("env", "kw", "words"), [
