@@ -55,6 +55,15 @@ def test_targets_conditions_and_budgets_are_enforced(broker: BrokerServer, ident
     assert "budget of 2/h" in err.value.details()
 
 
+def _replace(path: Path, text: str) -> None:
+    """Swap the file's content in one rename, as a Kubernetes ConfigMap update does: an
+    in-place write can be polled half-written (the broker then rejects that read and keeps
+    its map, which is right, but the test would see the wrong rejection)."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _until(check: Callable[[], bool], what: str, timeout: float = 8.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -85,7 +94,7 @@ def test_map_changes_under_a_running_broker(bao: OpenBaoDev, identity: Identity,
             f"workloads: [spiffe://example.org/agent/containment, {TRIAGE}]\n"
             "    credential:\n      ttl: 3m", 1)
         assert text != TEST_MAP.read_text()
-        path.write_text(text)
+        _replace(path, text)
         _until(lambda: server.scope_maps.current.version != v1,  # type: ignore[union-attr]
                "the broker did not pick up the new map")
         resp = s.IssueCredential(request, timeout=10)
@@ -93,7 +102,7 @@ def test_map_changes_under_a_running_broker(bao: OpenBaoDev, identity: Identity,
         assert v2 != v1 and v2 == server.scope_maps.current.version
 
         # A malformed map changes nothing, and says so loudly.
-        path.write_text(text.replace("risk: destructive", "risk: catastrophic"))
+        _replace(path, text.replace("risk: destructive", "risk: catastrophic"))
         _until(lambda: "REJECTED scope map reload" in caplog.text, "no rejection was logged")
         assert "catastrophic" in caplog.text
         assert server.scope_maps.current.version == v2
@@ -101,7 +110,7 @@ def test_map_changes_under_a_running_broker(bao: OpenBaoDev, identity: Identity,
 
         # An explicit reload (what SIGHUP does) of the same bad file is rejected again.
         assert server.reload() is False
-        path.write_text(TEST_MAP.read_text())
+        _replace(path, TEST_MAP.read_text())
         server.reload()  # the watcher may get there first; either way v1 is back in force
         _until(lambda: server.scope_maps.current.version == v1,  # type: ignore[union-attr]
                "the original map did not come back")
@@ -126,7 +135,7 @@ def test_removing_a_class_ends_its_live_credentials(bao: OpenBaoDev, identity: I
         kept = s.IssueCredential(issue_request(), timeout=10).credential
         text = TEST_MAP.read_text()
         start = text.index("  identity.disable_account:")
-        path.write_text(text[:start] + text[text.index("  identity.revoke_tokens:"):])
+        _replace(path, text[:start] + text[text.index("  identity.revoke_tokens:"):])
         assert server.reload() is True
         # Powerless at once (its policy grants nothing), then revoked: ask OpenBao.
         with pytest.raises(hvac.exceptions.Forbidden):
@@ -148,7 +157,7 @@ def test_removing_a_class_ends_its_live_credentials(bao: OpenBaoDev, identity: I
         assert sum(r["type"] == "scope_map.class_removed"
                    for r in read_records(server.config.audit_path)) == 1
     finally:
-        path.write_text(TEST_MAP.read_text())
+        _replace(path, TEST_MAP.read_text())
         server.reload()  # the class and its real policy come back for the other tests
         server.stop(grace=0)
 
