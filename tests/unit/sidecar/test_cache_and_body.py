@@ -52,6 +52,7 @@ def test_cached_only_while_more_than_20_percent_of_life_is_left() -> None:
     {"initiating_event": None},
     {"ttl_seconds": 60},
     {"ttl_seconds": 3600},
+    {"environment": "sandbox"},  # a production credential never answers a sandbox request
 ])
 def test_every_request_field_is_part_of_the_key(change: dict[str, object]) -> None:
     assert request_key(_req(**change)) != request_key(_req())
@@ -75,6 +76,31 @@ def test_a_requested_ttl_must_fit_in_what_is_left() -> None:
     assert cache.get("k", at, 71) is None
     assert len(cache) == 1  # still good for a request that fits
     assert cache.get("k", at) is not None
+
+
+def test_a_credential_with_no_life_is_never_fresh_even_when_it_seems_to_end_later() -> None:
+    # issued_at == expires_at, seen by a sidecar whose clock is behind the broker's
+    cache = CredentialCache()
+    cache.put("k", CachedCredential(credential_id="z", issued_at=T0 + timedelta(seconds=10),
+                                    expires_at=T0 + timedelta(seconds=10), body={},
+                                    action_class="enrichment", scope_map_version=V1))
+    assert cache.get("k", T0) is None
+
+
+def test_a_one_second_credential_is_fresh_in_its_first_800_ms() -> None:
+    cache = CredentialCache()
+    cache.put("k", _entry(life=1))
+    assert cache.get("k", T0) is not None
+    assert cache.get("k", T0 + timedelta(milliseconds=790)) is not None
+    assert cache.get("k", T0 + timedelta(milliseconds=800)) is None
+
+
+def test_without_a_requested_ttl_less_than_a_second_left_is_enough() -> None:
+    cache = CredentialCache()
+    cache.put("k", _entry(life=2))
+    at = T0 + timedelta(milliseconds=1500)  # 0.5 s left, more than 20 % of 2 s
+    assert cache.get("k", at) is not None
+    assert cache.get("k", at, 1) is None
 
 
 def test_keyed_by_the_whole_request() -> None:
