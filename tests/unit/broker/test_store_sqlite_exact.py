@@ -273,3 +273,26 @@ def test_a_check_names_the_file_and_what_to_do(tmp_path: Path) -> None:
     assert str(err.value) == (f"the credential registry {path} was replaced under the "
                               "running broker; restart it")
     store.close()
+
+
+def test_every_migration_step_is_idempotent(tmp_path: Path) -> None:
+    """A registry whose version rows say less than its tables hold (the last unversioned
+    schema had some columns already) upgrades again without failing."""
+    path = tmp_path / "registry.db"
+    SqliteStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM schema_version WHERE version > 1")
+    again = SqliteStore(path)
+    assert again.migrated == (1, SCHEMA_VERSION)
+    columns = {r[1] for r in rows(path, "PRAGMA table_info(credentials)")}
+    assert {"environment", "lease_prefix"} <= columns
+    again.close()
+
+
+def test_a_write_refused_by_the_database_names_the_registry_and_why(store: SqliteStore) -> None:
+    with sqlite3.connect(store.path) as db:
+        db.execute("CREATE TRIGGER no_approvals BEFORE INSERT ON approvals "
+                   "BEGIN SELECT RAISE(ABORT, 'approvals are closed'); END")
+    with pytest.raises(StoreError) as err:
+        store.replace_approval("ap-1", "pending", "{}", previous=None)
+    assert str(err.value) == f"the credential registry {store.path} failed: approvals are closed"
