@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 
 from broker.core.auditchain import (
+    CHAIN_OPENED,
     GENESIS,
     Checkpoint,
     canonical,
     chain_hash,
+    check_witnesses,
     decode_line,
     encode_line,
     key_id,
@@ -109,3 +111,29 @@ def test_the_problems_name_the_tampering() -> None:
     v = verify_chain(lines, [cp(heads, 5)], None)
     assert v.ok is False and v.problem == ("checkpoints given but no public key to check their "
                                            "signatures (pass --public-key)")
+
+
+def test_a_malformed_checkpoint_names_the_field() -> None:
+    with pytest.raises(ValueError) as err:
+        Checkpoint.from_json({"origin": "x"})
+    assert str(err.value) == "a checkpoint field is missing or malformed: 'size'"
+
+
+def test_checkpoints_without_a_key_say_how_far_the_log_is_good() -> None:
+    lines, heads = build(3)
+    v = verify_chain(lines, [cp(heads, 3)], None)
+    assert (v.ok, v.records, v.head) == (False, 3, heads[2].hex())
+    assert v.problem == ("checkpoints given but no public key to check their signatures "
+                         "(pass --public-key)")
+
+
+def test_a_chain_opened_before_witnesses_does_not_stop_the_others_being_checked() -> None:
+    # Chains are checked in name order; "a" opened without witnessing (an older broker),
+    # "b" saw chain "c" with two records, and "c" is gone.
+    first = {"a": {"type": "broker.started"},
+             "b": {"type": CHAIN_OPENED, "chains": {"c": {"size": 2, "head": "ff"}}}}
+    assert check_witnesses(first, {"a": ["aa"], "b": ["bb"]}) == [
+        "chain c is missing: chain b saw it with 2 record(s) when it opened; it was deleted "
+        "from the database"]
+    first["a"] = {"type": CHAIN_OPENED, "chains": "not a mapping"}
+    assert len(check_witnesses(first, {"a": ["aa"], "b": ["bb"]})) == 1

@@ -180,3 +180,15 @@ def test_a_condition_that_is_not_boolean_at_run_time_says_what_it_evaluated_to()
     with pytest.raises(ConditionError) as err:
         cond.evaluate(TRIAGE, CredentialRequest(action_class="c", target="b"), NOW)
     assert str(err.value) == "evaluated to IntType(1), not true or false"
+
+
+def test_an_expression_that_ends_too_early_points_just_past_its_last_character() -> None:
+    with pytest.raises(ConditionError) as err:
+        Condition.compile("")
+    assert err.value.problems == (
+        "is not a valid CEL expression (column 1): the expression ends too early\n    \n    ^",)
+    with pytest.raises(ConditionError) as err:  # trailing blank lines are not "the end"
+        Condition.compile("request.target ==\n\n")
+    assert err.value.problems[0].startswith(
+        "is not a valid CEL expression (line 1, column 18): the expression ends too early\n"
+        "    request.target ==\n                     ^")
