@@ -115,7 +115,7 @@ def _vault(s: Mapping[str, Setting]) -> tuple[str, str, Path | None]:
     if token_file.value and token_file.rank >= env_token.rank:
         path = Path(str(token_file.value))
         try:
-            token = path.read_text().strip()
+            token = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"cannot read --vault-token-file {path}: "
                               f"{exc.strerror}") from None

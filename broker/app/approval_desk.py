@@ -28,7 +28,7 @@ from broker.core.models import CredentialRequest
 from broker.core.records import rfc3339
 from broker.core.scopemap import ActionClass
 from broker.core.teams import TeamScopes, check_approval, teams_of
-from broker.errors import CredbrokerError, OutsideTeamError, TooManyWaitsError
+from broker.errors import AuditError, CredbrokerError, OutsideTeamError, TooManyWaitsError
 from broker.grpc.observability import Metrics
 
 _log = logging.getLogger("credbroker.approvals")
@@ -215,15 +215,19 @@ class ApprovalDesk:
 
     def _refused(self, a: ap.Approval, who: ap.Approver, what: str, exc: Exception,
                  teams: frozenset[str] | None) -> None:
-        """Audit (queued if the log is down) and log a refused decision: an approver's
+        """Audit and log a refused decision: an approver's
         attempt is an act on the record too (self-approval, not an approver, a second vote,
         too late, another team's class)."""
-        self._audit.append_or_queue(
-            "approval.refused", approval_id=a.id, request_id=a.request_id,
-            spiffe_id=a.spiffe_id, action_class=a.action_class, owner_team=a.owner_team,
-            act=what, by=who.subject, approver=who.subject,
-            approver_groups=list(who.groups), via=who.via,
-            teams=sorted(teams or ()), error=str(exc))
+        try:  # nothing was decided: a record the log cannot take now is logged, not queued
+            self._audit.append(
+                "approval.refused", approval_id=a.id, request_id=a.request_id,
+                spiffe_id=a.spiffe_id, action_class=a.action_class, owner_team=a.owner_team,
+                act=what, by=who.subject, approver=who.subject,
+                approver_groups=list(who.groups), via=who.via,
+                teams=sorted(teams or ()), error=str(exc))
+        except AuditError as failed:
+            _log.error("a refused %s of approval %s by %s could not be recorded (%s)", what,
+                       a.id, who.subject, failed)
         _log.warning("%s refused: %s", who.subject, exc)
 
     def decide(self, approval_id: str, who: ap.Approver, reason: str, *, approve: bool

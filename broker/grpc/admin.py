@@ -11,7 +11,7 @@ Listing is not scoped: every responder sees everything.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -24,7 +24,7 @@ from broker.app.people import Actor, NotResponderError, PersonRequiredError, Res
 from broker.app.responder import Responder
 from broker.core import teams as team_scope
 from broker.core.revocation import Selector, check_known, freeze_target
-from broker.errors import InvalidRequestError, OutsideTeamError, PolicyError
+from broker.errors import AuditError, InvalidRequestError, OutsideTeamError, PolicyError
 from broker.grpc.service import Authenticator, _boundary, freeze_response, freeze_to_proto
 from broker.wire.inputs import (
     ACTION_CLASS_MAX,
@@ -43,9 +43,11 @@ class NotAdminError(PolicyError):
 
 
 def _target(request: pb.FreezeRequest | pb.UnfreezeRequest) -> str:
-    """What a freeze or unfreeze names (lengths already checked), for a refusal's record."""
-    parts = ([f"identity {request.spiffe_id}"] if request.spiffe_id else []) + (
-        [f"action class {request.action_class}"] if request.action_class else [])
+    """What a freeze or unfreeze names, for a refusal's record (each part cut to its
+    field's bound: the lengths are checked only after the caller is known)."""
+    parts = ([f"identity {request.spiffe_id[:SPIFFE_ID_MAX]}"] if request.spiffe_id else []
+             ) + ([f"action class {request.action_class[:ACTION_CLASS_MAX]}"]
+                  if request.action_class else [])
     return ", ".join(parts)
 
 
@@ -136,10 +138,15 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
             raise
 
     def _refused(self, act: str, target: str, *, by: str, error: Exception,
-                 actor: dict[str, object]) -> None:
-        """Audit (queued if the log is down) and log a refused responder act."""
-        self._r.audit.append_or_queue("responder.refused", act=act, target=target, by=by,
-                                      actor=actor, error=str(error))
+                 actor: Mapping[str, object]) -> None:
+        """Audit and log a refused responder act. Nothing was done, so a record the log
+        cannot take now is logged, not queued: a caller refused over and over must not
+        grow the broker's memory while the log is down."""
+        try:
+            self._r.audit.append("responder.refused", act=act, target=target, by=by,
+                                 actor=dict(actor), error=str(error))
+        except AuditError as exc:
+            _log.error("a refused %s by %s could not be recorded (%s)", act, by, exc)
         _log.warning("%s refused: %s", by, error)
 
     def _default_env(self) -> str:
@@ -174,10 +181,7 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
         try:
             check()
         except OutsideTeamError as exc:
-            self._r.audit.append_or_queue("responder.refused", act=act, target=target,
-                                          by=actor.by, actor=actor.audit(), error=str(exc))
-            _log.warning("%s (teams %s) refused: %s", actor.by,
-                         ", ".join(sorted(actor.teams)), exc)
+            self._refused(act, target, by=actor.by, error=exc, actor=actor.audit())
             raise
 
     def _check_target(self, actor: Actor, act: str, spiffe_id: str, action_class: str,
@@ -271,9 +275,9 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
     def Freeze(self, request: pb.FreezeRequest,
                context: grpc.ServicerContext) -> pb.FreezeResponse:
         with _boundary(context, "admin", "Freeze"):
-            self._freeze_target(request)
             actor = self._actor(context, "freeze", _target(request))
             by = actor.by
+            self._freeze_target(request)
             self._known(spiffe_id=request.spiffe_id, action_class=request.action_class)
             self._check_target(actor, "freeze", request.spiffe_id, request.action_class)
             res = self._r.freeze(
@@ -290,13 +294,18 @@ class AdminService(pb_grpc.CredentialAdminServicer):  # type: ignore[misc]
     def Unfreeze(self, request: pb.UnfreezeRequest,
                  context: grpc.ServicerContext) -> pb.UnfreezeResponse:
         with _boundary(context, "admin", "Unfreeze"):
-            self._freeze_target(request)
             actor = self._actor(context, "unfreeze", _target(request))
+            self._freeze_target(request)
             self._check_target(actor, "unfreeze", request.spiffe_id, request.action_class)
-            lifted = self._r.unfreeze(spiffe_id=request.spiffe_id,
-                                      action_class=request.action_class,
-                                      reason=self._reason(request.reason), by=actor.by,
-                                      actor=actor.audit())
+            try:
+                lifted = self._r.unfreeze(spiffe_id=request.spiffe_id,
+                                          action_class=request.action_class,
+                                          reason=self._reason(request.reason), by=actor.by,
+                                          actor=actor.audit())
+            except PersonRequiredError as exc:  # automation lifting an automatic freeze
+                self._refused("unfreeze", _target(request), by=actor.by, error=exc,
+                              actor=actor.audit())
+                raise
             return pb.UnfreezeResponse(lifted=[freeze_to_proto(f) for f in lifted])
         raise AssertionError("unreachable")  # pragma: no cover
 

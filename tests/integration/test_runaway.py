@@ -194,6 +194,10 @@ def test_an_agent_over_budget_with_on_exceed_freeze_is_frozen_and_refused_by_ope
                                timeout=30)
     assert err2.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "only a person may lift that" in str(err2.value.details())
+    (tried,) = stack.records("responder.refused")  # the attempt is on the record
+    assert (tried["act"], tried["target"], tried["actor"]["kind"]) == (
+        "unfreeze", f"identity {TRIAGE}", "automation")
+    assert tried["by"].startswith("automation:") and "only a person" in tried["error"]
     assert stack.refused(TRIAGE).code() == grpc.StatusCode.FAILED_PRECONDITION  # still
     stack.admin().Unfreeze(pb.UnfreezeRequest(spiffe_id=TRIAGE, reason="budget raised"),
                            timeout=30, metadata=stack.person())

@@ -548,8 +548,12 @@ def test_the_token_file_is_followed(own: OpenBaoDev, root: hvac.Client, tmp_path
     assert adapter.check_capabilities() == []  # read from the file, not the flag
     path.write_text(weak + "\n\n")  # an agent sink rewrote it (another size)
     assert adapter.check_capabilities() != []
-    path.write_text("")  # a sink mid-write: the token in use stays
-    assert adapter.check_capabilities() != []
+    path.write_text("")  # a sink mid-write: the token in use stays, with a warning
+    with caplog.at_level(logging.WARNING, logger="broker.adapters.vault"):
+        assert adapter.check_capabilities() != []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the Vault token file {path} is empty; the token in use stays"]
+    caplog.clear()
     path.write_text(own.root_token)
     assert adapter.check_capabilities() == []
     path.unlink()
