@@ -402,13 +402,11 @@ _FEDERATED = {"deny": 0, "approval": 1, "allow": 2}
 
 
 def owning_team(scope_map: ScopeMap, action_class: str) -> str:
-    """The team that owns ``action_class``'s file (``metadata.team``), else the class's
-    owner team; "" when the map has no such class."""
+    """The team that owns ``action_class``: its owner team, which the parser holds equal
+    to its file's ``metadata.team`` where the file names one; "" when the map has no such
+    class."""
     cls = scope_map.classes.get(action_class)
-    if cls is None:
-        return ""
-    source = cls.source.rsplit(":", 1)[0]
-    return scope_map.teams.get(source) or cls.owner.team
+    return cls.owner.team if cls is not None else ""
 
 
 def review_teams(change: Change, old: ScopeMap, new: ScopeMap) -> tuple[str, ...]:

@@ -15,7 +15,11 @@ from broker.core.models import CredentialRequest, Outcome
 from broker.core.records import RecordedDecision
 from broker.core.scopemap import ScopeMap, evaluate, parse_scope_map
 from broker.core.scopemap.tools import (
+    NARROWS,
+    REVIEW,
+    WIDENS,
     CasesError,
+    Change,
     blast_radius,
     codeowners,
     diff_maps,
@@ -274,3 +278,29 @@ def test_replay_counts_budgets_per_identity_and_class_from_what_it_allowed() -> 
     changed = replay(budget, records).changed
     assert [c.record.time for c in changed] == [NOW + timedelta(minutes=2),
                                                NOW + timedelta(minutes=91)]
+
+
+@pytest.mark.parametrize(("change", "text"), [
+    (Change(action_class="c", kind="class_added", before=None, after=("spiffe://a", "spiffe://b"),
+            effect=WIDENS), "+ c: new class, requestable by spiffe://a, spiffe://b"),
+    (Change(action_class="c", kind="class_removed", before=("spiffe://a", "spiffe://b"),
+            after=None, effect=NARROWS),
+     "- c: class removed (was requestable by spiffe://a, spiffe://b)"),
+    (Change(action_class="c", kind="workloads_gained", before=("x",), after=("y", "z"),
+            effect=WIDENS), "+ c: workloads gained: y, z"),
+    (Change(action_class="c", kind="policy_rules_added", before=("x",), after=("y",),
+            effect=WIDENS), "+ c: policy rules added: y"),
+    (Change(action_class="c", kind="approvers_lost", before=("x", "w"), after=("y",),
+            effect=NARROWS), "- c: approvers lost: x, w"),
+    (Change(action_class="c", kind="capabilities_lost", before="secret/data/x",
+            after=("read", "list"), effect=NARROWS),
+     "- c: capabilities lost on secret/data/x: read, list"),
+    (Change(action_class="c", kind="escalation", before=("a", "b"), after=("b", "a"),
+            effect=REVIEW), "~ c: escalation path changed: a → b  ⇒  b → a"),
+    (Change(action_class="c", kind="owner_team", before="soc", after="ir", effect=REVIEW),
+     "~ c: owner team (review): soc → ir"),
+    (Change(action_class="c", kind="max_ttl", before="2m", after="5m", effect=WIDENS),
+     "+ c: max ttl: 2m → 5m"),
+])
+def test_each_kind_of_change_reads_as_the_reviewer_sees_it(change: Change, text: str) -> None:
+    assert change.text() == text
