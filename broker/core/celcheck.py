@@ -193,8 +193,7 @@ class _Checker:
     def t_conditionaland(self, node: lark.Tree[lark.Token], kids: list[Any]) -> str:
         return self._logical("&&", kids)
 
-    def _binary(self, node: lark.Tree[lark.Token], kids: list[Any]
-                ) -> tuple[str, Any, str, Any, str]:
+    def _binary(self, kids: list[Any]) -> tuple[str, Any, str, Any, str]:
         opnode, right = kids
         left = opnode.children[0]
         return _OPS[opnode.data], left, self.type_of(left), right, self.type_of(right)
@@ -202,7 +201,7 @@ class _Checker:
     def t_relation(self, node: lark.Tree[lark.Token], kids: list[Any]) -> str:
         if len(kids) == 1:
             return self.type_of(kids[0])
-        op, left, a, right, b = self._binary(node, kids)
+        op, left, a, right, b = self._binary(kids)
         ls, rs = self.src(left), self.src(right)
         if op == "in":
             elem = _element(b)
@@ -233,7 +232,7 @@ class _Checker:
     def _arithmetic(self, node: lark.Tree[lark.Token], kids: list[Any]) -> str:
         if len(kids) == 1:
             return self.type_of(kids[0])
-        op, left, a, right, b = self._binary(node, kids)
+        op, left, a, right, b = self._binary(kids)
         out = _arith(op, a, b)
         if out is None:
             return self.problem(f"`{self.src(left)} {op} {self.src(right)}` applies {op} to "

@@ -10,6 +10,7 @@ import pytest
 
 from broker.core import celcheck
 from broker.core.celcheck import describe, sample_problems, syntax_problem, type_problems
+from broker.core.conditions import Condition, ConditionError
 
 _ENV = celpy.Environment()
 
@@ -184,3 +185,23 @@ def test_the_sample_requests_find_a_type_error_only_on_the_request_without_an_ev
                    "int(request.target) == 1",  # a failed conversion
                    "1 / request.ttl_seconds == 1"):  # division by zero
         assert sample_problems(_ENV.program(_ENV.compile(values))) == [], values
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("request.ttl_seconds < '300'",
+     "`request.ttl_seconds < '300'` compares an int with a string; < needs two values of the "
+     "same type (write a number without quotes: 300, not '300')"),
+    ("request.target + 1 == 2",
+     "`request.target + 1` applies + to a string and an int; CEL defines no such operator"),
+    ("-request.target == 1", "request.target is a string; `-` needs a number"),
+    ("identity.segments.all(s, t, s == t)",
+     "identity.segments.all() takes a variable name and an expression, e.g. "
+     "identity.segments.all(s, s == \"agent\")"),
+    ("request.target.all(s, s == 'a')", "request.target is a string; all() needs a list"),
+    ("request.ttl_seconds.startsWith('a')",
+     "request.ttl_seconds.startsWith(): startsWith() is for strings, and this is an int"),
+])
+def test_the_words_a_condition_author_reads(text: str, problem: str) -> None:
+    with pytest.raises(ConditionError) as err:
+        Condition.compile(text)
+    assert err.value.problems == (problem,)

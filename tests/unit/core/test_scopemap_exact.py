@@ -192,3 +192,33 @@ def test_an_expression_that_ends_too_early_points_just_past_its_last_character()
     assert err.value.problems[0].startswith(
         "is not a valid CEL expression (line 1, column 18): the expression ends too early\n"
         "    request.target ==\n                     ^")
+
+
+EXTRA = parse_scope_map([("map.yaml", yaml.safe_dump({
+    "apiVersion": "credbroker/v1", "kind": "ScopeMap", "action_classes": {
+        "a": _class(approval={"mode": "jit", "approvers": ["ir-leads", "iam-leads"],
+                              "approvals_required": 2, "escalate_after": "5m",
+                              "expires": "10m"}),
+        "b": _class(limits={"per_workload": "2/h", "on_exceed": "freeze"}),
+        "p": _class()}}, sort_keys=False))])
+
+
+def test_a_jit_decision_names_every_approver_and_nothing_federated() -> None:
+    d = evaluate(EXTRA, TRIAGE, CredentialRequest(action_class="a", initiating_event=EVENT), NOW)
+    assert d.outcome == Outcome.NEEDS_APPROVAL and d.risk == "high"
+    assert d.reasons == (
+        "spiffe://example.org/agent/triage matches spiffe://example.org/agent/triage "
+        f"(a.workloads[0]); a requires 2 approval(s) from ir-leads, iam-leads (rule a.approval "
+        f"at {EXTRA.classes['a'].source})",)
+
+
+def test_a_budget_with_on_exceed_freeze_says_the_identity_is_frozen() -> None:
+    d = evaluate(EXTRA, TRIAGE, CredentialRequest(action_class="b", initiating_event=EVENT), NOW,
+                 recent_issuances=[NOW, NOW])
+    assert d.reasons[0].endswith("; on_exceed: freeze, so the identity is frozen")
+    assert (d.retry_after_seconds, d.freeze_rule) == (0, "b.limits.on_exceed")
+
+
+def test_an_allowed_decision_carries_the_class_risk() -> None:
+    d = evaluate(EXTRA, TRIAGE, CredentialRequest(action_class="p", initiating_event=EVENT), NOW)
+    assert (d.outcome, d.risk, d.source) == (Outcome.ALLOW, "high", EXTRA.classes["p"].source)
