@@ -16,6 +16,7 @@ import hvac
 import pytest
 
 from broker.config import BrokerConfig
+from broker.core.scopemap import ScopeMap, parse_scope_map
 from broker.grpc.server import BrokerServer
 from broker.options import DEFAULT_BROKER_DNS
 from credbroker_dev.devspiffe import DevCA, DevWorkloadApi
@@ -45,6 +46,33 @@ def bao(short_tmp: Path) -> Iterator[OpenBaoDev]:
     server.start()
     yield server
     server.stop()
+
+
+def root_client(bao: OpenBaoDev) -> hvac.Client:
+    """``bao`` as its root token sees it: how a test asks OpenBao what is true."""
+    return hvac.Client(url=bao.addr, token=bao.root_token)
+
+
+@pytest.fixture(scope="module")
+def own(short_tmp: Path) -> Iterator[OpenBaoDev]:
+    """An OpenBao of the test module's own: no other module's broker writes to it."""
+    server = OpenBaoDev(Path(tempfile.mkdtemp(prefix="own-", dir=short_tmp)))
+    server.start()
+    root_client(server).secrets.kv.v2.create_or_update_secret(path="soc/enrichment/ti",
+                                                              secret={"k": "v"})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def root(own: OpenBaoDev) -> hvac.Client:
+    return root_client(own)
+
+
+@pytest.fixture(scope="module")
+def smap() -> ScopeMap:
+    """The test scope map, parsed."""
+    return parse_scope_map([(str(TEST_MAP), TEST_MAP.read_text())])
 
 
 @pytest.fixture(scope="session")

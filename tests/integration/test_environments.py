@@ -34,6 +34,7 @@ from tests.integration.conftest import (
     TRIAGE,
     Identity,
     broker_config,
+    root_client,
     start_sidecar,
 )
 from tests.integration.helpers import EVENT, admin_stub, approvals_stub, stub, svid
@@ -101,10 +102,6 @@ def world(production: OpenBaoDev, sandbox: OpenBaoDev, identity: Identity,
     server.stop(grace=0)
 
 
-def root(bao: OpenBaoDev) -> hvac.Client:
-    return hvac.Client(url=bao.addr, token=bao.root_token)
-
-
 def reads(bao: OpenBaoDev, token: str, path: str = "soc/containment/edr") -> bool:
     """Does ``bao`` let ``token`` read ``path``? (OpenBao's own answer.)"""
     try:
@@ -117,14 +114,14 @@ def reads(bao: OpenBaoDev, token: str, path: str = "soc/containment/edr") -> boo
 
 def policy(bao: OpenBaoDev, name: str) -> str | None:
     try:
-        return str(root(bao).sys.read_policy(name)["data"]["rules"])
+        return str(root_client(bao).sys.read_policy(name)["data"]["rules"])
     except hvac.exceptions.InvalidPath:
         return None
 
 
 def alive(bao: OpenBaoDev, accessor: str) -> bool:
     try:
-        root(bao).auth.token.lookup_accessor(accessor)
+        root_client(bao).auth.token.lookup_accessor(accessor)
         return True
     except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden):
         return False
@@ -203,7 +200,7 @@ def test_a_class_denied_in_an_environment_is_refused_and_not_in_its_vault(
     assert decision["decision"]["rule"] == "enrichment.environments.production"  # type: ignore[index]
     # production's OpenBao holds no policy or role for the class; the sandbox's does
     assert policy(world.production, "credbroker-enrichment") is None
-    assert root(world.production).read("auth/token/roles/credbroker-enrichment") is None
+    assert root_client(world.production).read("auth/token/roles/credbroker-enrichment") is None
     assert "secret/data/soc/enrichment/*" in str(policy(world.sandbox, "credbroker-enrichment"))
     assert world.issue(TRIAGE, "enrichment", "sandbox").credential.environment == "sandbox"
 

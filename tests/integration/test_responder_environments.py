@@ -20,11 +20,11 @@ import pytest
 from broker.adapters.environments import Environments
 from broker.adapters.vault import VaultAdapter
 from broker.core.models import MintedToken
-from broker.core.scopemap import ScopeMap, parse_scope_map
-from credbroker_dev.devstack import OpenBaoDev
-from tests.integration.conftest import TEST_MAP
+from broker.core.scopemap import ScopeMap
+from credbroker_dev.devstack import OpenBaoDev, free_port
+from tests.integration.conftest import root_client
 from tests.integration.helpers import TcpProxy
-from tests.integration.test_responder_exact import World, _free_port, alive, entity_disabled
+from tests.integration.test_responder_exact import World, alive, entity_disabled
 
 PROD, SANDBOX = "production", "sandbox"
 
@@ -46,15 +46,6 @@ def production() -> Iterator[OpenBaoDev]:
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[OpenBaoDev]:
     yield from _bao(SANDBOX)
-
-
-@pytest.fixture(scope="module")
-def smap() -> ScopeMap:
-    return parse_scope_map([(str(TEST_MAP), TEST_MAP.read_text())])
-
-
-def root(bao: OpenBaoDev) -> hvac.Client:
-    return hvac.Client(url=bao.addr, token=bao.root_token)
 
 
 class TwoWorlds(World):
@@ -96,8 +87,8 @@ def test_a_credential_is_revoked_in_the_openbao_of_its_environment(
     [outcome] = list(two.responder.revoke([row], by="ir-1", reason="phished",
                                           selector="--environment sandbox"))
     assert (outcome.credential_id, outcome.result) == (here.accessor, "revoked")
-    assert not alive(root(sandbox), here.accessor)
-    assert alive(root(production), there.accessor)
+    assert not alive(root_client(sandbox), here.accessor)
+    assert alive(root_client(production), there.accessor)
     [rec] = two.records("credentials.revoked")
     assert rec["environments"] == {here.accessor: SANDBOX}
     assert rec["counts"] == {"revoked": 1, "already_dead": 0, "pending": 0, "failed": 0}
@@ -112,8 +103,8 @@ def test_an_orphan_in_sandbox_is_revoked_there_and_recorded_with_its_environment
         two.store.forget_intent(intent.request_id)
     report = two.responder.reconcile(full=True)
     assert (report.revoked, report.error) == (1, "")
-    assert not alive(root(sandbox), orphan.accessor)
-    assert alive(root(production), kept.accessor)
+    assert not alive(root_client(sandbox), orphan.accessor)
+    assert alive(root_client(production), kept.accessor)
     row = two.store.get(orphan.accessor)
     assert row is not None and row.state == "revoked" and row.environment == SANDBOX
     [rec] = two.records("credential.revoked")
@@ -160,7 +151,7 @@ def test_sandbox_failing_to_revoke_an_orphan_is_named_and_production_goes_on(
 
 def test_a_freeze_one_environments_vault_cannot_enforce_names_it_and_is_enforced_later(
         tmp_path: Path, production: OpenBaoDev, sandbox: OpenBaoDev, smap: ScopeMap) -> None:
-    down = f"http://127.0.0.1:{_free_port()}"
+    down = f"http://127.0.0.1:{free_port()}"
     world = TwoWorlds(tmp_path, production, sandbox, smap, sandbox_addr=down)
     try:
         me = world.who()
@@ -174,15 +165,15 @@ def test_a_freeze_one_environments_vault_cannot_enforce_names_it_and_is_enforced
         [pending] = world.records("freeze.enforcement_pending")
         assert pending["vault_error"] == res.vault_error
         # Production's part is done: its OpenBao refuses the identity already.
-        assert entity_disabled(root(production), prod_token.entity_id)
-        assert not entity_disabled(root(sandbox), sandbox_token.entity_id)
+        assert entity_disabled(root_client(production), prod_token.entity_id)
+        assert not entity_disabled(root_client(sandbox), sandbox_token.entity_id)
         assert [f.id for f, _ in world.store.unenforced_freezes()] == [res.freeze.id]
         world.join()
         # Sandbox's OpenBao answers again: the retry enforces the freeze there too.
         world.responder.vaults = Environments(
             {PROD: world.vault, SANDBOX: world.sandbox_direct}, default=PROD, declared=True)
         assert world.responder.enforce_pending_freezes() == 0
-        assert entity_disabled(root(sandbox), sandbox_token.entity_id)
+        assert entity_disabled(root_client(sandbox), sandbox_token.entity_id)
         assert world.store.unenforced_freezes() == []
     finally:
         world.close()

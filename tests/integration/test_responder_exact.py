@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import sqlite3
-import tempfile
 import threading
 import time
 import uuid
@@ -34,39 +32,13 @@ from broker.core.revocation import Selector
 from broker.core.scopemap import ScopeMap, parse_scope_map
 from broker.core.spiffeid import SpiffeId
 from broker.errors import NotFoundError, VaultUnavailableError
-from credbroker_dev.devstack import OpenBaoDev
+from credbroker_dev.devstack import OpenBaoDev, free_port
 from tests.integration.conftest import TEST_MAP
 
 ENRICH = "credbroker-enrichment"
 ORPHAN_WHY = ("minted for an issuance whose outcome was lost (Vault's answer never "
               "arrived, or the broker died); never handed out")
 PERSON = {"kind": "person", "subject": "alice@example.org", "proof": "oidc"}
-
-
-@pytest.fixture(scope="module")
-def own() -> Iterator[OpenBaoDev]:
-    server = OpenBaoDev(Path(tempfile.mkdtemp(prefix="cbrs-")))
-    server.start()
-    hvac.Client(url=server.addr, token=server.root_token).secrets.kv.v2.create_or_update_secret(
-        path="soc/enrichment/ti", secret={"k": "v"})
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def root(own: OpenBaoDev) -> hvac.Client:
-    return hvac.Client(url=own.addr, token=own.root_token)
-
-
-@pytest.fixture(scope="module")
-def smap() -> ScopeMap:
-    return parse_scope_map([(str(TEST_MAP), TEST_MAP.read_text())])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class World:
@@ -222,7 +194,7 @@ def test_without_vault_a_revocation_is_pending_then_retried(
     row = w.store.get(m.accessor)
     assert row is not None
     w.responder.vaults = Environments.single(
-        VaultAdapter(addr=f"http://127.0.0.1:{_free_port()}", token="t", timeout=1))
+        VaultAdapter(addr=f"http://127.0.0.1:{free_port()}", token="t", timeout=1))
     o = w.responder.revoke_one(row, by="ir-1", reason="r", selector="s")
     assert o.result == "pending" and "unreachable" in o.error
     assert [r.credential_id for r in w.store.pending_revocations()] == [m.accessor]
@@ -363,7 +335,7 @@ def test_a_freeze_vault_cannot_enforce_is_pending_then_enforced(
         w: World, root: hvac.Client, own: OpenBaoDev) -> None:
     me = w.who()
     m = w.mint(me)
-    down = VaultAdapter(addr=f"http://127.0.0.1:{_free_port()}", token="t", timeout=1)
+    down = VaultAdapter(addr=f"http://127.0.0.1:{free_port()}", token="t", timeout=1)
     w.responder.vaults = Environments.single(down)
     res = w.responder.freeze(spiffe_id=me, action_class="", reason="r", by="ir")
     assert res.vault_pending and res.entities_disabled == 0 and "unreachable" in res.vault_error
@@ -445,7 +417,7 @@ def test_enforcement_the_registry_cannot_record_is_logged_and_recorded_later(
     me = w.who()
     m = w.mint(me)
     w.responder.vaults = Environments.single(
-        VaultAdapter(addr=f"http://127.0.0.1:{_free_port()}", token="t", timeout=1))
+        VaultAdapter(addr=f"http://127.0.0.1:{free_port()}", token="t", timeout=1))
     res = w.responder.freeze(spiffe_id=me, action_class="", reason="rogue", by="ir")
     assert res.vault_pending
     w.join()
@@ -538,7 +510,7 @@ def test_a_class_removed_with_nothing_live_is_still_emptied(
         w: World, root: hvac.Client, smap: ScopeMap) -> None:
     assert w.responder.end_removed_classes(smap, removed=["gone"]) == ["gone"]
     assert root.sys.read_policy("credbroker-gone")["data"]["rules"] == FROZEN_POLICY
-    down = VaultAdapter(addr=f"http://127.0.0.1:{_free_port()}", token="t", timeout=1)
+    down = VaultAdapter(addr=f"http://127.0.0.1:{free_port()}", token="t", timeout=1)
     w.responder.vaults = Environments.single(down)
     assert w.responder.end_removed_classes(smap, removed=["gone2"]) == ["gone2"]
     rec = w.records("scope_map.class_removed")[-1]

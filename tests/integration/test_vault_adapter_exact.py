@@ -27,34 +27,15 @@ from broker.adapters.vault import (
     lease_prefix,
 )
 from broker.core.models import MintedToken
-from broker.core.scopemap import ScopeMap, parse_scope_map
+from broker.core.scopemap import ScopeMap
 from broker.core.spiffeid import SpiffeId
 from broker.errors import VaultError, VaultPermissionError, VaultUnavailableError
-from credbroker_dev.devstack import OpenBaoDev
-from tests.integration.conftest import TEST_MAP
+from credbroker_dev.devstack import OpenBaoDev, free_port
 from tests.integration.helpers import TcpProxy
 
 ENRICH = "credbroker-enrichment"
 FIRST = "credbroker-containment.isolate_host"  # the map's classes in order: its first
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def own() -> Iterator[OpenBaoDev]:
-    server = OpenBaoDev(Path(tempfile.mkdtemp(prefix="cbva-")))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def root(own: OpenBaoDev) -> hvac.Client:
-    return hvac.Client(url=own.addr, token=own.root_token)
-
-
-@pytest.fixture(scope="module")
-def smap() -> ScopeMap:
-    return parse_scope_map([(str(TEST_MAP), TEST_MAP.read_text())])
 
 
 @pytest.fixture
@@ -434,14 +415,8 @@ def test_a_refusal_of_the_brokers_own_token_names_the_operation(
         nolookup.lookup_accessor("acc")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_unreachable_vault_names_the_operation_and_what_to_do(smap: ScopeMap) -> None:
-    addr = f"http://127.0.0.1:{_free_port()}"
+    addr = f"http://127.0.0.1:{free_port()}"
     down = VaultAdapter(addr=addr, token="t", timeout=2)
     cases: list[tuple[Callable[[], object], str]] = [
         (lambda: down.sync_scope_map(smap), f"read policy {FIRST}"),

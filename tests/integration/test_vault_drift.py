@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import hvac
 import pytest
@@ -38,20 +36,12 @@ def _drift_records(server: BrokerServer) -> list[dict[str, object]]:
             if r["type"] == "vault.drift_corrected"]
 
 
-@pytest.fixture
-def own_bao(short_tmp: Path) -> Iterator[OpenBaoDev]:
+def test_drift_is_corrected_recorded_and_never_thaws_a_freeze(
+        own: OpenBaoDev, root: hvac.Client, identity: Identity,
+        caplog: pytest.LogCaptureFixture) -> None:
     # Its own OpenBao: "a check writes nothing" holds only while this broker is the one
     # writer. On the session's OpenBao another broker (another map) corrects the same roles.
-    server = OpenBaoDev(Path(tempfile.mkdtemp(prefix="driftbao-", dir=short_tmp)))
-    server.start()
-    yield server
-    server.stop()
-
-
-def test_drift_is_corrected_recorded_and_never_thaws_a_freeze(
-        own_bao: OpenBaoDev, identity: Identity, caplog: pytest.LogCaptureFixture) -> None:
-    bao = own_bao
-    vault_root = hvac.Client(url=bao.addr, token=bao.root_token)
+    bao, vault_root = own, root
     server = BrokerServer(broker_config(bao, identity, vault_drift_interval=0.3))
     server.start()
     assert server.scope_maps is not None and server.responder is not None
