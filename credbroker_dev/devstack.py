@@ -102,6 +102,22 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
+def _dying_with_parent(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """``argv`` made to get SIGTERM when this process dies (PR_SET_PDEATHSIG), and the
+    ``preexec_fn`` that needs, if any.
+
+    util-linux's ``setpriv --pdeathsig`` does it without running Python in the forked
+    child: a ``preexec_fn`` also runs the interpreter's at-fork handlers there, and
+    gRPC's (a broker or sidecar in this process) can abort that child before it execs
+    (seen: OpenBao "exited at start", SIGABRT, after gRPC's poller hit a closed
+    descriptor). The ``preexec_fn`` stays only where ``setpriv`` is missing.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
+    return argv, _die_with_parent
+
+
 @dataclass
 class Child:
     name: str
@@ -134,12 +150,13 @@ def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str],
           *, secrets_to_redact: tuple[str, ...] = ()) -> Child:
     """Start a child writing to ``log_path``; lines carrying a secret are redacted first."""
     log_file = log_path.open("ab")
+    argv, preexec = _dying_with_parent(argv)
     if not secrets_to_redact:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, preexec_fn=preexec)
         return Child(name=name, proc=proc, log_path=log_path, log_file=log_file)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                            stdin=subprocess.DEVNULL, preexec_fn=preexec)
 
     def copy() -> None:
         assert proc.stdout is not None
@@ -207,7 +224,8 @@ class OpenBaoDev:
         self.child = spawn("openbao", args, log, env, secrets_to_redact=(self.root_token,))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.child.proc.poll() is not None:
+            code = self.child.proc.poll()
+            if code is not None:
                 self.child.stop()  # joins the copier: everything it said is in the log
                 self.child = None
                 with log.open("rb") as f:
@@ -215,8 +233,8 @@ class OpenBaoDev:
                     said = f.read().decode(errors="replace")
                 tail = "\n".join(said.splitlines()[-15:])
                 if "address already in use" in said:
-                    raise _PortTaken(f"OpenBao exited at start:\n{tail}")
-                raise DevStackError(f"OpenBao exited at start:\n{tail}")
+                    raise _PortTaken(f"OpenBao exited at start (exit {code}):\n{tail}")
+                raise DevStackError(f"OpenBao exited at start (exit {code}):\n{tail}")
             if self.ca_cert is not None and tls_context is None:
                 try:  # written by OpenBao as it starts
                     tls_context = ssl.create_default_context(cafile=str(self.ca_cert))
